@@ -1,0 +1,106 @@
+"""Closed-form algebra shared by every method: the only home of solves and projectors.
+
+The UCE family (UCE, RECE, MACE's closed-form refinement, TRCE stage 1) minimises, per site,
+
+    Σ_e s‖W c_e − W₀ c_a(e)‖² + Σ_p s_p‖W c_p − W₀ c_p‖² + λ‖W − W₀‖²
+
+(UCE, arXiv 2308.14761, eq. 7). Writing key rows as matrices ``C_e, C_a, C_p`` (``[R, d_in]``),
+the minimiser is ``W = W₀ M`` with the same right multiplier ``M`` for every site of width
+``d_in``:
+
+    M − I = s (C_a − C_e)ᵀ C_e A⁻¹,   A = λI + s C_eᵀC_e + s_p C_pᵀC_p
+
+so one ``d_in × d_in`` solve serves every site, and each site's delta ``W₀ (M − I)`` has rank at
+most ``min(R, d_in)``: ``up = W₀ P`` and ``down = Q`` with ``P = s (C_a − C_e)ᵀ``, ``Q = C_e A⁻¹``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NumericalError
+
+__all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "gram"]
+
+
+def check_finite(tensor: torch.Tensor, what: str, method: str) -> torch.Tensor:
+    """Raise NumericalError naming ``what`` and ``method`` when ``tensor`` has NaN or inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise NumericalError(
+            f"{method}: {what} must be finite, but got NaN or inf. Raise 'lamb' (the ridge "
+            "term), lower 'erase_scale', or use solve_dtype float64.",
+            input_name="lamb",
+        )
+    return tensor
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rowsᵀ rows`` for key rows ``[R, d]`` -> ``[d, d]`` (zero when R = 0)."""
+    return rows.T @ rows
+
+
+@dataclass(frozen=True)
+class RightMultiplier:
+    """``M − I = P Q`` for one input width: ``P [d_in, r]``, ``Q [r, d_in]``.
+
+    A site's delta is ``(W₀ P) Q``: apply it with :meth:`up_for` and share ``Q`` across sites.
+    """
+
+    P: torch.Tensor
+    Q: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.Q.shape[0])
+
+    def up_for(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W₀ P`` for one site's weight ``[d_out, d_in]`` -> ``[d_out, r]`` in P's dtype."""
+        return weight.to(device=self.P.device, dtype=self.P.dtype) @ self.P
+
+
+@torch.no_grad()
+def anchored_right_multiplier(
+    target_keys: torch.Tensor,
+    anchor_keys: torch.Tensor,
+    preserve_keys: torch.Tensor,
+    *,
+    erase_scale: float,
+    preserve_scale: float,
+    lamb: float,
+    dtype: torch.dtype = torch.float64,
+    method: str = "closed-form",
+) -> RightMultiplier:
+    """Solve the anchored ridge problem once for all sites of this key width.
+
+    ``target_keys`` / ``anchor_keys``: ``[R, d]`` paired rows (row r of a target maps to the
+    original output of row r of its anchor); ``preserve_keys``: ``[R_p, d]``. Solved with a
+    Cholesky factorisation of the symmetric ``A`` (never an explicit inverse) in ``dtype``.
+    When R exceeds d the factors are compressed to rank ≤ d by an SVD of ``P Q``.
+    """
+    ce = target_keys.to(dtype)
+    ca = anchor_keys.to(device=ce.device, dtype=dtype)
+    cp = preserve_keys.to(device=ce.device, dtype=dtype)
+    d = ce.shape[1]
+    # Rows whose target and anchor keys coincide (the shared start token, identical padding)
+    # contribute nothing to P; drop them from P and Q but keep them in A, where they still act.
+    moving = (ca - ce).abs().amax(dim=1) > 0
+    a = lamb * torch.eye(d, dtype=dtype, device=ce.device)
+    a += erase_scale * gram(ce) + preserve_scale * gram(cp)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise NumericalError(
+            f"{method}: the key system must be positive definite, but it is singular (lamb="
+            f"{lamb}, {ce.shape[0]} target rows, {cp.shape[0]} preserved rows, width {d}). "
+            "Set 'lamb' above 0 (the papers use 0.5).",
+            input_name="lamb",
+        )
+    q = torch.cholesky_solve(ce[moving].T, chol).T  # C_e A⁻¹: [r, d] (A is symmetric)
+    p = erase_scale * (ca[moving] - ce[moving]).T  # [d, r]
+    if p.shape[1] > d:
+        u, s, vh = torch.linalg.svd(p @ q)
+        keep = s > s.max() * d * torch.finfo(dtype).eps if s.numel() else s > 0
+        p, q = u[:, keep] * s[keep], vh[keep]
+    check_finite(q, "the solved key factor", method)
+    return RightMultiplier(P=p, Q=q)

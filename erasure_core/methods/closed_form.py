@@ -1,0 +1,121 @@
+"""What the closed-form family shares: its common options, encoding each prompt once, and turning
+one right multiplier per key width into a low-rank PatchSet over every site."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from ..architectures import AttentionSite
+from ..concepts import ConceptSet
+from ..config import option, validate_ranges
+from ..errors import ArchitectureError
+from ..linalg import RightMultiplier, check_finite
+from ..patch import PatchEntry, PatchSet
+from ..text import EncodedText, TextEncoder, TokenPick
+
+__all__ = ["ClosedFormConfig", "Progress", "SolveDtype", "encode_prompts", "patch_from_multipliers"]
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``; a node passes one that also checks for interruption."""
+
+
+class SolveDtype(str, Enum):
+    FLOAT64 = "float64"
+    FLOAT32 = "float32"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return torch.float64 if self is SolveDtype.FLOAT64 else torch.float32
+
+
+@dataclass(frozen=True)
+class ClosedFormConfig:
+    """Options every closed-form method shares (names match the node inputs)."""
+
+    token_pick: TokenPick = option(
+        TokenPick.LAST_WORD_EOT_PADDING,
+        "Which token rows of each prompt are edited. 'last word + EOT + padding' (UCE paper) also "
+        "maps the end-of-text and padding rows, which carry the concept too, and erases more "
+        "thoroughly; 'last subject token' (UCE's current code) edits one row and disturbs "
+        "other prompts least.",
+    )
+    erase_scale: float = option(
+        1.0, "Weight of the erase term. Higher erases harder; too high can distort unrelated "
+        "prompts. Lower it if images turn to noise.", min=0.0, max=100.0, step=0.05)
+    preserve_scale: float = option(
+        0.1, "Weight of preserved concepts. Higher keeps preserved concepts closer to the "
+        "original; too high weakens the erasure.", min=0.0, max=100.0, step=0.01)
+    lamb: float = option(
+        0.5, "Ridge term λ that keeps weights near the original. Higher changes the model less "
+        "overall; must be above 0 unless the keys span every direction.", min=0.0, max=1e4, step=0.01)
+    preserve_empty_prompt: bool = option(
+        True, "Also preserve the empty prompt, so the unconditional (negative) branch of CFG does "
+        "not move. Turn off only to reproduce runs without it.")
+    solve_dtype: SolveDtype = option(
+        SolveDtype.FLOAT64, "Precision of the solve. float64 is exact and still takes "
+        "milliseconds; float32 matches the papers' code.")
+
+    def __post_init__(self) -> None:
+        validate_ranges(self)
+
+
+def encode_prompts(encoder: TextEncoder, prompts: Sequence[str]) -> EncodedText:
+    """Encode every distinct prompt once, in one call (the encoder batches)."""
+    unique = list(dict.fromkeys(prompts))
+    enc = encoder(unique)
+    if tuple(enc.texts) != tuple(unique):
+        raise ValueError("the text encoder must return its prompts in the order given")
+    return enc
+
+
+def check_context_width(enc: EncodedText, sites: Sequence[AttentionSite]) -> None:
+    widths = sorted({s.in_features for s in sites if s.stream == "tokens"})
+    if widths and widths != [enc.width]:
+        raise ArchitectureError(
+            f"the text encoder must produce the width the model's cross-attention reads "
+            f"({widths}), but it produces {enc.width}. Connect the CLIP that came with this "
+            "checkpoint.",
+            input_name="clip",
+        )
+
+
+def patch_from_multipliers(
+    sites: Sequence[AttentionSite],
+    multipliers: dict[int, RightMultiplier],
+    meta: dict[str, object],
+    method: str,
+    progress: Progress | None = None,
+    started: float | None = None,
+) -> PatchSet:
+    """``ΔW = (W₀ P) Q`` for every site, stored as low-rank factors on the CPU in float32.
+
+    Sites of one width share one ``Q`` tensor, so memory grows with the rank of the edit.
+    """
+    entries: dict[str, PatchEntry] = {}
+    shared_down = {w: m.Q.float().cpu() for w, m in multipliers.items()}
+    for i, site in enumerate(sites):
+        mult = multipliers[site.in_features]
+        up = check_finite(mult.up_for(site.weight), f"the edit of '{site.key}'", method)
+        entries[site.key] = PatchEntry(up=up.float().cpu(), down=shared_down[site.in_features])
+        if progress is not None:
+            progress(i + 1, len(sites))
+    info = dict(meta)
+    info["sites"] = len(entries)
+    info["rank"] = max((m.rank for m in multipliers.values()), default=0)
+    if started is not None:
+        info["seconds"] = round(time.perf_counter() - started, 4)
+    return PatchSet(entries, info)
+
+
+def describe_run(method: str, concepts: ConceptSet, config: ClosedFormConfig) -> dict[str, object]:
+    """Metadata shared by every closed-form PatchSet."""
+    from .. import __version__
+
+    cfg = {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(config).items()}
+    return {"method": method, "concepts": concepts.describe(), "config": cfg,
+            "core_version": __version__}

@@ -1,0 +1,80 @@
+"""UCE: Unified Concept Editing (Gandikota et al., WACV 2024, arXiv 2308.14761).
+
+Every cross-attention K and V projection is re-solved in closed form (eq. 7) so that each
+target's key rows produce what the original layer produced for its anchor, preserved prompts keep
+their outputs, and λ keeps the weights near the original. Multiple concepts are summed into one
+system, as in the paper. Defaults follow the paper-era code (``train_erase.py``): λ = 0.5,
+erase scale 1, preserve scale 0.1, last word + EOT + padding rows, and the empty prompt preserved.
+UCE's current code (``uce_sd_erase.py``) corresponds to ``token_pick = last subject token`` with
+``preserve_scale = 1``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..architectures import AttentionSite
+from ..concepts import ConceptSet
+from ..linalg import RightMultiplier, anchored_right_multiplier
+from ..patch import PatchSet
+from ..text import TextEncoder, erase_rows, preserve_rows
+from . import register
+from .closed_form import (
+    ClosedFormConfig,
+    Progress,
+    check_context_width,
+    describe_run,
+    encode_prompts,
+    patch_from_multipliers,
+)
+
+__all__ = ["UCEConfig", "solve"]
+
+
+@dataclass(frozen=True)
+class UCEConfig(ClosedFormConfig):
+    """UCE uses exactly the shared closed-form options (see :class:`ClosedFormConfig`)."""
+
+
+@torch.no_grad()
+def solve(
+    sites: Sequence[AttentionSite],
+    concepts: ConceptSet,
+    encoder: TextEncoder,
+    config: UCEConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> PatchSet:
+    """Erase ``concepts`` from ``sites`` with UCE; returns low-rank deltas keyed by site key.
+
+    Legend (eq. 7): ``c_e, c_a, c_p: [R, d]`` target, anchor and preserve key rows;
+    ``W₀: [d_out, d]`` a site's current weight. One solve per key width serves every site.
+    """
+    config = config or UCEConfig()
+    started = time.perf_counter()
+    pairs = concepts.erase_pairs()
+    keep = concepts.preserve_prompts([""] if config.preserve_empty_prompt else [])
+    enc = encode_prompts(encoder, [p for pair in pairs for p in pair] + keep)
+    check_context_width(enc, sites)
+    device = torch.device(device) if device is not None else (
+        sites[0].weight.device if sites else torch.device("cpu"))
+    ce, ca = erase_rows(enc, pairs, config.token_pick)
+    cp = preserve_rows(enc, keep, config.token_pick)
+    multipliers: dict[int, RightMultiplier] = {}
+    for width in sorted({s.in_features for s in sites}):
+        multipliers[width] = anchored_right_multiplier(
+            ce.to(device), ca.to(device), cp.to(device),
+            erase_scale=config.erase_scale, preserve_scale=config.preserve_scale,
+            lamb=config.lamb, dtype=config.solve_dtype.torch, method="UCE",
+        )
+    meta = describe_run("uce", concepts, config)
+    return patch_from_multipliers(sites, multipliers, meta, "UCE", progress, started)
+
+
+register("uce", UCEConfig, solve,
+         "UCE (arXiv 2308.14761): closed-form K/V edit mapping each target to its anchor.")

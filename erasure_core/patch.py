@@ -1,0 +1,230 @@
+"""PatchSet: the weight edit every method returns and the only thing nodes apply.
+
+Each entry is keyed by the *caller's* weight key and is either dense (``diff``, ``ΔW``) or low
+rank (``up [d_out, r] @ down [r, d_in]``). A PatchSet is immutable; operations return new ones.
+Saved files are safetensors with the factors and JSON metadata; they load back bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import PatchError
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PatchEntry", "PatchSet"]
+
+FORMAT_NAME = "concept_erasure.patchset"
+FORMAT_VERSION = "1"
+_SUFFIXES = (".lora_up", ".lora_down", ".diff")
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """One key's edit: low rank (``up``, ``down``) or dense (``diff``), float32, 2-D."""
+
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    diff: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        low_rank = self.up is not None and self.down is not None
+        if low_rank == (self.diff is not None) or (self.up is None) != (self.down is None):
+            raise PatchError("a patch entry must be either (up, down) or diff, but got a mix.")
+        for t in self.tensors():
+            if t.ndim != 2:
+                raise PatchError(f"patch tensors must be 2-D, but got shape {tuple(t.shape)}.")
+            if not bool(torch.isfinite(t).all()):
+                raise PatchError("patch tensors must be finite, but got NaN or inf.")
+        if low_rank and self.up.shape[1] != self.down.shape[0]:  # type: ignore[union-attr]
+            raise PatchError(
+                f"up [d_out, r] and down [r, d_in] must share r, but got {tuple(self.up.shape)} "  # type: ignore[union-attr]
+                f"and {tuple(self.down.shape)}."  # type: ignore[union-attr]
+            )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.up, self.down, self.diff) if t is not None)
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self.diff is None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.diff is not None:
+            return tuple(self.diff.shape)  # type: ignore[return-value]
+        return (int(self.up.shape[0]), int(self.down.shape[1]))  # type: ignore[union-attr]
+
+    @property
+    def rank(self) -> int:
+        if self.diff is not None:
+            return min(self.shape)
+        return int(self.down.shape[0])  # type: ignore[union-attr]
+
+    def dense(self) -> torch.Tensor:
+        """The weight difference ``ΔW`` as one float32 matrix."""
+        if self.diff is not None:
+            return self.diff.float()
+        return self.up.float() @ self.down.float()  # type: ignore[union-attr]
+
+    def scaled(self, alpha: float) -> PatchEntry:
+        if self.diff is not None:
+            return PatchEntry(diff=self.diff * alpha)
+        return PatchEntry(up=self.up * alpha, down=self.down)  # type: ignore[operator]
+
+    def plus(self, other: PatchEntry) -> PatchEntry:
+        if self.shape != other.shape:
+            raise PatchError(
+                f"patches for one key must have equal shapes, but got {self.shape} and "
+                f"{other.shape}. Merge patches made for the same model."
+            )
+        if self.is_low_rank and other.is_low_rank:
+            return PatchEntry(up=torch.cat([self.up, other.up], 1),  # type: ignore[list-item]
+                              down=torch.cat([self.down, other.down], 0))  # type: ignore[list-item]
+        return PatchEntry(diff=self.dense() + other.dense())
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    """An immutable set of per-key weight edits with metadata (method, concepts, config, version)."""
+
+    entries: Mapping[str, PatchEntry] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, entry in self.entries.items():
+            if not isinstance(entry, PatchEntry):
+                raise PatchError(f"entry '{key}' must be a PatchEntry, but got {type(entry).__name__}.")
+            if key.endswith(_SUFFIXES):
+                raise PatchError(f"patch keys must not end with {_SUFFIXES}, but got '{key}'.")
+        try:
+            json.dumps(dict(self.meta))
+        except TypeError as exc:
+            raise PatchError(f"patch metadata must be JSON-serialisable, but {exc}.") from exc
+        object.__setattr__(self, "entries", MappingProxyType(dict(self.entries)))
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    # -- mapping-like access -------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key: str) -> PatchEntry:
+        return self.entries[key]
+
+    @property
+    def max_rank(self) -> int:
+        return max((e.rank for e in self.entries.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the factors (shared tensors counted once)."""
+        seen: dict[int, int] = {}
+        for entry in self.entries.values():
+            for t in entry.tensors():
+                seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    # -- algebra ---------------------------------------------------------------------------
+    def scaled(self, alpha: float) -> PatchSet:
+        """Every delta multiplied by ``alpha`` (0 gives the identity edit)."""
+        return PatchSet({k: e.scaled(alpha) for k, e in self.entries.items()}, self.meta)
+
+    def merged(self, other: PatchSet) -> PatchSet:
+        """Per-key sum of two edits (low-rank factors are concatenated, so ranks add)."""
+        entries = dict(self.entries)
+        for key, entry in other.entries.items():
+            entries[key] = entries[key].plus(entry) if key in entries else entry
+        meta = {"merged": [dict(self.meta), dict(other.meta)]}
+        return PatchSet(entries, meta)
+
+    def restricted(self, keys: Iterable[str]) -> PatchSet:
+        """Only the entries whose key is in ``keys``."""
+        wanted = set(keys)
+        return PatchSet({k: e for k, e in self.entries.items() if k in wanted}, self.meta)
+
+    # -- files -----------------------------------------------------------------------------
+    def to_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors (contiguous, unshared, on the CPU) and string metadata for safetensors."""
+        tensors: dict[str, torch.Tensor] = {}
+        for key, entry in self.entries.items():
+            if entry.is_low_rank:
+                tensors[key + ".lora_up"] = entry.up.detach().cpu().contiguous().clone()  # type: ignore[union-attr]
+                tensors[key + ".lora_down"] = entry.down.detach().cpu().contiguous().clone()  # type: ignore[union-attr]
+            else:
+                tensors[key + ".diff"] = entry.diff.detach().cpu().contiguous().clone()  # type: ignore[union-attr]
+        metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                    "meta": json.dumps(dict(self.meta), sort_keys=True)}
+        return tensors, metadata
+
+    @classmethod
+    def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> PatchSet:
+        metadata = metadata or {}
+        if metadata.get("format") != FORMAT_NAME:
+            raise PatchError(
+                f"expected a concept-erasure patch file (metadata format '{FORMAT_NAME}'), but got "
+                f"format {metadata.get('format')!r}. Load eraser LoRAs with Apply Eraser LoRA instead."
+            )
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise PatchError(
+                f"expected patch format version {FORMAT_VERSION}, but got "
+                f"{metadata.get('format_version')!r}. Update the node pack."
+            )
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+            if suffix is None:
+                raise PatchError(f"unexpected tensor '{name}' in a patch file; keys end with {_SUFFIXES}.")
+            parts.setdefault(name[: -len(suffix)], {})[suffix[1:]] = tensor
+        entries = {}
+        for key, p in parts.items():
+            try:
+                entries[key] = PatchEntry(up=p.get("lora_up"), down=p.get("lora_down"), diff=p.get("diff"))
+            except PatchError as exc:
+                raise PatchError(f"patch file entry '{key}' is malformed: {exc.message}") from exc
+        return cls(entries, json.loads(metadata.get("meta", "{}")))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a safetensors file atomically (a failed write leaves no partial file)."""
+        tensors, metadata = self.to_state_dict()
+        target = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(target))
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PatchSet:
+        """Read a file written by :meth:`save` (safetensors only; nothing is unpickled)."""
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                metadata = f.metadata()
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise PatchError(
+                f"expected a readable .safetensors patch file at '{path}', but reading failed "
+                f"({exc}). Check the path, or re-save the patch."
+            ) from exc
+        return cls.from_state_dict(tensors, metadata)

@@ -1,0 +1,140 @@
+"""Encoded text and the choice of which token rows act as keys.
+
+``EncodedText`` is what every text encoder returns; ``TokenPick`` names the strategies the papers
+use to pick key rows (``research/algorithms.md`` §0 and §11.1):
+
+* ``LAST_SUBJECT``: the last word token only (UCE's current code, SPEED).
+* ``LAST_WORD_EOT_PADDING``: the last word, the first EOT and the padding after it, aligned
+  position by position between target and anchor (UCE paper-era code, arXiv 2308.14761).
+* ``ALL``: every position (RECE, MACE's fusion).
+* ``FIRST_EOT``: the first end-of-text token only (TRCE stage 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import torch
+
+from .errors import ConceptError
+
+__all__ = ["EncodedText", "TextEncoder", "TokenPick", "erase_rows", "preserve_rows"]
+
+
+class TokenPick(str, Enum):
+    """Which token rows of an encoded prompt become keys of the closed-form edit."""
+
+    LAST_WORD_EOT_PADDING = "last word + EOT + padding"
+    LAST_SUBJECT = "last subject token"
+    ALL = "all tokens"
+    FIRST_EOT = "first EOT"
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """Per-token hidden states of a batch of prompts.
+
+    ``hidden``: ``[N, T, D]`` float32; ``eot_index``: ``[N]`` position of each prompt's first
+    end-of-text token (so the last word is at ``eot_index - 1``, and at 0, the start token, for the
+    empty prompt); ``pooled``: optional ``[N, P]``.
+    """
+
+    texts: tuple[str, ...]
+    hidden: torch.Tensor
+    eot_index: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        if self.hidden.ndim != 3 or self.hidden.shape[0] != n:
+            raise ValueError(f"hidden must be [{n}, T, D], got {tuple(self.hidden.shape)}")
+        if self.eot_index.shape != (n,):
+            raise ValueError(f"eot_index must be [{n}], got {tuple(self.eot_index.shape)}")
+        if n and (self.eot_index.min() < 1 or self.eot_index.max() >= self.hidden.shape[1]):
+            raise ValueError("eot_index must lie in [1, T)")
+
+    @property
+    def width(self) -> int:
+        return int(self.hidden.shape[-1])
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[N, T]`` bool: True up to and including the first end-of-text token."""
+        positions = torch.arange(self.hidden.shape[1], device=self.eot_index.device)
+        return positions[None, :] <= self.eot_index[:, None]
+
+    def index(self, text: str) -> int:
+        try:
+            return self.texts.index(text)
+        except ValueError:
+            raise KeyError(f"'{text}' was not encoded") from None
+
+
+class TextEncoder(Protocol):
+    """Anything that turns prompts into :class:`EncodedText` (ComfyUI's CLIP, a test encoder)."""
+
+    def __call__(self, texts: Sequence[str]) -> EncodedText: ...
+
+
+def _last_word(enc: EncodedText, i: int) -> int:
+    return int(enc.eot_index[i]) - 1
+
+
+def erase_rows(
+    enc: EncodedText, pairs: Sequence[tuple[str, str]], pick: TokenPick
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key rows of each target and the matching rows of its anchor.
+
+    Returns ``(target_keys [R, D], anchor_keys [R, D])``; row r of the target maps to row r of the
+    anchor. Both prompts of every pair must be in ``enc``.
+    """
+    t_rows: list[torch.Tensor] = []
+    a_rows: list[torch.Tensor] = []
+    length = enc.hidden.shape[1]
+    for target, anchor in pairs:
+        t, a = enc.index(target), enc.index(anchor)
+        ht, ha = enc.hidden[t], enc.hidden[a]
+        if pick is TokenPick.LAST_SUBJECT:
+            t_rows.append(ht[_last_word(enc, t)][None])
+            a_rows.append(ha[_last_word(enc, a)][None])
+        elif pick is TokenPick.FIRST_EOT:
+            t_rows.append(ht[int(enc.eot_index[t])][None])
+            a_rows.append(ha[int(enc.eot_index[a])][None])
+        elif pick is TokenPick.ALL:
+            t_rows.append(ht)
+            a_rows.append(ha)
+        elif pick is TokenPick.LAST_WORD_EOT_PADDING:
+            # UCE train_erase.py: align from the last word on; both blocks have T - farthest rows.
+            ft, fa = _last_word(enc, t), _last_word(enc, a)
+            farthest = max(ft, fa)
+            t_rows.append(ht[ft : length - (farthest - ft)])
+            a_rows.append(ha[fa : length - (farthest - fa)])
+        else:
+            raise ConceptError(f"unknown token strategy {pick!r}", input_name="token_pick")
+    if not t_rows:
+        width = enc.width
+        return enc.hidden.new_zeros(0, width), enc.hidden.new_zeros(0, width)
+    return torch.cat(t_rows), torch.cat(a_rows)
+
+
+def preserve_rows(enc: EncodedText, prompts: Sequence[str], pick: TokenPick) -> torch.Tensor:
+    """Key rows of the prompts whose outputs must not move, ``[R, D]``.
+
+    Strategies that key on a single token preserve that token; the others preserve every position
+    of the prompt, as UCE's paper-era code does for its preserve set.
+    """
+    rows: list[torch.Tensor] = []
+    for prompt in prompts:
+        i = enc.index(prompt)
+        if pick is TokenPick.LAST_SUBJECT:
+            rows.append(enc.hidden[i, _last_word(enc, i)][None])
+        elif pick is TokenPick.FIRST_EOT:
+            rows.append(enc.hidden[i, int(enc.eot_index[i])][None])
+        else:
+            rows.append(enc.hidden[i])
+    if not rows:
+        return enc.hidden.new_zeros(0, enc.width)
+    return torch.cat(rows)

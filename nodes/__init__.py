@@ -1,0 +1,10 @@
+"""ComfyUI adapters. NODES is the menu order."""
+
+from __future__ import annotations
+
+from .closed_form_erase import ClosedFormErase
+from .load_concepts import LoadConcepts
+
+NODES = [LoadConcepts, ClosedFormErase]
+
+__all__ = ["NODES"]

@@ -1,0 +1,144 @@
+"""Every ComfyUI internal the pack touches: reading weights, encoding text, applying patches,
+progress. Nothing else in the pack imports comfy.*; the core never does."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import comfy.lora
+import comfy.model_management
+import comfy.utils
+import torch
+from comfy.weight_adapter import LoRAAdapter
+
+from ..erasure_core import (
+    ArchSpec,
+    AttentionSite,
+    ConceptError,
+    EncodedText,
+    PatchError,
+    PatchSet,
+    Progress,
+    detect,
+)
+
+logger = logging.getLogger(__name__)
+
+UNET_PREFIX = "diffusion_model."
+
+
+def compute_device() -> torch.device:
+    """The device ComfyUI computes on (the user's GPU, or the CPU under --cpu)."""
+    return comfy.model_management.get_torch_device()
+
+
+def attention_sites(model: Any, device: torch.device | None = None) -> tuple[ArchSpec, list[AttentionSite]]:
+    """The model's architecture and its K/V sites, weights *as this MODEL would use them*.
+
+    Reads the unpatched base weight (the backup when a patched clone is loaded) and applies the
+    patches already on this clone (LoRAs, earlier erasures), so edits compose in graph order.
+    The input model is only read.
+    """
+    device = device or compute_device()
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
+    spec = detect(shapes)
+    keys = spec.site_keys(shapes)
+    key_patches = model.get_key_patches(UNET_PREFIX)
+    sites = []
+    for key in keys:
+        (base, convert), *patches = key_patches[key]
+        weight = comfy.model_management.cast_to_device(base, device, torch.float32, copy=True)
+        weight = convert(weight, inplace=True)
+        if patches:
+            weight = comfy.lora.calculate_weight(patches, weight, key)
+        sites.append(AttentionSite(key, weight))
+    return spec, sites
+
+
+def apply_patchset(model: Any, patch: PatchSet, strength: float) -> Any:
+    """A clone of ``model`` with ``patch`` added at ``strength``; the input is not modified.
+
+    Low-rank entries become ComfyUI LoRA adapters, dense ones ``diff`` patches. ComfyUI drops
+    unknown keys silently, so any key it did not accept raises PatchError (before the clone is
+    returned, so nothing downstream sees a half-applied edit).
+    """
+    patches: dict[str, Any] = {}
+    for key, entry in patch.entries.items():
+        if entry.is_low_rank:
+            patches[key] = LoRAAdapter(set(), (entry.up, entry.down, None, None, None, None))
+        else:
+            patches[key] = ("diff", (entry.diff,))
+    clone = model.clone()
+    added = set(clone.add_patches(patches, strength))
+    missing = sorted(set(patches) - added)
+    if missing:
+        raise PatchError(
+            f"the patch must fit the connected model, but {len(missing)} of {len(patches)} keys "
+            f"are not in it (first: '{missing[0]}'). Apply the patch to the architecture it was "
+            "made for.",
+            input_name="model",
+        )
+    logger.debug("applied %d patch keys at strength %s", len(added), strength)
+    return clone
+
+
+class ComfyClipEncoder:
+    """The user's CLIP as a core ``TextEncoder``: same tokenizer, weights syntax, layer choice and
+    CLIP patches as their prompts. Prompts are encoded in batches of 77-token windows."""
+
+    def __init__(self, clip: Any, batch_size: int = 32, progress: Progress | None = None):
+        self.clip = clip
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def _windows(self, text: str) -> dict[str, list[Any]]:
+        tokens = self.clip.tokenize(text)
+        for name, windows in tokens.items():
+            if len(windows) != 1:
+                raise ConceptError(
+                    f"each concept must fit in one 75-token CLIP window, but '{text[:60]}...' "
+                    f"needs {len(windows)}. Shorten the concept.",
+                    input_name="targets",
+                )
+        return {name: windows[0] for name, windows in tokens.items()}
+
+    def __call__(self, texts: Sequence[str]) -> EncodedText:
+        texts = list(texts)
+        empty = self._windows("")
+        stream = next(iter(empty))
+        end_id = empty[stream][1][0]  # [start, end, pad...]: the end-of-text id
+        windows = [self._windows(t) for t in texts]
+        eot = []
+        for text, w in zip(texts, windows):
+            ids = [tok[0] for tok in w[stream]]
+            found = [j for j, tok in enumerate(ids) if j > 0 and isinstance(tok, int) and tok == end_id]
+            if not found:
+                raise ConceptError(f"'{text[:60]}' has no end-of-text token after tokenising; "
+                                   "shorten the concept.", input_name="targets")
+            eot.append(found[0])
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = windows[start : start + self.batch_size]
+            tokens = {name: [w[name] for w in batch] for name in batch[0]}
+            cond = self.clip.encode_from_tokens(tokens)  # [1, 77 * n, D]: windows concatenated
+            chunks.append(cond.reshape(len(batch), -1, cond.shape[-1]).float())
+            if self.progress is not None:
+                self.progress(min(start + self.batch_size, len(texts)), len(texts))
+        hidden = torch.cat(chunks) if chunks else torch.zeros(0, len(empty[stream]), 1)
+        return EncodedText(tuple(texts), hidden, torch.tensor(eot, dtype=torch.long))
+
+
+def progress_bar() -> Progress:
+    """A ``progress(done, total)`` callback that drives ComfyUI's bar and honours Cancel.
+
+    Each phase (encoding, then the sites) reports against its own total.
+    """
+    bar = comfy.utils.ProgressBar(1)
+
+    def update(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return update

@@ -1,0 +1,46 @@
+"""Shared fixtures. ComfyUI-backed tests live under tests/integration and skip without it."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+
+@pytest.fixture
+def encoder():
+    from fakes import tiny_encoder
+
+    return tiny_encoder()
+
+
+@pytest.fixture
+def sites():
+    from fakes import tiny_sites
+
+    return tiny_sites()
+
+
+from comfy_env import _comfyui_skip_reason, comfyui_path  # noqa: E402
+
+def pytest_report_header(config):
+    if comfyui_path() is None:
+        return f"real-ComfyUI tests skipped: {_comfyui_skip_reason()}"
+    return f"real-ComfyUI tests use COMFYUI_PATH={comfyui_path()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if comfyui_path() is not None:
+        return
+    skip = pytest.mark.skip(reason=_comfyui_skip_reason())
+    for item in items:
+        if "comfyui" in item.keywords:
+            item.add_marker(skip)

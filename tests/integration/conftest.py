@@ -1,0 +1,55 @@
+"""Real ComfyUI, in-process: COMFYUI_PATH on sys.path, --cpu, our pack imported as a package."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from comfy_env import ROOT, comfyui_path
+
+PACK_NAME = "concept_erasure_pack"
+
+
+def _setup_comfy():
+    path = comfyui_path()
+    if path is None:
+        pytest.skip("ComfyUI not available (see the header for why)")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from comfy.cli_args import args
+
+    args.cpu = True  # before comfy.model_management is imported: no GPU here
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The repository imported the way ComfyUI imports a custom node pack."""
+    _setup_comfy()
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict():
+    _setup_comfy()
+    import tiny_sd15
+
+    return tiny_sd15.build_state_dict()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(pack, tiny_state_dict):
+    """(model, clip, vae) of the tiny SD1.5 checkpoint, loaded by ComfyUI's own loader."""
+    import comfy.sd
+
+    model, clip, vae = comfy.sd.load_state_dict_guess_config(dict(tiny_state_dict))[:3]
+    return model, clip, vae

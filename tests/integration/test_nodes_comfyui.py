@@ -1,0 +1,161 @@
+"""The nodes inside a real ComfyUI (in-process, --cpu) on a tiny SD1.5-detected checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+
+K_KEY = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def _run(node_cls, **inputs):
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return node_cls.execute(**inputs).result
+
+
+def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
+    from concept_erasure_pack.nodes.closed_form_erase import ClosedFormErase
+    from concept_erasure_pack.nodes.load_concepts import LoadConcepts
+
+    (concepts,) = _run(LoadConcepts, targets=targets, anchors=anchors, preserve=preserve)
+    defaults = {"method": "uce", "strength": 1.0, "token_pick": "last word + EOT + padding",
+                "erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.5,
+                "preserve_empty_prompt": True, "solve_dtype": "float64"}
+    return _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, **(defaults | options))
+
+
+def _sample(model, clip, prompt, seed=7, steps=3, cfg=1.0):
+    import comfy.sample
+
+    def cond(text):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond(prompt), cond(""),
+                                   latent, seed=seed, disable_pbar=True).float()
+
+
+def _live_weight(model, key):
+    import comfy.model_management
+    import comfy.utils
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return comfy.utils.get_attr(model.model, key).detach().float().clone()
+
+
+def test_input_model_is_bit_identical_after_erasing_and_sampling(pack, tiny_checkpoint):
+    model, clip, _ = tiny_checkpoint
+    before = {k: v.clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+    patches_before, uuid_before = dict(model.patches), model.patches_uuid
+    erased, patch, report = _erase(pack, model, clip, "Van Gogh", "a painter")
+    _sample(erased, clip, "Van Gogh", steps=1)
+    _sample(model, clip, "Van Gogh", steps=1)  # loads the original again: backups restored
+    after = model.model_state_dict(filter_prefix="diffusion_model.")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.patches == patches_before and model.patches_uuid == uuid_before
+    assert erased is not model and set(erased.patches) == set(patch.keys())
+    assert "14 sites edited" in report
+
+
+def test_patched_clone_uses_the_cores_weights(pack, tiny_checkpoint):
+    from concept_erasure_pack.nodes import _comfy
+
+    model, clip, _ = tiny_checkpoint
+    _, sites = _comfy.attention_sites(model)
+    erased, patch, _ = _erase(pack, model, clip, "Van Gogh; Monet", "a painter")
+    expected = {s.key: s.weight + patch[s.key].dense() for s in sites}
+    for key in (sites[0].key, sites[-1].key):
+        live = _live_weight(erased, key)
+        torch.testing.assert_close(live, expected[key], rtol=0, atol=2e-3 * expected[key].abs().max().item())
+    _live_weight(model, K_KEY)
+
+
+def test_erasure_reads_the_model_as_it_arrives_with_an_upstream_lora(pack, tiny_checkpoint):
+    from concept_erasure_pack.nodes import _comfy
+
+    model, clip, _ = tiny_checkpoint
+    lora = model.clone()
+    delta = torch.randn(lora.model_state_dict()[K_KEY].shape, generator=torch.Generator().manual_seed(1)) * 0.01
+    assert lora.add_patches({K_KEY: ("diff", (delta,))}, 1.0) == [K_KEY]
+    _, base_sites = _comfy.attention_sites(model)
+    _, lora_sites = _comfy.attention_sites(lora)
+    base = {s.key: s.weight for s in base_sites}
+    got = {s.key: s.weight for s in lora_sites}
+    torch.testing.assert_close(got[K_KEY], base[K_KEY] + delta, rtol=0, atol=1e-6)
+    erased, _, _ = _erase(pack, lora, clip, "Van Gogh", "a painter")
+    assert len(erased.patches[K_KEY]) == 2  # the LoRA first, then the erasure: graph order
+
+
+def _gap_ratio(pack, tiny_checkpoint, cfg, **options):
+    model, clip, _ = tiny_checkpoint
+    erased, _, _ = _erase(pack, model, clip, "cat", "dog", **options)
+    orig_target, orig_anchor = _sample(model, clip, "cat", cfg=cfg), _sample(model, clip, "dog", cfg=cfg)
+    erased_target = _sample(erased, clip, "cat", cfg=cfg)
+    gap = (orig_target - orig_anchor).norm()
+    return ((erased_target - orig_anchor).norm() / gap).item(), erased, gap
+
+
+def test_erased_target_samples_like_the_anchor_at_cfg_1(pack, tiny_checkpoint):
+    ratio, _, _ = _gap_ratio(pack, tiny_checkpoint, cfg=1.0, preserve_empty_prompt=False)
+    print(f"cfg 1: erased target is {ratio:.1%} of the target-anchor gap from the anchor")
+    assert ratio < 0.10
+
+
+def test_erased_target_samples_like_the_anchor_at_cfg_7_with_empty_prompt_preserved(pack, tiny_checkpoint):
+    ratio, _, _ = _gap_ratio(pack, tiny_checkpoint, cfg=7.0, preserve_empty_prompt=True)
+    print(f"cfg 7: erased target is {ratio:.1%} of the target-anchor gap from the anchor")
+    assert ratio < 0.10
+
+
+def test_preserved_prompt_barely_moves_when_preserved(pack, tiny_checkpoint):
+    model, clip, _ = tiny_checkpoint
+    gap = (_sample(model, clip, "cat") - _sample(model, clip, "dog")).norm()
+    drift = {}
+    for preserve in ("", "a red car"):
+        erased, _, _ = _erase(pack, model, clip, "cat", "dog", preserve=preserve, preserve_scale=1.0)
+        drift[preserve] = ((_sample(erased, clip, "a red car") - _sample(model, clip, "a red car")).norm() / gap).item()
+    print(f"drift of 'a red car' as a share of the gap: not preserved {drift['']:.1%}, preserved {drift['a red car']:.1%}")
+    assert drift["a red car"] < 0.5 * drift[""]
+
+
+def test_strength_zero_gives_the_original_weights(pack, tiny_checkpoint):
+    model, clip, _ = tiny_checkpoint
+    erased, _, _ = _erase(pack, model, clip, "Van Gogh", "a painter", strength=0.0)
+    original = _live_weight(model, K_KEY)
+    torch.testing.assert_close(_live_weight(erased, K_KEY), original, rtol=0, atol=0)
+
+
+def test_bad_inputs_name_the_node_and_input(pack):
+    from concept_erasure_pack.nodes.load_concepts import LoadConcepts
+
+    message = LoadConcepts.validate_inputs(targets="Van Gogh; Monet; Dali", anchors="a; b", preserve="")
+    assert message.startswith("Load Concepts, input 'anchors':") and "(3), but got 2" in message
+    message = LoadConcepts.validate_inputs(targets=" ; ", anchors="", preserve="")
+    assert "input 'targets'" in message
+    message = LoadConcepts.validate_inputs(targets="Cat", anchors="cat", preserve="")
+    assert "must differ from its anchor" in message
+
+
+def test_a_patch_for_another_model_is_refused_before_anything_changes(pack, tiny_checkpoint):
+    from concept_erasure_pack.erasure_core import PatchEntry, PatchError, PatchSet
+    from concept_erasure_pack.nodes import _comfy
+
+    model, _, _ = tiny_checkpoint
+    patch = PatchSet({K_KEY: PatchEntry(diff=torch.zeros(320, 768)),
+                      "diffusion_model.nope.weight": PatchEntry(diff=torch.zeros(4, 4))})
+    uuid = model.patches_uuid
+    with pytest.raises(PatchError, match="1 of 2 keys"):
+        _comfy.apply_patchset(model, patch, 1.0)
+    assert model.patches_uuid == uuid and K_KEY not in model.patches
+
+
+def test_unsupported_architecture_is_refused_by_name(pack):
+    from concept_erasure_pack.erasure_core import ArchitectureError, detect
+
+    with pytest.raises(ArchitectureError, match="Flux models are not supported yet"):
+        detect({"diffusion_model.txt_in.weight": (3072, 4096),
+                "diffusion_model.double_blocks.0.txt_attn.qkv.weight": (9216, 3072)})
