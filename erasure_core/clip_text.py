@@ -163,9 +163,11 @@ class ClipTextEncoder(nn.Module):
         self.blocks = nn.ModuleList(_Block(c.width, c.heads) for _ in range(c.layers))
         self.final_ln = nn.LayerNorm(c.width)
         with torch.no_grad():
-            for p in self.parameters():
+            for name, p in self.named_parameters():
                 if p.ndim >= 2:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                else:  # norm scales 1, biases 0: every value comes from `seed`
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
         self.requires_grad_(False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

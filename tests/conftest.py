@@ -44,3 +44,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "comfyui" in item.keywords:
             item.add_marker(skip)
+
+
+def merges_file() -> str | None:
+    """A CLIP BPE merges file: shared data beside the checkout, or the open-clip-torch wheel's."""
+    shared = os.path.join(ROOT, "..", "shared", "data", "clip_tokenizer", "merges.txt")
+    if os.path.exists(shared):
+        return shared
+    from erasure_core import ConfigError
+    from erasure_core.clip_text import find_merges_file
+
+    try:
+        return find_merges_file()
+    except ConfigError:
+        return None
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    from erasure_core.clip_text import BPETokenizer
+
+    path = merges_file()
+    if path is None:
+        pytest.skip("no CLIP merges file: pip install open-clip-torch (or run beside ../shared)")
+    return BPETokenizer(path)

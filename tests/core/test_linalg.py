@@ -1,0 +1,59 @@
+"""The shared solve against a per-layer float64 solve written straight from UCE's eq. 7."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from erasure_core import NumericalError
+from erasure_core.linalg import anchored_right_multiplier
+
+
+def _keys(rows, d, seed):
+    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _per_layer_reference(w, ce, ca, cp, s, sp, lamb):
+    """W = (λW₀ + s Σ W₀c_a c_eᵀ + s_p Σ W₀c_p c_pᵀ)(λI + s Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ)⁻¹, per layer."""
+    w, ce, ca, cp = (t.double() for t in (w, ce, ca, cp))
+    d = w.shape[1]
+    mat1 = lamb * w + s * (w @ ca.T) @ ce + sp * (w @ cp.T) @ cp
+    mat2 = lamb * torch.eye(d, dtype=torch.float64) + s * ce.T @ ce + sp * cp.T @ cp
+    return mat1 @ torch.linalg.inv(mat2)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # fewer and more target rows than the width
+def test_shared_solve_equals_per_layer_float64_reference(rows):
+    d = 24
+    ce, ca, cp = _keys(rows, d, 1), _keys(rows, d, 2), _keys(10, d, 3)
+    mult = anchored_right_multiplier(ce, ca, cp, erase_scale=1.3, preserve_scale=0.7, lamb=0.5)
+    assert mult.rank <= min(rows, d)
+    for seed, d_out in [(4, 16), (5, 40)]:
+        w = _keys(d_out, d, seed)
+        got = w.double() + mult.up_for(w) @ mult.Q
+        torch.testing.assert_close(got, _per_layer_reference(w, ce, ca, cp, 1.3, 0.7, 0.5), rtol=1e-9, atol=1e-9)
+
+
+def test_float32_and_float64_solves_agree():
+    ce, ca, cp = _keys(5, 16, 1), _keys(5, 16, 2), _keys(8, 16, 3)
+    w = _keys(12, 16, 4)
+    deltas = []
+    for dtype in (torch.float32, torch.float64):
+        m = anchored_right_multiplier(ce, ca, cp, erase_scale=1.0, preserve_scale=0.1, lamb=0.5, dtype=dtype)
+        deltas.append((m.up_for(w) @ m.Q).double())
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-4, atol=1e-5)
+
+
+def test_rows_equal_to_their_anchor_add_no_rank():
+    ce = _keys(4, 16, 1)
+    ca = ce.clone()
+    ca[0] += 1.0
+    m = anchored_right_multiplier(ce, ca, ce[:0], erase_scale=1.0, preserve_scale=0.0, lamb=0.5)
+    assert m.rank == 1
+
+
+def test_singular_system_raises_numerical_error_naming_lamb():
+    ce = _keys(2, 16, 1)
+    with pytest.raises(NumericalError, match="singular") as err:
+        anchored_right_multiplier(ce, _keys(2, 16, 2), ce[:0], erase_scale=1.0, preserve_scale=0.0, lamb=0.0)
+    assert err.value.input_name == "lamb"

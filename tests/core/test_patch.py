@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from erasure_core import PatchEntry, PatchError, PatchSet
+
+
+def _patch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    down = torch.randn(2, 8, generator=g)
+    return PatchSet({
+        "a.to_k.weight": PatchEntry(up=torch.randn(4, 2, generator=g), down=down),
+        "a.to_v.weight": PatchEntry(up=torch.randn(6, 2, generator=g), down=down),
+        "b.weight": PatchEntry(diff=torch.randn(3, 3, generator=g)),
+    }, {"method": "uce", "concepts": {"targets": ["x"]}})
+
+
+def test_safetensors_round_trip_is_bit_identical(tmp_path):
+    patch = _patch()
+    path = tmp_path / "edit.safetensors"
+    patch.save(path)
+    loaded = PatchSet.load(path)
+    assert loaded.keys() == patch.keys() and dict(loaded.meta) == dict(patch.meta)
+    for key in patch:
+        for a, b in zip(patch[key].tensors(), loaded[key].tensors()):
+            assert torch.equal(a, b)
+
+
+def test_scaling_composes_and_zero_is_the_identity():
+    patch = _patch()
+    for key in patch:
+        torch.testing.assert_close(patch.scaled(2.0).scaled(0.5)[key].dense(), patch[key].dense())
+        assert torch.count_nonzero(patch.scaled(0.0)[key].dense()) == 0
+
+
+def test_merged_adds_per_key_and_concatenates_ranks():
+    a, b = _patch(0), _patch(1)
+    m = a.merged(b)
+    for key in a:
+        torch.testing.assert_close(m[key].dense(), a[key].dense() + b[key].dense())
+    assert m["a.to_k.weight"].rank == 4
+
+
+def test_restricted_keeps_only_named_keys():
+    assert _patch().restricted(["b.weight", "missing"]).keys() == ["b.weight"]
+
+
+@pytest.mark.parametrize("entry", [
+    dict(diff=torch.tensor([[float("nan")]])),
+    dict(diff=torch.zeros(3)),
+    dict(up=torch.zeros(4, 2), down=torch.zeros(3, 8)),
+    dict(up=torch.zeros(4, 2)),
+])
+def test_malformed_entries_are_refused(entry):
+    with pytest.raises(PatchError):
+        PatchEntry(**entry)
+
+
+def test_a_file_that_is_not_a_patch_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lora.safetensors"
+    save_file({"x.lora_up.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(PatchError, match="expected a concept-erasure patch file"):
+        PatchSet.load(path)
+    with pytest.raises(PatchError, match="readable .safetensors"):
+        PatchSet.load(tmp_path / "missing.safetensors")
+
+
+def test_a_failed_save_leaves_the_existing_file_untouched(tmp_path, monkeypatch):
+    path = tmp_path / "edit.safetensors"
+    path.write_bytes(b"old")
+    import erasure_core.patch as patch_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(patch_module, "save_file", broken)
+    with pytest.raises(OSError):
+        _patch().save(path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["edit.safetensors"]

@@ -1,0 +1,79 @@
+"""UCE on tiny seeded models and a tiny causal text encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fakes import edited_weight
+
+from erasure_core import ArchitectureError, ConceptSet, TokenPick, erase, make_config
+from erasure_core.text import erase_rows, preserve_rows
+
+
+def _config(**kw):
+    return make_config("uce", **({"lamb": 1e-5, "preserve_empty_prompt": False} | kw))
+
+
+@pytest.mark.parametrize(("concepts", "pick"), [
+    (ConceptSet(("van gogh",), ("a painter",)), TokenPick.LAST_WORD_EOT_PADDING),
+    (ConceptSet(("van gogh", "monet", "cat"), ("a painter", "", "dog")), TokenPick.LAST_SUBJECT),
+    (ConceptSet(("van gogh", "cat"), ("a painter", "dog")), TokenPick.FIRST_EOT),
+])
+def test_targets_map_to_their_anchors_original_outputs(sites, encoder, concepts, pick):
+    patch = erase("uce", sites, concepts, encoder, _config(token_pick=pick))
+    enc = encoder([p for pair in concepts.erase_pairs() for p in pair])
+    ce, ca = erase_rows(enc, concepts.erase_pairs(), pick)
+    for site in sites:
+        w0 = site.weight.double()
+        gap = (w0 @ (ca - ce).double().T).abs().max()
+        err = (edited_weight(site, patch) @ ce.double().T - w0 @ ca.double().T).abs().max()
+        assert err < 1e-4 * gap
+
+
+def test_preserved_outputs_move_less_as_preserve_scale_grows(sites, encoder):
+    concepts = ConceptSet(("van gogh",), ("a painter",), ("monet", "a red car"))
+    keep = encoder(list(concepts.preserve))
+    cp = preserve_rows(keep, list(concepts.preserve), TokenPick.LAST_WORD_EOT_PADDING).double()
+    drift = []
+    for scale in (0.0, 0.1, 1.0, 10.0):
+        patch = erase("uce", sites, concepts, encoder, _config(lamb=0.5, preserve_scale=scale))
+        drift.append(sum((patch[s.key].dense().double() @ cp.T).norm().item() for s in sites))
+    assert drift == sorted(drift, reverse=True) and drift[-1] < 0.05 * drift[0]
+
+
+def test_empty_prompt_is_preserved_by_default(sites, encoder):
+    concepts = ConceptSet(("van gogh",), ("a painter",))
+    empty = encoder([""]).hidden[0].double()
+    moved = {}
+    for flag in (False, True):
+        patch = erase("uce", sites, concepts, encoder, make_config("uce", preserve_empty_prompt=flag, preserve_scale=1.0))
+        moved[flag] = sum((patch[s.key].dense().double() @ empty.T).norm().item() for s in sites)
+    assert moved[True] < 0.2 * moved[False]
+
+
+def test_one_solve_is_shared_by_every_site(sites, encoder):
+    patch = erase("uce", sites, ConceptSet(("van gogh",), ("a painter",)), encoder, _config())
+    downs = {id(patch[s.key].down) for s in sites}
+    assert len(downs) == 1 and patch.meta["sites"] == len(sites) and patch.meta["rank"] == patch.max_rank
+
+
+def test_paper_alignment_pairs_last_word_eot_and_padding(encoder):
+    enc = encoder(["van gogh", "dog"])  # eot 3 and 2: the anchor block starts one row earlier
+    ce, ca = erase_rows(enc, [("van gogh", "dog")], TokenPick.LAST_WORD_EOT_PADDING)
+    assert ce.shape[0] == ca.shape[0] == 8 - 2
+    torch.testing.assert_close(ce, enc.hidden[0, 2:8])
+    torch.testing.assert_close(ca, enc.hidden[1, 1:7])
+
+
+def test_a_text_encoder_of_the_wrong_width_is_refused(sites):
+    from fakes import tiny_encoder
+
+    with pytest.raises(ArchitectureError, match=r"\(\[32\]\), but it produces 16") as err:
+        erase("uce", sites, ConceptSet(("cat",), ("dog",)), tiny_encoder(width=16), _config())
+    assert err.value.input_name == "clip"
+
+
+def test_progress_reports_every_site(sites, encoder):
+    seen = []
+    erase("uce", sites, ConceptSet(("cat",), ("dog",)), encoder, _config(), progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (len(sites), len(sites)) and len(seen) == len(sites)
