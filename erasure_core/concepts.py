@@ -94,7 +94,7 @@ class ConceptSet:
                 "in the same order, one per line or separated by ';'.",
                 input_name="anchors",
             )
-        for target, anchor in zip(targets, anchors):
+        for target, anchor in zip(targets, anchors, strict=True):
             if _normalise(target) == _normalise(anchor):
                 raise ConceptError(
                     f"each target must differ from its anchor, but target '{target}' has anchor "
@@ -138,7 +138,7 @@ class ConceptSet:
         An empty anchor stays empty under every template: it stands for the null prompt.
         """
         pairs = []
-        for target, anchor in zip(self.targets, self.anchors):
+        for target, anchor in zip(self.targets, self.anchors, strict=True):
             for template in self.templates:
                 pairs.append((template.format(target), template.format(anchor) if anchor else ""))
         return pairs

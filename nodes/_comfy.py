@@ -95,7 +95,7 @@ class ComfyClipEncoder:
 
     def _windows(self, text: str) -> dict[str, list[Any]]:
         tokens = self.clip.tokenize(text)
-        for name, windows in tokens.items():
+        for windows in tokens.values():
             if len(windows) != 1:
                 raise ConceptError(
                     f"each concept must fit in one 75-token CLIP window, but '{text[:60]}...' "
@@ -111,7 +111,7 @@ class ComfyClipEncoder:
         end_id = empty[stream][1][0]  # [start, end, pad...]: the end-of-text id
         windows = [self._windows(t) for t in texts]
         eot = []
-        for text, w in zip(texts, windows):
+        for text, w in zip(texts, windows, strict=True):
             ids = [tok[0] for tok in w[stream]]
             found = [j for j, tok in enumerate(ids) if j > 0 and isinstance(tok, int) and tok == end_id]
             if not found:

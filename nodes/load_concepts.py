@@ -46,6 +46,6 @@ class LoadConcepts(io.ComfyNode):
     @names_node(DISPLAY_NAME)
     def execute(cls, targets: str, anchors: str, preserve: str) -> io.NodeOutput:
         concepts = ConceptSet.from_text(targets, anchors, preserve)
-        pairs = ", ".join(f"{t} → {a or '∅'}" for t, a in zip(concepts.targets, concepts.anchors))
+        pairs = ", ".join(f"{t} → {a or '∅'}" for t, a in zip(concepts.targets, concepts.anchors, strict=True))
         text = f"erase: {pairs}; preserve: {len(concepts.preserve)}"
         return io.NodeOutput(concepts, ui=ui.PreviewText(text))

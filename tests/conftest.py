@@ -31,6 +31,7 @@ def sites():
 
 from comfy_env import _comfyui_skip_reason, comfyui_path  # noqa: E402
 
+
 def pytest_report_header(config):
     if comfyui_path() is None:
         return f"real-ComfyUI tests skipped: {_comfyui_skip_reason()}"

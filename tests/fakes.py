@@ -39,7 +39,7 @@ def tiny_sites(width: int = 32, d_outs: Sequence[int] = (16, 24, 16), seed: int 
     """K and V sites named like ComfyUI's SD1.x keys, seeded, in float32."""
     gen = torch.Generator().manual_seed(seed)
     sites = []
-    for block, d_out in zip(BLOCKS, d_outs):
+    for block, d_out in zip(BLOCKS, d_outs, strict=False):
         for proj in ("k", "v"):
             key = f"{PREFIX}{block}.transformer_blocks.0.attn2.to_{proj}.weight"
             sites.append(AttentionSite(key, torch.randn(d_out, width, generator=gen) / width**0.5))

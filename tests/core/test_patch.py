@@ -25,7 +25,7 @@ def test_safetensors_round_trip_is_bit_identical(tmp_path):
     loaded = PatchSet.load(path)
     assert loaded.keys() == patch.keys() and dict(loaded.meta) == dict(patch.meta)
     for key in patch:
-        for a, b in zip(patch[key].tensors(), loaded[key].tensors()):
+        for a, b in zip(patch[key].tensors(), loaded[key].tensors(), strict=True):
             assert torch.equal(a, b)
 
 

@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-
 from comfy_env import ROOT, comfyui_path
 
 PACK_NAME = "concept_erasure_pack"
