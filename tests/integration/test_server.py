@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from comfy_env import ROOT, comfyui_path
 
 pytestmark = pytest.mark.comfyui
