@@ -21,3 +21,18 @@ def _comfyui_skip_reason() -> str:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def merges_file() -> str | None:
+    """A CLIP BPE merges file: shared data beside the checkout, or the open-clip-torch wheel's."""
+    shared = os.path.join(ROOT, "..", "shared", "data", "clip_tokenizer", "merges.txt")
+    if os.path.exists(shared):
+        return shared
+    from erasure_core import ConfigError
+    from erasure_core.clip_text import find_merges_file
+
+    try:
+        return find_merges_file()
+    except ConfigError:
+        return None
+

@@ -29,7 +29,7 @@ def sites():
     return tiny_sites()
 
 
-from comfy_env import _comfyui_skip_reason, comfyui_path  # noqa: E402
+from comfy_env import _comfyui_skip_reason, comfyui_path, merges_file  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -45,20 +45,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "comfyui" in item.keywords:
             item.add_marker(skip)
-
-
-def merges_file() -> str | None:
-    """A CLIP BPE merges file: shared data beside the checkout, or the open-clip-torch wheel's."""
-    shared = os.path.join(ROOT, "..", "shared", "data", "clip_tokenizer", "merges.txt")
-    if os.path.exists(shared):
-        return shared
-    from erasure_core import ConfigError
-    from erasure_core.clip_text import find_merges_file
-
-    try:
-        return find_merges_file()
-    except ConfigError:
-        return None
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from comfy_env import ROOT
+from comfy_env import ROOT, merges_file
 
 
 @pytest.mark.slow
 def test_demo_erases_and_reports_every_site(clip_tokenizer, tmp_path):
-    from conftest import merges_file
-
     out = tmp_path / "demo.safetensors"
     run = subprocess.run(
         [sys.executable, "-m", "erasure_core", "demo", "--targets", "Van Gogh", "--preserve", "",
