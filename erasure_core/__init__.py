@@ -14,7 +14,14 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from . import methods  # noqa: E402
-from .architectures import ARCHITECTURES, ArchSpec, AttentionSite, detect, reference_site_shapes  # noqa: E402
+from .architectures import (  # noqa: E402
+    ARCHITECTURES,
+    ArchSpec,
+    AttentionSite,
+    LazyWeight,
+    detect,
+    reference_site_shapes,
+)
 from .concepts import ConceptSet, parse_anchor_list, parse_concept_list  # noqa: E402
 from .errors import (  # noqa: E402
     ArchitectureError,
@@ -38,6 +45,7 @@ __all__ = [
     "ConceptSet",
     "ConfigError",
     "EncodedText",
+    "LazyWeight",
     "ErasureError",
     "NumericalError",
     "PatchEntry",

@@ -9,31 +9,45 @@ Adding an architecture means adding a row to ``ARCHITECTURES``, not a branch in 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import ArchitectureError
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "AttentionSite", "detect", "reference_site_shapes"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "AttentionSite", "LazyWeight", "detect", "reference_site_shapes"]
+
+
+@dataclass(frozen=True)
+class LazyWeight:
+    """A weight materialised only when a method needs it (``load()``), so that a caller such as
+    ComfyUI can hand over 140 SDXL sites without holding 140 fp32 copies at once."""
+
+    shape: tuple[int, int]
+    load: Callable[[], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class AttentionSite:
     """One edit point: the caller's weight key, the text stream it reads, and its current weight.
 
-    ``weight`` is ``[d_out, d_in]``, as the model uses it now (upstream patches included).
-    ``stream`` is ``"tokens"`` (per-token context) or ``"pooled"``.
+    ``weight`` is ``[d_out, d_in]`` as the model uses it now (upstream patches included), either
+    a tensor or a :class:`LazyWeight`. ``stream`` is ``"tokens"`` (per-token context) or
+    ``"pooled"``.
     """
 
     key: str
-    weight: torch.Tensor
+    weight: torch.Tensor | LazyWeight
     stream: str = "tokens"
 
     @property
     def in_features(self) -> int:
         return int(self.weight.shape[1])
+
+    def tensor(self) -> torch.Tensor:
+        """The weight as a tensor (loading it if it is lazy)."""
+        return self.weight.load() if isinstance(self.weight, LazyWeight) else self.weight
 
 
 @dataclass(frozen=True)

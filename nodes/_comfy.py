@@ -4,7 +4,7 @@ progress. Nothing else in the pack imports comfy.*; the core never does."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import comfy.lora
@@ -18,6 +18,7 @@ from ..erasure_core import (
     AttentionSite,
     ConceptError,
     EncodedText,
+    LazyWeight,
     PatchError,
     PatchSet,
     Progress,
@@ -39,22 +40,29 @@ def attention_sites(model: Any, device: torch.device | None = None) -> tuple[Arc
 
     Reads the unpatched base weight (the backup when a patched clone is loaded) and applies the
     patches already on this clone (LoRAs, earlier erasures), so edits compose in graph order.
-    The input model is only read.
+    Weights are materialised one at a time when the method asks (``LazyWeight``), so the device
+    never holds more than one fp32 copy. The input model is only read.
     """
     device = device or compute_device()
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
     spec = detect(shapes)
     keys = spec.site_keys(shapes)
     key_patches = model.get_key_patches(UNET_PREFIX)
-    sites = []
-    for key in keys:
-        (base, convert), *patches = key_patches[key]
+    sites = [AttentionSite(key, LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device)))
+             for key in keys]
+    return spec, sites
+
+
+def _effective_weight(key_patches: list[Any], key: str, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A loader of one weight in float32 on ``device``: base weight, then this clone's patches."""
+
+    def load() -> torch.Tensor:
+        (base, convert), *patches = key_patches
         weight = comfy.model_management.cast_to_device(base, device, torch.float32, copy=True)
         weight = convert(weight, inplace=True)
-        if patches:
-            weight = comfy.lora.calculate_weight(patches, weight, key)
-        sites.append(AttentionSite(key, weight))
-    return spec, sites
+        return comfy.lora.calculate_weight(patches, weight, key) if patches else weight
+
+    return load
 
 
 def apply_patchset(model: Any, patch: PatchSet, strength: float) -> Any:

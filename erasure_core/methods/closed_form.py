@@ -84,6 +84,12 @@ def check_context_width(enc: EncodedText, sites: Sequence[AttentionSite]) -> Non
         )
 
 
+def default_device(sites: Sequence[AttentionSite]) -> torch.device:
+    """Where to solve when the caller names no device: beside the first in-memory weight."""
+    tensors = [s.weight for s in sites if isinstance(s.weight, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
 def patch_from_multipliers(
     sites: Sequence[AttentionSite],
     multipliers: dict[int, RightMultiplier],
@@ -100,7 +106,7 @@ def patch_from_multipliers(
     shared_down = {w: m.Q.float().cpu() for w, m in multipliers.items()}
     for i, site in enumerate(sites):
         mult = multipliers[site.in_features]
-        up = check_finite(mult.up_for(site.weight), f"the edit of '{site.key}'", method)
+        up = check_finite(mult.up_for(site.tensor()), f"the edit of '{site.key}'", method)
         entries[site.key] = PatchEntry(up=up.float().cpu(), down=shared_down[site.in_features])
         if progress is not None:
             progress(i + 1, len(sites))

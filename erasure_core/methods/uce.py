@@ -27,6 +27,7 @@ from .closed_form import (
     ClosedFormConfig,
     Progress,
     check_context_width,
+    default_device,
     describe_run,
     encode_prompts,
     patch_from_multipliers,
@@ -61,8 +62,7 @@ def solve(
     keep = concepts.preserve_prompts([""] if config.preserve_empty_prompt else [])
     enc = encode_prompts(encoder, [p for pair in pairs for p in pair] + keep)
     check_context_width(enc, sites)
-    device = torch.device(device) if device is not None else (
-        sites[0].weight.device if sites else torch.device("cpu"))
+    device = torch.device(device) if device is not None else default_device(sites)
     ce, ca = erase_rows(enc, pairs, config.token_pick)
     cp = preserve_rows(enc, keep, config.token_pick)
     multipliers: dict[int, RightMultiplier] = {}

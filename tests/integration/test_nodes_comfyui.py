@@ -67,7 +67,7 @@ def test_patched_clone_uses_the_cores_weights(pack, tiny_checkpoint):
     model, clip, _ = tiny_checkpoint
     _, sites = _comfy.attention_sites(model)
     erased, patch, _ = _erase(pack, model, clip, "Van Gogh; Monet", "a painter")
-    expected = {s.key: s.weight + patch[s.key].dense() for s in sites}
+    expected = {s.key: s.tensor() + patch[s.key].dense() for s in sites}
     for key in (sites[0].key, sites[-1].key):
         live = _live_weight(erased, key)
         torch.testing.assert_close(live, expected[key], rtol=0, atol=2e-3 * expected[key].abs().max().item())
@@ -83,8 +83,8 @@ def test_erasure_reads_the_model_as_it_arrives_with_an_upstream_lora(pack, tiny_
     assert lora.add_patches({K_KEY: ("diff", (delta,))}, 1.0) == [K_KEY]
     _, base_sites = _comfy.attention_sites(model)
     _, lora_sites = _comfy.attention_sites(lora)
-    base = {s.key: s.weight for s in base_sites}
-    got = {s.key: s.weight for s in lora_sites}
+    base = {s.key: s.tensor() for s in base_sites}
+    got = {s.key: s.tensor() for s in lora_sites}
     torch.testing.assert_close(got[K_KEY], base[K_KEY] + delta, rtol=0, atol=1e-6)
     erased, _, _ = _erase(pack, lora, clip, "Van Gogh", "a painter")
     assert len(erased.patches[K_KEY]) == 2  # the LoRA first, then the erasure: graph order
