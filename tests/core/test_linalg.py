@@ -57,3 +57,11 @@ def test_singular_system_raises_numerical_error_naming_lamb():
     with pytest.raises(NumericalError, match="singular") as err:
         anchored_right_multiplier(ce, _keys(2, 16, 2), ce[:0], erase_scale=1.0, preserve_scale=0.0, lamb=0.0)
     assert err.value.input_name == "lamb"
+
+
+def test_non_finite_keys_raise_numerical_error_naming_the_method():
+    ce = _keys(2, 16, 1)
+    ce[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="UCE"):
+        anchored_right_multiplier(ce, _keys(2, 16, 2), ce[:0], erase_scale=1.0, preserve_scale=0.0,
+                                  lamb=0.5, method="UCE")

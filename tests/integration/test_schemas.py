@@ -41,3 +41,15 @@ def test_the_extension_registers_every_node(pack):
     ext = asyncio.run(pack.comfy_entrypoint())
     assert [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())] == [
         "CE_LoadConcepts", "CE_ClosedFormErase"]
+
+
+def test_node_list_json_matches_the_registered_nodes(pack):
+    """ComfyUI-Manager's scanner reads node ids from node_list.json (it cannot see V3 entrypoints)."""
+    import json
+    import os
+
+    from comfy_env import ROOT
+
+    with open(os.path.join(ROOT, "node_list.json")) as f:
+        listed = json.load(f)
+    assert listed == {s.node_id: s.display_name for s in _schemas(pack)}
