@@ -106,9 +106,9 @@ class ComfyClipEncoder:
         for windows in tokens.values():
             if len(windows) != 1:
                 raise ConceptError(
-                    f"each concept must fit in one 75-token CLIP window, but '{text[:60]}...' "
-                    f"needs {len(windows)}. Shorten the concept.",
-                    input_name="targets",
+                    f"each concept must fit in one 75-token CLIP window, but '{_short(text)}' "
+                    f"needs {len(windows)}. Shorten the concept (or its template).",
+                    input_name="concepts",
                 )
         return {name: windows[0] for name, windows in tokens.items()}
 
@@ -123,8 +123,8 @@ class ComfyClipEncoder:
             ids = [tok[0] for tok in w[stream]]
             found = [j for j, tok in enumerate(ids) if j > 0 and isinstance(tok, int) and tok == end_id]
             if not found:
-                raise ConceptError(f"'{text[:60]}' has no end-of-text token after tokenising; "
-                                   "shorten the concept.", input_name="targets")
+                raise ConceptError(f"'{_short(text)}' has no end-of-text token after tokenising; "
+                                   "shorten the concept.", input_name="concepts")
             eot.append(found[0])
         chunks = []
         for start in range(0, len(texts), self.batch_size):
@@ -136,6 +136,10 @@ class ComfyClipEncoder:
                 self.progress(min(start + self.batch_size, len(texts)), len(texts))
         hidden = torch.cat(chunks) if chunks else torch.zeros(0, len(empty[stream]), 1)
         return EncodedText(tuple(texts), hidden, torch.tensor(eot, dtype=torch.long))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def progress_bar() -> Progress:
