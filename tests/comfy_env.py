@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from types import ModuleType
 
 
 def comfyui_path() -> str | None:
@@ -36,3 +39,13 @@ def merges_file() -> str | None:
     except ConfigError:
         return None
 
+
+
+def import_pack(name: str) -> ModuleType:
+    """The repository imported as package ``name``, the way ComfyUI imports a custom node pack."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 import pytest
-from comfy_env import ROOT, comfyui_path
+from comfy_env import comfyui_path, import_pack
 
 PACK_NAME = "concept_erasure_pack"
 
@@ -29,12 +27,7 @@ def pack():
     _setup_comfy()
     if PACK_NAME in sys.modules:
         return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_pack(PACK_NAME)
 
 
 @pytest.fixture(scope="session")

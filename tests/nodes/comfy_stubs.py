@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import importlib.util
-import os
 import sys
 import zlib
 from collections.abc import Iterator
@@ -27,12 +26,12 @@ from typing import Any
 from unittest import mock
 
 import torch
+from comfy_env import import_pack
 
 # The core's dependencies (torch, safetensors, ...) are imported here, outside the patch, so that
 # restoring sys.modules afterwards drops only the stubs and the stubbed package.
 import erasure_core  # noqa: F401
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_NAME = "concept_erasure_stubbed"
 REAL_PACK_NAME = "concept_erasure_pack"  # the name tests/integration imports the pack under
 STUB_NAMES = ("comfy_api", "comfy_api.latest", "comfy", "comfy.lora", "comfy.model_management",
@@ -245,16 +244,6 @@ class NodeEnv:
 
     def calculate_weight(self, patches: list[tuple], weight: torch.Tensor, key: str) -> torch.Tensor:
         return self.comfy["comfy.lora"].calculate_weight(patches, weight, key)
-
-
-def import_pack(name: str) -> ModuleType:
-    """The repository imported as package ``name``, the way ComfyUI imports a custom node pack."""
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _is_stubbed(name: str) -> bool:
