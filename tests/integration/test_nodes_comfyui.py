@@ -87,7 +87,11 @@ def test_erasure_reads_the_model_as_it_arrives_with_an_upstream_lora(pack, tiny_
     got = {s.key: s.tensor() for s in lora_sites}
     torch.testing.assert_close(got[K_KEY], base[K_KEY] + delta, rtol=0, atol=1e-6)
     erased, _, _ = _erase(pack, lora, clip, "Van Gogh", "a painter")
-    assert len(erased.patches[K_KEY]) == 2  # the LoRA first, then the erasure: graph order
+    after = erased.clone()
+    after.add_patches({K_KEY: ("diff", (delta,))}, 0.5)
+    kinds = [type(p[1]).__name__ for p in after.patches[K_KEY]]
+    assert kinds == ["tuple", "LoRAAdapter", "tuple"]  # LoRA, erasure, LoRA: graph order
+    assert len(lora.patches[K_KEY]) == 1  # the upstream clone is untouched
 
 
 def _gap_ratio(pack, tiny_checkpoint, cfg, **options):
