@@ -22,7 +22,7 @@ from .architectures import (  # noqa: E402
     detect,
     reference_site_shapes,
 )
-from .concepts import ConceptSet, parse_anchor_list, parse_concept_list  # noqa: E402
+from .concepts import Concept, ConceptKind, ConceptSet, parse_anchor_list, parse_concept_list  # noqa: E402
 from .errors import (  # noqa: E402
     ArchitectureError,
     ConceptError,
@@ -41,6 +41,8 @@ __all__ = [
     "ArchitectureError",
     "AttentionSite",
     "ClosedFormConfig",
+    "Concept",
+    "ConceptKind",
     "ConceptError",
     "ConceptSet",
     "ConfigError",
@@ -95,4 +97,4 @@ def erase(
             f"{method} needs a {spec.config_cls.__name__}, but got {type(config).__name__}.",
             input_name="method",
         )
-    return spec.solve(sites, concepts, encoder, config, device=device, progress=progress)
+    return spec.solve(sites, concepts.require_targets(), encoder, config, device=device, progress=progress)

@@ -38,8 +38,8 @@ def demo(args: argparse.Namespace) -> None:
     ce, ca = erase_rows(enc, pairs, config.token_pick)
     cp = preserve_rows(enc, keep, config.token_pick)
     print(f"UCE on a random SD1.5-shaped model ({len(sites)} K/V sites, CLIP-L width 768)")
-    print(f"targets: {', '.join(concepts.targets)} -> '{concepts.anchors[0] or '(nothing)'}'; "
-          f"preserved: {', '.join(concepts.preserve) or '-'} (+ the empty prompt)")
+    print(f"targets: {', '.join(concepts.target_names)} -> '{concepts.anchors[0] or '(nothing)'}'; "
+          f"preserved: {', '.join(p.name for p in concepts.preserve) or '-'} (+ the empty prompt)")
     print(f"build {t1 - t0:.2f} s | erase (encode + solve) {t2 - t1:.2f} s | rank {patch.max_rank} | "
           f"patch {patch.nbytes / 2**20:.2f} MiB\n")
     print(f"{'site':72} {'shape':>11} {'|dW|/|W|':>9} {'target->anchor':>15} {'preserved drift':>16}")

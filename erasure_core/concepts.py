@@ -1,44 +1,77 @@
-"""Concepts to erase: targets, the anchors they map to, and concepts to preserve.
+"""Concepts to erase: targets with their anchors and aliases, and concepts to preserve.
 
-A *target* is a concept to erase ("Van Gogh"), its *anchor* is what the model should produce
-instead ("a painter", or ``""`` to erase toward nothing), and *preserve* concepts are ones whose
-outputs must not move. Templates (``"painting by {}"``) expand each concept into several prompts,
-as UCE's ``--expand_prompts`` does (arXiv 2308.14761, code ``uce_sd_erase.py``).
+A *target* is a concept to erase ("Vincent van Gogh"); its *aliases* ("Van Gogh") are erased
+together toward the same *anchor* ("a painter", or ``""`` to erase toward nothing); *preserve*
+concepts must keep their outputs. Templates ("a painting by {}") expand every name into several
+prompts, per kind, as UCE's ``--expand_prompts`` does (arXiv 2308.14761, ``uce_sd_erase.py``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
 
 from .errors import ConceptError
 
-__all__ = ["ConceptSet", "parse_anchor_list", "parse_concept_list"]
+__all__ = [
+    "BUILTIN_TEMPLATES",
+    "Concept",
+    "ConceptKind",
+    "ConceptSet",
+    "check_prompt_lengths",
+    "normalise",
+    "parse_anchor_list",
+    "parse_concept_list",
+]
 
 _SEPARATORS = re.compile(r"[;\n]")
+ANY_KIND = "*"
+
+
+class ConceptKind(str, Enum):
+    """What a concept is; it selects the built-in templates."""
+
+    GENERIC = "generic"
+    ARTIST = "artist"
+    CELEBRITY = "celebrity"
+    OBJECT = "object"
+    CHARACTER = "character"
+    EXPLICIT = "explicit"
+
+
+# The paper's art and object templates (UCE uce_sd_erase.py), plus ours for the other kinds.
+BUILTIN_TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    ConceptKind.ARTIST.value: ("{}", "painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
+    ConceptKind.OBJECT.value: ("{}", "image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
+    ConceptKind.CELEBRITY.value: ("{}", "a photo of {}", "a portrait of {}", "an image of {}", "{} on the red carpet"),
+    ConceptKind.CHARACTER.value: ("{}", "an image of {}", "a drawing of {}", "a cartoon of {}", "a toy of {}"),
+    ConceptKind.EXPLICIT.value: ("{}", "a photo of {}", "an image of {}"),
+    ConceptKind.GENERIC.value: ("{}", "an image of {}", "a photo of {}", "a painting of {}"),
+})
+
+
+def normalise(text: str) -> str:
+    """Case- and whitespace-insensitive form used to compare concept names."""
+    return " ".join(text.lower().split())
 
 
 def parse_concept_list(text: str | None) -> tuple[str, ...]:
-    """Split user text into concepts: one per line or separated by ``;``.
+    """Split user text into names: one per line or separated by ``;``.
 
-    Surrounding whitespace is stripped, blank entries and ``#`` comment lines are dropped, and
-    repeats are kept once (first occurrence wins, compared case-insensitively). Commas are *not*
-    separators, because a concept may itself be a phrase ("a cat, sitting").
+    Whitespace is stripped, blank entries and ``#`` comment lines are dropped, and repeats are
+    kept once (compared case-insensitively). Commas are *not* separators: a concept may itself be
+    a phrase ("a cat, sitting").
     """
-    if not text:
-        return ()
     seen: set[str] = set()
     out: list[str] = []
-    for raw in _SEPARATORS.split(text):
-        item = raw.strip()
-        if not item or item.startswith("#"):
-            continue
-        key = _normalise(item)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(item)
+    for item in _entries(text):
+        if normalise(item) not in seen:
+            seen.add(normalise(item))
+            out.append(item)
     return tuple(out)
 
 
@@ -47,44 +80,142 @@ def parse_anchor_list(text: str | None) -> tuple[str, ...]:
 
     An entry that is exactly ``""`` or ``''`` means "erase toward nothing" (the empty prompt).
     """
-    if not text:
-        return ()
-    out = []
-    for raw in _SEPARATORS.split(text):
-        item = raw.strip()
-        if not item or item.startswith("#"):
+    return tuple("" if item in ('""', "''") else item for item in _entries(text))
+
+
+def _entries(text: str | None) -> list[str]:
+    items = (raw.strip() for raw in _SEPARATORS.split(text or ""))
+    return [item for item in items if item and not item.startswith("#")]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One named concept: its aliases, the anchor it maps to (targets only) and its kind."""
+
+    name: str
+    anchor: str = ""
+    aliases: tuple[str, ...] = ()
+    kind: ConceptKind = ConceptKind.GENERIC
+
+    def __post_init__(self) -> None:
+        name = " ".join(self.name.split())
+        if not name:
+            raise ConceptError("every concept needs a name, but got an empty one. Remove the empty "
+                               "entry.", input_name="targets")
+        try:
+            kind = ConceptKind(self.kind)
+        except ValueError:
+            kinds = ", ".join(k.value for k in ConceptKind)
+            raise ConceptError(f"kind must be one of {kinds}, but got {self.kind!r} for '{name}'. "
+                               "Use one of the listed kinds.", input_name="kind") from None
+        aliases = tuple(dict.fromkeys(" ".join(a.split()) for a in self.aliases if a.strip()))
+        aliases = tuple(a for a in aliases if normalise(a) != normalise(name))
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "anchor", " ".join(self.anchor.split()))
+        object.__setattr__(self, "aliases", aliases)
+        object.__setattr__(self, "kind", kind)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def to_dict(self, with_anchor: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if with_anchor:
+            out["anchor"] = self.anchor
+        if self.aliases:
+            out["aliases"] = list(self.aliases)
+        out["kind"] = self.kind.value
+        return out
+
+
+def _as_concept(item: Concept | str) -> Concept:
+    return item if isinstance(item, Concept) else Concept(item)
+
+
+def _merge_duplicates(items: Iterable[Concept], role: str, warnings: list[str]) -> tuple[Concept, ...]:
+    """Fold entries whose names (or aliases) coincide into the first one, with a warning.
+
+    Two targets that share a name but map to different anchors cannot both hold: that raises.
+    """
+    merged: list[Concept] = []
+    owner: dict[str, int] = {}
+    for item in items:
+        hit = next((owner[normalise(n)] for n in item.names if normalise(n) in owner), None)
+        if hit is None:
+            owner.update({normalise(n): len(merged) for n in item.names})
+            merged.append(item)
             continue
-        out.append("" if item in ('""', "''") else item)
-    return tuple(out)
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
+        first = merged[hit]
+        if role == "targets" and normalise(first.anchor) != normalise(item.anchor):
+            raise ConceptError(
+                f"a target can map to one anchor only, but '{item.name}' maps to '{first.anchor}' "
+                f"and to '{item.anchor}'. Keep one of the two entries.", input_name="anchors")
+        combined = replace(first, aliases=first.aliases + item.names)
+        merged[hit] = combined
+        owner.update({normalise(n): hit for n in combined.names})
+        warnings.append(f"'{item.name}' is listed twice in {role}; merged into '{first.name}'.")
+    return tuple(merged)
 
 
 @dataclass(frozen=True)
 class ConceptSet:
-    """Validated concepts for one erasure.
+    """Validated concepts for one erasure (the ``CE_CONCEPTS`` socket value).
 
-    ``anchors`` holds one entry per target after construction (a single anchor is broadcast);
-    ``""`` means "erase toward nothing". ``templates`` each contain one ``{}``; ``("{}",)`` means
-    the concept strings are used as they are.
+    ``templates`` maps a kind (or ``"*"`` for every kind) to prompt templates, each containing
+    ``{}`` once; kinds without templates use the names as they are. ``warnings`` records what was
+    merged or dropped on the way (shown on the node).
     """
 
-    targets: tuple[str, ...]
-    anchors: tuple[str, ...] = ("",)
-    preserve: tuple[str, ...] = ()
-    templates: tuple[str, ...] = ("{}",)
+    targets: tuple[Concept, ...] = ()
+    preserve: tuple[Concept, ...] = ()
+    templates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        targets = tuple(t.strip() for t in self.targets)
-        if not targets or any(not t for t in targets):
+        warnings = list(self.warnings)
+        targets = _merge_duplicates((_as_concept(t) for t in self.targets), "targets", warnings)
+        for t in targets:
+            if t.anchor and any(normalise(n) == normalise(t.anchor) for n in t.names):
+                raise ConceptError(
+                    f"each target must differ from its anchor, but target '{t.name}' has anchor "
+                    f"'{t.anchor}'. Pick an anchor that names what should appear instead (for "
+                    "example a broader concept), or leave it empty to erase toward nothing.",
+                    input_name="anchors",
+                )
+        preserve = _merge_duplicates((_as_concept(p) for p in self.preserve), "preserve", warnings)
+        erased = {normalise(n): t.name for t in targets for n in t.names}
+        clash = [f"'{n}' (target '{erased[normalise(n)]}')" for p in preserve for n in p.names
+                 if normalise(n) in erased]
+        if clash:
+            raise ConceptError(
+                f"a concept cannot be both erased and preserved, but {', '.join(clash)} is in "
+                "both. Remove it from the preserve list or from the targets.",
+                input_name="preserve",
+            )
+        templates = _check_templates(self.templates)
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "preserve", preserve)
+        object.__setattr__(self, "templates", MappingProxyType(templates))
+        object.__setattr__(self, "warnings", tuple(dict.fromkeys(warnings)))
+
+    def require_targets(self) -> ConceptSet:
+        """This set, or ConceptError when it has nothing to erase (sets may be built empty and
+        merged; an erasure needs at least one target)."""
+        if not self.targets:
             raise ConceptError(
                 "needs at least one concept to erase, but got none. Type the concepts to erase, "
-                "one per line or separated by ';'.",
+                "one per line or separated by ';', or pick a preset or a file.",
                 input_name="targets",
             )
-        anchors = tuple(a.strip() for a in (self.anchors or ("",)))
+        return self
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def simple(cls, targets: Sequence[str], anchors: Sequence[str] = ("",), preserve: Sequence[str] = (),
+               templates: Sequence[str] = ()) -> ConceptSet:
+        """Targets paired with anchors by position (one anchor is broadcast to every target)."""
+        anchors = tuple(anchors) or ("",)
         if len(anchors) == 1:
             anchors = anchors * len(targets)
         elif len(anchors) != len(targets):
@@ -94,69 +225,129 @@ class ConceptSet:
                 "in the same order, one per line or separated by ';'.",
                 input_name="anchors",
             )
-        for target, anchor in zip(targets, anchors, strict=True):
-            if _normalise(target) == _normalise(anchor):
-                raise ConceptError(
-                    f"each target must differ from its anchor, but target '{target}' has anchor "
-                    f"'{anchor}'. Pick an anchor that names what should appear instead (for "
-                    "example a broader concept), or leave anchors empty to erase toward nothing.",
-                    input_name="anchors",
-                )
-        target_keys = {_normalise(t) for t in targets}
-        clash = [p for p in self.preserve if _normalise(p) in target_keys]
-        if clash:
-            raise ConceptError(
-                f"a concept cannot be both erased and preserved, but got {clash!r} in both. "
-                "Remove it from the preserve list or from the targets.",
-                input_name="preserve",
-            )
-        templates = tuple(self.templates) or ("{}",)
-        bad = [t for t in templates if t.count("{}") != 1]
+        return cls(tuple(Concept(t, a) for t, a in zip(targets, anchors, strict=True)),
+                   tuple(Concept(p) for p in preserve),
+                   {ANY_KIND: tuple(templates)} if templates else {}).require_targets()
+
+    @classmethod
+    def from_text(cls, targets: str, anchors: str = "", preserve: str = "") -> ConceptSet:
+        """Build from the multiline text a user types (see :func:`parse_concept_list`)."""
+        return cls.simple(parse_concept_list(targets), parse_anchor_list(anchors) or ("",),
+                          parse_concept_list(preserve))
+
+    def merged(self, other: ConceptSet) -> ConceptSet:
+        """Union of two sets; on conflicts ``self`` wins and each conflict becomes a warning.
+
+        A target of one set that the other maps to a different anchor keeps this set's anchor;
+        a concept one set erases and the other preserves is erased (dropped from preserve).
+        """
+        warnings = [*self.warnings, *other.warnings]
+        anchors = {normalise(n): t for t in self.targets for n in t.names}
+        targets = list(self.targets)
+        for t in other.targets:
+            first = next((anchors[normalise(n)] for n in t.names if normalise(n) in anchors), None)
+            if first is not None and normalise(first.anchor) != normalise(t.anchor):
+                warnings.append(f"'{t.name}' maps to '{first.anchor}' in the first input and to "
+                                f"'{t.anchor}' in the second; kept '{first.anchor}'.")
+                t = replace(t, anchor=first.anchor)
+            targets.append(t)
+        erased = {normalise(n) for t in targets for n in t.names}
+        preserve = []
+        for p in (*self.preserve, *other.preserve):
+            if any(normalise(n) in erased for n in p.names):
+                warnings.append(f"'{p.name}' is erased by one input and preserved by the other; "
+                                "it is erased (removed from preserve).")
+            else:
+                preserve.append(p)
+        templates = {**other.templates, **self.templates}
+        return ConceptSet(tuple(targets), tuple(preserve), templates, tuple(warnings))
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.targets)
+
+    @property
+    def anchors(self) -> tuple[str, ...]:
+        return tuple(t.anchor for t in self.targets)
+
+    def templates_for(self, kind: ConceptKind) -> tuple[str, ...]:
+        return self.templates.get(kind.value) or self.templates.get(ANY_KIND) or ("{}",)
+
+    def erase_pairs(self) -> list[tuple[str, str]]:
+        """(target prompt, anchor prompt) for every target name, alias and template.
+
+        An empty anchor stays empty under every template: it stands for the null prompt.
+        """
+        pairs = []
+        for t in self.targets:
+            for template in self.templates_for(t.kind):
+                anchor = template.format(t.anchor) if t.anchor else ""
+                pairs.extend((template.format(name), anchor) for name in t.names)
+        return list(dict.fromkeys(pairs))
+
+    def preserve_prompts(self, extra: Iterable[str] = ()) -> list[str]:
+        """Every preserve name under its kind's templates, plus ``extra`` prompts, once each."""
+        prompts = [tpl.format(n) for p in self.preserve for tpl in self.templates_for(p.kind) for n in p.names]
+        return list(dict.fromkeys([*prompts, *extra]))
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data (the JSON file format's body), for metadata and files."""
+        return {
+            "targets": [t.to_dict() for t in self.targets],
+            "preserve": [p.to_dict(with_anchor=False) for p in self.preserve],
+            "templates": {k: list(v) for k, v in self.templates.items()},
+        }
+
+    def summary(self, first: int = 5) -> str:
+        """A few lines for the node: counts per kind, the first entries, warnings."""
+        kinds: dict[str, int] = {}
+        for t in self.targets:
+            kinds[t.kind.value] = kinds.get(t.kind.value, 0) + 1
+        per_kind = ", ".join(f"{n} {k}" for k, n in kinds.items())
+        shown = "; ".join(f"{t.name}{' (+' + str(len(t.aliases)) + ' aliases)' if t.aliases else ''}"
+                          f" -> {t.anchor or '(nothing)'}" for t in self.targets[:first])
+        more = f"; ... {len(self.targets) - first} more" if len(self.targets) > first else ""
+        lines = [f"{len(self.targets)} targets ({per_kind}), {len(self.preserve)} preserved, "
+                 f"{len(self.erase_pairs())} erase prompts",
+                 f"erase: {shown}{more}"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _check_templates(templates: Mapping[str, Sequence[str]] | Sequence[str]) -> dict[str, tuple[str, ...]]:
+    if not isinstance(templates, Mapping):
+        templates = {ANY_KIND: tuple(templates)} if templates else {}
+    known = {ANY_KIND, *(k.value for k in ConceptKind)}
+    out = {}
+    for kind, items in templates.items():
+        if kind not in known:
+            raise ConceptError(f"templates are keyed by kind ({', '.join(sorted(known))}), but got "
+                               f"{kind!r}. Use one of the listed kinds.", input_name="templates")
+        items = tuple(items)
+        bad = [t for t in items if t.count("{}") != 1]
         if bad:
             raise ConceptError(
                 f"each template must contain '{{}}' exactly once, but got {bad!r}. Write templates "
                 "like 'painting by {}'.",
                 input_name="templates",
             )
-        object.__setattr__(self, "targets", targets)
-        object.__setattr__(self, "anchors", anchors)
-        object.__setattr__(self, "preserve", tuple(p.strip() for p in self.preserve if p.strip()))
-        object.__setattr__(self, "templates", templates)
-
-    @classmethod
-    def from_text(cls, targets: str, anchors: str = "", preserve: str = "") -> ConceptSet:
-        """Build a ConceptSet from the multiline text a user types (see :func:`parse_concept_list`)."""
-        return cls(
-            targets=parse_concept_list(targets),
-            anchors=parse_anchor_list(anchors) or ("",),
-            preserve=parse_concept_list(preserve),
-        )
-
-    def erase_pairs(self) -> list[tuple[str, str]]:
-        """(target prompt, anchor prompt) for every target and template.
-
-        An empty anchor stays empty under every template: it stands for the null prompt.
-        """
-        pairs = []
-        for target, anchor in zip(self.targets, self.anchors, strict=True):
-            for template in self.templates:
-                pairs.append((template.format(target), template.format(anchor) if anchor else ""))
-        return pairs
-
-    def preserve_prompts(self, extra: Iterable[str] = ()) -> list[str]:
-        """Every preserve concept under every template, plus ``extra`` prompts, without repeats."""
-        prompts = [t.format(p) for p in self.preserve for t in self.templates]
-        return _unique([*prompts, *extra])
-
-    def describe(self) -> dict[str, object]:
-        """Plain data for a PatchSet's metadata and the node report."""
-        return {
-            "targets": list(self.targets),
-            "anchors": list(self.anchors),
-            "preserve": list(self.preserve),
-            "templates": list(self.templates),
-        }
+        if items:
+            out[kind] = items
+    return out
 
 
-def _unique(items: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(items))
+def check_prompt_lengths(concepts: ConceptSet, count_tokens: Callable[[str], int], limit: int = 75) -> None:
+    """Raise ConceptError naming the first prompt (after templating) over ``limit`` tokens, and
+    the input it came from (``targets`` for erase prompts and anchors, ``preserve`` otherwise)."""
+    erase_prompts = [p for pair in concepts.erase_pairs() for p in pair]
+    for input_name, prompts in (("targets", erase_prompts), ("preserve", concepts.preserve_prompts())):
+        for prompt in dict.fromkeys(prompts):
+            n = count_tokens(prompt)
+            if n > limit:
+                shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
+                raise ConceptError(
+                    f"every prompt must fit in CLIP's {limit} usable tokens, but '{shown}' is {n} "
+                    "tokens long once templated. Shorten the concept or its template.",
+                    input_name=input_name,
+                )

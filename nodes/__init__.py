@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .closed_form_erase import ClosedFormErase
-from .load_concepts import LoadConcepts
+from .load_concepts import LoadConcepts, MergeConcepts, SaveConcepts
 
-NODES = [LoadConcepts, ClosedFormErase]
+NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase]
 
 __all__ = ["NODES"]

@@ -4,12 +4,15 @@ progress. Nothing else in the pack imports comfy.*; the core never does."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import comfy.lora
 import comfy.model_management
+import comfy.sd1_clip
 import comfy.utils
+import folder_paths
 import torch
 from comfy.weight_adapter import LoRAAdapter
 
@@ -24,6 +27,8 @@ from ..erasure_core import (
     Progress,
     detect,
 )
+from ..erasure_core.clip_text import BPETokenizer
+from ..erasure_core.concept_files import FILE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +159,73 @@ def progress_bar() -> Progress:
         bar.update_absolute(done, total)
 
     return update
+
+
+# -- concept files --------------------------------------------------------------------------------
+
+CONCEPTS_FOLDER = "concepts"
+INPUT_PREFIX = "input/"
+NO_FILE = "none"
+
+
+def concepts_folders() -> list[str]:
+    """The ``models/concepts`` folders (registered on first use; extra_model_paths may add more)."""
+    if CONCEPTS_FOLDER not in folder_paths.folder_names_and_paths:
+        default = os.path.join(folder_paths.models_dir, CONCEPTS_FOLDER)
+        folder_paths.folder_names_and_paths[CONCEPTS_FOLDER] = ([default], set(FILE_EXTENSIONS))
+    return folder_paths.get_folder_paths(CONCEPTS_FOLDER)
+
+
+def concept_file_choices() -> list[str]:
+    """``none``, the concept files in ``models/concepts``, then those in ComfyUI's input folder."""
+    concepts_folders()
+    listed = [f for f in folder_paths.get_filename_list(CONCEPTS_FOLDER) if f.lower().endswith(FILE_EXTENSIONS)]
+    inputs = []
+    root = folder_paths.get_input_directory()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        inputs += [os.path.relpath(os.path.join(folder, f), root).replace(os.sep, "/")
+                   for f in files if f.lower().endswith(FILE_EXTENSIONS)]
+    return [NO_FILE, *sorted(listed), *(INPUT_PREFIX + f for f in sorted(inputs))]
+
+
+def resolve_concept_file(choice: str) -> str | None:
+    """The path of a file picked in Load Concepts, refusing anything outside the allowed folders."""
+    if choice == NO_FILE:
+        return None
+    if choice.startswith(INPUT_PREFIX):
+        roots, relative = [folder_paths.get_input_directory()], choice[len(INPUT_PREFIX):]
+    else:
+        roots, relative = concepts_folders(), choice
+    for root in roots:
+        path = os.path.realpath(os.path.join(root, relative))
+        if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
+            break
+        if os.path.isfile(path):
+            return path
+    raise ConceptError(
+        f"file must be a concept file inside models/{CONCEPTS_FOLDER} or the input folder, but got "
+        f"'{choice}'. Put the file there and pick it from the list (refresh with R).",
+        input_name="file",
+    )
+
+
+def concepts_save_path(filename: str) -> str:
+    """Where Save Concepts writes ``filename``: the first concepts folder, no sub-paths."""
+    name = filename.strip()
+    if not name or os.path.basename(name) != name or name.startswith("."):
+        raise ConceptError(
+            f"filename must be a plain file name (no folders), but got '{filename}'. Type a name "
+            "such as 'my_artists.json'.", input_name="filename")
+    if not name.lower().endswith(".json"):
+        name += ".json"
+    folder = concepts_folders()[0]
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
+
+
+def clip_token_counter() -> Callable[[str], int]:
+    """Counts CLIP BPE tokens (SD1.x, SD2.x and SDXL share the vocabulary) with ComfyUI's merges."""
+    merges = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer", "merges.txt")
+    tokenizer = BPETokenizer(merges)
+    return lambda text: len(tokenizer.ids(text))

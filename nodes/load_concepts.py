@@ -1,51 +1,154 @@
-"""Load Concepts: the targets to erase, what they become, and what must not change."""
+"""The concept nodes: Load Concepts (typed text, presets, files), Merge Concepts, Save Concepts."""
 
 from __future__ import annotations
 
-from ..erasure_core import ConceptSet
+import os
+
+from ..erasure_core import ConceptError, ConceptKind, ConceptSet
+from ..erasure_core.concept_files import TemplateMode, assemble, list_presets, save_json
+from ..erasure_core.concepts import check_prompt_lengths
+from . import _comfy
 from ._schema import names_node, validation_message
 from .types import CONCEPTS, io, ui
 
-DISPLAY_NAME = "Load Concepts"
+NO_PRESET = "none"
+SYNTAX = ("One concept per line (or separated by ';'). 'name | alias | alias' erases the aliases too; "
+          "'name -> anchor' sets this target's anchor ('-> \"\"' erases toward nothing).")
+
+
+def _load(targets, anchors, preserve, kind, preset, file, templates, custom_templates, concepts=None):
+    result = assemble(
+        targets=targets, anchors=anchors, preserve=preserve, kind=kind,
+        preset=None if preset == NO_PRESET else preset, file=_comfy.resolve_concept_file(file),
+        templates=templates, custom_templates=custom_templates, extra=concepts)
+    check_prompt_lengths(result, _comfy.clip_token_counter())
+    return result
 
 
 class LoadConcepts(io.ComfyNode):
+    DISPLAY_NAME = "Load Concepts"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CE_LoadConcepts",
-            display_name=DISPLAY_NAME,
+            display_name=cls.DISPLAY_NAME,
             category="concept_erasure",
-            description="Type the concepts to erase, the anchor each one should turn into, and "
-                        "concepts that must stay as they are. One per line, or separated by ';'.",
+            description="The concepts to erase, what each becomes, and what must stay as it is: "
+                        "typed, from a preset, or from a .txt/.csv/.json file. " + SYNTAX,
             inputs=[
-                io.String.Input("targets", multiline=True, default="Van Gogh",
-                                tooltip="Concepts to erase, one per line or separated by ';' "
-                                        "(for example an artist, a celebrity or an object)."),
+                io.String.Input("targets", multiline=True, default="",
+                                placeholder="Vincent van Gogh | Van Gogh -> a painter",
+                                tooltip="Concepts to erase (an artist, a celebrity, an object...). " + SYNTAX),
                 io.String.Input("anchors", multiline=True, default="",
-                                tooltip="What each target should become: one anchor for all "
-                                        "targets, or one per target in the same order. Empty "
-                                        "erases toward nothing (the empty prompt). A broader "
-                                        "concept ('a painter') usually gives cleaner images."),
+                                tooltip="Anchors for typed targets written without '->': one for all, or "
+                                        "one per such target in order. Empty erases toward nothing; a "
+                                        "broader concept ('a painter') usually gives cleaner images."),
                 io.String.Input("preserve", multiline=True, default="",
-                                tooltip="Concepts whose images must not change (for example other "
-                                        "artists). Each one costs a little erasure strength."),
+                                tooltip="Concepts whose images must not change (for example other artists), "
+                                        "one per line; 'name | alias' preserves the aliases too."),
+                io.Combo.Input("kind", options=ConceptKind, default=ConceptKind.GENERIC,
+                               tooltip="Kind of the typed concepts (files and presets carry their own). "
+                                       "It picks the built-in templates."),
+                io.Combo.Input("preset", options=[NO_PRESET, *list_presets()], default=NO_PRESET,
+                               tooltip="A ready-made list with anchors and a matching preserve set, merged "
+                                       "after the typed concepts and the file."),
+                io.Combo.Input("file", options=_comfy.concept_file_choices(), default=_comfy.NO_FILE,
+                               tooltip="A .txt, .csv or .json concept file from models/concepts or the "
+                                       "input folder (see the node docs for the formats)."),
+                io.Combo.Input("templates", options=TemplateMode, default=TemplateMode.AS_GIVEN,
+                               tooltip="Expand each name into several prompts. 'as given' uses the "
+                                       "templates of the file or preset (none for typed text); 'built-in "
+                                       "per kind' uses ours (e.g. 'painting by {}' for artists); more "
+                                       "prompts erase more robustly but cost preservation."),
+                io.String.Input("custom_templates", multiline=True, default="",
+                                placeholder="a painting by {}\na photo of {}",
+                                tooltip="With templates = custom: one template per line, '{}' marks the "
+                                        "concept."),
+                CONCEPTS.Input("concepts", optional=True,
+                               tooltip="Concepts to extend (merged last; earlier sources win conflicts)."),
             ],
             outputs=[CONCEPTS.Output(display_name="concepts",
                                      tooltip="The validated concepts, for Closed-Form Erase.")],
         )
 
     @classmethod
-    def validate_inputs(cls, targets: str | None = None, anchors: str | None = None,
-                        preserve: str | None = None) -> bool | str:
-        if targets is None or anchors is None or preserve is None:
-            return True  # linked from another node: checked when the node runs
-        return validation_message(DISPLAY_NAME, lambda: ConceptSet.from_text(targets, anchors, preserve))
+    def validate_inputs(cls, targets=None, anchors=None, preserve=None, kind="generic", preset=NO_PRESET,
+                        file=_comfy.NO_FILE, templates="as given", custom_templates="") -> bool | str:
+        values = (targets, anchors, preserve, kind, preset, file, templates, custom_templates)
+        if any(v is None for v in values):
+            return True  # an input is linked: checked when the node runs
+        # A linked 'concepts' input may supply the targets: only check what the widgets decide.
+        return validation_message(cls.DISPLAY_NAME, lambda: _load(*values)) if targets.strip() or \
+            preset != NO_PRESET or file != _comfy.NO_FILE else True
 
     @classmethod
     @names_node(DISPLAY_NAME)
-    def execute(cls, targets: str, anchors: str, preserve: str) -> io.NodeOutput:
-        concepts = ConceptSet.from_text(targets, anchors, preserve)
-        pairs = ", ".join(f"{t} → {a or '∅'}" for t, a in zip(concepts.targets, concepts.anchors, strict=True))
-        text = f"erase: {pairs}; preserve: {len(concepts.preserve)}"
-        return io.NodeOutput(concepts, ui=ui.PreviewText(text))
+    def execute(cls, targets, anchors, preserve, kind="generic", preset=NO_PRESET, file=_comfy.NO_FILE,
+                templates="as given", custom_templates="", concepts: ConceptSet | None = None) -> io.NodeOutput:
+        result = _load(targets, anchors, preserve, kind, preset, file, templates, custom_templates, concepts)
+        return io.NodeOutput(result, ui=ui.PreviewText(result.summary()))
+
+    @classmethod
+    def fingerprint_inputs(cls, file=None, **_) -> object:
+        """Re-run when the picked file changes on disk (ComfyUI caches on inputs otherwise)."""
+        try:
+            path = _comfy.resolve_concept_file(file) if file else None
+        except ConceptError:
+            return file  # execute raises the clear error
+        return (file, os.stat(path).st_mtime_ns) if path else file
+
+
+class MergeConcepts(io.ComfyNode):
+    DISPLAY_NAME = "Merge Concepts"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CE_MergeConcepts",
+            display_name=cls.DISPLAY_NAME,
+            category="concept_erasure",
+            description="Union of two concept sets, to erase e.g. a preset plus your own list in one "
+                        "edit. Conflicts are reported on the node: the first input wins a target's "
+                        "anchor; a concept erased by one and preserved by the other is erased.",
+            inputs=[CONCEPTS.Input("concepts_a", tooltip="First set (wins conflicts)."),
+                    CONCEPTS.Input("concepts_b", tooltip="Second set.")],
+            outputs=[CONCEPTS.Output(display_name="concepts", tooltip="The merged concepts.")],
+        )
+
+    @classmethod
+    @names_node(DISPLAY_NAME)
+    def execute(cls, concepts_a: ConceptSet, concepts_b: ConceptSet) -> io.NodeOutput:
+        merged = concepts_a.merged(concepts_b).require_targets()
+        return io.NodeOutput(merged, ui=ui.PreviewText(merged.summary()))
+
+
+class SaveConcepts(io.ComfyNode):
+    DISPLAY_NAME = "Save Concepts"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CE_SaveConcepts",
+            display_name=cls.DISPLAY_NAME,
+            category="concept_erasure/io",
+            description="Write concepts to models/concepts as versioned JSON, so a team can share a "
+                        "list; Load Concepts reads it back identically.",
+            inputs=[CONCEPTS.Input("concepts", tooltip="The concepts to save."),
+                    io.String.Input("filename", default="my_concepts.json",
+                                    tooltip="File name in models/concepts ('.json' is added)."),
+                    io.Boolean.Input("overwrite", default=False,
+                                     tooltip="Replace an existing file of that name. Off: refuse.")],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    @names_node(DISPLAY_NAME)
+    def execute(cls, concepts: ConceptSet, filename: str, overwrite: bool) -> io.NodeOutput:
+        path = _comfy.concepts_save_path(filename)
+        if os.path.exists(path) and not overwrite:
+            raise ConceptError(f"filename must be new unless overwrite is on, but '{os.path.basename(path)}' "
+                                      "exists. Pick another name or turn overwrite on.", input_name="filename")
+        save_json(concepts, path)
+        return io.NodeOutput(path, ui=ui.PreviewText(f"saved {len(concepts.targets)} targets to {path}"))

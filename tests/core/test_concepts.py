@@ -42,7 +42,7 @@ def test_concept_both_erased_and_preserved_is_refused():
 
 
 def test_templates_expand_targets_anchors_and_preserve_but_keep_the_null_anchor():
-    cs = ConceptSet(("Monet", "Dali"), ("a painter", ""), ("Turner",), ("art by {}", "{}"))
+    cs = ConceptSet.simple(("Monet", "Dali"), ("a painter", ""), ("Turner",), ("art by {}", "{}"))
     assert cs.erase_pairs() == [("art by Monet", "art by a painter"), ("Monet", "a painter"),
                                 ("art by Dali", ""), ("Dali", "")]
     assert cs.preserve_prompts([""]) == ["art by Turner", "Turner", ""]
@@ -50,7 +50,7 @@ def test_templates_expand_targets_anchors_and_preserve_but_keep_the_null_anchor(
 
 def test_templates_need_exactly_one_placeholder():
     with pytest.raises(ConceptError, match="exactly once"):
-        ConceptSet(("a",), templates=("{} and {}",))
+        ConceptSet.simple(("a",), templates=("{} and {}",))
 
 
 def test_error_names_the_node_when_a_node_attaches_it():

@@ -8,7 +8,7 @@ from fakes import tiny_encoder, tiny_sites
 
 from erasure_core import ConceptError, ConceptSet, ConfigError, PatchSet, erase, make_config, methods
 
-CONCEPTS = ConceptSet(("van gogh", "monet"), ("a painter", "an artist"), ("a red car",))
+CONCEPTS = ConceptSet.simple(("van gogh", "monet"), ("a painter", "an artist"), ("a red car",))
 
 
 @pytest.fixture(params=methods.names())
@@ -32,7 +32,7 @@ def test_strength_zero_is_the_identity(method, sites, encoder):
 
 def test_no_targets_raise_concept_error(method):
     with pytest.raises(ConceptError):
-        ConceptSet((), ("a painter",))
+        ConceptSet.simple((), ("a painter",))
 
 
 def test_deterministic_for_the_same_inputs(method):
@@ -42,7 +42,7 @@ def test_deterministic_for_the_same_inputs(method):
 
 
 def test_concept_order_does_not_matter(method, sites, encoder):
-    swapped = ConceptSet(("monet", "van gogh"), ("an artist", "a painter"), ("a red car",))
+    swapped = ConceptSet.simple(("monet", "van gogh"), ("an artist", "a painter"), ("a red car",))
     a = erase(method, sites, CONCEPTS, encoder, make_config(method))
     b = erase(method, sites, swapped, encoder, make_config(method))
     for k in a:

@@ -15,9 +15,9 @@ def _config(**kw):
 
 
 @pytest.mark.parametrize(("concepts", "pick"), [
-    (ConceptSet(("van gogh",), ("a painter",)), TokenPick.LAST_WORD_EOT_PADDING),
-    (ConceptSet(("van gogh", "monet", "cat"), ("a painter", "", "dog")), TokenPick.LAST_SUBJECT),
-    (ConceptSet(("van gogh", "cat"), ("a painter", "dog")), TokenPick.FIRST_EOT),
+    (ConceptSet.simple(("van gogh",), ("a painter",)), TokenPick.LAST_WORD_EOT_PADDING),
+    (ConceptSet.simple(("van gogh", "monet", "cat"), ("a painter", "", "dog")), TokenPick.LAST_SUBJECT),
+    (ConceptSet.simple(("van gogh", "cat"), ("a painter", "dog")), TokenPick.FIRST_EOT),
 ])
 def test_targets_map_to_their_anchors_original_outputs(sites, encoder, concepts, pick):
     patch = erase("uce", sites, concepts, encoder, _config(token_pick=pick))
@@ -31,9 +31,10 @@ def test_targets_map_to_their_anchors_original_outputs(sites, encoder, concepts,
 
 
 def test_preserved_outputs_move_less_as_preserve_scale_grows(sites, encoder):
-    concepts = ConceptSet(("van gogh",), ("a painter",), ("monet", "a red car"))
-    keep = encoder(list(concepts.preserve))
-    cp = preserve_rows(keep, list(concepts.preserve), TokenPick.LAST_WORD_EOT_PADDING).double()
+    concepts = ConceptSet.simple(("van gogh",), ("a painter",), ("monet", "a red car"))
+    names = concepts.preserve_prompts()
+    keep = encoder(names)
+    cp = preserve_rows(keep, names, TokenPick.LAST_WORD_EOT_PADDING).double()
     drift = []
     for scale in (0.0, 0.1, 1.0, 10.0):
         patch = erase("uce", sites, concepts, encoder, _config(lamb=0.5, preserve_scale=scale))
@@ -42,7 +43,7 @@ def test_preserved_outputs_move_less_as_preserve_scale_grows(sites, encoder):
 
 
 def test_empty_prompt_is_preserved_by_default(sites, encoder):
-    concepts = ConceptSet(("van gogh",), ("a painter",))
+    concepts = ConceptSet.simple(("van gogh",), ("a painter",))
     empty = encoder([""]).hidden[0].double()
     moved = {}
     for flag in (False, True):
@@ -52,7 +53,7 @@ def test_empty_prompt_is_preserved_by_default(sites, encoder):
 
 
 def test_one_solve_is_shared_by_every_site(sites, encoder):
-    patch = erase("uce", sites, ConceptSet(("van gogh",), ("a painter",)), encoder, _config())
+    patch = erase("uce", sites, ConceptSet.simple(("van gogh",), ("a painter",)), encoder, _config())
     downs = {id(patch[s.key].down) for s in sites}
     assert len(downs) == 1 and patch.meta["sites"] == len(sites) and patch.meta["rank"] == patch.max_rank
 
@@ -69,11 +70,11 @@ def test_a_text_encoder_of_the_wrong_width_is_refused(sites):
     from fakes import tiny_encoder
 
     with pytest.raises(ArchitectureError, match=r"\(\[32\]\), but it produces 16") as err:
-        erase("uce", sites, ConceptSet(("cat",), ("dog",)), tiny_encoder(width=16), _config())
+        erase("uce", sites, ConceptSet.simple(("cat",), ("dog",)), tiny_encoder(width=16), _config())
     assert err.value.input_name == "clip"
 
 
 def test_progress_reports_every_site(sites, encoder):
     seen = []
-    erase("uce", sites, ConceptSet(("cat",), ("dog",)), encoder, _config(), progress=lambda d, t: seen.append((d, t)))
+    erase("uce", sites, ConceptSet.simple(("cat",), ("dog",)), encoder, _config(), progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (len(sites), len(sites)) and len(seen) == len(sites)

@@ -19,7 +19,8 @@ def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
     from concept_erasure_pack.nodes.closed_form_erase import ClosedFormErase
     from concept_erasure_pack.nodes.load_concepts import LoadConcepts
 
-    (concepts,) = _run(LoadConcepts, targets=targets, anchors=anchors, preserve=preserve)
+    (concepts,) = _run(LoadConcepts, targets=targets, anchors=anchors, preserve=preserve, kind="generic",
+                       preset="none", file="none", templates="as given", custom_templates="")
     defaults = {"method": "uce", "strength": 1.0, "token_pick": "last word + EOT + padding",
                 "erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.5,
                 "preserve_empty_prompt": True, "solve_dtype": "float64"}
@@ -136,11 +137,12 @@ def test_strength_zero_gives_the_original_weights(pack, tiny_checkpoint):
 def test_bad_inputs_name_the_node_and_input(pack):
     from concept_erasure_pack.nodes.load_concepts import LoadConcepts
 
-    message = LoadConcepts.validate_inputs(targets="Van Gogh; Monet; Dali", anchors="a; b", preserve="")
+    rest = {"kind": "generic", "preset": "none", "file": "none", "templates": "as given", "custom_templates": ""}
+    message = LoadConcepts.validate_inputs(targets="Van Gogh; Monet; Dali", anchors="a; b", preserve="", **rest)
     assert message.startswith("Load Concepts, input 'anchors':") and "(3), but got 2" in message
-    message = LoadConcepts.validate_inputs(targets=" ; ", anchors="", preserve="")
-    assert "input 'targets'" in message
-    message = LoadConcepts.validate_inputs(targets="Cat", anchors="cat", preserve="")
+    message = LoadConcepts.validate_inputs(targets="x", anchors="", preserve="x", **rest)
+    assert "input 'preserve'" in message and "'x' (target 'x')" in message
+    message = LoadConcepts.validate_inputs(targets="Cat", anchors="cat", preserve="", **rest)
     assert "must differ from its anchor" in message
 
 

@@ -6,6 +6,8 @@ import pytest
 
 pytestmark = pytest.mark.comfyui
 
+ALL_IDS = ["CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase"]
+
 
 def _schemas(pack):
     from concept_erasure_pack.nodes import NODES
@@ -16,7 +18,7 @@ def _schemas(pack):
 def test_ids_are_prefixed_unique_and_in_the_pack_category(pack):
     schemas = _schemas(pack)
     ids = [s.node_id for s in schemas]
-    assert ids == ["CE_LoadConcepts", "CE_ClosedFormErase"] and len(set(ids)) == len(ids)
+    assert ids == ALL_IDS and len(set(ids)) == len(ids)
     assert all(s.category.startswith("concept_erasure") and s.description for s in schemas)
 
 
@@ -39,8 +41,7 @@ def test_the_extension_registers_every_node(pack):
     import asyncio
 
     ext = asyncio.run(pack.comfy_entrypoint())
-    assert [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())] == [
-        "CE_LoadConcepts", "CE_ClosedFormErase"]
+    assert [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())] == ALL_IDS
 
 
 def test_node_list_json_matches_the_registered_nodes(pack):

@@ -14,9 +14,12 @@ calls it makes (``calculate_weight`` knows ``diff`` and ``LoRAAdapter``, nothing
 from __future__ import annotations
 
 import contextlib
+import gzip
 import importlib.machinery
 import importlib.util
+import os
 import sys
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from comfy_env import import_pack
+from comfy_env import import_pack, merges_file
 
 # The core's dependencies (torch, safetensors, ...) are imported here, outside the patch, so that
 # restoring sys.modules afterwards drops only the stubs and the stubbed package.
@@ -35,7 +38,7 @@ import erasure_core  # noqa: F401
 PACK_NAME = "concept_erasure_stubbed"
 REAL_PACK_NAME = "concept_erasure_pack"  # the name tests/integration imports the pack under
 STUB_NAMES = ("comfy_api", "comfy_api.latest", "comfy", "comfy.lora", "comfy.model_management",
-              "comfy.utils", "comfy.weight_adapter")
+              "comfy.utils", "comfy.weight_adapter", "comfy.sd1_clip", "folder_paths")
 PREFIX = "diffusion_model."
 
 
@@ -211,17 +214,55 @@ def _lora(weight_adapter: ModuleType, mm: ModuleType) -> ModuleType:
     return _module("comfy.lora", calculate_weight=calculate_weight)
 
 
+def _folder_paths(base: str) -> ModuleType:
+    """ComfyUI's folder registry over a temporary base folder (models/, input/)."""
+    models_dir, input_dir = os.path.join(base, "models"), os.path.join(base, "input")
+    os.makedirs(input_dir)
+    registry: dict[str, tuple[list[str], set[str]]] = {}
+
+    def get_folder_paths(name: str) -> list[str]:
+        return registry[name][0][:]
+
+    def get_filename_list(name: str) -> list[str]:
+        folders, extensions = registry[name]
+        out = []
+        for folder in folders:
+            for root, _dirs, files in os.walk(folder):
+                out += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/") for f in files
+                        if not extensions or os.path.splitext(f)[1].lower() in extensions]
+        return sorted(out)
+
+    return _module("folder_paths", models_dir=models_dir, folder_names_and_paths=registry,
+                   get_folder_paths=get_folder_paths, get_filename_list=get_filename_list,
+                   get_input_directory=lambda: input_dir)
+
+
+def _sd1_clip(base: str) -> ModuleType:
+    """Only its location matters: ComfyUI ships CLIP's merges in ``sd1_tokenizer/`` beside it."""
+    folder = os.path.join(base, "comfy", "sd1_tokenizer")
+    os.makedirs(folder)
+    source = merges_file()
+    if source is not None:
+        opener = gzip.open if source.endswith(".gz") else open
+        with opener(source, "rt", encoding="utf-8") as f, open(os.path.join(folder, "merges.txt"), "w") as out:
+            out.write(f.read())
+    return _module("comfy.sd1_clip", __file__=os.path.join(base, "comfy", "sd1_clip.py"))
+
+
 def make_stubs() -> dict[str, ModuleType]:
     """Fresh stub modules (fresh state: interrupt flag, progress bars) for one import of the pack."""
+    base = tempfile.mkdtemp(prefix="ce_stub_comfy_")
+    sd1_clip = _sd1_clip(base)
     mm = _model_management()
     utils = _utils()
     weight_adapter = _module("comfy.weight_adapter", package=True, LoRAAdapter=_LoRAAdapter)
     lora = _lora(weight_adapter, mm)
     # `import comfy.lora` finds the submodule in sys.modules and then reads it as an attribute.
     comfy = _module("comfy", package=True, lora=lora, model_management=mm, utils=utils,
-                    weight_adapter=weight_adapter)
+                    weight_adapter=weight_adapter, sd1_clip=sd1_clip)
     stubs = {"comfy": comfy, "comfy.lora": lora, "comfy.model_management": mm, "comfy.utils": utils,
-             "comfy.weight_adapter": weight_adapter, **_comfy_api()}
+             "comfy.weight_adapter": weight_adapter, "comfy.sd1_clip": sd1_clip,
+             "folder_paths": _folder_paths(base), **_comfy_api()}
     assert set(stubs) == set(STUB_NAMES)
     return stubs
 
@@ -248,7 +289,7 @@ class NodeEnv:
 
 def _is_stubbed(name: str) -> bool:
     """A stub, the stubbed pack, or anything imported under a stub's name."""
-    return name.split(".")[0] in {PACK_NAME, "comfy", "comfy_api"}
+    return name.split(".")[0] in {PACK_NAME, "comfy", "comfy_api", "folder_paths"}
 
 
 @contextlib.contextmanager

@@ -212,7 +212,16 @@ def test_progress_bar_reports_encoding_then_every_site(stub_env, model):
     assert bar.updates == [(4, 4), *((i, n) for i in range(1, n + 1))]
 
 
-def test_a_too_long_preserve_concept_is_blamed_on_the_concepts_input(env, model):
+def test_load_concepts_blames_a_too_long_preserve_concept_on_preserve(env):
     with pytest.raises(env.core.ConceptError) as info:
-        _erase(env, model, preserve=" ".join(["word"] * 80))
+        _concepts(env, preserve=" ".join(["word"] * 80))
+    assert str(info.value).startswith("Load Concepts, input 'preserve':") and "80 tokens" in str(info.value)
+
+
+def test_erase_blames_a_too_long_concept_from_elsewhere_on_the_concepts_input(env, model):
+    concepts = env.core.ConceptSet.simple(("Van Gogh",), ("a painter",), (" ".join(["word"] * 80),))
+    node = env.pack.nodes.closed_form_erase.ClosedFormErase
+    with pytest.raises(env.core.ConceptError) as info:
+        node.execute(model=model, clip=FakeClip(), concepts=concepts, method="uce", strength=1.0,
+                     **_widget_defaults(env))
     assert str(info.value).startswith("Closed-Form Erase, input 'concepts':")

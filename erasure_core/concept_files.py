@@ -1,0 +1,302 @@
+"""Where concepts come from: the inline syntax users type, .txt/.csv/.json files, and presets.
+
+Inline text and .txt files: one entry per line (or separated by ``;``)::
+
+    Vincent van Gogh | Van Gogh | V. van Gogh -> a painter
+    Mickey Mouse -> a cartoon mouse
+    Claude Monet                 # no arrow: the anchor comes from the node's 'anchors' input
+    # a comment line
+
+``name | alias | alias`` erases the aliases together with the name; ``-> anchor`` sets the
+anchor (``-> ""`` or ``->`` alone erase toward nothing).
+
+CSV: a header row, columns matched case-insensitively: ``target`` (or ``name``), ``anchor``,
+``aliases`` (separated by ``|``), ``kind``, ``preserve`` (a concept to keep; may stand alone on a
+row). JSON: the versioned format of :func:`to_json` (``"format": "concept_erasure.concepts"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .concepts import BUILTIN_TEMPLATES, Concept, ConceptKind, ConceptSet, normalise, parse_anchor_list
+from .errors import ConceptError
+
+__all__ = [
+    "FILE_EXTENSIONS",
+    "TemplateMode",
+    "assemble",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "from_json",
+    "list_presets",
+    "load_concept_file",
+    "load_preset",
+    "parse_inline",
+    "parse_preserve",
+    "save_json",
+    "to_json",
+]
+
+FORMAT_NAME = "concept_erasure.concepts"
+FORMAT_VERSION = 1
+FILE_EXTENSIONS = (".txt", ".csv", ".json")
+PRESET_DIR = Path(__file__).with_name("presets")
+_TOP_KEYS = {"format", "version", "name", "description", "targets", "preserve", "templates"}
+
+
+def _split_entry(entry: str, where: str) -> Concept | _NoAnchor:
+    names_part, arrow, anchor = entry.partition("->")
+    anchor = anchor.strip()
+    if anchor in ('""', "''"):
+        anchor = ""
+    names = [n.strip() for n in names_part.split("|")]
+    if not names[0]:
+        raise ConceptError(f"{where}: each entry must start with a name, but got '{entry}'. Write "
+                           "'name | alias -> anchor'.", input_name="targets")
+    concept = Concept(names[0], anchor, tuple(names[1:]))
+    return concept if arrow else _NoAnchor(concept)
+
+
+class _NoAnchor:
+    """Marks an entry without ``->``: its anchor comes from the anchors input."""
+
+    def __init__(self, concept: Concept):
+        self.concept = concept
+
+
+def parse_inline(text: str, anchors: str = "", kind: ConceptKind | str = ConceptKind.GENERIC,
+                 where: str = "targets") -> list[Concept]:
+    """Targets from the inline syntax. Entries without ``->`` take their anchor from ``anchors``
+    (one for all, or one per such entry in order)."""
+    kind = ConceptKind(kind)
+    entries = [_split_entry(line, where) for line in _lines(text)]
+    free = [e for e in entries if isinstance(e, _NoAnchor)]
+    given = parse_anchor_list(anchors) or ("",)
+    if len(given) == 1:
+        given = given * len(free)
+    elif len(given) != len(free):
+        raise ConceptError(
+            f"anchors must have 1 entry or one per target without '->' ({len(free)}), but got "
+            f"{len(given)}. Give a single anchor, one per target in the same order, or write "
+            "'target -> anchor' on the target's line.",
+            input_name="anchors",
+        )
+    fill = iter(given)
+    out = []
+    for e in entries:
+        concept = Concept(e.concept.name, next(fill), e.concept.aliases) if isinstance(e, _NoAnchor) else e
+        out.append(Concept(concept.name, concept.anchor, concept.aliases, kind))
+    return out
+
+
+def parse_preserve(text: str, kind: ConceptKind | str = ConceptKind.GENERIC) -> list[Concept]:
+    """Preserve concepts from inline text (``name | alias``; arrows are not allowed)."""
+    out = []
+    for line in _lines(text):
+        if "->" in line:
+            raise ConceptError(f"preserved concepts have no anchor, but got '{line}'. Remove the "
+                               "'-> ...' part.", input_name="preserve")
+        names = [n.strip() for n in line.split("|")]
+        out.append(Concept(names[0], "", tuple(names[1:]), ConceptKind(kind)))
+    return out
+
+
+def _lines(text: str) -> list[str]:
+    out = []
+    for raw in (text or "").replace(";", "\n").splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def load_concept_file(path: str | os.PathLike[str], kind: ConceptKind | str = ConceptKind.GENERIC,
+                      anchors: str = "") -> ConceptSet:
+    """Read a .txt, .csv or .json concept file (UTF-8). Nothing is kept from a file that fails."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in FILE_EXTENSIONS:
+        raise ConceptError(f"concept files must be {', '.join(FILE_EXTENSIONS)}, but got '{path.name}'. "
+                           "Save the list in one of those formats.", input_name="file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConceptError(f"the concept file must be readable, but '{path.name}' is not ({exc.strerror}). "
+                           "Check that it exists.", input_name="file") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConceptError(f"concept files must be UTF-8, but '{path.name}' has a non-UTF-8 byte at "
+                           f"line {line} (byte {exc.start}). Re-save it as UTF-8.", input_name="file") from None
+    if ext == ".json":
+        return from_json(text, where=path.name)
+    if ext == ".csv":
+        return _from_csv(text, path.name, kind)
+    return ConceptSet(tuple(parse_inline(text, anchors, kind, where=path.name)))
+
+
+def _from_csv(text: str, where: str, kind: ConceptKind | str) -> ConceptSet:
+    reader = csv.DictReader(io.StringIO(text))
+    columns = {normalise(c): c for c in (reader.fieldnames or []) if c}
+    name_col = columns.get("target") or columns.get("name")
+    if name_col is None and "preserve" not in columns:
+        found = ", ".join(reader.fieldnames or []) or "none"
+        raise ConceptError(f"{where}: a concept CSV needs a 'target' (or 'name') column, but its "
+                           f"header has: {found}. Add a header row such as 'target,anchor,aliases,kind'.",
+                           input_name="file")
+    targets, preserve = [], []
+    for row_no, row in enumerate(reader, start=2):
+        def cell(column: str, row: dict[str, Any] = row) -> str:
+            key = columns.get(column)
+            return (row.get(key) or "").strip() if key else ""
+
+        try:
+            row_kind = ConceptKind(cell("kind") or kind)
+        except ValueError:
+            raise ConceptError(f"{where} line {row_no}: kind must be one of "
+                               f"{', '.join(k.value for k in ConceptKind)}, but got '{cell('kind')}'.",
+                               input_name="file") from None
+        name = (row.get(name_col) or "").strip() if name_col else ""
+        if name:
+            aliases = tuple(a.strip() for a in cell("aliases").split("|"))
+            targets.append(Concept(name, cell("anchor"), aliases, row_kind))
+        if cell("preserve"):
+            preserve.append(Concept(cell("preserve"), kind=row_kind))
+    return ConceptSet(tuple(targets), tuple(preserve))
+
+
+def to_json(concepts: ConceptSet, name: str = "", description: str = "") -> str:
+    """The versioned JSON form; :func:`from_json` reads it back to an equal ConceptSet."""
+    body = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "name": name, "description": description}
+    return json.dumps(body | concepts.describe(), indent=2, ensure_ascii=False) + "\n"
+
+
+def from_json(text: str, where: str = "JSON") -> ConceptSet:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConceptError(f"{where} must be valid JSON, but line {exc.lineno} column {exc.colno}: "
+                           f"{exc.msg}. Fix the file there.", input_name="file") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise ConceptError(f"{where} must be a concept list (\"format\": \"{FORMAT_NAME}\"), but got "
+                           f"{_kind_of(data)}. Save it with Save Concepts, or follow the schema in the docs.",
+                           input_name="file")
+    if data.get("version") != FORMAT_VERSION:
+        raise ConceptError(f"{where} must be version {FORMAT_VERSION}, but got {data.get('version')!r}. "
+                           "Update the node pack.", input_name="file")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConceptError(f"{where} has unknown keys {unknown}; expected only {sorted(_TOP_KEYS)}. "
+                           "Check their spelling.", input_name="file")
+    targets = [_concept_from(item, where, "targets", i) for i, item in enumerate(data.get("targets") or [])]
+    preserve = [_concept_from(item, where, "preserve", i) for i, item in enumerate(data.get("preserve") or [])]
+    return ConceptSet(tuple(targets), tuple(preserve), data.get("templates") or {})
+
+
+def _concept_from(item: Any, where: str, role: str, index: int) -> Concept:
+    if isinstance(item, str):
+        return Concept(item)
+    allowed = {"name", "aliases", "kind"} | ({"anchor"} if role == "targets" else set())
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - allowed:
+        raise ConceptError(f"{where}: {role}[{index}] must be a name or an object with keys "
+                           f"{sorted(allowed)} ('name' required), but got {json.dumps(item)[:80]}.",
+                           input_name="file")
+    aliases = item.get("aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise ConceptError(f"{where}: {role}[{index}].aliases must be a list of strings.", input_name="file")
+    return Concept(item["name"], item.get("anchor", ""), tuple(aliases), item.get("kind", "generic"))
+
+
+def _kind_of(data: Any) -> str:
+    if isinstance(data, dict):
+        return f"format {data.get('format')!r}"
+    return f"a JSON {type(data).__name__}"
+
+
+def save_json(concepts: ConceptSet, path: str | os.PathLike[str], name: str = "") -> None:
+    """Write :func:`to_json` atomically (a failed write leaves any existing file untouched)."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(to_json(concepts, name=name or target.stem))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -- presets -----------------------------------------------------------------------------------
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the pack (``erasure_core/presets/*.json``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> ConceptSet:
+    if name not in list_presets():
+        raise ConceptError(f"preset must be one of {list_presets()}, but got {name!r}. Pick a listed "
+                           "preset.", input_name="preset")
+    return load_concept_file(PRESET_DIR / f"{name}.json")
+
+
+class TemplateMode(str, Enum):
+    """How Load Concepts expands names into prompts."""
+
+    AS_GIVEN = "as given"  # the templates of the file or preset, else none
+    NONE = "none"
+    BUILTIN = "built-in per kind"
+    CUSTOM = "custom"
+
+
+def assemble(
+    *,
+    targets: str = "",
+    anchors: str = "",
+    preserve: str = "",
+    kind: ConceptKind | str = ConceptKind.GENERIC,
+    preset: str | None = None,
+    file: str | os.PathLike[str] | None = None,
+    templates: TemplateMode | str = TemplateMode.AS_GIVEN,
+    custom_templates: str = "",
+    extra: ConceptSet | None = None,
+) -> ConceptSet:
+    """Everything Load Concepts offers, merged in order: typed text, file, preset, ``extra``.
+
+    Earlier sources win conflicts (a target's anchor; erased beats preserved), each conflict
+    becoming a warning. The result has at least one target.
+    """
+    mode = TemplateMode(templates)
+    parts = [ConceptSet(tuple(parse_inline(targets, anchors, kind)), tuple(parse_preserve(preserve, kind)))]
+    if file is not None:
+        parts.append(load_concept_file(file, kind))
+    if preset is not None:
+        parts.append(load_preset(preset))
+    if extra is not None:
+        parts.append(extra)
+    result = parts[0]
+    for other in parts[1:]:
+        result = result.merged(other)
+    if mode is TemplateMode.NONE:
+        result = replace(result, templates={})
+    elif mode is TemplateMode.BUILTIN:
+        result = replace(result, templates=dict(BUILTIN_TEMPLATES))
+    elif mode is TemplateMode.CUSTOM:
+        lines = _lines(custom_templates)
+        if not lines:
+            raise ConceptError("custom templates must list at least one template, but got none. "
+                               "Write one per line, like 'a painting by {}'.", input_name="custom_templates")
+        result = replace(result, templates={"*": tuple(lines)})
+    return result.require_targets()
