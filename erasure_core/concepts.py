@@ -242,15 +242,20 @@ class ConceptSet:
         a concept one set erases and the other preserves is erased (dropped from preserve).
         """
         warnings = [*self.warnings, *other.warnings]
-        anchors = {normalise(n): t for t in self.targets for n in t.names}
         targets = list(self.targets)
+        index = {normalise(n): i for i, t in enumerate(targets) for n in t.names}
         for t in other.targets:
-            first = next((anchors[normalise(n)] for n in t.names if normalise(n) in anchors), None)
-            if first is not None and normalise(first.anchor) != normalise(t.anchor):
+            hit = next((index[normalise(n)] for n in t.names if normalise(n) in index), None)
+            if hit is None:
+                index.update({normalise(n): len(targets) for n in t.names})
+                targets.append(t)
+                continue
+            first = targets[hit]
+            if normalise(first.anchor) != normalise(t.anchor):
                 warnings.append(f"'{t.name}' maps to '{first.anchor}' in the first input and to "
                                 f"'{t.anchor}' in the second; kept '{first.anchor}'.")
-                t = replace(t, anchor=first.anchor)
-            targets.append(t)
+            targets[hit] = replace(first, aliases=first.aliases + t.names)
+            index.update({normalise(n): hit for n in t.names})
         erased = {normalise(n) for t in targets for n in t.names}
         preserve = []
         for p in (*self.preserve, *other.preserve):

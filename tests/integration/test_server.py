@@ -30,7 +30,8 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOW = Path(ROOT) / "example_workflows" / "closed_form_erase_uce.json"
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
-OUR_NODES = ("CE_LoadConcepts", "CE_ClosedFormErase")
+OUR_NODES = ("CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase")
+EXAMPLES = sorted((Path(ROOT) / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}
 STARTUP_TIMEOUT_S = 90.0
@@ -108,6 +109,11 @@ def server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
     save_file({k: v.contiguous() for k, v in tiny_state_dict.items()}, str(checkpoints / CHECKPOINT_NAME))
     front_end = base / "empty_front_end"
     front_end.mkdir()
+    (base / "models" / "concepts").mkdir()
+    (base / "models" / "concepts" / "team_list.csv").write_text(
+        "target,anchor,aliases,kind,preserve\nVincent van Gogh,a painter,Van Gogh,artist,Claude Monet\n")
+    (base / "input").mkdir()
+    (base / "input" / "from_input.txt").write_text("Pikachu -> a yellow cartoon creature\n")
 
     port = _free_port()
     srv = Server(url=f"http://127.0.0.1:{port}", base=base, log=base / "server.log")
@@ -207,9 +213,9 @@ def _upstream(graph: dict[str, dict], node_id: str) -> dict[str, dict]:
     return {k: json.loads(json.dumps(graph[k])) for k in keep}
 
 
-def _example_graph(server: Server) -> dict[str, dict]:
-    """The example workflow in API format; every node type in it must be registered."""
-    workflow = json.loads(WORKFLOW.read_text())
+def _example_graph(server: Server, path: Path = WORKFLOW) -> dict[str, dict]:
+    """An example workflow in API format; every node type in it must be registered."""
+    workflow = json.loads(path.read_text())
     types = sorted({node["type"] for node in workflow["nodes"]})
     object_info = server.get("/object_info")
     missing = [t for t in types if t not in object_info]
@@ -232,7 +238,7 @@ def test_object_info_lists_our_nodes_with_tooltips(server):
     info = server.get("/object_info")
     for node_id in OUR_NODES:
         assert node_id in info, f"{node_id} not registered; log tail:\n{server.log_tail()}"
-        assert info[node_id]["category"] == "concept_erasure"
+        assert info[node_id]["category"].startswith("concept_erasure")
         specs = _input_specs(info[node_id])
         assert specs, f"{node_id} has no inputs"
         untipped = [name for name, spec in specs.items()
@@ -240,21 +246,33 @@ def test_object_info_lists_our_nodes_with_tooltips(server):
         assert not untipped, f"{node_id} inputs without a tooltip: {untipped}"
 
 
-def test_example_workflow_runs_through_the_http_api(server):
-    graph = _example_graph(server)
-    for node in graph.values():  # keep it fast on a CPU: 64x64, 2 steps
+def _run_fast(server: Server, graph: dict[str, dict]) -> dict:
+    """Queue ``graph`` shrunk to 64x64 and 2 steps; the history entry of a successful run."""
+    for node in graph.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
         elif node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 2
-
     status, body = server.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
     assert status == 200, f"POST /prompt answered {status}: {body}"
     assert not body.get("node_errors"), body
     entry = _wait_for_history(server, body["prompt_id"])
-
     assert entry["status"]["status_str"] == "success", (
         f"{json.dumps(entry['status'], indent=1)[-4000:]}\nlog tail:\n{server.log_tail()}")
+    return entry
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_workflow_runs(server, path):
+    entry = _run_fast(server, _example_graph(server, path))
+    graph = _example_graph(server, path)
+    saves = [k for k, v in graph.items() if v["class_type"] == "SaveImage"]
+    assert saves and all(entry["outputs"].get(k, {}).get("images") for k in saves)
+
+
+def test_example_workflow_runs_through_the_http_api(server):
+    graph = _example_graph(server)
+    entry = _run_fast(server, graph)
     outputs = entry["outputs"]
     save_nodes = [k for k, v in graph.items() if v["class_type"] == "SaveImage"]
     assert len(save_nodes) == 2
@@ -282,3 +300,21 @@ def test_anchor_count_mismatch_is_rejected_at_queue_time(server):
     errors = body["node_errors"][concepts]["errors"]
     text = " ".join(f"{e.get('message', '')} {e.get('details', '')}" for e in errors)
     assert "Load Concepts" in text and "anchors" in text, errors
+
+
+def test_load_concepts_lists_concept_files_and_its_preview_reaches_the_ui(server):
+    options = _input_specs(server.get("/object_info/CE_LoadConcepts")["CE_LoadConcepts"])["file"]
+    choices = options[0] if isinstance(options[0], list) else options[1]["options"]
+    assert {"none", "team_list.csv", "input/from_input.txt"} <= set(choices)
+
+    example = _example_graph(server)
+    report_node = next(k for k, v in example.items() if v["class_type"] == "PreviewAny")
+    graph = _upstream(example, report_node)
+    concepts = next(k for k, v in graph.items() if v["class_type"] == "CE_LoadConcepts")
+    graph[concepts]["inputs"].update(targets="", anchors="", file="team_list.csv")
+    status, body = server.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
+    assert status == 200, body
+    history = _wait_for_history(server, body["prompt_id"])
+    assert history["status"]["status_str"] == "success", history["status"]
+    preview = " ".join(history["outputs"][concepts]["text"])
+    assert "1 targets (1 artist), 1 preserved" in preview and "Vincent van Gogh (+1 aliases)" in preview

@@ -218,13 +218,14 @@ def _folder_paths(base: str) -> ModuleType:
     """ComfyUI's folder registry over a temporary base folder (models/, input/)."""
     models_dir, input_dir = os.path.join(base, "models"), os.path.join(base, "input")
     os.makedirs(input_dir)
-    registry: dict[str, tuple[list[str], set[str]]] = {}
+    module = _module("folder_paths", models_dir=models_dir, folder_names_and_paths={},
+                     get_input_directory=lambda: input_dir)
 
     def get_folder_paths(name: str) -> list[str]:
-        return registry[name][0][:]
+        return module.folder_names_and_paths[name][0][:]
 
     def get_filename_list(name: str) -> list[str]:
-        folders, extensions = registry[name]
+        folders, extensions = module.folder_names_and_paths[name]
         out = []
         for folder in folders:
             for root, _dirs, files in os.walk(folder):
@@ -232,9 +233,8 @@ def _folder_paths(base: str) -> ModuleType:
                         if not extensions or os.path.splitext(f)[1].lower() in extensions]
         return sorted(out)
 
-    return _module("folder_paths", models_dir=models_dir, folder_names_and_paths=registry,
-                   get_folder_paths=get_folder_paths, get_filename_list=get_filename_list,
-                   get_input_directory=lambda: input_dir)
+    module.get_folder_paths, module.get_filename_list = get_folder_paths, get_filename_list
+    return module
 
 
 def _sd1_clip(base: str) -> ModuleType:
