@@ -4,7 +4,7 @@ Inline text and .txt files: one entry per line (or separated by ``;``)::
 
     Vincent van Gogh | Van Gogh | V. van Gogh -> a painter
     Mickey Mouse -> a cartoon mouse
-    Claude Monet                 # no arrow: the anchor comes from the node's 'anchors' input
+    Claude Monet                 # no arrow: the node's 'anchors' input (typed text) or nothing (files)
     # a comment line
 
 ``name | alias | alias`` erases the aliases together with the name; ``-> anchor`` sets the
@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .concepts import BUILTIN_TEMPLATES, Concept, ConceptKind, ConceptSet, normalise, parse_anchor_list
+from .concepts import BUILTIN_TEMPLATES, Concept, ConceptKind, ConceptSet, normalise, parse_anchor_list, split_entries
 from .errors import ConceptError
 
 __all__ = [
@@ -78,7 +78,7 @@ def parse_inline(text: str, anchors: str = "", kind: ConceptKind | str = Concept
     """Targets from the inline syntax. Entries without ``->`` take their anchor from ``anchors``
     (one for all, or one per such entry in order)."""
     kind = ConceptKind(kind)
-    entries = [_split_entry(line, where) for line in _lines(text)]
+    entries = [_split_entry(line, where) for line in split_entries(text)]
     free = [e for e in entries if isinstance(e, _NoAnchor)]
     given = parse_anchor_list(anchors) or ("",)
     if len(given) == 1:
@@ -101,21 +101,12 @@ def parse_inline(text: str, anchors: str = "", kind: ConceptKind | str = Concept
 def parse_preserve(text: str, kind: ConceptKind | str = ConceptKind.GENERIC) -> list[Concept]:
     """Preserve concepts from inline text (``name | alias``; arrows are not allowed)."""
     out = []
-    for line in _lines(text):
+    for line in split_entries(text):
         if "->" in line:
             raise ConceptError(f"preserved concepts have no anchor, but got '{line}'. Remove the "
                                "'-> ...' part.", input_name="preserve")
         names = [n.strip() for n in line.split("|")]
         out.append(Concept(names[0], "", tuple(names[1:]), ConceptKind(kind)))
-    return out
-
-
-def _lines(text: str) -> list[str]:
-    out = []
-    for raw in (text or "").replace(";", "\n").splitlines():
-        line = raw.split(" #", 1)[0].strip()
-        if line and not line.startswith("#"):
-            out.append(line)
     return out
 
 
@@ -140,11 +131,17 @@ def load_concept_file(path: str | os.PathLike[str], kind: ConceptKind | str = Co
         line = raw[: exc.start].count(b"\n") + 1
         raise ConceptError(f"concept files must be UTF-8, but '{path.name}' has a non-UTF-8 byte at "
                            f"line {line} (byte {exc.start}). Re-save it as UTF-8.", input_name="file") from None
-    if ext == ".json":
-        return from_json(text, where=path.name)
-    if ext == ".csv":
-        return _from_csv(text, path.name, kind)
-    return ConceptSet(tuple(parse_inline(text, anchors, kind, where=path.name)))
+    try:
+        if ext == ".json":
+            return from_json(text, where=path.name)
+        if ext == ".csv":
+            return _from_csv(text, path.name, kind)
+        return ConceptSet(tuple(parse_inline(text, anchors, kind, where=path.name)))
+    except ConceptError as exc:
+        if exc.input_name == "file":
+            raise
+        message = exc.message if exc.message.startswith(path.name) else f"{path.name}: {exc.message}"
+        raise ConceptError(message, input_name="file") from None
 
 
 def _from_csv(text: str, where: str, kind: ConceptKind | str) -> ConceptSet:
@@ -157,7 +154,8 @@ def _from_csv(text: str, where: str, kind: ConceptKind | str) -> ConceptSet:
                            f"header has: {found}. Add a header row such as 'target,anchor,aliases,kind'.",
                            input_name="file")
     targets, preserve = [], []
-    for row_no, row in enumerate(reader, start=2):
+    for row in reader:
+        row_no = reader.line_num
         def cell(column: str, row: dict[str, Any] = row) -> str:
             key = columns.get(column)
             return (row.get(key) or "").strip() if key else ""
@@ -200,9 +198,18 @@ def from_json(text: str, where: str = "JSON") -> ConceptSet:
     if unknown:
         raise ConceptError(f"{where} has unknown keys {unknown}; expected only {sorted(_TOP_KEYS)}. "
                            "Check their spelling.", input_name="file")
+    for role in ("targets", "preserve"):
+        if not isinstance(data.get(role, []), list):
+            raise ConceptError(f"{where}: '{role}' must be a list, but got a {type(data[role]).__name__}.",
+                               input_name="file")
+    templates = data.get("templates") or {}
+    if not isinstance(templates, dict) or not all(
+            isinstance(v, list) and all(isinstance(t, str) for t in v) for v in templates.values()):
+        raise ConceptError(f"{where}: 'templates' must map kinds to lists of strings, like "
+                           '{"artist": ["painting by {}"]}.', input_name="file")
     targets = [_concept_from(item, where, "targets", i) for i, item in enumerate(data.get("targets") or [])]
     preserve = [_concept_from(item, where, "preserve", i) for i, item in enumerate(data.get("preserve") or [])]
-    return ConceptSet(tuple(targets), tuple(preserve), data.get("templates") or {})
+    return ConceptSet(tuple(targets), tuple(preserve), templates)
 
 
 def _concept_from(item: Any, where: str, role: str, index: int) -> Concept:
@@ -216,7 +223,14 @@ def _concept_from(item: Any, where: str, role: str, index: int) -> Concept:
     aliases = item.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise ConceptError(f"{where}: {role}[{index}].aliases must be a list of strings.", input_name="file")
-    return Concept(item["name"], item.get("anchor", ""), tuple(aliases), item.get("kind", "generic"))
+    for key in ("anchor", "kind"):
+        if not isinstance(item.get(key, ""), str):
+            raise ConceptError(f"{where}: {role}[{index}].{key} must be a string, but got "
+                               f"{json.dumps(item[key])}.", input_name="file")
+    try:
+        return Concept(item["name"], item.get("anchor", ""), tuple(aliases), item.get("kind", "generic"))
+    except ConceptError as exc:
+        raise ConceptError(f"{where}: {role}[{index}]: {exc.message}", input_name="file") from None
 
 
 def _kind_of(data: Any) -> str:
@@ -232,6 +246,7 @@ def save_json(concepts: ConceptSet, path: str | os.PathLike[str], name: str = ""
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(to_json(concepts, name=name or target.stem))
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)  # mkstemp makes 0600
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -294,9 +309,13 @@ def assemble(
     elif mode is TemplateMode.BUILTIN:
         result = replace(result, templates=dict(BUILTIN_TEMPLATES))
     elif mode is TemplateMode.CUSTOM:
-        lines = _lines(custom_templates)
+        lines = split_entries(custom_templates)
         if not lines:
             raise ConceptError("custom templates must list at least one template, but got none. "
                                "Write one per line, like 'a painting by {}'.", input_name="custom_templates")
+        bad = [t for t in lines if t.count("{}") != 1]
+        if bad:
+            raise ConceptError(f"each custom template must contain '{{}}' exactly once, but got {bad!r}. "
+                               "Write templates like 'a painting by {}'.", input_name="custom_templates")
         result = replace(result, templates={"*": tuple(lines)})
     return result.require_targets()

@@ -8,7 +8,6 @@ prompts, per kind, as UCE's ``--expand_prompts`` does (arXiv 2308.14761, ``uce_s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -26,9 +25,9 @@ __all__ = [
     "normalise",
     "parse_anchor_list",
     "parse_concept_list",
+    "split_entries",
 ]
 
-_SEPARATORS = re.compile(r"[;\n]")
 ANY_KIND = "*"
 
 
@@ -68,7 +67,7 @@ def parse_concept_list(text: str | None) -> tuple[str, ...]:
     """
     seen: set[str] = set()
     out: list[str] = []
-    for item in _entries(text):
+    for item in split_entries(text):
         if normalise(item) not in seen:
             seen.add(normalise(item))
             out.append(item)
@@ -80,12 +79,20 @@ def parse_anchor_list(text: str | None) -> tuple[str, ...]:
 
     An entry that is exactly ``""`` or ``''`` means "erase toward nothing" (the empty prompt).
     """
-    return tuple("" if item in ('""', "''") else item for item in _entries(text))
+    return tuple("" if item in ('""', "''") else item for item in split_entries(text))
 
 
-def _entries(text: str | None) -> list[str]:
-    items = (raw.strip() for raw in _SEPARATORS.split(text or ""))
-    return [item for item in items if item and not item.startswith("#")]
+def split_entries(text: str | None) -> list[str]:
+    """Entries of user text: comments removed per line (``#`` at the start, or `` #`` after
+    text), then lines split on ``;``; blanks dropped."""
+    out = []
+    for raw in (text or "").splitlines():
+        line = raw.strip()
+        if line.startswith("#"):
+            continue
+        line = line.split(" #", 1)[0]
+        out += [item.strip() for item in line.split(";") if item.strip()]
+    return out
 
 
 @dataclass(frozen=True)
@@ -108,11 +115,15 @@ class Concept:
             kinds = ", ".join(k.value for k in ConceptKind)
             raise ConceptError(f"kind must be one of {kinds}, but got {self.kind!r} for '{name}'. "
                                "Use one of the listed kinds.", input_name="kind") from None
-        aliases = tuple(dict.fromkeys(" ".join(a.split()) for a in self.aliases if a.strip()))
-        aliases = tuple(a for a in aliases if normalise(a) != normalise(name))
+        seen = {normalise(name)}
+        aliases = []
+        for alias in (" ".join(a.split()) for a in self.aliases):
+            if alias and normalise(alias) not in seen:  # CLIP lower-cases: one prompt per spelling
+                seen.add(normalise(alias))
+                aliases.append(alias)
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "anchor", " ".join(self.anchor.split()))
-        object.__setattr__(self, "aliases", aliases)
+        object.__setattr__(self, "aliases", tuple(aliases))
         object.__setattr__(self, "kind", kind)
 
     @property
@@ -257,8 +268,11 @@ class ConceptSet:
             targets[hit] = replace(first, aliases=first.aliases + t.names)
             index.update({normalise(n): hit for n in t.names})
         erased = {normalise(n) for t in targets for n in t.names}
-        preserve = []
+        preserve, kept = [], set()
         for p in (*self.preserve, *other.preserve):
+            if normalise(p.name) in kept:
+                continue  # the same concept preserved by both inputs
+            kept.add(normalise(p.name))
             if any(normalise(n) in erased for n in p.names):
                 warnings.append(f"'{p.name}' is erased by one input and preserved by the other; "
                                 "it is erased (removed from preserve).")
