@@ -144,28 +144,40 @@ def _as_concept(item: Concept | str) -> Concept:
     return item if isinstance(item, Concept) else Concept(item)
 
 
+def _fold(merged: list[Concept], index: dict[str, int], item: Concept,
+          on_conflict: Callable[[Concept, Concept], None]) -> bool:
+    """Append ``item`` to ``merged``, or fold it into the entry sharing a name (its names become
+    aliases there). ``on_conflict(first, item)`` runs when their anchors differ. True if folded."""
+    hit = next((index[normalise(n)] for n in item.names if normalise(n) in index), None)
+    if hit is None:
+        index.update({normalise(n): len(merged) for n in item.names})
+        merged.append(item)
+        return False
+    first = merged[hit]
+    if normalise(first.anchor) != normalise(item.anchor):
+        on_conflict(first, item)
+    merged[hit] = replace(first, aliases=first.aliases + item.names)
+    index.update({normalise(n): hit for n in merged[hit].names})
+    return True
+
+
 def _merge_duplicates(items: Iterable[Concept], role: str, warnings: list[str]) -> tuple[Concept, ...]:
     """Fold entries whose names (or aliases) coincide into the first one, with a warning.
 
     Two targets that share a name but map to different anchors cannot both hold: that raises.
     """
+
+    def refuse(first: Concept, item: Concept) -> None:
+        raise ConceptError(
+            f"a target can map to one anchor only, but '{item.name}' maps to '{first.anchor}' "
+            f"and to '{item.anchor}'. Keep one of the two entries.", input_name="anchors")
+
     merged: list[Concept] = []
-    owner: dict[str, int] = {}
+    index: dict[str, int] = {}
     for item in items:
-        hit = next((owner[normalise(n)] for n in item.names if normalise(n) in owner), None)
-        if hit is None:
-            owner.update({normalise(n): len(merged) for n in item.names})
-            merged.append(item)
-            continue
-        first = merged[hit]
-        if role == "targets" and normalise(first.anchor) != normalise(item.anchor):
-            raise ConceptError(
-                f"a target can map to one anchor only, but '{item.name}' maps to '{first.anchor}' "
-                f"and to '{item.anchor}'. Keep one of the two entries.", input_name="anchors")
-        combined = replace(first, aliases=first.aliases + item.names)
-        merged[hit] = combined
-        owner.update({normalise(n): hit for n in combined.names})
-        warnings.append(f"'{item.name}' is listed twice in {role}; merged into '{first.name}'.")
+        first_name = next((merged[index[normalise(n)]].name for n in item.names if normalise(n) in index), "")
+        if _fold(merged, index, item, refuse if role == "targets" else lambda a, b: None):
+            warnings.append(f"'{item.name}' is listed twice in {role}; merged into '{first_name}'.")
     return tuple(merged)
 
 
@@ -253,20 +265,15 @@ class ConceptSet:
         a concept one set erases and the other preserves is erased (dropped from preserve).
         """
         warnings = [*self.warnings, *other.warnings]
-        targets = list(self.targets)
-        index = {normalise(n): i for i, t in enumerate(targets) for n in t.names}
-        for t in other.targets:
-            hit = next((index[normalise(n)] for n in t.names if normalise(n) in index), None)
-            if hit is None:
-                index.update({normalise(n): len(targets) for n in t.names})
-                targets.append(t)
-                continue
-            first = targets[hit]
-            if normalise(first.anchor) != normalise(t.anchor):
-                warnings.append(f"'{t.name}' maps to '{first.anchor}' in the first input and to "
-                                f"'{t.anchor}' in the second; kept '{first.anchor}'.")
-            targets[hit] = replace(first, aliases=first.aliases + t.names)
-            index.update({normalise(n): hit for n in t.names})
+        targets: list[Concept] = []
+        index: dict[str, int] = {}
+
+        def keep_first(first: Concept, item: Concept) -> None:
+            warnings.append(f"'{item.name}' maps to '{first.anchor}' in the first input and to "
+                            f"'{item.anchor}' in the second; kept '{first.anchor}'.")
+
+        for t in (*self.targets, *other.targets):
+            _fold(targets, index, t, keep_first)
         erased = {normalise(n) for t in targets for n in t.names}
         preserve, kept = [], set()
         for p in (*self.preserve, *other.preserve):
