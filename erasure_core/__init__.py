@@ -44,6 +44,7 @@ __all__ = [
     "Concept",
     "ConceptKind",
     "ConceptError",
+    "CUSTOM_PRESET",
     "ConceptSet",
     "ConfigError",
     "EncodedText",
@@ -61,6 +62,7 @@ __all__ = [
     "detect",
     "erase",
     "make_config",
+    "node_config",
     "methods",
     "parse_anchor_list",
     "parse_concept_list",
@@ -68,9 +70,21 @@ __all__ = [
 ]
 
 
-def make_config(method: str, **values: Any) -> Any:
-    """Build ``method``'s config from option values (unknown names raise ConfigError)."""
+CUSTOM_PRESET = "custom"
+
+
+def make_config(method: str, preset: str = CUSTOM_PRESET, **values: Any) -> Any:
+    """Build ``method``'s config from option values (unknown names raise ConfigError).
+
+    A named ``preset`` (the paper's settings, e.g. SPEED's ``multi-celebrity``) overrides the
+    values it names; ``custom`` uses ``values`` as given.
+    """
     spec = methods.get(method)
+    if preset != CUSTOM_PRESET:
+        if preset not in spec.presets:
+            raise ConfigError(f"preset must be one of {[CUSTOM_PRESET, *spec.presets]}, but got {preset!r}.",
+                              input_name="preset")
+        values = values | dict(spec.presets[preset])
     try:
         return spec.config_cls(**values)
     except TypeError as exc:
@@ -78,6 +92,26 @@ def make_config(method: str, **values: Any) -> Any:
             f"{method} options must be fields of {spec.config_cls.__name__}, but {exc}.",
             input_name="method",
         ) from None
+
+
+def node_config(method: str, widget_values: dict[str, Any], options: Any = None) -> tuple[Any, str]:
+    """The config Closed-Form Erase runs with, and a line saying where it came from.
+
+    An options node's config wins (it must be for ``method``); otherwise the node's widgets,
+    when they mean the same for this method, else the method's paper defaults.
+    """
+    spec = methods.get(method)
+    if options is not None:
+        if not isinstance(options, spec.config_cls):
+            raise ConfigError(
+                f"options must be for the chosen method '{method}', but they are a "
+                f"{type(options).__name__}. Connect the matching options node or change 'method'.",
+                input_name="options")
+        return options, "options from the connected options node"
+    if spec.node_widgets:
+        return make_config(method, **widget_values), "the node's options"
+    return spec.config_cls(), (f"{method} paper defaults (the node's UCE options do not apply; connect "
+                               f"its options node to change them)")
 
 
 def erase(

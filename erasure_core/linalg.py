@@ -22,7 +22,8 @@ import torch
 
 from .errors import NumericalError
 
-__all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "gram"]
+__all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "compact", "factor_square", "gram",
+           "kmeans", "low_eigen_projector", "solve_right"]
 
 
 def check_finite(tensor: torch.Tensor, what: str, method: str) -> torch.Tensor:
@@ -98,9 +99,59 @@ def anchored_right_multiplier(
         )
     q = torch.cholesky_solve(ce[moving].T, chol).T  # C_e A⁻¹: [r, d] (A is symmetric)
     p = erase_scale * (ca[moving] - ce[moving]).T  # [d, r]
-    if p.shape[1] > d:
-        u, s, vh = torch.linalg.svd(p @ q)
-        keep = s > s.max() * d * torch.finfo(dtype).eps if s.numel() else s > 0
-        p, q = u[:, keep] * s[keep], vh[keep]
     check_finite(q, "the solved key factor", method)
-    return RightMultiplier(P=p, Q=q)
+    return compact(p, q)
+
+
+def compact(p: torch.Tensor, q: torch.Tensor) -> RightMultiplier:
+    """``P Q`` with rank at most ``d``: when ``P`` has more columns than rows, the product is
+    re-factored by an SVD that drops singular values at rounding level."""
+    d = p.shape[0]
+    if p.shape[1] <= d:
+        return RightMultiplier(P=p, Q=q)
+    return RightMultiplier(*_svd_factors(p @ q))
+
+
+def factor_square(m: torch.Tensor) -> RightMultiplier:
+    """A ``d x d`` matrix ``M − I`` (or any square edit) as low-rank factors ``P Q``."""
+    return RightMultiplier(*_svd_factors(m))
+
+
+def _svd_factors(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(m)
+    keep = s > s.max() * m.shape[0] * torch.finfo(m.dtype).eps if s.numel() else s > 0
+    return u[:, keep] * s[keep], vh[keep]
+
+
+def solve_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b a⁻¹`` for a square, possibly non-symmetric ``a`` (``torch.linalg.solve``, no inverse)."""
+    return torch.linalg.solve(a.T, b.T).T
+
+
+def low_eigen_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Projector onto the eigenvectors of the symmetric ``cov`` whose eigenvalue is below
+    ``threshold`` (SPEED's null space of the retain covariance)."""
+    values, vectors = torch.linalg.eigh(cov)
+    small = vectors[:, values < threshold]
+    return small @ small.T
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:
+    """Centroids ``[k, d]`` of the rows of ``x`` (Lloyd's algorithm, k-means++ start from
+    ``generator``, so a fixed seed gives fixed centroids)."""
+    first = int(torch.randint(len(x), (1,), generator=generator))
+    centres = [x[first]]
+    for _ in range(1, k):
+        dist = torch.cdist(x, torch.stack(centres)).min(dim=1).values ** 2
+        if float(dist.sum()) == 0:
+            centres.append(x[int(torch.randint(len(x), (1,), generator=generator))])
+            continue
+        centres.append(x[int(torch.multinomial(dist / dist.sum(), 1, generator=generator))])
+    c = torch.stack(centres)
+    for _ in range(iterations):
+        label = torch.cdist(x, c).argmin(dim=1)
+        new = torch.stack([x[label == j].mean(0) if (label == j).any() else c[j] for j in range(k)])
+        if torch.equal(new, c):
+            break
+        c = new
+    return c

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .closed_form_erase import ClosedFormErase
 from .load_concepts import LoadConcepts, MergeConcepts, SaveConcepts
+from .method_options import RECEOptions, SPEEDOptions
 
-NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase]
+NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SPEEDOptions, RECEOptions]
 
 __all__ = ["NODES"]

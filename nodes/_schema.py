@@ -26,8 +26,9 @@ def config_input(config_cls: type, name: str, **overrides: Any) -> Any:
                           step=meta.get("step"), tooltip=tooltip)
 
 
-def names_node(display_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Make ErasureErrors raised inside a node method name the node (``display_name``)."""
+def names_node(display_name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make ErasureErrors raised inside a node method name the node: ``display_name``, or the
+    calling class's ``DISPLAY_NAME`` (for a method shared by node variants)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -35,7 +36,7 @@ def names_node(display_name: str) -> Callable[[Callable[..., Any]], Callable[...
             try:
                 return fn(*args, **kwargs)
             except ErasureError as err:
-                raise err.for_node(display_name) from err
+                raise err.for_node(display_name or args[0].DISPLAY_NAME) from err
 
         return inner
 

@@ -1,13 +1,14 @@
-"""Closed-Form Erase: solve new cross-attention K/V weights (UCE) and patch a clone of the model."""
+"""Closed-Form Erase: solve new cross-attention K/V weights (UCE, SPEED, RECE) and patch a clone of the model."""
 
 from __future__ import annotations
 
 import logging
 
-from ..erasure_core import ClosedFormConfig, ConceptSet, erase, make_config, methods
+from ..erasure_core import ClosedFormConfig, ConceptSet, erase, methods, node_config
 from . import _comfy
 from ._schema import config_input, names_node
 from .types import CONCEPTS, PATCH, io, ui
+from .types import OPTIONS as OPTIONS_SOCKET
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class ClosedFormErase(io.ComfyNode):
                                tooltip="Scale of the edit, like a LoRA strength. 1 is the solved "
                                        "edit, 0 the original model; lower it to soften the erasure."),
                 *(config_input(ClosedFormConfig, name) for name in OPTIONS),
+                OPTIONS_SOCKET.Input("options", optional=True,
+                                     tooltip="From SPEED/RECE Options: every option of that method; replaces "
+                                             "the options above. Without it, UCE and RECE use the options above "
+                                             "and SPEED its paper defaults."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="Patched copy of the model."),
@@ -46,9 +51,9 @@ class ClosedFormErase(io.ComfyNode):
 
     @classmethod
     @names_node(DISPLAY_NAME)
-    def execute(cls, model, clip, concepts: ConceptSet, method: str, strength: float,
-                **options) -> io.NodeOutput:
-        config = make_config(method, **options)
+    def execute(cls, model, clip, concepts: ConceptSet, method: str, strength: float, options=None,
+                **widgets) -> io.NodeOutput:
+        config, source = node_config(method, widgets, options)
         progress = _comfy.progress_bar()
         arch, sites = _comfy.attention_sites(model)
         encoder = _comfy.ComfyClipEncoder(clip, progress=progress)
@@ -56,6 +61,6 @@ class ClosedFormErase(io.ComfyNode):
                       progress=progress)
         patched = _comfy.apply_patchset(model, patch, strength)
         report = (f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, "
-                  f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}")
+                  f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}; {source}")
         logger.info("Closed-Form Erase: %s", report)
         return io.NodeOutput(patched, patch, report, ui=ui.PreviewText(report))

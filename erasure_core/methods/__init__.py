@@ -6,8 +6,8 @@ changes. Nodes build their method combo and widgets from this registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
@@ -17,20 +17,26 @@ __all__ = ["Method", "get", "names", "register"]
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method. ``presets`` are the paper's named option sets; ``node_widgets`` says
+    whether Closed-Form Erase's own widgets (UCE's options) mean the same for this method."""
+
     name: str
     config_cls: type
     solve: Callable[..., Any]
     description: str
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    node_widgets: bool = True
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type, solve: Callable[..., Any], description: str) -> Method:
+def register(name: str, config_cls: type, solve: Callable[..., Any], description: str, *,
+             presets: Mapping[str, Mapping[str, Any]] | None = None, node_widgets: bool = True) -> Method:
     """Add a method; a second registration under the same name is refused."""
     if name in _REGISTRY:
         raise ValueError(f"method '{name}' is already registered")
-    method = Method(name, config_cls, solve, description)
+    method = Method(name, config_cls, solve, description, dict(presets or {}), node_widgets)
     _REGISTRY[name] = method
     return method
 
@@ -49,4 +55,6 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-from . import uce as _uce  # noqa: E402,F401  (registers the method)
+from . import uce as _uce  # noqa: E402,F401,I001  (registers the methods, in menu order)
+from . import speed as _speed  # noqa: E402,F401
+from . import rece as _rece  # noqa: E402,F401

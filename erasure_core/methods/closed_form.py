@@ -16,9 +16,10 @@ from ..config import option, validate_ranges
 from ..errors import ArchitectureError
 from ..linalg import RightMultiplier, check_finite
 from ..patch import PatchEntry, PatchSet
-from ..text import EncodedText, TextEncoder, TokenPick
+from ..text import EncodedText, TextEncoder, TokenPick, erase_rows, preserve_rows
 
-__all__ = ["ClosedFormConfig", "Progress", "SolveDtype", "encode_prompts", "patch_from_multipliers"]
+__all__ = ["ClosedFormConfig", "ConceptKeys", "Progress", "SolveDtype", "encode_concepts", "encode_prompts",
+           "patch_from_multipliers"]
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``; a node passes one that also checks for interruption."""
@@ -73,6 +74,36 @@ def encode_prompts(encoder: TextEncoder, prompts: Sequence[str]) -> EncodedText:
     return enc
 
 
+@dataclass(frozen=True)
+class ConceptKeys:
+    """Every prompt a closed-form method needs, encoded once: the erase pairs, the preserve
+    prompts and any ``also`` prompts (the null prompt for SPEED's invariants)."""
+
+    enc: EncodedText
+    pairs: list[tuple[str, str]]
+    keep: list[str]
+
+    def erase(self, pick: TokenPick) -> tuple[torch.Tensor, torch.Tensor]:
+        return erase_rows(self.enc, self.pairs, pick)
+
+    def preserve(self, pick: TokenPick, prompts: Sequence[str] | None = None) -> torch.Tensor:
+        return preserve_rows(self.enc, self.keep if prompts is None else prompts, pick)
+
+    def rows(self, prompt: str) -> torch.Tensor:
+        """All token rows of one encoded prompt, ``[T, d]``."""
+        return self.enc.hidden[self.enc.index(prompt)]
+
+
+def encode_concepts(concepts: ConceptSet, encoder: TextEncoder, sites: Sequence[AttentionSite], *,
+                    preserve_empty: bool, also: Sequence[str] = ()) -> ConceptKeys:
+    """Encode the concepts' prompts once (checked against the sites' key width)."""
+    pairs = concepts.erase_pairs()
+    keep = concepts.preserve_prompts([""] if preserve_empty else [])
+    enc = encode_prompts(encoder, [p for pair in pairs for p in pair] + keep + list(also))
+    check_context_width(enc, sites)
+    return ConceptKeys(enc, pairs, keep)
+
+
 def check_context_width(enc: EncodedText, sites: Sequence[AttentionSite]) -> None:
     widths = sorted({s.in_features for s in sites if s.stream == "tokens"})
     if widths and widths != [enc.width]:
@@ -92,7 +123,7 @@ def default_device(sites: Sequence[AttentionSite]) -> torch.device:
 
 def patch_from_multipliers(
     sites: Sequence[AttentionSite],
-    multipliers: dict[int, RightMultiplier],
+    multiplier_for: Callable[[AttentionSite, torch.Tensor], RightMultiplier],
     meta: dict[str, object],
     method: str,
     progress: Progress | None = None,
@@ -100,19 +131,24 @@ def patch_from_multipliers(
 ) -> PatchSet:
     """``ΔW = (W₀ P) Q`` for every site, stored as low-rank factors on the CPU in float32.
 
-    Sites of one width share one ``Q`` tensor, so memory grows with the rank of the edit.
+    ``multiplier_for(site, W₀)`` gives the site's ``P, Q``; sites that share one multiplier (the
+    UCE family's one solve per width) share one ``Q`` tensor, so memory grows with the rank.
     """
     entries: dict[str, PatchEntry] = {}
-    shared_down = {w: m.Q.float().cpu() for w, m in multipliers.items()}
+    shared: dict[int, tuple[RightMultiplier, torch.Tensor]] = {}  # keeps each multiplier alive
+    ranks = []
     for i, site in enumerate(sites):
-        mult = multipliers[site.in_features]
-        up = check_finite(mult.up_for(site.tensor()), f"the edit of '{site.key}'", method)
-        entries[site.key] = PatchEntry(up=up.float().cpu(), down=shared_down[site.in_features])
+        weight = site.tensor()
+        mult = multiplier_for(site, weight)
+        down = shared.setdefault(id(mult), (mult, mult.Q.float().cpu()))[1]
+        up = check_finite(mult.up_for(weight), f"the edit of '{site.key}'", method)
+        entries[site.key] = PatchEntry(up=up.float().cpu(), down=down)
+        ranks.append(mult.rank)
         if progress is not None:
             progress(i + 1, len(sites))
     info = dict(meta)
     info["sites"] = len(entries)
-    info["rank"] = max((m.rank for m in multipliers.values()), default=0)
+    info["rank"] = max(ranks, default=0)
     if started is not None:
         info["seconds"] = round(time.perf_counter() - started, 4)
     return PatchSet(entries, info)

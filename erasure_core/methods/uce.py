@@ -21,15 +21,14 @@ from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..linalg import RightMultiplier, anchored_right_multiplier
 from ..patch import PatchSet
-from ..text import TextEncoder, erase_rows, preserve_rows
+from ..text import TextEncoder
 from . import register
 from .closed_form import (
     ClosedFormConfig,
     Progress,
-    check_context_width,
     default_device,
     describe_run,
-    encode_prompts,
+    encode_concepts,
     patch_from_multipliers,
 )
 
@@ -58,13 +57,10 @@ def solve(
     """
     config = config or UCEConfig()
     started = time.perf_counter()
-    pairs = concepts.erase_pairs()
-    keep = concepts.preserve_prompts([""] if config.preserve_empty_prompt else [])
-    enc = encode_prompts(encoder, [p for pair in pairs for p in pair] + keep)
-    check_context_width(enc, sites)
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
     device = torch.device(device) if device is not None else default_device(sites)
-    ce, ca = erase_rows(enc, pairs, config.token_pick)
-    cp = preserve_rows(enc, keep, config.token_pick)
+    ce, ca = keys.erase(config.token_pick)
+    cp = keys.preserve(config.token_pick)
     multipliers: dict[int, RightMultiplier] = {}
     for width in sorted({s.in_features for s in sites}):
         multipliers[width] = anchored_right_multiplier(
@@ -73,7 +69,8 @@ def solve(
             lamb=config.lamb, dtype=config.solve_dtype.torch, method="UCE",
         )
     meta = describe_run("uce", concepts, config)
-    return patch_from_multipliers(sites, multipliers, meta, "UCE", progress, started)
+    return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, "UCE",
+                                  progress, started)
 
 
 register("uce", UCEConfig, solve,

@@ -165,3 +165,20 @@ def test_unsupported_architecture_is_refused_by_name(pack):
     with pytest.raises(ArchitectureError, match="Flux models are not supported yet"):
         detect({"diffusion_model.txt_in.weight": (3072, 4096),
                 "diffusion_model.double_blocks.0.txt_attn.qkv.weight": (9216, 3072)})
+
+
+@pytest.mark.parametrize("method", ["uce", "speed", "rece"])
+def test_every_method_patches_a_clone_and_leaves_the_input_untouched(pack, tiny_checkpoint, method):
+    from concept_erasure_pack.erasure_core import make_config
+
+    model, clip, _ = tiny_checkpoint
+    before = {k: v.clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+    options = make_config(method) if method != "uce" else None
+    erased, patch, report = _erase(pack, model, clip, "Van Gogh; Monet", "a painter", "Rembrandt",
+                                   method=method, options=options)
+    assert erased is not model and set(erased.patches) == set(patch.keys()) and patch.meta["method"] == method
+    _sample(erased, clip, "Van Gogh", steps=1)
+    _sample(model, clip, "Van Gogh", steps=1)
+    after = model.model_state_dict(filter_prefix="diffusion_model.")
+    assert all(torch.equal(before[k], after[k]) for k in before) and not model.patches
+    assert method.upper() in report

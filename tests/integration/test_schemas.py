@@ -6,7 +6,8 @@ import pytest
 
 pytestmark = pytest.mark.comfyui
 
-ALL_IDS = ["CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase"]
+ALL_IDS = ["CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SPEEDOptions",
+           "CE_RECEOptions"]
 
 
 def _schemas(pack):

@@ -1,0 +1,199 @@
+"""SPEED: Scalable, Precise, Efficient concept Erasure (Li et al., ICLR 2026, arXiv 2503.07392).
+
+Edits (by default) only the cross-attention V projections so that target keys produce their
+anchor's values, with the update confined to the null space of the retained keys:
+
+    ΔW = W (AᵀC₁ − C₁ᵀC₁) · P · Q · M,   M = (C₁ᵀC₁ P + α I)⁻¹,
+    Q = I − M K₂ (K₂ᵀ P M K₂ + λ I₄)⁻¹ K₂ᵀ P,
+
+where ``C₁, A`` are target / anchor key rows (statistics *averaged* over concepts, as the
+reference ``train_erase_null.py`` does, so the erase strength does not grow with their number),
+``P`` projects onto eigenvectors of the retain covariance below ``threshold`` (null space),
+``K₂`` holds the invariants (IEC): the null prompt's start row and 3 k-means centres of its
+end/padding rows, so ``ΔW K₂ = 0`` exactly when λ = 0. The retain set is refined per layer by
+influence-based prior filtering (IPF: keep retain keys the plain erase moves more than average)
+and directed prior augmentation (DPA: perturb kept keys along W's least-amplified direction and
+keep the perturbations the erase moves more than average).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from ..architectures import AttentionSite
+from ..concepts import ConceptSet
+from ..config import option
+from ..errors import ConceptError, ConfigError
+from ..linalg import RightMultiplier, check_finite, compact, kmeans, low_eigen_projector, solve_right
+from ..patch import PatchSet
+from ..text import TextEncoder, TokenPick
+from . import register
+from .closed_form import (
+    ClosedFormConfig,
+    Progress,
+    default_device,
+    describe_run,
+    encode_concepts,
+    patch_from_multipliers,
+)
+
+__all__ = ["Projections", "SPEEDConfig", "solve"]
+
+DPA_CHUNK = 128  # the reference filters augmentations per chunk of 128 retain keys
+
+
+class Projections(str, Enum):
+    V = "V"
+    K = "K"
+    KV = "KV"
+
+    def edits(self, key: str) -> bool:
+        return (self is not Projections.K and key.endswith("to_v.weight")) or \
+            (self is not Projections.V and key.endswith("to_k.weight"))
+
+
+@dataclass(frozen=True)
+class SPEEDConfig(ClosedFormConfig):
+    """SPEED's options; defaults are the paper's few-concept setting (``V 10 1e-1``).
+
+    ``preserve_scale`` is SPEED's ``retain_scale`` α and ``lamb`` its IEC ridge λ.
+    ``erase_scale`` multiplies the final update (1 = the paper's).
+    """
+
+    token_pick: TokenPick = option(
+        TokenPick.LAST_SUBJECT, "Which token rows are keys. SPEED uses the last subject token; its "
+        "nudity setting uses all tokens.")
+    preserve_scale: float = option(
+        1.0, "Retain scale α: the ridge of M = (C₁ᵀC₁P + αI)⁻¹. Lower erases harder inside the null "
+        "space (0.05 for many celebrities).", min=1e-6, max=100.0, step=0.01)
+    lamb: float = option(
+        0.0, "IEC ridge λ: 0 keeps the null prompt's invariant rows exactly unchanged; the nudity "
+        "setting uses 0.5.", min=0.0, max=1e4, step=0.01)
+    preserve_empty_prompt: bool = option(
+        False, "Also use the empty prompt as a retain prompt (SPEED keeps it through IEC instead).")
+    projections: Projections = option(
+        Projections.V, "Which projections to edit: V (SPEED's default), K, or both.")
+    threshold: float = option(
+        0.1, "Eigenvalue threshold of the retain covariance: directions below it form the null space "
+        "the edit may use. Lower protects more (1e-4 for many celebrities).", min=0.0, max=100.0, step=1e-4)
+    aug_num: int = option(
+        10, "Directed prior augmentation: perturbed copies per kept retain key (0 turns filtering and "
+        "augmentation off).", min=0, max=100)
+    disable_filter: bool = option(
+        False, "Skip influence-based filtering and augmentation (the paper does this for celebrity "
+        "sets, whose retain set does not reach rank saturation).")
+    seed: int = option(0, "Seed of the augmentation noise and the k-means of the invariants.", min=0, max=2**31 - 1)
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "few-concept": {},
+    "multi-celebrity": {"threshold": 1e-4, "preserve_scale": 0.05, "disable_filter": True},
+    "nudity": {"token_pick": TokenPick.ALL, "preserve_scale": 0.7, "lamb": 0.5},
+}
+
+
+def _mean_stats(ce: torch.Tensor, ca: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C₁ᵀC₁`` and ``(A − C₁)`` averaged over the ``n`` concepts (not summed)."""
+    return ce.T @ ce / n, (ca - ce) / n
+
+
+def _retain_prompts(keep: Sequence[str], concepts: ConceptSet) -> list[str]:
+    """Retain prompts that do not name a target as a whole word (as the reference drops them)."""
+    names = [re.escape(n) for t in concepts.targets for n in t.names]
+    pattern = re.compile(r"\b(" + "|".join(names) + r")\b", re.IGNORECASE) if names else None
+    return [p for p in keep if p and not (pattern and pattern.search(p))]
+
+
+def _invariants(null_rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``K₂ [d, 4]``: the null prompt's start row and 3 k-means centres of its other rows."""
+    return torch.cat([null_rows[:1], kmeans(null_rows[1:], 3, generator)]).T
+
+
+@torch.no_grad()
+def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SPEEDConfig,
+                     generator: torch.Generator, shared_p: torch.Tensor | None) -> RightMultiplier:
+    """One layer's ``P_f Q_f`` with ``ΔW = W P_f Q_f`` (legend: module docstring)."""
+    c1tc1, diff, ce, retain, k2 = (stats[k] for k in ("c1tc1", "diff", "ce", "retain", "k2"))
+    d = c1tc1.shape[0]
+    eye = torch.eye(d, dtype=c1tc1.dtype, device=c1tc1.device)
+    if shared_p is None:
+        erase = solve_right(eye + c1tc1, diff.T @ ce)  # (AᵀC₁ − C₁ᵀC₁)(I + C₁ᵀC₁)⁻¹: plain erase
+        moved = (retain @ erase.T) @ w.T  # [N, d_out]: ΔW_erase r for every retain key
+        influence = moved.norm(dim=1)
+        kept = retain[influence > influence.mean()]
+        augmented = [kept]
+        v_min = torch.linalg.svd(w, full_matrices=False).Vh[-1]  # least-amplified input direction
+        for chunk in kept.split(DPA_CHUNK):
+            z = torch.randn(len(chunk), config.aug_num, 1, generator=generator, dtype=w.dtype)
+            samples = (chunk[:, None, :] + z.to(w.device) * v_min).reshape(-1, d)
+            infl = ((samples @ erase.T) @ w.T).norm(dim=1)
+            augmented.append(samples[infl > infl.mean()])
+        pool = torch.cat(augmented)
+        proj = low_eigen_projector(pool.T @ pool / max(len(pool), 1), config.threshold)
+    else:
+        proj = shared_p
+    m_inv = c1tc1 @ proj + config.preserve_scale * eye  # M⁻¹
+    mk2 = torch.linalg.solve(m_inv, k2)  # M K₂
+    inner = k2.T @ proj @ mk2 + config.lamb * torch.eye(k2.shape[1], dtype=k2.dtype, device=k2.device)
+    q = eye - mk2 @ torch.linalg.solve(inner, k2.T @ proj)
+    down = solve_right(m_inv, ce @ proj @ q)  # C₁ P Q M: [R, d]
+    return compact(config.erase_scale * diff.T, check_finite(down, "the null-space factor", "SPEED"))
+
+
+@torch.no_grad()
+def solve(
+    sites: Sequence[AttentionSite],
+    concepts: ConceptSet,
+    encoder: TextEncoder,
+    config: SPEEDConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> PatchSet:
+    """Erase ``concepts`` with SPEED; only the sites ``config.projections`` selects are edited."""
+    config = config or SPEEDConfig()
+    started = time.perf_counter()
+    edited = [s for s in sites if config.projections.edits(s.key)]
+    if not edited:
+        raise ConfigError(f"projections {config.projections.value} must select K/V sites, but none of "
+                          f"the {len(sites)} sites match.", input_name="projections")
+    keys = encode_concepts(concepts, encoder, edited, preserve_empty=config.preserve_empty_prompt, also=("",))
+    device = torch.device(device) if device is not None else default_device(sites)
+    dtype = config.solve_dtype.torch
+    ce, ca = (t.to(device, dtype) for t in keys.erase(config.token_pick))
+    retain_prompts = _retain_prompts(keys.keep, concepts)
+    null_rows = keys.rows("").to(device, dtype)
+    retain = keys.preserve(config.token_pick, retain_prompts).to(device, dtype) if retain_prompts \
+        else null_rows[1:]  # no retain set: the null prompt's non-start rows, as the reference
+    if len(ce) == 0:
+        raise ConceptError("SPEED needs target rows, but the token strategy selected none.",
+                           input_name="concepts")
+    generator = torch.Generator().manual_seed(config.seed)
+    c1tc1, diff = _mean_stats(ce, ca, len(keys.pairs))
+    stats = {"c1tc1": c1tc1, "diff": diff, "ce": ce, "retain": retain,
+             "k2": _invariants(null_rows.cpu(), generator).to(device, dtype)}
+    shared_p = None
+    if config.disable_filter or config.aug_num == 0:  # no per-layer refinement: one projector
+        shared_p = low_eigen_projector(retain.T @ retain / len(retain), config.threshold)
+    shared: dict[int, RightMultiplier] = {}
+
+    def multiplier_for(site: AttentionSite, weight: torch.Tensor) -> RightMultiplier:
+        if shared_p is not None:
+            if site.in_features not in shared:
+                shared[site.in_features] = _site_multiplier(weight, stats, config, generator, shared_p)
+            return shared[site.in_features]
+        return _site_multiplier(weight.to(device, dtype), stats, config, generator, None)
+
+    meta = describe_run("speed", concepts, config)
+    return patch_from_multipliers(edited, multiplier_for, meta, "SPEED", progress, started)
+
+
+register("speed", SPEEDConfig, solve,
+         "SPEED (arXiv 2503.07392): null-space constrained V edit with prior filtering and augmentation.",
+         presets=PRESETS, node_widgets=False)
