@@ -24,7 +24,10 @@ from torch import nn
 from .errors import ConfigError
 from .text import EncodedText
 
-__all__ = ["BPETokenizer", "ClipTextConfig", "ClipTextEncoder", "find_merges_file"]
+__all__ = ["ROWS", "BPETokenizer", "ClipTextConfig", "ClipTextEncoder", "find_merges_file"]
+
+ROWS = ("all", "through_eot")
+"""Values of ``ClipTextEncoder.__call__(..., rows=)``."""
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 _WORDS = re.compile(
@@ -179,15 +182,28 @@ class ClipTextEncoder(nn.Module):
         return self.final_ln(x)
 
     @torch.no_grad()
-    def __call__(self, texts: Sequence[str]) -> EncodedText:  # type: ignore[override]
+    def __call__(self, texts: Sequence[str], *, rows: str = "all") -> EncodedText:  # type: ignore[override]
+        """Encode ``texts``; ``rows`` says how many token positions to compute.
+
+        ``"all"``: every position of the context (``[N, 77, D]`` for CLIP). ``"through_eot"``:
+        positions ``0 .. max(eot_index)`` only (``[N, max(eot) + 1, D]``), for callers that read
+        no row after a prompt's first end-of-text token (token picks 'last subject token' and
+        'first EOT'). The model is causal, so these rows equal the first rows of ``"all"``;
+        shorter prompts keep their padding tokens up to that length. Prompts are encoded in
+        ``batch_size`` chunks sorted by length and returned in the order given.
+        """
         if self.tokenizer is None:
             raise ConfigError("this encoder has no tokenizer; pass one or call forward(ids).",
                               input_name="tokenizer")
+        if rows not in ROWS:
+            raise ConfigError(f"rows must be one of {ROWS}, but got {rows!r}.", input_name="rows")
         ids, eot = self.tokenizer(texts)
         device = self.position_embedding.device
-        ids = ids.to(device)
-        hidden = torch.empty(len(texts), ids.shape[1], self.config.width, device=device)
+        length = ids.shape[1] if rows == "all" else int(eot.max()) + 1
+        ids = ids[:, :length].to(device)
+        hidden = torch.empty(len(texts), length, self.config.width, device=device)
+        order = torch.argsort(eot, stable=True).to(device)  # similar lengths share a chunk
         for start in range(0, len(texts), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
+            chunk = order[start : start + self.batch_size]
             hidden[chunk] = self.forward(ids[chunk])
-        return EncodedText(tuple(texts), hidden.float(), eot)
+        return EncodedText(tuple(texts), hidden.float(), eot, token_ids=ids.cpu())

@@ -38,7 +38,9 @@ __all__ = [
     "FORMAT_VERSION",
     "from_json",
     "list_presets",
+    "list_preserve_sets",
     "load_concept_file",
+    "load_preserve_set",
     "load_preset",
     "parse_inline",
     "parse_preserve",
@@ -50,6 +52,9 @@ FORMAT_NAME = "concept_erasure.concepts"
 FORMAT_VERSION = 1
 FILE_EXTENSIONS = (".txt", ".csv", ".json")
 PRESET_DIR = Path(__file__).with_name("presets")
+PRESERVE_SET_DIR = Path(__file__).with_name("preserve_sets")
+PRESERVE_SET_KINDS = {"artists": ConceptKind.ARTIST, "celebrities": ConceptKind.CELEBRITY,
+                      "instances": ConceptKind.OBJECT}
 _TOP_KEYS = {"format", "version", "name", "description", "targets", "preserve", "templates"}
 
 
@@ -267,6 +272,22 @@ def load_preset(name: str) -> ConceptSet:
     return load_concept_file(PRESET_DIR / f"{name}.json")
 
 
+def list_preserve_sets() -> list[str]:
+    """Names of the large preserve lists shipped with the pack (``erasure_core/preserve_sets``)."""
+    return sorted(p.stem for p in PRESERVE_SET_DIR.glob("*.txt"))
+
+
+def load_preserve_set(name: str) -> ConceptSet:
+    """A preserve-only set: hundreds of names whose images must survive (the papers' retain sets,
+    written for this pack)."""
+    if name not in list_preserve_sets():
+        raise ConceptError(f"preserve_set must be one of {list_preserve_sets()}, but got {name!r}.",
+                           input_name="preserve_set")
+    kind = PRESERVE_SET_KINDS.get(name, ConceptKind.GENERIC)
+    names = split_entries((PRESERVE_SET_DIR / f"{name}.txt").read_text(encoding="utf-8"))
+    return ConceptSet(preserve=tuple(Concept(n, kind=kind) for n in names))
+
+
 class TemplateMode(str, Enum):
     """How Load Concepts expands names into prompts."""
 
@@ -287,6 +308,7 @@ def assemble(
     templates: TemplateMode | str = TemplateMode.AS_GIVEN,
     custom_templates: str = "",
     extra: ConceptSet | None = None,
+    preserve_set: str | None = None,
 ) -> ConceptSet:
     """Everything Load Concepts offers, merged in order: typed text, file, preset, ``extra``.
 
@@ -304,6 +326,14 @@ def assemble(
     result = parts[0]
     for other in parts[1:]:
         result = result.merged(other)
+    if preserve_set is not None:  # targets win silently: a big list always names some of them
+        erased = {normalise(n) for t in result.targets for n in t.names}
+        keep = load_preserve_set(preserve_set).preserve
+        dropped = [p.name for p in keep if normalise(p.name) in erased]
+        extra_keep = tuple(p for p in keep if normalise(p.name) not in erased)
+        note = (f"{len(dropped)} entries of the '{preserve_set}' preserve set are erased targets and "
+                f"are not preserved: {', '.join(dropped[:5])}{'...' if len(dropped) > 5 else ''}.",)
+        result = result.merged(ConceptSet(preserve=extra_keep, warnings=note if dropped else ()))
     if mode is TemplateMode.NONE:
         result = replace(result, templates={})
     elif mode is TemplateMode.BUILTIN:

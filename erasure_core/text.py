@@ -39,13 +39,15 @@ class EncodedText:
 
     ``hidden``: ``[N, T, D]`` float32; ``eot_index``: ``[N]`` position of each prompt's first
     end-of-text token (so the last word is at ``eot_index - 1``, and at 0, the start token, for the
-    empty prompt); ``pooled``: optional ``[N, P]``.
+    empty prompt); ``pooled``: optional ``[N, P]``; ``token_ids``: optional ``[N, T]`` (-1 for
+    positions that hold an embedding rather than a vocabulary token).
     """
 
     texts: tuple[str, ...]
     hidden: torch.Tensor
     eot_index: torch.Tensor
     pooled: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.texts)

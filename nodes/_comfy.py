@@ -3,6 +3,7 @@ progress. Nothing else in the pack imports comfy.*; the core never does."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from ..erasure_core import (
 )
 from ..erasure_core.clip_text import BPETokenizer
 from ..erasure_core.concept_files import FILE_EXTENSIONS
+from ..erasure_core.encoding_cache import CachedEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +142,48 @@ class ComfyClipEncoder:
             if self.progress is not None:
                 self.progress(min(start + self.batch_size, len(texts)), len(texts))
         hidden = torch.cat(chunks) if chunks else torch.zeros(0, len(empty[stream]), 1)
-        return EncodedText(tuple(texts), hidden, torch.tensor(eot, dtype=torch.long))
+        ids = torch.tensor([[tok[0] if isinstance(tok[0], int) else -1 for tok in w[stream]] for w in windows],
+                           dtype=torch.long).reshape(len(texts), -1)
+        return EncodedText(tuple(texts), hidden, torch.tensor(eot, dtype=torch.long), token_ids=ids)
 
 
 def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def clip_fingerprint(clip: Any) -> str:
+    """A key that changes whenever ``clip`` would encode differently: its class, the selected
+    layer, samples of its weights and every patch on it (CLIP LoRAs)."""
+    digest = hashlib.sha256()
+    model = clip.cond_stage_model
+    digest.update(f"{type(model).__name__}|{getattr(clip, 'layer_idx', None)}".encode())
+    state = model.state_dict()
+    names = sorted(state)
+    for name in names[:: max(1, len(names) // 16)]:
+        digest.update(name.encode())
+        digest.update(state[name].detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    for key in sorted(clip.patcher.patches):
+        digest.update(key.encode() if isinstance(key, str) else repr(key).encode())
+        for patch in clip.patcher.patches[key]:
+            digest.update(repr((patch[0], patch[2], type(patch[1]).__name__)).encode())
+            for tensor in _tensors(patch[1]):
+                digest.update(repr((tuple(tensor.shape), float(tensor.float().sum()))).encode())
+    return digest.hexdigest()[:24]
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return _tensors(getattr(value, "weights", ())) if hasattr(value, "weights") else []
+
+
+def cached_encoder(clip: Any, progress: Progress | None = None) -> CachedEncoder:
+    """The user's CLIP as a TextEncoder whose encodings persist in ComfyUI's user folder, so a
+    large preserve set is encoded once per text encoder."""
+    folder = os.path.join(folder_paths.get_user_directory(), "concept_erasure", "encodings")
+    return CachedEncoder(ComfyClipEncoder(clip, progress=progress), folder, clip_fingerprint(clip))
 
 
 def progress_bar() -> Progress:

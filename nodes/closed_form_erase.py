@@ -39,8 +39,8 @@ class ClosedFormErase(io.ComfyNode):
                 *(config_input(ClosedFormConfig, name) for name in OPTIONS),
                 OPTIONS_SOCKET.Input("options", optional=True,
                                      tooltip="From SPEED/RECE Options: every option of that method; replaces "
-                                             "the options above. Without it, UCE and RECE use the options above "
-                                             "and SPEED its paper defaults."),
+                                             "the options above. Without it, UCE, RECE and MACE use the options "
+                                             "above and SPEED its paper defaults."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="Patched copy of the model."),
@@ -56,11 +56,12 @@ class ClosedFormErase(io.ComfyNode):
         config, source = node_config(method, widgets, options)
         progress = _comfy.progress_bar()
         arch, sites = _comfy.attention_sites(model)
-        encoder = _comfy.ComfyClipEncoder(clip, progress=progress)
+        encoder = _comfy.cached_encoder(clip, progress=progress)
         patch = erase(method, sites, concepts, encoder, config, device=_comfy.compute_device(),
                       progress=progress)
         patched = _comfy.apply_patchset(model, patch, strength)
         report = (f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, "
-                  f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}; {source}")
+                  f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}; "
+                  f"{encoder.misses} prompts encoded, {encoder.hits} from cache; {source}")
         logger.info("Closed-Form Erase: %s", report)
         return io.NodeOutput(patched, patch, report, ui=ui.PreviewText(report))

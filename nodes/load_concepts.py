@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..erasure_core import ConceptError, ConceptKind, ConceptSet
-from ..erasure_core.concept_files import TemplateMode, assemble, list_presets, save_json
+from ..erasure_core.concept_files import TemplateMode, assemble, list_presets, list_preserve_sets, save_json
 from ..erasure_core.concepts import check_prompt_lengths
 from . import _comfy
 from ._schema import names_node, validation_message
@@ -16,11 +16,13 @@ SYNTAX = ("One concept per line (or separated by ';'). 'name | alias | alias' er
           "'name -> anchor' sets this target's anchor ('-> \"\"' erases toward nothing).")
 
 
-def _load(targets, anchors, preserve, kind, preset, file, templates, custom_templates, concepts=None):
+def _load(targets, anchors, preserve, kind, preset, file, templates, custom_templates, preserve_set=NO_PRESET,
+          concepts=None):
     result = assemble(
         targets=targets, anchors=anchors, preserve=preserve, kind=kind,
         preset=None if preset == NO_PRESET else preset, file=_comfy.resolve_concept_file(file),
-        templates=templates, custom_templates=custom_templates, extra=concepts)
+        templates=templates, custom_templates=custom_templates, extra=concepts,
+        preserve_set=None if preserve_set == NO_PRESET else preserve_set)
     check_prompt_lengths(result, _comfy.clip_token_counter())
     return result
 
@@ -65,6 +67,12 @@ class LoadConcepts(io.ComfyNode):
                                 placeholder="a painting by {}\na photo of {}",
                                 tooltip="With templates = custom: one template per line, '{}' marks the "
                                         "concept."),
+                io.Combo.Input("preserve_set", options=[NO_PRESET, *list_preserve_sets()], default=NO_PRESET,
+                               tooltip="Add a large preserve list written for this pack (hundreds of "
+                                       "artists, celebrities or object/character instances), as the "
+                                       "papers' retain sets; entries you erase are left out. Protects "
+                                       "neighbours better but costs some erasure strength, and the first "
+                                       "run encodes them all (later runs reuse the cached encodings)."),
                 CONCEPTS.Input("concepts", optional=True,
                                tooltip="Concepts to extend (merged last; earlier sources win conflicts)."),
             ],
@@ -74,8 +82,9 @@ class LoadConcepts(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, targets=None, anchors=None, preserve=None, kind="generic", preset=NO_PRESET,
-                        file=_comfy.NO_FILE, templates="as given", custom_templates="") -> bool | str:
-        values = (targets, anchors, preserve, kind, preset, file, templates, custom_templates)
+                        file=_comfy.NO_FILE, templates="as given", custom_templates="",
+                        preserve_set=NO_PRESET) -> bool | str:
+        values = (targets, anchors, preserve, kind, preset, file, templates, custom_templates, preserve_set)
         if any(v is None for v in values):
             return True  # an input is linked: checked when the node runs
         # A linked 'concepts' input may supply the targets: only check what the widgets decide.
@@ -85,8 +94,10 @@ class LoadConcepts(io.ComfyNode):
     @classmethod
     @names_node(DISPLAY_NAME)
     def execute(cls, targets, anchors, preserve, kind="generic", preset=NO_PRESET, file=_comfy.NO_FILE,
-                templates="as given", custom_templates="", concepts: ConceptSet | None = None) -> io.NodeOutput:
-        result = _load(targets, anchors, preserve, kind, preset, file, templates, custom_templates, concepts)
+                templates="as given", custom_templates="", preserve_set=NO_PRESET,
+                concepts: ConceptSet | None = None) -> io.NodeOutput:
+        result = _load(targets, anchors, preserve, kind, preset, file, templates, custom_templates, preserve_set,
+                       concepts)
         return io.NodeOutput(result, ui=ui.PreviewText(result.summary()))
 
     @classmethod

@@ -58,3 +58,4 @@ def names() -> list[str]:
 from . import uce as _uce  # noqa: E402,F401,I001  (registers the methods, in menu order)
 from . import speed as _speed  # noqa: E402,F401
 from . import rece as _rece  # noqa: E402,F401
+from . import mace as _mace  # noqa: E402,F401

@@ -22,9 +22,13 @@ def _setup_comfy():
 
 
 @pytest.fixture(scope="session")
-def pack():
-    """The repository imported the way ComfyUI imports a custom node pack."""
+def pack(tmp_path_factory):
+    """The repository imported the way ComfyUI imports a custom node pack (ComfyUI's user folder,
+    where the encoding cache lives, redirected to a temporary folder)."""
     _setup_comfy()
+    import folder_paths
+
+    folder_paths.set_user_directory(str(tmp_path_factory.mktemp("comfy_user")))
     if PACK_NAME in sys.modules:
         return sys.modules[PACK_NAME]
     return import_pack(PACK_NAME)

@@ -167,13 +167,13 @@ def test_unsupported_architecture_is_refused_by_name(pack):
                 "diffusion_model.double_blocks.0.txt_attn.qkv.weight": (9216, 3072)})
 
 
-@pytest.mark.parametrize("method", ["uce", "speed", "rece"])
+@pytest.mark.parametrize("method", ["uce", "speed", "rece", "mace"])
 def test_every_method_patches_a_clone_and_leaves_the_input_untouched(pack, tiny_checkpoint, method):
     from concept_erasure_pack.erasure_core import make_config
 
     model, clip, _ = tiny_checkpoint
     before = {k: v.clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
-    options = make_config(method) if method != "uce" else None
+    options = make_config(method) if method in ("speed", "rece") else None
     erased, patch, report = _erase(pack, model, clip, "Van Gogh; Monet", "a painter", "Rembrandt",
                                    method=method, options=options)
     assert erased is not model and set(erased.patches) == set(patch.keys()) and patch.meta["method"] == method
@@ -182,3 +182,17 @@ def test_every_method_patches_a_clone_and_leaves_the_input_untouched(pack, tiny_
     after = model.model_state_dict(filter_prefix="diffusion_model.")
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.patches
     assert method.upper() in report
+
+
+def test_a_second_erase_reuses_the_cached_encodings(pack, tiny_checkpoint):
+    from concept_erasure_pack.nodes import _comfy
+
+    model, clip, _ = tiny_checkpoint
+    preserve = "Rembrandt; Johannes Vermeer; a photo of a cat; a red car"
+    _, _, first = _erase(pack, model, clip, "Salvador Dali", "a painter", preserve)
+    _, _, second = _erase(pack, model, clip, "Salvador Dali", "a painter", preserve)
+    assert "prompts encoded" in first and "0 prompts encoded, 7 from cache" in second
+    lora_clip = clip.clone()
+    key = next(k for k in lora_clip.patcher.model_state_dict() if k.endswith("self_attn.q_proj.weight"))
+    lora_clip.add_patches({key: ("diff", (torch.zeros(lora_clip.patcher.model_state_dict()[key].shape),))}, 1.0)
+    assert _comfy.clip_fingerprint(lora_clip) != _comfy.clip_fingerprint(clip)

@@ -218,8 +218,9 @@ def _folder_paths(base: str) -> ModuleType:
     """ComfyUI's folder registry over a temporary base folder (models/, input/)."""
     models_dir, input_dir = os.path.join(base, "models"), os.path.join(base, "input")
     os.makedirs(input_dir)
+    user_dir = os.path.join(base, "user")
     module = _module("folder_paths", models_dir=models_dir, folder_names_and_paths={},
-                     get_input_directory=lambda: input_dir)
+                     get_input_directory=lambda: input_dir, get_user_directory=lambda: user_dir)
 
     def get_folder_paths(name: str) -> list[str]:
         return module.folder_names_and_paths[name][0][:]
@@ -320,6 +321,9 @@ def real_pack(comfyui: str) -> NodeEnv:
     from comfy.cli_args import args
 
     args.cpu = True  # before comfy.model_management is imported: no GPU here
+    import folder_paths
+
+    folder_paths.set_user_directory(tempfile.mkdtemp(prefix="ce_real_user_"))  # the encoding cache
     pack = sys.modules.get(REAL_PACK_NAME) or import_pack(REAL_PACK_NAME)
     return NodeEnv("real", pack, {name: importlib.import_module(name) for name in STUB_NAMES})
 
@@ -402,6 +406,10 @@ class FakeClip:
     def __init__(self, width: int = CONTEXT_WIDTH, seed: int = 0):
         self.table = torch.randn(self.VOCAB, width, generator=torch.Generator().manual_seed(seed))
         self.encoded_windows: list[int] = []  # windows per encode_from_tokens call
+        # What the encoding cache's fingerprint reads: the weights and the CLIP's patches.
+        self.cond_stage_model = torch.nn.Embedding.from_pretrained(self.table)
+        self.patcher = SimpleNamespace(patches={})
+        self.layer_idx = None
 
     def _word_id(self, word: str) -> int:
         return zlib.crc32(word.encode()) % self.START

@@ -1,0 +1,419 @@
+"""Time and memory of the closed-form methods on full-size model shapes (no ComfyUI, no downloads).
+
+SD1.5 table: the 32 cross-attention K/V sites of a full-size SD1.5 UNet with seeded random
+weights, and a full CLIP ViT-L/14 text encoder with seeded random weights and the real BPE
+tokenizer. Each case runs ``erasure_core.erase(method, sites, concepts, encoder, config)`` in a
+fresh subprocess, so its peak memory is its own. ``--sdxl`` adds the 140 SDXL K/V sites (width
+2048), edit only: the encodings are given (random, built before the clock starts).
+
+Run ``python benchmarks/bench_closed_form.py --help``; benchmarks/README.md explains the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import erasure_core as ec  # noqa: E402
+from erasure_core.clip_text import BPETokenizer, ClipTextConfig, ClipTextEncoder, find_merges_file  # noqa: E402
+from erasure_core.concepts import normalise  # noqa: E402
+from erasure_core.text import EncodedText, TokenPick  # noqa: E402
+
+ANCHOR = "a painter"
+SINGLE_ROW_PICKS = (TokenPick.LAST_SUBJECT, TokenPick.FIRST_EOT)
+
+# -- synthetic concept names ------------------------------------------------------------------
+# Artist-like names from first names, surname syllables and particles: deterministic, unique,
+# and of varied length (2 to 6 CLIP tokens, checked with the tokenizer).
+_FIRST = ("anna", "marco", "yuki", "olaf", "ines", "tomas", "leila", "pavel", "greta", "kenji", "sofia",
+          "ruben", "amara", "lucas", "nadia", "felix", "hana", "omar", "clara", "ivan", "mei", "diego",
+          "elsa", "arjun", "zofia", "hugo", "lena", "rafael", "asha", "milo")
+_SYLLABLES = ("ber", "ko", "vin", "dal", "mar", "ston", "el", "ova", "rin", "tash", "gu", "lind", "ami",
+              "sor", "quist", "hal", "ne", "vey", "bro", "tz", "ard", "mi", "lo", "wick", "zan", "per",
+              "ous", "cha")
+_PARTICLES = ("van", "de", "von", "da", "le", "al")
+_INITIALS = "ABCDEFGHJKLMNPRSTW"
+
+
+def _candidate(rng: random.Random) -> str:
+    first = rng.choice(_FIRST).capitalize()
+    last = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((1, 2, 2, 3)))).capitalize()
+    r = rng.random()
+    if r < 0.15:
+        return f"{first} {rng.choice(_PARTICLES)} {last}"
+    if r < 0.25:
+        return f"{first} {rng.choice(_INITIALS)}. {last}"
+    if r < 0.35:
+        return last
+    return f"{first} {last}"
+
+
+def concept_names(tokenizer: BPETokenizer, n_targets: int, n_preserve: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n_targets`` target names and ``n_preserve`` disjoint preserve names, each 2-6 tokens.
+
+    One deterministic stream, dealt alternately, so the first k targets are the same for every
+    ``n_targets >= k`` and the preserve set does not depend on the number of targets.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = {normalise(ANCHOR)}
+    targets: list[str] = []
+    preserve: list[str] = []
+    turn = 0
+    while len(targets) < n_targets or len(preserve) < n_preserve:
+        name = _candidate(rng)
+        if normalise(name) in seen or not 2 <= len(tokenizer.ids(name)) <= 6:
+            continue
+        seen.add(normalise(name))
+        (targets if turn % 2 == 0 else preserve).append(name)
+        turn += 1
+    return targets[:n_targets], preserve[:n_preserve]
+
+
+# -- models -----------------------------------------------------------------------------------
+def model_sites(arch: str, seed: int) -> list[ec.AttentionSite]:
+    """Every cross-attention K/V site of the full-size ``arch``, seeded, scaled 1/sqrt(d_in)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [ec.AttentionSite(k, torch.randn(shape, generator=gen) / shape[1] ** 0.5)
+            for k, shape in ec.reference_site_shapes(arch).items() if "attn2" in k]
+
+
+class TimedEncoder:
+    """Calls the CLIP with ``rows`` and adds up the seconds spent inside it."""
+
+    def __init__(self, clip: ClipTextEncoder, rows: str):
+        self.clip, self.rows = clip, rows
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.prompts, self.length = 0.0, 0, 0
+
+    def __call__(self, texts: Sequence[str]) -> EncodedText:
+        t0 = time.perf_counter()
+        out = self.clip(texts, rows=self.rows)
+        self.seconds += time.perf_counter() - t0
+        self.prompts += len(texts)
+        self.length = max(self.length, int(out.hidden.shape[1]))
+        return out
+
+
+class GivenEncoder(TimedEncoder):
+    """Encodings built before the clock starts (SDXL section): random ``[N, 77, width]`` rows with
+    one shared start-token row and each prompt's EOT where the real tokenizer puts it.
+
+    ``expected`` lists the prompt lists the methods will ask for (in their order); any other
+    request is built on the spot, and that time is counted as encode time."""
+
+    def __init__(self, tokenizer: BPETokenizer, expected: Sequence[Sequence[str]], width: int, seed: int):
+        self.tokenizer, self.width = tokenizer, width
+        self.gen = torch.Generator().manual_seed(seed)
+        self.given = {tuple(texts): self._build(texts) for texts in expected}
+        self.rows = "given"
+        self.reset()
+
+    def _build(self, texts: Sequence[str]) -> EncodedText:
+        _, eot = self.tokenizer(texts)
+        hidden = torch.randn(len(texts), self.tokenizer.context_length, self.width, generator=self.gen)
+        hidden[:, 0] = hidden[0, 0]  # the start token's row is the same for every prompt (causal)
+        return EncodedText(tuple(texts), hidden, eot)
+
+    def __call__(self, texts: Sequence[str]) -> EncodedText:
+        t0 = time.perf_counter()
+        out = self.given.get(tuple(texts)) or self._build(texts)
+        self.seconds += time.perf_counter() - t0
+        self.prompts += len(texts)
+        self.length = max(self.length, int(out.hidden.shape[1]))
+        return out
+
+
+def expected_prompts(concepts: ec.ConceptSet) -> list[str]:
+    """The prompt list UCE and SPEED encode: erase pairs, preserve prompts, the empty prompt."""
+    return list(dict.fromkeys([p for pair in concepts.erase_pairs() for p in pair]
+                              + concepts.preserve_prompts([""])))
+
+
+# -- what runs --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    key: str  # what --methods matches (also the label)
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    rows: str | None = None  # forced encoder rows; None: decide from the token pick (and the probe)
+
+    def config(self) -> Any:
+        return ec.make_config(self.method, **self.options)
+
+
+def variants(compare_rows: bool) -> list[Variant]:
+    out: list[Variant] = []
+    for name in ec.methods.names():
+        out.append(Variant(name, name, name))
+        if name == "uce":
+            last = {"token_pick": TokenPick.LAST_SUBJECT}
+            out.append(Variant("uce-last", "uce (last subject)", "uce", last))
+            if compare_rows:
+                out.append(Variant("uce-last-all", "uce (last subject, all rows)", "uce", last, rows="all"))
+    return out
+
+
+def select(all_variants: list[Variant], wanted: str | None) -> list[Variant]:
+    if not wanted:
+        return all_variants
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    known = {v.key for v in all_variants} | {v.label for v in all_variants}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {[v.key for v in all_variants]}")
+    return [v for v in all_variants if v.key in names or v.label in names]
+
+
+def probe_rows(variant: Variant, tokenizer: BPETokenizer, seed: int) -> tuple[str, str]:
+    """Encoder rows for ``variant`` and why. Single-row token picks may stop at the last EOT, but
+    only if the method reads no other row: checked on a small CLIP-width problem by comparing the
+    patch from ``rows="through_eot"`` with the one from all 77 rows."""
+    if variant.rows is not None:
+        return variant.rows, "forced"
+    config = variant.config()
+    if getattr(config, "token_pick", None) not in SINGLE_ROW_PICKS:
+        return "all", "token pick reads rows after EOT"
+    clip = ClipTextEncoder(ClipTextConfig(layers=1), tokenizer, seed=seed)
+    sites = model_sites("sd1", seed)
+    targets, preserve = concept_names(tokenizer, 3, 3, seed)
+    concepts = ec.ConceptSet.simple(targets, (ANCHOR,), preserve)
+    full = ec.erase(variant.method, sites, concepts, TimedEncoder(clip, "all"), config)
+    short = ec.erase(variant.method, sites, concepts, TimedEncoder(clip, "through_eot"), config)
+    if set(full.entries) != set(short.entries):
+        return "all", "through_eot edits other sites"
+    worst = 0.0
+    for key in full.entries:
+        a, b = full[key].dense().double(), short[key].dense().double()
+        worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+    if worst < 1e-4:
+        return "through_eot", f"patch equals the 77-row one (max rel. diff {worst:.1e})"
+    return "all", f"method reads rows after EOT (through_eot patch differs by {worst:.1e})"
+
+
+# -- one case, in its own process -------------------------------------------------------------
+def _status_kib(name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise KeyError(name)
+
+
+def _reset_peak() -> str:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; say how peaks are read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+def _peak_kib(how: str) -> int:
+    if how == "VmHWM":
+        return _status_kib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, since the start
+
+
+def _current_kib() -> int:
+    try:
+        return _status_kib("VmRSS")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+WARMUP = ec.ConceptSet.simple(("Warmup Artist",), (ANCHOR,), ("Other Artist",))
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    if case["threads"]:
+        torch.set_num_threads(case["threads"])
+    variant = Variant(**case["variant"])
+    tokenizer = BPETokenizer(case["merges"])
+    targets, preserve = concept_names(tokenizer, case["targets"], case["preserve"], case["seed"])
+    concepts = ec.ConceptSet.simple(targets, (ANCHOR,), preserve)
+    config = variant.config()
+    sites = model_sites(case["arch"], case["seed"])
+    if case["arch"] == "sd1":
+        encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]), case["rows"])
+    else:
+        encoder = GivenEncoder(tokenizer, [expected_prompts(concepts), expected_prompts(WARMUP)],
+                               sites[0].in_features, case["seed"])
+    if case["warmup"]:  # one-time library start-up (LAPACK, thread pool) off the clock
+        ec.erase(variant.method, sites, WARMUP, encoder, config)
+    gc.collect()
+    how = _reset_peak()
+    base = _current_kib()
+    runs: list[tuple[float, float, float]] = []
+    rank = prompts_encoded = length = 0
+    patch_mib = 0.0
+    for _ in range(case["repeats"]):
+        encoder.reset()
+        gc.collect()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        patch = ec.erase(variant.method, sites, concepts, encoder, config)
+        total = time.perf_counter() - t0
+        runs.append((encoder.seconds, total, (time.process_time() - cpu0) / total))
+        rank, patch_mib = patch.max_rank, patch.nbytes / 2**20
+        prompts_encoded, length = encoder.prompts, encoder.length
+        del patch
+    peak = _peak_kib(how)
+    return {
+        "encode": statistics.median(e for e, _, _ in runs),
+        "solve": statistics.median(t - e for e, t, _ in runs),
+        "total": statistics.median(t for _, t, _ in runs),
+        "cores": statistics.median(c for _, _, c in runs),
+        "peak_mib": peak / 1024,
+        "delta_mib": max(0, peak - base) / 1024,
+        "peak_how": how,
+        "rank": rank,
+        "patch_mib": patch_mib,
+        "prompts": prompts_encoded,
+        "length": length,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_in_subprocess(case: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+# -- table ------------------------------------------------------------------------------------
+COLUMNS = ("method", "rows", "targets", "preserved", "prompts", "encode s", "solve s", "total s",
+           "cores", "peak RSS MiB", "+RSS MiB", "rank", "patch MiB")
+
+
+def _row(case: dict[str, Any], result: dict[str, Any]) -> str:
+    head = [case["variant"]["label"]]
+    if "error" in result:
+        cells = head + ["-", str(case["targets"]), str(case["preserve"])] + [result["error"]] + [""] * 8
+    else:
+        rows = "given" if case["rows"] == "given" else f"{case['rows']} ({result['length']})"
+        cells = head + [rows, str(case["targets"]), str(case["preserve"]), str(result["prompts"]),
+                        f"{result['encode']:.2f}", f"{result['solve']:.2f}", f"{result['total']:.2f}", f"{result['cores']:.1f}",
+                        f"{result['peak_mib']:.0f}", f"{result['delta_mib']:.0f}", str(result["rank"]),
+                        f"{result['patch_mib']:.1f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header() -> str:
+    return "| " + " | ".join(COLUMNS) + " |\n|" + "|".join(" --- " if i < 2 else " ---: " for i in range(len(COLUMNS))) + "|"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return model or platform.processor() or platform.machine()
+
+
+def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str, str],
+                args: argparse.Namespace, merges: str) -> None:
+    print(f"\n### {title}\n")
+    print(_header(), flush=True)
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    for v in chosen:
+        for n_targets in args.targets:
+            for n_preserve in args.preserve:
+                case = {"variant": asdict(v), "arch": arch, "rows": rows_for[v.key], "targets": n_targets,
+                        "preserve": n_preserve, "repeats": args.repeats, "threads": args.threads,
+                        "merges": merges, "seed": args.seed, "warmup": not args.no_warmup}
+                result = run_case(case) if args.inline else run_in_subprocess(case, args.case_timeout)
+                print(_row(case, result), flush=True)
+    print(f"\n({title}: {time.perf_counter() - started:.0f} s wall, setup included; 1-minute load average "
+          f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="runs per case; the table shows medians")
+    p.add_argument("--quick", action="store_true", help="targets 1,10 and preserve 0 only")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method keys (default: every registered method plus uce-last)")
+    p.add_argument("--targets", type=_ints, default=[1, 10, 100, 1000], help="comma-separated target counts")
+    p.add_argument("--preserve", type=_ints, default=[0, 1000], help="comma-separated preserve-set sizes")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--merges", default=None, help="CLIP merges file (default: open-clip-torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sdxl", action="store_true", help="also run the SDXL section (140 sites, width 2048)")
+    p.add_argument("--no-sd1", action="store_true", help="skip the SD1.5 table")
+    p.add_argument("--compare-rows", action="store_true",
+                   help="add 'uce (last subject, all rows)': the same edit encoded at all 77 rows")
+    p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is abandoned")
+    p.add_argument("--inline", action="store_true",
+                   help="run cases in this process (faster start; peak memory is then not per case)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="time the first erase of each worker too (library start-up included)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(run_case(json.loads(args.worker))))
+        return
+    if args.quick:
+        args.targets, args.preserve = [1, 10], [0]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    merges = args.merges or find_merges_file()
+    tokenizer = BPETokenizer(merges)
+    chosen = select(variants(args.compare_rows), args.methods)
+
+    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+          f"({_cpu()}), repeats {args.repeats} (medians)")
+    names = concept_names(tokenizer, max(args.targets), max(args.preserve), args.seed)
+    lengths = sorted(len(tokenizer.ids(n)) for n in names[0] + names[1])
+    print(f"concepts: artist-like names, e.g. {', '.join(names[0][:4])}; {len(lengths)} names, "
+          f"{lengths[0]}-{lengths[-1]} tokens (median {statistics.median(lengths):g}); anchor '{ANCHOR}'")
+
+    if not args.no_sd1:
+        rows_for: dict[str, str] = {}
+        for v in chosen:
+            rows_for[v.key], why = probe_rows(v, tokenizer, args.seed)
+            print(f"encoder rows for {v.label}: {rows_for[v.key]} ({why})")
+        run_section("SD1.5: 32 K/V sites (width 768), CLIP-L encoder", "sd1", chosen, rows_for, args, merges)
+    if args.sdxl:
+        wanted = {"uce", "uce-last", "speed"}
+        sdxl = [v for v in chosen if v.key in wanted]
+        run_section("SDXL: 140 K/V sites (width 2048), encodings given", "sdxl", sdxl,
+                    {v.key: "given" for v in sdxl}, args, merges)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""MACE's closed-form refinement (Lu et al., CVPR 2024, arXiv 2403.06135, stage 1 "CFR").
+
+For every templated prompt pair (target prompt, anchor prompt) MACE aligns the token rows the two
+prompts share: the common prefix (identical rows: CLIP is causal, so these act as "keep" rows),
+the common suffix and end-of-text row, and the padding aligned from the end. The concept's own
+words are *left out*: the edit removes the concept from the surrounding words, where it leaks
+through attention ("residual concept information"). The aligned old rows are keys, the matching
+new rows' original outputs their targets, solved in the shared closed form with a preservation
+prior (the preserve prompts, all rows).
+
+The reference configs use λ = 0 with a prior of all 616k MS-COCO captions; without that prior the
+system is singular. We keep λ > 0 (the node's `lamb`, 0.5 by default), which leaves directions no
+key constrains at their original weights: the minimum-change solution of the same problem.
+Stages 2–3 (per-concept LoRA training with segmentation masks, then fusion) need image training
+and are out of scope for a graph node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..architectures import AttentionSite
+from ..concepts import BUILTIN_TEMPLATES, ConceptSet
+from ..errors import ConceptError
+from ..linalg import RightMultiplier, anchored_right_multiplier
+from ..patch import PatchSet
+from ..text import EncodedText, TextEncoder, TokenPick
+from . import register
+from .closed_form import (
+    ClosedFormConfig,
+    Progress,
+    default_device,
+    describe_run,
+    encode_concepts,
+    patch_from_multipliers,
+)
+
+__all__ = ["MACEConfig", "aligned_rows", "solve"]
+
+
+@dataclass(frozen=True)
+class MACEConfig(ClosedFormConfig):
+    """MACE CFR uses the shared options; ``token_pick`` is replaced by MACE's own alignment."""
+
+
+def aligned_rows(enc: EncodedText, old: str, new: str) -> tuple[list[int], list[int]]:
+    """Row indices of ``old`` and the matching rows of ``new``: common prefix, common suffix up to
+    the end-of-text token, and the padding aligned from the end; differing words excluded."""
+    if enc.token_ids is None:
+        raise ConceptError("MACE needs the token ids of each prompt, but this text encoder gives none. "
+                           "Use UCE, SPEED or RECE with it.", input_name="clip")
+    i, j = enc.index(old), enc.index(new)
+    o, n = enc.token_ids[i].tolist(), enc.token_ids[j].tolist()
+    eo, en = int(enc.eot_index[i]), int(enc.eot_index[j])
+    length = len(o)
+    prefix = 0
+    while prefix <= min(eo, en) and o[prefix] == n[prefix]:
+        prefix += 1
+    suffix = 0
+    while eo - suffix >= prefix and en - suffix >= prefix and o[eo - suffix] == n[en - suffix]:
+        suffix += 1
+    pads = min(length - 1 - eo, length - 1 - en)
+    old_rows = [*range(prefix), *range(eo - suffix + 1, eo + 1), *range(length - pads, length)]
+    new_rows = [*range(prefix), *range(en - suffix + 1, en + 1), *range(length - pads, length)]
+    return old_rows, new_rows
+
+
+@torch.no_grad()
+def solve(
+    sites: Sequence[AttentionSite],
+    concepts: ConceptSet,
+    encoder: TextEncoder,
+    config: MACEConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> PatchSet:
+    """Erase ``concepts`` with MACE's closed-form refinement (one solve per key width)."""
+    config = config or MACEConfig()
+    started = time.perf_counter()
+    if not concepts.templates:  # MACE always erases templated prompts (30 per concept)
+        concepts = replace(concepts, templates=dict(BUILTIN_TEMPLATES))
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    device = torch.device(device) if device is not None else default_device(sites)
+    ce_rows, ca_rows = [], []
+    for old, new in keys.pairs:
+        o, n = aligned_rows(keys.enc, old, new)
+        ce_rows.append(keys.rows(old)[o])
+        ca_rows.append(keys.rows(new)[n])
+    ce, ca = torch.cat(ce_rows).to(device), torch.cat(ca_rows).to(device)
+    cp = keys.preserve(TokenPick.ALL).to(device)
+    multipliers: dict[int, RightMultiplier] = {}
+    for width in sorted({s.in_features for s in sites}):
+        multipliers[width] = anchored_right_multiplier(
+            ce, ca, cp, erase_scale=config.erase_scale, preserve_scale=config.preserve_scale,
+            lamb=config.lamb, dtype=config.solve_dtype.torch, method="MACE")
+    meta = describe_run("mace", concepts, config)
+    return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, "MACE",
+                                  progress, started)
+
+
+register("mace", MACEConfig, solve,
+         "MACE closed-form refinement (arXiv 2403.06135): remove the concept from the words around it.")

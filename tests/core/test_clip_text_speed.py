@@ -1,0 +1,109 @@
+"""ClipTextEncoder(rows="through_eot"): only the positions up to the last EOT, equal to the full
+encoding's first rows (the model is causal), with prompts batched by length and returned in order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fakes import tiny_encoder, tiny_sites
+
+from erasure_core import ConceptSet, ConfigError, TokenPick, erase, make_config
+from erasure_core.clip_text import ClipTextConfig, ClipTextEncoder
+from erasure_core.text import erase_rows, preserve_rows
+
+# 1 to 6 words: with the word tokenizer (context 8) the EOT lands at positions 2..7.
+MIXED = ["a b c d e f", "cat", "", "a photo of a cat", "dog", "van gogh", "x y z w v", "tree"]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_through_eot_rows_equal_the_first_rows_of_the_full_encoding(batch_size):
+    enc = tiny_encoder()
+    enc.batch_size = batch_size
+    full = enc(MIXED)
+    short = enc(MIXED, rows="through_eot")
+    t = int(full.eot_index.max()) + 1
+    assert full.hidden.shape == (len(MIXED), 8, 32)
+    assert short.hidden.shape == (len(MIXED), t, 32)
+    assert short.texts == full.texts == tuple(MIXED)
+    assert torch.equal(short.eot_index, full.eot_index)
+    _close(short.hidden, full.hidden[:, :t])
+
+
+def test_short_batches_stop_at_their_own_longest_prompt():
+    enc = tiny_encoder()
+    full = enc(["cat", "a dog"])
+    short = enc(["cat", "a dog"], rows="through_eot")
+    assert short.hidden.shape[1] == 4  # start, a, dog, EOT
+    _close(short.hidden, full.hidden[:, :4])
+
+
+@pytest.mark.parametrize("rows", ["all", "through_eot"])
+def test_mixed_lengths_come_back_in_the_order_given(rows):
+    enc = tiny_encoder()
+    enc.batch_size = 3  # several chunks, each mixing prompts from all over the input
+    batch = enc(MIXED, rows=rows)
+    for i, text in enumerate(MIXED):
+        alone = enc([text])  # rows="all" on its own: no batching, no reordering
+        t = batch.hidden.shape[1]
+        _close(batch.hidden[i], alone.hidden[0, :t])
+        assert int(batch.eot_index[i]) == int(alone.eot_index[0])
+
+
+def test_chunks_group_prompts_of_similar_length():
+    enc = tiny_encoder()
+    enc.batch_size = 3
+    seen: list[list[int]] = []
+    forward = enc.forward
+
+    def spy(ids: torch.Tensor) -> torch.Tensor:
+        seen.append([int(row.eq(1).nonzero()[0]) for row in ids])  # first EOT (id 1) per row
+        return forward(ids)
+
+    enc.forward = spy  # type: ignore[method-assign]
+    enc(MIXED, rows="through_eot")
+    assert sorted(x for chunk in seen for x in chunk) == sorted(int(e) for e in enc.tokenizer(MIXED)[1])
+    for a, b in zip(seen, seen[1:], strict=False):
+        assert max(a) <= min(b)
+
+
+def test_rows_must_be_a_known_mode():
+    with pytest.raises(ConfigError, match="rows"):
+        tiny_encoder()(["cat"], rows="some")
+
+
+@pytest.mark.parametrize("pick", [TokenPick.LAST_SUBJECT, TokenPick.FIRST_EOT])
+def test_single_row_token_picks_read_the_same_keys(pick):
+    enc = tiny_encoder()
+    pairs = [("van gogh", "a painter"), ("cat", ""), ("a b c d e f", "dog")]
+    keep = ["monet", "a red car", ""]
+    texts = list(dict.fromkeys([p for pair in pairs for p in pair] + keep))
+    full, short = enc(texts), enc(texts, rows="through_eot")
+    for got, want in zip(erase_rows(short, pairs, pick), erase_rows(full, pairs, pick), strict=True):
+        _close(got, want)
+    _close(preserve_rows(short, keep, pick), preserve_rows(full, keep, pick))
+
+
+def test_uce_with_last_subject_gives_the_same_patch_from_through_eot_rows():
+    enc, sites = tiny_encoder(), tiny_sites()
+    concepts = ConceptSet.simple(("van gogh", "claude monet"), ("a painter",), ("rembrandt", "a photo of a cat"))
+    config = make_config("uce", token_pick=TokenPick.LAST_SUBJECT)
+    want = erase("uce", sites, concepts, enc, config)
+    got = erase("uce", sites, concepts, lambda texts: enc(texts, rows="through_eot"), config)
+    for site in sites:
+        _close(got[site.key].dense(), want[site.key].dense())
+
+
+def test_clip_bpe_through_eot_matches_the_full_77_rows(clip_tokenizer):
+    enc = ClipTextEncoder(ClipTextConfig(width=64, layers=2, heads=2), clip_tokenizer, seed=5, batch_size=2)
+    texts = ["Kalinda Moraveth", "a photo of a cat", "", "Van Gogh", "an oil painting by Salvador Dali"]
+    full = enc(texts)
+    short = enc(texts, rows="through_eot")
+    t = int(full.eot_index.max()) + 1
+    assert full.hidden.shape[1] == 77 and short.hidden.shape[1] == t < 77
+    _close(short.hidden, full.hidden[:, :t])
+    for i, text in enumerate(texts):
+        _close(short.hidden[i], enc([text]).hidden[0, :t])
