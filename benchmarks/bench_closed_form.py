@@ -348,7 +348,7 @@ def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str
                 args: argparse.Namespace, merges: str) -> None:
     print(f"\n### {title}\n")
     print(_header(), flush=True)
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started, load, hows = time.perf_counter(), os.getloadavg()[0], set()
     for v in chosen:
         for n_targets in args.targets:
             for n_preserve in args.preserve:
@@ -357,8 +357,11 @@ def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str
                         "merges": merges, "seed": args.seed, "warmup": not args.no_warmup}
                 result = run_case(case) if args.inline else run_in_subprocess(case, args.case_timeout)
                 print(_row(case, result), flush=True)
+                hows.add(result.get("peak_how"))
     print(f"\n({title}: {time.perf_counter() - started:.0f} s wall, setup included; 1-minute load average "
           f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)", flush=True)
+    if "ru_maxrss" in hows:
+        print("(peak RSS from ru_maxrss: /proc/self/clear_refs was not writable, so peaks include set-up)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

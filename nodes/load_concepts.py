@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..erasure_core import ConceptError, ConceptKind, ConceptSet
-from ..erasure_core.concept_files import TemplateMode, assemble, list_presets, list_preserve_sets, save_json
+from ..erasure_core.concept_files import TemplateMode, assemble, list_preserve_sets, list_presets, save_json
 from ..erasure_core.concepts import check_prompt_lengths
 from . import _comfy
 from ._schema import names_node, validation_message
