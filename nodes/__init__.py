@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from .closed_form_erase import ClosedFormErase
 from .load_concepts import LoadConcepts, MergeConcepts, SaveConcepts
-from .method_options import RECEOptions, SPEEDOptions
+from .method_options import RealEraOptions, RECEOptions, SPEEDOptions
 
-NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SPEEDOptions, RECEOptions]
+NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SPEEDOptions, RECEOptions, RealEraOptions]
 
 __all__ = ["NODES"]

@@ -50,3 +50,7 @@ class SPEEDOptions(MethodOptions):
 
 class RECEOptions(MethodOptions):
     METHOD, NODE_ID, DISPLAY_NAME = "rece", "CE_RECEOptions", "RECE Options"
+
+
+class RealEraOptions(MethodOptions):
+    METHOD, NODE_ID, DISPLAY_NAME = "realera", "CE_RealEraOptions", "RealEra Options"

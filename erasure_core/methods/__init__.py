@@ -59,3 +59,4 @@ from . import uce as _uce  # noqa: E402,F401,I001  (registers the methods, in me
 from . import speed as _speed  # noqa: E402,F401
 from . import rece as _rece  # noqa: E402,F401
 from . import mace as _mace  # noqa: E402,F401
+from . import realera as _realera  # noqa: E402,F401

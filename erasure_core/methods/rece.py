@@ -104,7 +104,7 @@ def solve(
         m = torch.eye(width, dtype=dtype, device=device) + start.P @ start.Q
         for _ in range(config.epochs):
             adv = torch.cat([adversarial_rows(c, gram_w, m, config.reg) for c in targets])
-            step = anchored_right_multiplier(adv, guides.reshape(-1, width), cp_all, erase_scale=1.0,
+            step = anchored_right_multiplier(adv, guides.reshape(-1, width), cp_all, erase_scale=config.erase_scale,
                                              preserve_scale=config.adv_preserve_scale, lamb=config.adv_lamb,
                                              dtype=dtype, method="RECE")
             m = m + (m @ step.P) @ step.Q  # W'' = W' (I + P Q) = W M (I + P Q)

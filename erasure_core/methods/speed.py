@@ -86,8 +86,8 @@ class SPEEDConfig(ClosedFormConfig):
         10, "Directed prior augmentation: perturbed copies per kept retain key (0 turns filtering and "
         "augmentation off).", min=0, max=100)
     disable_filter: bool = option(
-        False, "Skip influence-based filtering and augmentation (the paper does this for celebrity "
-        "sets, whose retain set does not reach rank saturation).")
+        False, "Skip influence-based filtering: augment every retain key, not only the most influenced "
+        "(the paper does this for celebrity sets, whose retain set does not reach rank saturation).")
     seed: int = option(0, "Seed of the augmentation noise and the k-means of the invariants.", min=0, max=2**31 - 1)
 
 
@@ -107,7 +107,7 @@ def _retain_prompts(keep: Sequence[str], concepts: ConceptSet) -> list[str]:
     """Retain prompts that do not name a target as a whole word (as the reference drops them)."""
     names = [re.escape(n) for t in concepts.targets for n in t.names]
     pattern = re.compile(r"\b(" + "|".join(names) + r")\b", re.IGNORECASE) if names else None
-    return [p for p in keep if p and not (pattern and pattern.search(p))]
+    return [p for p in keep if not (pattern and pattern.search(p))]
 
 
 def _invariants(null_rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -124,9 +124,8 @@ def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SP
     eye = torch.eye(d, dtype=c1tc1.dtype, device=c1tc1.device)
     if shared_p is None:
         erase = solve_right(eye + c1tc1, diff.T @ ce)  # (AᵀC₁ − C₁ᵀC₁)(I + C₁ᵀC₁)⁻¹: plain erase
-        moved = (retain @ erase.T) @ w.T  # [N, d_out]: ΔW_erase r for every retain key
-        influence = moved.norm(dim=1)
-        kept = retain[influence > influence.mean()]
+        influence = ((retain @ erase.T) @ w.T).norm(dim=1)  # ‖ΔW_erase r‖ for every retain key
+        kept = retain if config.disable_filter else retain[influence > influence.mean()]
         augmented = [kept]
         v_min = torch.linalg.svd(w, full_matrices=False).Vh[-1]  # least-amplified input direction
         for chunk in kept.split(DPA_CHUNK):
@@ -167,10 +166,16 @@ def solve(
     device = torch.device(device) if device is not None else default_device(sites)
     dtype = config.solve_dtype.torch
     ce, ca = (t.to(device, dtype) for t in keys.erase(config.token_pick))
+    if config.token_pick is TokenPick.ALL:  # the reference's all-token keys are rows 1..76: no start row
+        length = keys.enc.hidden.shape[1]
+        rows = torch.arange(len(ce), device=device) % length != 0
+        ce, ca = ce[rows], ca[rows]
     retain_prompts = _retain_prompts(keys.keep, concepts)
     null_rows = keys.rows("").to(device, dtype)
-    retain = keys.preserve(config.token_pick, retain_prompts).to(device, dtype) if retain_prompts \
-        else null_rows[1:]  # no retain set: the null prompt's non-start rows, as the reference
+    # retain keys are always last-subject rows (also in the all-token nudity setting), or, with no
+    # retain set, the null prompt's non-start rows, as in the reference
+    retain = keys.preserve(TokenPick.LAST_SUBJECT, retain_prompts).to(device, dtype) if retain_prompts \
+        else null_rows[1:]
     if len(ce) == 0:
         raise ConceptError("SPEED needs target rows, but the token strategy selected none.",
                            input_name="concepts")
@@ -179,7 +184,7 @@ def solve(
     stats = {"c1tc1": c1tc1, "diff": diff, "ce": ce, "retain": retain,
              "k2": _invariants(null_rows.cpu(), generator).to(device, dtype)}
     shared_p = None
-    if config.disable_filter or config.aug_num == 0:  # no per-layer refinement: one projector
+    if config.aug_num == 0:  # no per-layer refinement (the reference skips IPF too): one projector
         shared_p = low_eigen_projector(retain.T @ retain / len(retain), config.threshold)
     shared: dict[int, RightMultiplier] = {}
 

@@ -167,7 +167,7 @@ def test_unsupported_architecture_is_refused_by_name(pack):
                 "diffusion_model.double_blocks.0.txt_attn.qkv.weight": (9216, 3072)})
 
 
-@pytest.mark.parametrize("method", ["uce", "speed", "rece", "mace"])
+@pytest.mark.parametrize("method", ["uce", "speed", "rece", "mace", "realera"])
 def test_every_method_patches_a_clone_and_leaves_the_input_untouched(pack, tiny_checkpoint, method):
     from concept_erasure_pack.erasure_core import make_config
 

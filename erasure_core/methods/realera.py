@@ -1,0 +1,126 @@
+"""UCE with RealEra's neighbour mining (Liu et al., arXiv 2410.09140; no reference code).
+
+A concept's meaning is not one point of the text space: paraphrases and near-synonyms land near
+its embedding and bring it back ("concept residue"). RealEra samples neighbours ``e + η`` of every
+target key row ``e`` with a bounded distance and a cosine in a band,
+``‖η‖ ≤ D₁‖e‖`` and ``cos(e, e + η) ∈ [S₁, S₂]``, and erases them toward the same anchor rows,
+while the preservation term keeps unrelated concepts (its "beyond-concept regularisation"). The
+closed form is UCE's; only the key set grows. RealEra's LoRA noise-alignment stage needs image
+training and is not part of this edit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..architectures import AttentionSite
+from ..concepts import ConceptSet
+from ..config import option
+from ..errors import ConfigError
+from ..linalg import RightMultiplier, anchored_right_multiplier
+from ..patch import PatchSet
+from ..text import TextEncoder, erase_rows
+from . import register
+from .closed_form import (
+    ClosedFormConfig,
+    Progress,
+    default_device,
+    describe_run,
+    encode_concepts,
+    patch_from_multipliers,
+)
+
+__all__ = ["RealEraConfig", "sample_neighbours", "solve"]
+
+
+@dataclass(frozen=True)
+class RealEraConfig(ClosedFormConfig):
+    """UCE's options plus the neighbour sampler's."""
+
+    neighbours: int = option(8, "Neighbours sampled per target key row. More close the residue gap further "
+                                "but spend preservation.", min=0, max=256)
+    max_distance: float = option(0.5, "D₁: largest distance of a neighbour, relative to the row's norm.",
+                                 min=0.0, max=2.0, step=0.01)
+    min_cosine: float = option(0.9, "S₁: smallest cosine between a row and its neighbour.", min=-1.0, max=1.0,
+                               step=0.01)
+    max_cosine: float = option(0.99, "S₂: largest cosine (below 1, so neighbours differ from the row).",
+                               min=-1.0, max=1.0, step=0.01)
+    seed: int = option(0, "Seed of the neighbour sampler.", min=0, max=2**31 - 1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_cosine > self.max_cosine:
+            raise ConfigError(f"min_cosine must not exceed max_cosine, but got {self.min_cosine} > "
+                              f"{self.max_cosine}. Swap them.", input_name="min_cosine")
+        if self.max_distance < math.sqrt(2 - 2 * self.max_cosine):
+            raise ConfigError(
+                f"max_distance must admit the cosine band (a neighbour at cosine {self.max_cosine} lies "
+                f"{math.sqrt(2 - 2 * self.max_cosine):.3f} away), but got {self.max_distance}. Raise "
+                "max_distance or max_cosine.", input_name="max_distance")
+
+
+def sample_neighbours(rows: torch.Tensor, count: int, config: RealEraConfig,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` neighbours of every row ``[R, d]`` -> ``([R * count, d], source row index)``.
+
+    Each neighbour keeps the row's norm and turns it by an angle whose cosine is drawn in
+    ``[S₁, S₂]`` (capped so that the distance stays within ``D₁‖e‖``) toward a random direction.
+    """
+    r, d = rows.shape
+    norm = rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = rows / norm
+    # distance of a same-norm neighbour at cosine c is ‖e‖ sqrt(2 - 2c): the band's lower end
+    lowest = max(config.min_cosine, 1 - config.max_distance**2 / 2)
+    cos = lowest + (config.max_cosine - lowest) * torch.rand(r, count, 1, generator=generator, dtype=rows.dtype)
+    direction = torch.randn(r, count, d, generator=generator, dtype=rows.dtype)
+    direction -= (direction * unit[:, None]).sum(-1, keepdim=True) * unit[:, None]  # ⊥ the row
+    direction /= direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    turned = cos * unit[:, None] + torch.sqrt(1 - cos**2) * direction
+    return (turned * norm[:, None]).reshape(-1, d), torch.arange(r).repeat_interleave(count)
+
+
+@torch.no_grad()
+def solve(
+    sites: Sequence[AttentionSite],
+    concepts: ConceptSet,
+    encoder: TextEncoder,
+    config: RealEraConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> PatchSet:
+    """UCE over the target rows and their sampled neighbours (each mapped to its row's anchor)."""
+    config = config or RealEraConfig()
+    started = time.perf_counter()
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    device = torch.device(device) if device is not None else default_device(sites)
+    ce, ca = keys.erase(config.token_pick)
+    cp = keys.preserve(config.token_pick)
+    extra_e, extra_a = [], []
+    for pair in keys.pairs if config.neighbours else []:
+        # one generator per prompt, seeded by its text: the result does not depend on concept order
+        te, ta = erase_rows(keys.enc, [pair], config.token_pick)
+        seed = config.seed ^ int.from_bytes(hashlib.sha256(pair[0].encode()).digest()[:4], "little")
+        near, source = sample_neighbours(te.double(), config.neighbours, config, torch.Generator().manual_seed(seed))
+        extra_e.append(near.to(ce.dtype))
+        extra_a.append(ta[source])
+    ce, ca = torch.cat([ce, *extra_e]), torch.cat([ca, *extra_a])
+    multipliers: dict[int, RightMultiplier] = {}
+    for width in sorted({s.in_features for s in sites}):
+        multipliers[width] = anchored_right_multiplier(
+            ce.to(device), ca.to(device), cp.to(device), erase_scale=config.erase_scale,
+            preserve_scale=config.preserve_scale, lamb=config.lamb, dtype=config.solve_dtype.torch,
+            method="RealEra")
+    meta = describe_run("realera", concepts, config)
+    return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, "RealEra",
+                                  progress, started)
+
+
+register("realera", RealEraConfig, solve,
+         "UCE + RealEra neighbour mining (arXiv 2410.09140): also erase sampled neighbours of each target.")

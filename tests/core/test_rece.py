@@ -1,0 +1,114 @@
+"""RECE on the tiny seeded sites and encoder, against float64 references written straight from the
+paper's equations (research/algorithms.md §3), one layer at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from erasure_core import ConceptSet, erase, make_config
+from erasure_core.methods.rece import adversarial_rows
+
+TARGETS = ("van gogh", "picasso")
+ANCHOR = "a painter"
+PRESERVE = ("monet", "a red car")
+
+
+def _concepts():
+    return ConceptSet.simple(TARGETS, (ANCHOR,), PRESERVE)
+
+
+def _rows(encoder, prompt):
+    """Every token row of one prompt, ``[T, d]`` float64."""
+    return encoder([prompt]).hidden[0].double()
+
+
+def _reference_adversarial(c, originals, edited, reg):
+    """RECE ``close_regzero``: c' = (Σ_l W'_lᵀW'_l + λ_reg I)⁻¹ (Σ_l W'_lᵀ W_l) c for every row of ``c``."""
+    d = c.shape[1]
+    lhs = sum(we.T @ we for we in edited) + reg * torch.eye(d, dtype=torch.float64)
+    rhs = sum(we.T @ w for w, we in zip(originals, edited, strict=True))
+    return (torch.linalg.inv(lhs) @ rhs @ c.T).T
+
+
+def _weights(sites, patch=None):
+    """Original weights and, with a patch, the edited ones (float64, in site order)."""
+    originals = [s.weight.double() for s in sites]
+    if patch is None:
+        return originals
+    return originals, [w + patch[s.key].dense().double() for w, s in zip(originals, sites, strict=True)]
+
+
+def test_adversarial_rows_equal_the_per_site_float64_closed_form(sites):
+    gen = torch.Generator().manual_seed(7)
+    d = sites[0].in_features
+    m = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=gen, dtype=torch.float64)
+    c = torch.randn(8, d, generator=gen, dtype=torch.float64)
+    originals = _weights(sites)
+    gram = sum(w.T @ w for w in originals)
+    for reg in (1e-3, 1e-1):
+        ref = _reference_adversarial(c, originals, [w @ m for w in originals], reg)
+        torch.testing.assert_close(adversarial_rows(c, gram, m, reg), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_zero_epochs_is_uce_with_the_same_options(sites, encoder):
+    shared = {"lamb": 0.5, "preserve_scale": 0.3, "erase_scale": 1.2}
+    uce = erase("uce", sites, _concepts(), encoder, make_config("uce", **shared))
+    rece = erase("rece", sites, _concepts(), encoder, make_config("rece", epochs=0, **shared))
+    assert sorted(rece.keys()) == sorted(uce.keys()) == sorted(s.key for s in sites)
+    for key in uce.keys():
+        torch.testing.assert_close(rece[key].dense(), uce[key].dense(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_epoch_equals_the_per_layer_float64_adversarial_uce_step(sites, encoder):
+    config = make_config("rece", epochs=1)
+    uce_options = {k: getattr(config, k) for k in
+                   ("token_pick", "erase_scale", "preserve_scale", "lamb", "preserve_empty_prompt", "solve_dtype")}
+    start = erase("uce", sites, _concepts(), encoder, make_config("uce", **uce_options))
+    rece = erase("rece", sites, _concepts(), encoder, config)
+    originals, w1s = _weights(sites, start)
+    d = sites[0].in_features
+    eye = torch.eye(d, dtype=torch.float64)
+    # c' for each target's 8 token rows, over every site (all share the width here).
+    adv = [_reference_adversarial(_rows(encoder, t), originals, w1s, config.reg) for t in TARGETS]
+    guide = _rows(encoder, ANCHOR)  # aligned with the target rows by position
+    keep = [*PRESERVE, ""]  # preserve_empty_prompt is on by default
+    cp = torch.cat([_rows(encoder, p) for p in keep])
+    lam, eta = config.adv_lamb, config.adv_preserve_scale
+    assert config.preserve_empty_prompt and (lam, eta) == (0.1, 0.1)
+    for site, w, w1 in zip(sites, originals, w1s, strict=True):
+        mat1 = lam * w1 + sum(w1 @ guide.T @ c for c in adv) + eta * w1 @ cp.T @ cp
+        mat2 = lam * eye + sum(c.T @ c for c in adv) + eta * cp.T @ cp
+        ref = mat1 @ torch.linalg.inv(mat2) - w
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(rece[site.key].dense().double(), ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_adversarial_embedding_recovers_less_of_the_target_with_each_epoch(sites, encoder):
+    """Residual Σ_l ‖W'_l c' − W_l c‖ / ‖W_l c‖ of the closed-form attack on the target's rows."""
+    reg = make_config("rece").reg
+    c = _rows(encoder, TARGETS[0])
+
+    def residual(patch):
+        originals, edited = _weights(sites, patch)
+        adv = _reference_adversarial(c, originals, edited, reg)
+        return sum(((we @ adv.T - w @ c.T).norm() / (w @ c.T).norm()).item()
+                   for w, we in zip(originals, edited, strict=True))
+
+    uce = residual(erase("uce", sites, _concepts(), encoder, make_config("uce")))
+    by_epoch = [residual(erase("rece", sites, _concepts(), encoder, make_config("rece", epochs=n)))
+                for n in (1, 2, 3)]
+    assert by_epoch[0] > 1.2 * uce and by_epoch[2] > 1.2 * uce
+    assert by_epoch == sorted(by_epoch)
+
+
+def test_nudity_preset_uses_the_papers_epochs_and_regularisation():
+    config = make_config("rece", preset="nudity")
+    assert (config.epochs, config.reg) == (3, 0.1)
+
+
+@pytest.mark.parametrize(("preset", "epochs", "reg"), [
+    ("artistic style", 1, 1e-3), ("hard object", 1, 1e-3), ("easy object", 1, 1e-1), ("unsafe", 2, 1e-1)])
+def test_other_presets_follow_the_readme_table(preset, epochs, reg):
+    config = make_config("rece", preset=preset)
+    assert (config.epochs, config.reg) == (epochs, reg)
