@@ -103,7 +103,7 @@ def solve(
                                           dtype=dtype, method="RECE (UCE start)")
         m = torch.eye(width, dtype=dtype, device=device) + start.P @ start.Q
         for _ in range(config.epochs):
-            adv = torch.cat([adversarial_rows(c, gram_w, m, config.reg) for c in targets])
+            adv = adversarial_rows(targets.reshape(-1, width), gram_w, m, config.reg)  # one solve, all rows
             step = anchored_right_multiplier(adv, guides.reshape(-1, width), cp_all, erase_scale=config.erase_scale,
                                              preserve_scale=config.adv_preserve_scale, lamb=config.adv_lamb,
                                              dtype=dtype, method="RECE")
