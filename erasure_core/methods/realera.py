@@ -51,7 +51,8 @@ class RealEraConfig(ClosedFormConfig):
                                step=0.01)
     max_cosine: float = option(0.99, "S₂: largest cosine (below 1, so neighbours differ from the row).",
                                min=-1.0, max=1.0, step=0.01)
-    seed: int = option(0, "Seed of the neighbour sampler.", min=0, max=2**31 - 1)
+    random_seed: int = option(0, "Seed of the neighbour sampler (fixed, so the edit is reproducible).", min=0,
+                              max=2**31 - 1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,7 +107,7 @@ def solve(
     for pair in keys.pairs if config.neighbours else []:
         # one generator per prompt, seeded by its text: the result does not depend on concept order
         te, ta = erase_rows(keys.enc, [pair], config.token_pick)
-        seed = config.seed ^ int.from_bytes(hashlib.sha256(pair[0].encode()).digest()[:4], "little")
+        seed = config.random_seed ^ int.from_bytes(hashlib.sha256(pair[0].encode()).digest()[:4], "little")
         near, source = sample_neighbours(te.double(), config.neighbours, config, torch.Generator().manual_seed(seed))
         extra_e.append(near.to(ce.dtype))
         extra_a.append(ta[source])

@@ -88,7 +88,8 @@ class SPEEDConfig(ClosedFormConfig):
     disable_filter: bool = option(
         False, "Skip influence-based filtering: augment every retain key, not only the most influenced "
         "(the paper does this for celebrity sets, whose retain set does not reach rank saturation).")
-    seed: int = option(0, "Seed of the augmentation noise and the k-means of the invariants.", min=0, max=2**31 - 1)
+    random_seed: int = option(0, "Seed of the augmentation noise and the k-means of the invariants (fixed, so the "
+                                 "edit is reproducible).", min=0, max=2**31 - 1)
 
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -179,7 +180,7 @@ def solve(
     if len(ce) == 0:
         raise ConceptError("SPEED needs target rows, but the token strategy selected none.",
                            input_name="concepts")
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.random_seed)
     c1tc1, diff = _mean_stats(ce, ca, len(keys.pairs))
     stats = {"c1tc1": c1tc1, "diff": diff, "ce": ce, "retain": retain,
              "k2": _invariants(null_rows.cpu(), generator).to(device, dtype)}

@@ -70,7 +70,7 @@ def test_unfiltered_edit_equals_the_per_layer_float64_closed_form(sites, encoder
     c1 = _last_subject(encoder, TARGETS)
     a = _last_subject(encoder, (ANCHOR,) * len(TARGETS))
     retain = _last_subject(encoder, RETAIN)
-    k2 = _invariant_keys(encoder, config.seed)
+    k2 = _invariant_keys(encoder, config.random_seed)
     edited = [s for s in sites if _is_v(s)]
     assert sorted(patch.keys()) == sorted(s.key for s in edited)
     for site in edited:
@@ -82,7 +82,7 @@ def test_unfiltered_edit_equals_the_per_layer_float64_closed_form(sites, encoder
 
 def test_filtered_edit_is_fixed_by_the_seed_and_changes_with_it(sites, encoder):
     def deltas(seed):
-        patch = erase("speed", sites, _concepts(), encoder, make_config("speed", seed=seed))
+        patch = erase("speed", sites, _concepts(), encoder, make_config("speed", random_seed=seed))
         return [patch[k].dense().double() for k in sorted(patch.keys())]
 
     first, again, other = deltas(0), deltas(0), deltas(1)
@@ -116,7 +116,7 @@ def test_invariants_are_unchanged_exactly_when_lamb_is_zero(sites, encoder):
     k2 = _invariant_keys(encoder, 0)
     relative = {}
     for lamb in (0.0, 0.5):
-        patch = erase("speed", sites, _concepts(), encoder, _config(lamb=lamb, seed=0))
+        patch = erase("speed", sites, _concepts(), encoder, _config(lamb=lamb, random_seed=0))
         relative[lamb] = max(
             ((d := patch[k].dense().double()) @ k2).norm().item()
             / (torch.linalg.matrix_norm(d, ord=2) * k2.norm()).item()

@@ -69,3 +69,10 @@ def test_leaving_the_stubs_restores_sys_modules():
         pass
     assert {name: sys.modules.get(name) for name in comfy_stubs.STUB_NAMES} == before
     assert [m for m in sys.modules if m.split(".")[0] == comfy_stubs.PACK_NAME] == []
+
+
+def test_no_input_is_named_like_a_sampler_seed(env):
+    """ComfyUI's frontend adds a 'control after generate' widget (randomize by default) to INT
+    inputs named seed/noise_seed: an erasure must stay reproducible, so none of ours is."""
+    names = {getattr(i, "id", None) for s in _schemas(env) for i in s.inputs}
+    assert not names & {"seed", "noise_seed"}
