@@ -23,7 +23,8 @@ import torch
 from .errors import NumericalError
 
 __all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "compact", "factor_square", "gram",
-           "kmeans", "low_eigen_projector", "solve_right"]
+           "kmeans", "least_amplified_direction", "low_eigen_projector",
+           "low_eigen_projector_of_rows", "solve_right"]
 
 
 def check_finite(tensor: torch.Tensor, what: str, method: str) -> torch.Tensor:
@@ -123,6 +124,20 @@ def _svd_factors(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u[:, keep] * s[keep], vh[keep]
 
 
+def least_amplified_direction(w: torch.Tensor) -> torch.Tensor:
+    """Unit ``v`` of the input space that ``w [d_out, d_in]`` amplifies least among its row space
+    (the last right singular vector of the reduced SVD), from the eigen-decomposition of the
+    smaller Gram matrix: several times faster than an SVD of ``w``."""
+    dtype, w = w.dtype, w.float()  # a direction for augmentation noise: float32 is ample, and faster
+    if w.shape[0] < w.shape[1]:
+        _, vectors = torch.linalg.eigh(w @ w.T)
+        v = w.T @ vectors[:, 0]
+    else:
+        _, vectors = torch.linalg.eigh(w.T @ w)
+        v = vectors[:, 0]
+    return (v / v.norm().clamp_min(torch.finfo(w.dtype).tiny)).to(dtype)
+
+
 def solve_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``b a⁻¹`` for a square, possibly non-symmetric ``a`` (``torch.linalg.solve``, no inverse)."""
     return torch.linalg.solve(a.T, b.T).T
@@ -134,6 +149,24 @@ def low_eigen_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(cov)
     small = vectors[:, values < threshold]
     return small @ small.T
+
+
+def low_eigen_projector_of_rows(rows: torch.Tensor, threshold: float) -> torch.Tensor:
+    """:func:`low_eigen_projector` of the covariance ``rowsᵀrows / n`` of ``rows [n, d]``.
+
+    With fewer rows than dimensions the covariance has rank at most ``n``: its eigenvalues outside
+    the row space are 0 (below any positive threshold), so only an ``n × n`` eigenproblem inside the
+    row space is solved. Same projector as the full ``d × d`` one, much faster for small ``n``.
+    """
+    n, d = rows.shape
+    cov_scale = 1.0 / max(n, 1)
+    if n >= d or threshold <= 0:
+        return low_eigen_projector(rows.T @ rows * cov_scale, threshold)
+    basis, _ = torch.linalg.qr(rows.T)  # [d, n]: orthonormal basis of the row space
+    inside = rows @ basis  # [n, n]
+    values, vectors = torch.linalg.eigh(inside.T @ inside * cov_scale)
+    big = basis @ vectors[:, values >= threshold]
+    return torch.eye(d, dtype=rows.dtype, device=rows.device) - big @ big.T
 
 
 def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:

@@ -30,7 +30,15 @@ from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
 from ..errors import ConceptError, ConfigError
-from ..linalg import RightMultiplier, check_finite, compact, kmeans, low_eigen_projector, solve_right
+from ..linalg import (
+    RightMultiplier,
+    check_finite,
+    compact,
+    kmeans,
+    least_amplified_direction,
+    low_eigen_projector_of_rows,
+    solve_right,
+)
 from ..patch import PatchSet
 from ..text import TextEncoder, TokenPick
 from . import register
@@ -128,14 +136,14 @@ def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SP
         influence = ((retain @ erase.T) @ w.T).norm(dim=1)  # ‖ΔW_erase r‖ for every retain key
         kept = retain if config.disable_filter else retain[influence > influence.mean()]
         augmented = [kept]
-        v_min = torch.linalg.svd(w, full_matrices=False).Vh[-1]  # least-amplified input direction
+        v_min = least_amplified_direction(w)  # the reference: last column of V in torch.svd(W)
         for chunk in kept.split(DPA_CHUNK):
             z = torch.randn(len(chunk), config.aug_num, 1, generator=generator, dtype=w.dtype)
             samples = (chunk[:, None, :] + z.to(w.device) * v_min).reshape(-1, d)
             infl = ((samples @ erase.T) @ w.T).norm(dim=1)
             augmented.append(samples[infl > infl.mean()])
         pool = torch.cat(augmented)
-        proj = low_eigen_projector(pool.T @ pool / max(len(pool), 1), config.threshold)
+        proj = low_eigen_projector_of_rows(pool, config.threshold)
     else:
         proj = shared_p
     m_inv = c1tc1 @ proj + config.preserve_scale * eye  # M⁻¹
@@ -186,7 +194,7 @@ def solve(
              "k2": _invariants(null_rows.cpu(), generator).to(device, dtype)}
     shared_p = None
     if config.aug_num == 0:  # no per-layer refinement (the reference skips IPF too): one projector
-        shared_p = low_eigen_projector(retain.T @ retain / len(retain), config.threshold)
+        shared_p = low_eigen_projector_of_rows(retain, config.threshold)
     shared: dict[int, RightMultiplier] = {}
 
     def multiplier_for(site: AttentionSite, weight: torch.Tensor) -> RightMultiplier:

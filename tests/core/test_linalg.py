@@ -65,3 +65,22 @@ def test_non_finite_keys_raise_numerical_error_naming_the_method():
     with pytest.raises(NumericalError, match="UCE"):
         anchored_right_multiplier(ce, _keys(2, 16, 2), ce[:0], erase_scale=1.0, preserve_scale=0.0,
                                   lamb=0.5, method="UCE")
+
+
+@pytest.mark.parametrize("shape", [(8, 20), (20, 8)])
+def test_least_amplified_direction_matches_the_svd_up_to_sign(shape):
+    from erasure_core.linalg import least_amplified_direction
+
+    w = _keys(shape[0], shape[1], 5).double()
+    expected = torch.linalg.svd(w, full_matrices=False).Vh[-1]
+    got = least_amplified_direction(w)
+    torch.testing.assert_close(got * torch.sign(got @ expected), expected, rtol=1e-4, atol=1e-5)  # float32
+
+
+@pytest.mark.parametrize("rows", [5, 40])
+def test_projector_from_rows_equals_the_full_eigendecomposition(rows):
+    from erasure_core.linalg import low_eigen_projector, low_eigen_projector_of_rows
+
+    r = _keys(rows, 24, 6).double()
+    full = low_eigen_projector(r.T @ r / rows, 0.1)
+    torch.testing.assert_close(low_eigen_projector_of_rows(r, 0.1), full, rtol=1e-9, atol=1e-9)
