@@ -14,11 +14,11 @@ from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option, validate_ranges
 from ..errors import ArchitectureError
-from ..linalg import RightMultiplier, check_finite
+from ..linalg import RightMultiplier, anchored_right_multiplier, check_finite
 from ..patch import PatchEntry, PatchSet
 from ..text import EncodedText, TextEncoder, TokenPick, erase_rows, preserve_rows
 
-__all__ = ["ClosedFormConfig", "ConceptKeys", "Progress", "SolveDtype", "encode_concepts", "encode_prompts",
+__all__ = ["ClosedFormConfig", "anchored_patch", "ConceptKeys", "Progress", "SolveDtype", "encode_concepts", "encode_prompts",
            "patch_from_multipliers"]
 
 Progress = Callable[[int, int], None]
@@ -152,6 +152,30 @@ def patch_from_multipliers(
     if started is not None:
         info["seconds"] = round(time.perf_counter() - started, 4)
     return PatchSet(entries, info)
+
+
+def anchored_patch(
+    sites: Sequence[AttentionSite],
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    config: ClosedFormConfig,
+    method: str,
+    meta: dict[str, object],
+    *,
+    device: torch.device,
+    progress: Progress | None,
+    started: float,
+) -> PatchSet:
+    """The UCE-family edit from key rows ``(target, anchor, preserve)``: one anchored solve per key
+    width (the shared config's scales, λ and precision), applied to every site as low-rank factors."""
+    ce, ca, cp = (r.to(device) for r in rows)
+    multipliers = {
+        width: anchored_right_multiplier(ce, ca, cp, erase_scale=config.erase_scale,
+                                         preserve_scale=config.preserve_scale, lamb=config.lamb,
+                                         dtype=config.solve_dtype.torch, method=method)
+        for width in sorted({s.in_features for s in sites})
+    }
+    return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, method,
+                                  progress, started)
 
 
 def describe_run(method: str, concepts: ConceptSet, config: ClosedFormConfig) -> dict[str, object]:

@@ -26,17 +26,16 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import BUILTIN_TEMPLATES, ConceptSet
 from ..errors import ConceptError
-from ..linalg import RightMultiplier, anchored_right_multiplier
 from ..patch import PatchSet
 from ..text import EncodedText, TextEncoder, TokenPick
 from . import register
 from .closed_form import (
     ClosedFormConfig,
     Progress,
+    anchored_patch,
     default_device,
     describe_run,
     encode_concepts,
-    patch_from_multipliers,
 )
 
 __all__ = ["MACEConfig", "aligned_rows", "solve"]
@@ -93,14 +92,9 @@ def solve(
         ca_rows.append(keys.rows(new)[n])
     ce, ca = torch.cat(ce_rows).to(device), torch.cat(ca_rows).to(device)
     cp = keys.preserve(TokenPick.ALL).to(device)
-    multipliers: dict[int, RightMultiplier] = {}
-    for width in sorted({s.in_features for s in sites}):
-        multipliers[width] = anchored_right_multiplier(
-            ce, ca, cp, erase_scale=config.erase_scale, preserve_scale=config.preserve_scale,
-            lamb=config.lamb, dtype=config.solve_dtype.torch, method="MACE")
     meta = describe_run("mace", concepts, config)
-    return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, "MACE",
-                                  progress, started)
+    return anchored_patch(sites, (ce, ca, cp), config, "MACE", meta, device=device, progress=progress,
+                          started=started)
 
 
 register("mace", MACEConfig, solve,

@@ -23,17 +23,16 @@ from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
 from ..errors import ConfigError
-from ..linalg import RightMultiplier, anchored_right_multiplier
 from ..patch import PatchSet
 from ..text import TextEncoder, erase_rows
 from . import register
 from .closed_form import (
     ClosedFormConfig,
     Progress,
+    anchored_patch,
     default_device,
     describe_run,
     encode_concepts,
-    patch_from_multipliers,
 )
 
 __all__ = ["RealEraConfig", "sample_neighbours", "solve"]
@@ -112,15 +111,9 @@ def solve(
         extra_e.append(near.to(ce.dtype))
         extra_a.append(ta[source])
     ce, ca = torch.cat([ce, *extra_e]), torch.cat([ca, *extra_a])
-    multipliers: dict[int, RightMultiplier] = {}
-    for width in sorted({s.in_features for s in sites}):
-        multipliers[width] = anchored_right_multiplier(
-            ce.to(device), ca.to(device), cp.to(device), erase_scale=config.erase_scale,
-            preserve_scale=config.preserve_scale, lamb=config.lamb, dtype=config.solve_dtype.torch,
-            method="RealEra")
     meta = describe_run("realera", concepts, config)
-    return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, "RealEra",
-                                  progress, started)
+    return anchored_patch(sites, (ce, ca, cp), config, "RealEra", meta, device=device, progress=progress,
+                          started=started)
 
 
 register("realera", RealEraConfig, solve,

@@ -19,17 +19,16 @@ import torch
 
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
-from ..linalg import RightMultiplier, anchored_right_multiplier
 from ..patch import PatchSet
 from ..text import TextEncoder
 from . import register
 from .closed_form import (
     ClosedFormConfig,
     Progress,
+    anchored_patch,
     default_device,
     describe_run,
     encode_concepts,
-    patch_from_multipliers,
 )
 
 __all__ = ["UCEConfig", "solve"]
@@ -61,16 +60,9 @@ def solve(
     device = torch.device(device) if device is not None else default_device(sites)
     ce, ca = keys.erase(config.token_pick)
     cp = keys.preserve(config.token_pick)
-    multipliers: dict[int, RightMultiplier] = {}
-    for width in sorted({s.in_features for s in sites}):
-        multipliers[width] = anchored_right_multiplier(
-            ce.to(device), ca.to(device), cp.to(device),
-            erase_scale=config.erase_scale, preserve_scale=config.preserve_scale,
-            lamb=config.lamb, dtype=config.solve_dtype.torch, method="UCE",
-        )
     meta = describe_run("uce", concepts, config)
-    return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, "UCE",
-                                  progress, started)
+    return anchored_patch(sites, (ce, ca, cp), config, "UCE", meta, device=device, progress=progress,
+                          started=started)
 
 
 register("uce", UCEConfig, solve,
