@@ -63,3 +63,30 @@ def test_an_encoder_without_token_ids_is_refused(sites, encoder):
     with pytest.raises(ConceptError, match="token ids") as err:
         erase("mace", sites, ConceptSet.simple(("van gogh",), ("a painter",)), no_ids, make_config("mace"))
     assert err.value.input_name == "clip"
+
+
+def test_matches_a_per_layer_float64_solve_of_the_aligned_rows(sites, encoder):
+    """W = (λW₀ + s Σ W₀ c_new c_oldᵀ + s_p Σ W₀ c_p c_pᵀ)(λI + s Σ c_old c_oldᵀ + s_p Σ c_p c_pᵀ)⁻¹ per layer,
+    with c_old / c_new the aligned rows of every templated pair and c_p all rows of the preserve prompts."""
+    import torch
+
+    concepts = ConceptSet.simple(("van gogh",), ("a painter",), ("a red car",), templates=("{}", "art by {}"))
+    config = make_config("mace", lamb=0.3, erase_scale=1.2, preserve_scale=0.4)
+    patch = erase("mace", sites, concepts, encoder, config)
+    pairs = concepts.erase_pairs()
+    keep = concepts.preserve_prompts([""])
+    enc = encoder([p for pair in pairs for p in pair] + keep)
+    old_rows, new_rows = [], []
+    for old, new in pairs:
+        o, n = aligned_rows(enc, old, new)
+        old_rows.append(enc.hidden[enc.index(old)][o])
+        new_rows.append(enc.hidden[enc.index(new)][n])
+    co, cn = torch.cat(old_rows).double(), torch.cat(new_rows).double()
+    cp = torch.cat([enc.hidden[enc.index(p)] for p in keep]).double()
+    eye = torch.eye(co.shape[1], dtype=torch.float64)
+    for site in sites:
+        w0 = site.weight.double()
+        mat1 = 0.3 * w0 + 1.2 * (w0 @ cn.T) @ co + 0.4 * (w0 @ cp.T) @ cp
+        mat2 = 0.3 * eye + 1.2 * co.T @ co + 0.4 * cp.T @ cp
+        expected = mat1 @ torch.linalg.inv(mat2)
+        torch.testing.assert_close(edited_weight(site, patch), expected, rtol=1e-5, atol=1e-5)
