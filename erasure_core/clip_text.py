@@ -186,10 +186,10 @@ class ClipTextEncoder(nn.Module):
         """Encode ``texts``; ``rows`` says how many token positions to compute.
 
         ``"all"``: every position of the context (``[N, 77, D]`` for CLIP). ``"through_eot"``:
-        positions ``0 .. max(eot_index)`` only (``[N, max(eot) + 1, D]``), for callers that read
-        no row after a prompt's first end-of-text token (token picks 'last subject token' and
-        'first EOT'). The model is causal, so these rows equal the first rows of ``"all"``;
-        shorter prompts keep their padding tokens up to that length. Prompts are encoded in
+        ``[N, max(eot) + 1, D]``, for callers that read no row after a prompt's first
+        end-of-text token (token picks 'last subject token' and 'first EOT'): every row up to a
+        prompt's EOT equals the full encoding's (the model is causal); rows after it may be zero,
+        because each length-sorted chunk stops at its own longest prompt. Prompts are encoded in
         ``batch_size`` chunks sorted by length and returned in the order given.
         """
         if self.tokenizer is None:
@@ -202,8 +202,13 @@ class ClipTextEncoder(nn.Module):
         length = ids.shape[1] if rows == "all" else int(eot.max()) + 1
         ids = ids[:, :length].to(device)
         hidden = torch.empty(len(texts), length, self.config.width, device=device)
-        order = torch.argsort(eot, stable=True).to(device)  # similar lengths share a chunk
+        order = torch.argsort(eot, stable=True)  # similar lengths share a chunk
         for start in range(0, len(texts), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            hidden[chunk] = self.forward(ids[chunk])
+            # through_eot: each chunk stops at its own longest prompt's EOT (rows after a prompt's
+            # EOT are not read by the callers of this mode, and are left at zero)
+            stop = length if rows == "all" else int(eot[chunk].max()) + 1
+            chunk = chunk.to(device)
+            hidden[chunk, :stop] = self.forward(ids[chunk, :stop])
+            hidden[chunk, stop:] = 0
         return EncodedText(tuple(texts), hidden.float(), eot, token_ids=ids.cpu())

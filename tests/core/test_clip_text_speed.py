@@ -19,6 +19,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _close_through_eot(short, full) -> None:
+    """Every row up to each prompt's first EOT matches the full encoding (later rows may be 0)."""
+    for i, eot in enumerate(short.eot_index.tolist()):
+        _close(short.hidden[i, : eot + 1], full.hidden[i, : eot + 1])
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_through_eot_rows_equal_the_first_rows_of_the_full_encoding(batch_size):
     enc = tiny_encoder()
@@ -30,7 +36,7 @@ def test_through_eot_rows_equal_the_first_rows_of_the_full_encoding(batch_size):
     assert short.hidden.shape == (len(MIXED), t, 32)
     assert short.texts == full.texts == tuple(MIXED)
     assert torch.equal(short.eot_index, full.eot_index)
-    _close(short.hidden, full.hidden[:, :t])
+    _close_through_eot(short, full)
 
 
 def test_short_batches_stop_at_their_own_longest_prompt():
@@ -38,7 +44,7 @@ def test_short_batches_stop_at_their_own_longest_prompt():
     full = enc(["cat", "a dog"])
     short = enc(["cat", "a dog"], rows="through_eot")
     assert short.hidden.shape[1] == 4  # start, a, dog, EOT
-    _close(short.hidden, full.hidden[:, :4])
+    _close_through_eot(short, full)
 
 
 @pytest.mark.parametrize("rows", ["all", "through_eot"])
@@ -48,8 +54,8 @@ def test_mixed_lengths_come_back_in_the_order_given(rows):
     batch = enc(MIXED, rows=rows)
     for i, text in enumerate(MIXED):
         alone = enc([text])  # rows="all" on its own: no batching, no reordering
-        t = batch.hidden.shape[1]
-        _close(batch.hidden[i], alone.hidden[0, :t])
+        t = batch.hidden.shape[1] if rows == "all" else int(alone.eot_index[0]) + 1
+        _close(batch.hidden[i, :t], alone.hidden[0, :t])
         assert int(batch.eot_index[i]) == int(alone.eot_index[0])
 
 
@@ -104,6 +110,7 @@ def test_clip_bpe_through_eot_matches_the_full_77_rows(clip_tokenizer):
     short = enc(texts, rows="through_eot")
     t = int(full.eot_index.max()) + 1
     assert full.hidden.shape[1] == 77 and short.hidden.shape[1] == t < 77
-    _close(short.hidden, full.hidden[:, :t])
+    _close_through_eot(short, full)
     for i, text in enumerate(texts):
-        _close(short.hidden[i], enc([text]).hidden[0, :t])
+        e = int(short.eot_index[i])
+        _close(short.hidden[i, : e + 1], enc([text]).hidden[0, : e + 1])
