@@ -307,10 +307,13 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_in_subprocess(case: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+def run_in_subprocess(case: dict[str, Any], timeout: float | None, stable_memory: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case)]
+    env = dict(os.environ)
+    if stable_memory:  # fixed glibc mmap threshold: big tensors are unmapped when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -366,7 +369,7 @@ def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str
                 case = {"variant": asdict(v), "arch": arch, "rows": rows_for[v.key], "targets": n_targets,
                         "preserve": n_preserve, "repeats": args.repeats, "threads": args.threads,
                         "merges": merges, "seed": args.seed, "warmup": args.warmup}
-                result = run_case(case) if args.inline else run_in_subprocess(case, args.case_timeout)
+                result = run_case(case) if args.inline else run_in_subprocess(case, args.case_timeout, args.stable_memory)
                 print(_row(case, result), flush=True)
                 hows.add(result.get("peak_how"))
     print(f"\n({title}: {time.perf_counter() - started:.0f} s wall, setup included; 1-minute load average "
@@ -392,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--compare-rows", action="store_true",
                    help="add 'uce (last subject, all rows)': the same edit encoded at all 77 rows")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is abandoned")
+    p.add_argument("--stable-memory", action="store_true",
+                   help="run workers with MALLOC_MMAP_THRESHOLD_=1MiB: reproducible peaks, slower encoding")
     p.add_argument("--inline", action="store_true",
                    help="run cases in this process (faster start; peak memory is then not per case)")
     p.add_argument("--warmup", action="store_true",
@@ -410,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen = select(variants(args.compare_rows), args.methods)
 
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
-          f"({_cpu()}), repeats {args.repeats} (medians)")
+          f"({_cpu()}), repeats {args.repeats} (medians)"
+          + (", glibc mmap threshold fixed at 1 MiB (--stable-memory)" if args.stable_memory else ""))
     names = concept_names(tokenizer, max(args.targets), max(args.preserve), args.seed)
     lengths = sorted(len(tokenizer.ids(n)) for n in names[0] + names[1])
     print(f"concepts: artist-like names, e.g. {', '.join(names[0][:4])}; {len(lengths)} names, "
