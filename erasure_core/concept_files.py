@@ -27,7 +27,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .concepts import BUILTIN_TEMPLATES, Concept, ConceptKind, ConceptSet, normalise, parse_anchor_list, split_entries
+from .concepts import (
+    BUILTIN_TEMPLATES,
+    Concept,
+    ConceptKind,
+    ConceptSet,
+    broadcast_anchors,
+    normalise,
+    parse_anchor_list,
+    split_entries,
+)
 from .errors import ConceptError
 
 __all__ = [
@@ -85,17 +94,9 @@ def parse_inline(text: str, anchors: str = "", kind: ConceptKind | str = Concept
     kind = ConceptKind(kind)
     entries = [_split_entry(line, where) for line in split_entries(text)]
     free = [e for e in entries if isinstance(e, _NoAnchor)]
-    given = parse_anchor_list(anchors) or ("",)
-    if len(given) == 1:
-        given = given * len(free)
-    elif len(given) != len(free):
-        raise ConceptError(
-            f"anchors must have 1 entry or one per target without '->' ({len(free)}), but got "
-            f"{len(given)}. Give a single anchor, one per target in the same order, or write "
-            "'target -> anchor' on the target's line.",
-            input_name="anchors",
-        )
-    fill = iter(given)
+    fill = iter(broadcast_anchors(parse_anchor_list(anchors), len(free), "one per target without '->'",
+                                  "Give a single anchor, one per target in the same order, or write "
+                                  "'target -> anchor' on the target's line."))
     out = []
     for e in entries:
         concept = Concept(e.concept.name, next(fill), e.concept.aliases) if isinstance(e, _NoAnchor) else e

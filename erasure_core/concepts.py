@@ -21,6 +21,7 @@ __all__ = [
     "Concept",
     "ConceptKind",
     "ConceptSet",
+    "broadcast_anchors",
     "check_prompt_lengths",
     "normalise",
     "parse_anchor_list",
@@ -80,6 +81,18 @@ def parse_anchor_list(text: str | None) -> tuple[str, ...]:
     An entry that is exactly ``""`` or ``''`` means "erase toward nothing" (the empty prompt).
     """
     return tuple("" if item in ('""', "''") else item for item in split_entries(text))
+
+
+def broadcast_anchors(anchors: Sequence[str], count: int, per: str, fix: str) -> tuple[str, ...]:
+    """One anchor for each of ``count`` targets: a single anchor is repeated; otherwise the counts
+    must match (``per`` and ``fix`` word the error for the caller's syntax)."""
+    anchors = tuple(anchors) or ("",)
+    if len(anchors) == 1:
+        return anchors * count
+    if len(anchors) != count:
+        raise ConceptError(f"anchors must have 1 entry or {per} ({count}), but got {len(anchors)}. {fix}",
+                           input_name="anchors")
+    return anchors
 
 
 def split_entries(text: str | None) -> list[str]:
@@ -238,16 +251,9 @@ class ConceptSet:
     def simple(cls, targets: Sequence[str], anchors: Sequence[str] = ("",), preserve: Sequence[str] = (),
                templates: Sequence[str] = ()) -> ConceptSet:
         """Targets paired with anchors by position (one anchor is broadcast to every target)."""
-        anchors = tuple(anchors) or ("",)
-        if len(anchors) == 1:
-            anchors = anchors * len(targets)
-        elif len(anchors) != len(targets):
-            raise ConceptError(
-                f"anchors must have 1 entry or one per target ({len(targets)}), but got "
-                f"{len(anchors)}. Give a single anchor for all targets, or one anchor per target "
-                "in the same order, one per line or separated by ';'.",
-                input_name="anchors",
-            )
+        anchors = broadcast_anchors(anchors, len(targets), "one per target",
+                                    "Give a single anchor for all targets, or one anchor per target in the same "
+                                    "order, one per line or separated by ';'.")
         return cls(tuple(Concept(t, a) for t, a in zip(targets, anchors, strict=True)),
                    tuple(Concept(p) for p in preserve),
                    {ANY_KIND: tuple(templates)} if templates else {}).require_targets()
