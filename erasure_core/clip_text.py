@@ -136,25 +136,72 @@ class ClipTextConfig:
 class _Block(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
+        self.heads = heads
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # holds the weights
         self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One residual block; returns the new ``x`` and this block's keys and values.
+
+        ``prefix``: keys and values ``[1, P, D]`` of positions that precede ``x`` and are the same
+        for every row of the batch (the start token), attended to but not recomputed."""
+        b, t, d = x.shape
+        q, k, v = nn.functional.linear(self.ln_1(x), self.attn.in_proj_weight,
+                                       self.attn.in_proj_bias).chunk(3, dim=-1)
+        own = (k, v)
+        if prefix is not None:
+            k = torch.cat([prefix[0].expand(b, -1, -1), k], dim=1)
+            v = torch.cat([prefix[1].expand(b, -1, -1), v], dim=1)
+
+        def heads(z: torch.Tensor) -> torch.Tensor:
+            return z.reshape(b, z.shape[1], self.heads, d // self.heads).transpose(1, 2)
+
+        a = nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+        return self._mlp(x + self.attn.out_proj(a.transpose(1, 2).reshape(b, t, d))), own
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(self.ln_2(x))
         return x + self.fc2(h * torch.sigmoid(1.702 * h))  # CLIP's quick-GELU
+
+    def forward_packed(self, x: torch.Tensor, shapes: Sequence[tuple[int, int]],
+                       masks: Sequence[torch.Tensor], prefix: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The block over several batches of different lengths at once.
+
+        ``x [R, D]`` holds the rows of batch ``g`` (``shapes[g] = (n, t)``, prompt-major) one batch
+        after the other. Projections and the MLP run once over all ``R`` rows (on a CPU a pass is
+        bound by reading the weights, so one pass beats one per batch); attention runs per batch,
+        each after the shared ``prefix`` keys and values."""
+        d = x.shape[-1]
+        q, k, v = nn.functional.linear(self.ln_1(x), self.attn.in_proj_weight,
+                                       self.attn.in_proj_bias).chunk(3, dim=-1)
+        out, start = [], 0
+        for (n, t), mask in zip(shapes, masks, strict=True):
+            rows = slice(start, start + n * t)
+            start += n * t
+
+            def heads(z: torch.Tensor, p: torch.Tensor | None = None, n: int = n, t: int = t) -> torch.Tensor:
+                z = z.reshape(n, t, d)
+                if p is not None:
+                    z = torch.cat([p.expand(n, -1, -1), z], dim=1)
+                return z.reshape(n, z.shape[1], self.heads, d // self.heads).transpose(1, 2)
+
+            a = nn.functional.scaled_dot_product_attention(
+                heads(q[rows]), heads(k[rows], prefix[0]), heads(v[rows], prefix[1]), attn_mask=mask)
+            out.append(a.transpose(1, 2).reshape(n * t, d))
+        return self._mlp(x + self.attn.out_proj(torch.cat(out)))
 
 
 class ClipTextEncoder(nn.Module):
     """Causal CLIP text transformer; ``encoder(texts)`` returns :class:`EncodedText`.
 
-    Weights are random from ``seed`` (no downloads); encoding runs in ``batch_size`` chunks.
+    Weights are random from ``seed`` (no downloads); encoding runs ``batch_size`` prompts at a time.
     """
 
     def __init__(self, config: ClipTextConfig | None = None, tokenizer: BPETokenizer | None = None,
-                 *, seed: int = 0, batch_size: int = 64):
+                 *, seed: int = 0, batch_size: int = 256):
         super().__init__()
         self.config = config or ClipTextConfig()
         c = self.config
@@ -174,12 +221,45 @@ class ClipTextEncoder(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        t = ids.shape[1]
+        """Final hidden states ``[N, T, D]`` of token ids ``[N, T]``."""
+        n, t = ids.shape
+        if t > 1 and bool((ids[:, 0] == ids[0, 0]).all()):
+            return self.forward_groups([ids])[0]
         mask = torch.full((t, t), float("-inf"), device=ids.device).triu(1)
         x = self.token_embedding(ids) + self.position_embedding[:t]
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask)[0]
         return self.final_ln(x)
+
+    def forward_groups(self, groups: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Final hidden states of several id batches ``[n_g, t_g]`` (lengths may differ, ``t_g > 1``)
+        whose rows all start with the same token (CLIP's start token), in one pass per layer.
+
+        The start position is computed once and shared: the model is causal, so its hidden states
+        do not depend on the rest of a prompt (a short prompt spends a sixth of its work there).
+        The other rows of every batch are packed without padding, so the weights are read once
+        per layer for all of them."""
+        first = groups[0][0, 0]
+        x0 = self.token_embedding(first.reshape(1, 1)) + self.position_embedding[:1]
+        shapes = [(g.shape[0], g.shape[1] - 1) for g in groups]
+        x = torch.cat([(self.token_embedding(g[:, 1:]) + self.position_embedding[1 : g.shape[1]]).flatten(0, 1)
+                       for g in groups])
+        # row i of a batch is position i + 1: it sees the start token and positions 1 .. i + 1
+        masks = [torch.full((t, t + 1), float("-inf"), device=x.device).triu(2) for _, t in shapes]
+        for block in self.blocks:
+            x0, start = block(x0, None)
+            x = block.forward_packed(x, shapes, masks, start)
+        x0, x = self.final_ln(x0), self.final_ln(x)
+        out, offset = [], 0
+        for n, t in shapes:
+            body = x[offset : offset + n * t].reshape(n, t, -1)
+            offset += n * t
+            out.append(torch.cat([x0.expand(n, -1, -1), body], dim=1))
+        return out
+
+    def _passes(self, eot: torch.Tensor) -> list[torch.Tensor]:
+        """Index sets of at most ``batch_size`` prompts, similar lengths together."""
+        return list(torch.argsort(eot, stable=True).split(self.batch_size))
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str], *, rows: str = "all") -> EncodedText:  # type: ignore[override]
@@ -188,9 +268,10 @@ class ClipTextEncoder(nn.Module):
         ``"all"``: every position of the context (``[N, 77, D]`` for CLIP). ``"through_eot"``:
         ``[N, max(eot) + 1, D]``, for callers that read no row after a prompt's first
         end-of-text token (token picks 'last subject token' and 'first EOT'): every row up to a
-        prompt's EOT equals the full encoding's (the model is causal); rows after it may be zero,
-        because each length-sorted chunk stops at its own longest prompt. Prompts are encoded in
-        ``batch_size`` chunks sorted by length and returned in the order given.
+        prompt's EOT equals the full encoding's (the model is causal); rows after it are zero,
+        because prompts of each length stop at their own EOT. Prompts are sorted by length and
+        encoded ``batch_size`` at a time (one pass per layer for all lengths in a pass, see
+        :meth:`forward_groups`), and returned in the order given.
         """
         if self.tokenizer is None:
             raise ConfigError("this encoder has no tokenizer; pass one or call forward(ids).",
@@ -201,14 +282,19 @@ class ClipTextEncoder(nn.Module):
         device = self.position_embedding.device
         length = ids.shape[1] if rows == "all" else int(eot.max()) + 1
         ids = ids[:, :length].to(device)
-        hidden = torch.empty(len(texts), length, self.config.width, device=device)
-        order = torch.argsort(eot, stable=True)  # similar lengths share a chunk
-        for start in range(0, len(texts), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            # through_eot: each chunk stops at its own longest prompt's EOT (rows after a prompt's
-            # EOT are not read by the callers of this mode, and are left at zero)
-            stop = length if rows == "all" else int(eot[chunk].max()) + 1
-            chunk = chunk.to(device)
-            hidden[chunk, :stop] = self.forward(ids[chunk, :stop])
-            hidden[chunk, stop:] = 0
+        hidden = torch.zeros(len(texts), length, self.config.width, device=device)
+        for chunk in self._passes(eot):
+            if rows == "all":
+                parts = [chunk]
+            else:  # one batch per prompt length, each stopping at its EOT: no padding rows
+                stops = eot[chunk]
+                parts = list(chunk.split(torch.unique_consecutive(stops, return_counts=True)[1].tolist()))
+            stops = [length if rows == "all" else int(eot[part[0]]) + 1 for part in parts]
+            groups = [ids[part.to(device), :stop] for part, stop in zip(parts, stops, strict=True)]
+            if all(stop > 1 for stop in stops) and bool(torch.cat([g[:, 0] for g in groups]).eq(groups[0][0, 0]).all()):
+                encoded = self.forward_groups(groups)
+            else:
+                encoded = [self.forward(g) for g in groups]
+            for part, stop, h in zip(parts, stops, encoded, strict=True):
+                hidden[part.to(device), :stop] = h
         return EncodedText(tuple(texts), hidden.float(), eot, token_ids=ids.cpu())

@@ -59,21 +59,27 @@ def test_mixed_lengths_come_back_in_the_order_given(rows):
         assert int(batch.eot_index[i]) == int(alone.eot_index[0])
 
 
-def test_chunks_group_prompts_of_similar_length():
+def test_passes_group_prompts_of_similar_length_and_batches_stop_at_their_eot():
     enc = tiny_encoder()
     enc.batch_size = 3
-    seen: list[list[int]] = []
-    forward = enc.forward
+    seen: list[list[list[int]]] = []
+    forward_groups = enc.forward_groups
 
-    def spy(ids: torch.Tensor) -> torch.Tensor:
-        seen.append([int(row.eq(1).nonzero()[0]) for row in ids])  # first EOT (id 1) per row
-        return forward(ids)
+    def spy(groups):
+        seen.append([[int(row.eq(1).nonzero()[0]) if row.eq(1).any() else -1 for row in g] for g in groups])
+        return forward_groups(groups)
 
-    enc.forward = spy  # type: ignore[method-assign]
+    enc.forward_groups = spy  # type: ignore[method-assign]
     enc(MIXED, rows="through_eot")
-    assert sorted(x for chunk in seen for x in chunk) == sorted(int(e) for e in enc.tokenizer(MIXED)[1])
-    for a, b in zip(seen, seen[1:], strict=False):
-        assert max(a) <= min(b)
+    ends = [e for p in seen for g in p for e in g]
+    assert sorted(ends) == sorted(int(e) for e in enc.tokenizer(MIXED)[1])  # every prompt once
+    for p in seen:
+        assert sum(len(g) for g in p) <= 3
+        for g in p:  # one length per batch, stopping at the EOT: no padding row computed
+            assert len(set(g)) == 1
+    assert seen
+    flat = [min(min(g) for g in p) for p in seen]
+    assert flat == sorted(flat)  # passes go from short to long
 
 
 def test_rows_must_be_a_known_mode():
@@ -114,3 +120,29 @@ def test_clip_bpe_through_eot_matches_the_full_77_rows(clip_tokenizer):
     for i, text in enumerate(texts):
         e = int(short.eot_index[i])
         _close(short.hidden[i, : e + 1], enc([text]).hidden[0, : e + 1])
+
+
+def _reference_forward(enc: ClipTextEncoder, ids: torch.Tensor) -> torch.Tensor:
+    """The textbook causal CLIP pass, written with nn.MultiheadAttention over every position."""
+    t = ids.shape[1]
+    mask = torch.full((t, t), float("-inf")).triu(1)
+    x = enc.token_embedding(ids) + enc.position_embedding[:t]
+    for block in enc.blocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        h = block.fc1(block.ln_2(x))
+        x = x + block.fc2(h * torch.sigmoid(1.702 * h))
+    return enc.final_ln(x)
+
+
+@pytest.mark.parametrize("same_start", [True, False])
+def test_forward_matches_the_textbook_pass_with_and_without_a_shared_start_token(same_start):
+    torch.manual_seed(0)
+    enc = ClipTextEncoder(ClipTextConfig(width=64, layers=3, heads=4, vocab_size=100, context_length=12))
+    ids = torch.randint(0, 99, (5, 9))
+    ids[:, 0] = 99
+    if not same_start:
+        ids[2, 0] = 7  # one row starts differently: the start position cannot be shared
+    with torch.no_grad():
+        _close(enc.forward(ids), _reference_forward(enc, ids))
+        _close(enc.forward(ids[:, :1]), _reference_forward(enc, ids[:, :1]))  # start token alone
