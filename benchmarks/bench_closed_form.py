@@ -267,7 +267,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     concepts = ec.ConceptSet.simple(targets, (ANCHOR,), preserve)
     config = variant.config()
     sites = model_sites(case["arch"], case["seed"])
-    if case["arch"] == "sd1":
+    if case["rows"] != "given":
         encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]), case["rows"])
     else:
         encoder = GivenEncoder(tokenizer, [expected_prompts(concepts), expected_prompts(WARMUP)],
@@ -392,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sdxl", action="store_true", help="also run the SDXL section (140 sites, width 2048)")
     p.add_argument("--no-sd1", action="store_true", help="skip the SD1.5 table")
+    p.add_argument("--edit-only", action="store_true",
+                   help="SD1.5 with encodings given (random, built before the clock) instead of the CLIP: "
+                        "the edit alone")
     p.add_argument("--compare-rows", action="store_true",
                    help="add 'uce (last subject, all rows)': the same edit encoded at all 77 rows")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is abandoned")
@@ -422,7 +425,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"concepts: artist-like names, e.g. {', '.join(names[0][:4])}; {len(lengths)} names, "
           f"{lengths[0]}-{lengths[-1]} tokens (median {statistics.median(lengths):g}); anchor '{ANCHOR}'")
 
-    if not args.no_sd1:
+    if args.edit_only and not args.no_sd1:
+        run_section("SD1.5: 32 K/V sites (width 768), encodings given (edit only)", "sd1", chosen,
+                    {v.key: "given" for v in chosen}, args, merges)
+    elif not args.no_sd1:
         rows_for: dict[str, str] = {}
         for v in chosen:
             rows_for[v.key], why = probe_rows(v, tokenizer, args.seed)

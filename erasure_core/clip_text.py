@@ -278,8 +278,13 @@ class ClipTextEncoder(nn.Module):
                               input_name="tokenizer")
         if rows not in ROWS:
             raise ConfigError(f"rows must be one of {ROWS}, but got {rows!r}.", input_name="rows")
-        ids, eot = self.tokenizer(texts)
         device = self.position_embedding.device
+        if not texts:  # nothing to encode: an empty batch of the full width
+            c = self.config
+            return EncodedText((), torch.zeros(0, c.context_length if rows == "all" else 1, c.width),
+                               torch.zeros(0, dtype=torch.long),
+                               token_ids=torch.zeros(0, c.context_length, dtype=torch.long))
+        ids, eot = self.tokenizer(texts)
         length = ids.shape[1] if rows == "all" else int(eot.max()) + 1
         ids = ids[:, :length].to(device)
         hidden = torch.zeros(len(texts), length, self.config.width, device=device)

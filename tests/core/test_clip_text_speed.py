@@ -146,3 +146,11 @@ def test_forward_matches_the_textbook_pass_with_and_without_a_shared_start_token
     with torch.no_grad():
         _close(enc.forward(ids), _reference_forward(enc, ids))
         _close(enc.forward(ids[:, :1]), _reference_forward(enc, ids[:, :1]))  # start token alone
+
+
+@pytest.mark.parametrize("rows", ["all", "through_eot"])
+def test_an_empty_batch_encodes_to_an_empty_result(rows):
+    enc = tiny_encoder()
+    out = enc([], rows=rows)
+    assert out.texts == () and out.hidden.shape[0] == 0 and out.hidden.shape[2] == 32
+    assert out.eot_index.shape == (0,)
