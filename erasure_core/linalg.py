@@ -22,7 +22,7 @@ import torch
 
 from .errors import NumericalError
 
-__all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "compact", "factor_square", "gram",
+__all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "compact", "cross_gram", "factor_square", "gram",
            "kmeans", "least_amplified_direction", "low_eigen_projector",
            "low_eigen_projector_of_rows", "solve_right"]
 
@@ -38,9 +38,25 @@ def check_finite(tensor: torch.Tensor, what: str, method: str) -> torch.Tensor:
     return tensor
 
 
-def gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rowsᵀ rows`` for key rows ``[R, d]`` -> ``[d, d]`` (zero when R = 0)."""
-    return rows.T @ rows
+GRAM_CHUNK = 8192  # rows converted to the solve precision at a time
+
+
+def gram(rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``rowsᵀ rows`` for key rows ``[R, d]`` -> ``[d, d]`` (zero when R = 0), in ``dtype``
+    (default: the rows'). Rows are converted chunk by chunk, so a float64 Gram of float32 rows
+    needs no float64 copy of all of them."""
+    return cross_gram(rows, rows, dtype)
+
+
+def cross_gram(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``leftᵀ right`` for paired rows ``[R, d]``, accumulated in ``dtype`` over row chunks."""
+    dtype = dtype or left.dtype
+    out = torch.zeros(left.shape[1], right.shape[1], dtype=dtype, device=left.device)
+    for start in range(0, left.shape[0], GRAM_CHUNK):
+        a = left[start : start + GRAM_CHUNK].to(dtype)
+        b = a if right is left else right[start : start + GRAM_CHUNK].to(device=left.device, dtype=dtype)
+        out += a.T @ b
+    return out
 
 
 @dataclass(frozen=True)
@@ -79,17 +95,13 @@ def anchored_right_multiplier(
     ``target_keys`` / ``anchor_keys``: ``[R, d]`` paired rows (row r of a target maps to the
     original output of row r of its anchor); ``preserve_keys``: ``[R_p, d]``. Solved with a
     Cholesky factorisation of the symmetric ``A`` (never an explicit inverse) in ``dtype``.
-    When R exceeds d the factors are compressed to rank ≤ d by an SVD of ``P Q``.
+    When more than d rows move, ``M − I`` is formed as one d × d product and factored to rank ≤ d
+    by an SVD; the key rows may stay in float32, they are converted chunk by chunk.
     """
-    ce = target_keys.to(dtype)
-    ca = anchor_keys.to(device=ce.device, dtype=dtype)
-    cp = preserve_keys.to(device=ce.device, dtype=dtype)
+    ce, ca, cp = target_keys, anchor_keys.to(target_keys.device), preserve_keys.to(target_keys.device)
     d = ce.shape[1]
-    # Rows whose target and anchor keys coincide (the shared start token, identical padding)
-    # contribute nothing to P; drop them from P and Q but keep them in A, where they still act.
-    moving = (ca - ce).abs().amax(dim=1) > 0
     a = lamb * torch.eye(d, dtype=dtype, device=ce.device)
-    a += erase_scale * gram(ce) + preserve_scale * gram(cp)
+    a += erase_scale * gram(ce, dtype) + preserve_scale * gram(cp, dtype)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         raise NumericalError(
@@ -98,10 +110,22 @@ def anchored_right_multiplier(
             "Set 'lamb' above 0 (the papers use 0.5).",
             input_name="lamb",
         )
-    q = torch.cholesky_solve(ce[moving].T, chol).T  # C_e A⁻¹: [r, d] (A is symmetric)
-    p = erase_scale * (ca[moving] - ce[moving]).T  # [d, r]
+    # Rows whose target and anchor keys coincide (the shared start token, identical padding)
+    # contribute nothing to P; drop them from P and Q but keep them in A, where they still act.
+    moving = (ca - ce).abs().amax(dim=1) > 0
+    if int(moving.sum()) > d:
+        # More moving rows than the width: M − I = s (C_a − C_e)ᵀ C_e A⁻¹ as one d × d product,
+        # accumulated over row chunks (no [R, d] solve, no float64 copy of all rows), then
+        # factored to rank ≤ d.
+        ce, ca = ce[moving], ca[moving]
+        cross = cross_gram(ca, ce, dtype) - gram(ce, dtype)
+        m = erase_scale * torch.cholesky_solve(cross.T, chol).T  # (cross A⁻¹)ᵀ = A⁻¹ crossᵀ
+        return factor_square(check_finite(m, "the solved multiplier", method))
+    ce, ca = ce[moving].to(dtype), ca[moving].to(dtype)
+    q = torch.cholesky_solve(ce.T, chol).T  # C_e A⁻¹: [r, d] (A is symmetric)
+    p = erase_scale * (ca - ce).T  # [d, r]
     check_finite(q, "the solved key factor", method)
-    return compact(p, q)
+    return RightMultiplier(P=p, Q=q)
 
 
 def compact(p: torch.Tensor, q: torch.Tensor) -> RightMultiplier:

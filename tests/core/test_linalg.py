@@ -22,8 +22,10 @@ def _per_layer_reference(w, ce, ca, cp, s, sp, lamb):
     return mat1 @ torch.linalg.inv(mat2)
 
 
+@pytest.mark.parametrize("chunk", [8192, 7])  # rows converted to float64 all at once / 7 at a time
 @pytest.mark.parametrize("rows", [3, 40])  # fewer and more target rows than the width
-def test_shared_solve_equals_per_layer_float64_reference(rows):
+def test_shared_solve_equals_per_layer_float64_reference(rows, chunk, monkeypatch):
+    monkeypatch.setattr("erasure_core.linalg.GRAM_CHUNK", chunk)
     d = 24
     ce, ca, cp = _keys(rows, d, 1), _keys(rows, d, 2), _keys(10, d, 3)
     mult = anchored_right_multiplier(ce, ca, cp, erase_scale=1.3, preserve_scale=0.7, lamb=0.5)
