@@ -22,7 +22,7 @@ import torch
 
 from .errors import NumericalError
 
-__all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "compact", "cross_gram", "factor_square", "gram",
+__all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "compact", "cross_gram", "factor_square", "full_multiplier", "gram",
            "kmeans", "least_amplified_direction", "low_eigen_projector",
            "low_eigen_projector_of_rows", "solve_right"]
 
@@ -68,6 +68,8 @@ class RightMultiplier:
 
     P: torch.Tensor
     Q: torch.Tensor
+    full: bool = False
+    """``Q`` is the identity (the edit has full rank): a site's delta ``W₀ P`` is stored dense."""
 
     @property
     def rank(self) -> int:
@@ -95,8 +97,8 @@ def anchored_right_multiplier(
     ``target_keys`` / ``anchor_keys``: ``[R, d]`` paired rows (row r of a target maps to the
     original output of row r of its anchor); ``preserve_keys``: ``[R_p, d]``. Solved with a
     Cholesky factorisation of the symmetric ``A`` (never an explicit inverse) in ``dtype``.
-    When more than d rows move, ``M − I`` is formed as one d × d product and factored to rank ≤ d
-    by an SVD; the key rows may stay in float32, they are converted chunk by chunk.
+    When more than d rows move, ``M − I`` is formed as one d × d product and kept whole (a dense
+    edit per site); the key rows may stay in float32, they are converted chunk by chunk.
     """
     ce, ca, cp = target_keys, anchor_keys.to(target_keys.device), preserve_keys.to(target_keys.device)
     d = ce.shape[1]
@@ -115,12 +117,11 @@ def anchored_right_multiplier(
     moving = (ca - ce).abs().amax(dim=1) > 0
     if int(moving.sum()) > d:
         # More moving rows than the width: M − I = s (C_a − C_e)ᵀ C_e A⁻¹ as one d × d product,
-        # accumulated over row chunks (no [R, d] solve, no float64 copy of all rows), then
-        # factored to rank ≤ d.
+        # accumulated over row chunks (no [R, d] solve, no float64 copy of all rows), kept whole.
         ce, ca = ce[moving], ca[moving]
         cross = cross_gram(ca, ce, dtype) - gram(ce, dtype)
         m = erase_scale * torch.cholesky_solve(cross.T, chol).T  # (cross A⁻¹)ᵀ = A⁻¹ crossᵀ
-        return factor_square(check_finite(m, "the solved multiplier", method))
+        return full_multiplier(check_finite(m, "the solved multiplier", method))
     ce, ca = ce[moving].to(dtype), ca[moving].to(dtype)
     q = torch.cholesky_solve(ce.T, chol).T  # C_e A⁻¹: [r, d] (A is symmetric)
     p = erase_scale * (ca - ce).T  # [d, r]
@@ -130,15 +131,25 @@ def anchored_right_multiplier(
 
 def compact(p: torch.Tensor, q: torch.Tensor) -> RightMultiplier:
     """``P Q`` with rank at most ``d``: when ``P`` has more columns than rows, the product is
-    re-factored by an SVD that drops singular values at rounding level."""
+    formed once as a full-rank ``d × d`` multiplier."""
     d = p.shape[0]
     if p.shape[1] <= d:
         return RightMultiplier(P=p, Q=q)
-    return RightMultiplier(*_svd_factors(p @ q))
+    return full_multiplier(p @ q)
 
 
-def factor_square(m: torch.Tensor) -> RightMultiplier:
-    """A ``d x d`` matrix ``M − I`` (or any square edit) as low-rank factors ``P Q``."""
+def full_multiplier(m: torch.Tensor) -> RightMultiplier:
+    """A square ``M − I`` kept whole (``Q = I``): for edits whose rank reaches the key width, where
+    factoring would cost an SVD and save nothing."""
+    return RightMultiplier(P=m, Q=torch.eye(m.shape[0], dtype=m.dtype, device=m.device), full=True)
+
+
+def factor_square(m: torch.Tensor, rank_bound: int | None = None) -> RightMultiplier:
+    """A ``d x d`` matrix ``M − I`` (or any square edit) as low-rank factors ``P Q``.
+
+    ``rank_bound``: a known upper bound of its rank; when it reaches ``d`` no SVD is tried."""
+    if rank_bound is not None and rank_bound >= m.shape[0]:
+        return full_multiplier(m)
     return RightMultiplier(*_svd_factors(m))
 
 

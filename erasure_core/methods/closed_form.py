@@ -129,7 +129,8 @@ def patch_from_multipliers(
     progress: Progress | None = None,
     started: float | None = None,
 ) -> PatchSet:
-    """``ΔW = (W₀ P) Q`` for every site, stored as low-rank factors on the CPU in float32.
+    """``ΔW = (W₀ P) Q`` for every site, stored as low-rank factors on the CPU in float32 (dense
+    when the multiplier has full rank).
 
     ``multiplier_for(site, W₀)`` gives the site's ``P, Q``; sites that share one multiplier (the
     UCE family's one solve per width) share one ``Q`` tensor, so memory grows with the rank.
@@ -140,9 +141,12 @@ def patch_from_multipliers(
     for i, site in enumerate(sites):
         weight = site.tensor()
         mult = multiplier_for(site, weight)
-        down = shared.setdefault(id(mult), (mult, mult.Q.float().cpu()))[1]
         up = check_finite(mult.up_for(weight), f"the edit of '{site.key}'", method)
-        entries[site.key] = PatchEntry(up=up.float().cpu(), down=down)
+        if mult.full:  # Q = I: the delta W₀P itself, dense
+            entries[site.key] = PatchEntry(diff=up.float().cpu())
+        else:
+            down = shared.setdefault(id(mult), (mult, mult.Q.float().cpu()))[1]
+            entries[site.key] = PatchEntry(up=up.float().cpu(), down=down)
         ranks.append(mult.rank)
         if progress is not None:
             progress(i + 1, len(sites))

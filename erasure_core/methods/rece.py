@@ -102,14 +102,16 @@ def solve(
                                           preserve_scale=config.preserve_scale, lamb=config.lamb,
                                           dtype=dtype, method="RECE (UCE start)")
         m = torch.eye(width, dtype=dtype, device=device) + start.P @ start.Q
+        rank_bound = start.rank
         for _ in range(config.epochs):
             adv = adversarial_rows(targets.reshape(-1, width), gram_w, m, config.reg)  # one solve, all rows
             step = anchored_right_multiplier(adv, guides.reshape(-1, width), cp_all, erase_scale=config.erase_scale,
                                              preserve_scale=config.adv_preserve_scale, lamb=config.adv_lamb,
                                              dtype=dtype, method="RECE")
             m = m + (m @ step.P) @ step.Q  # W'' = W' (I + P Q) = W M (I + P Q)
+            rank_bound += step.rank
         eye = torch.eye(width, dtype=dtype, device=device)
-        multipliers[width] = factor_square(check_finite(m - eye, "the accumulated edit", "RECE"))
+        multipliers[width] = factor_square(check_finite(m - eye, "the accumulated edit", "RECE"), rank_bound)
     meta = describe_run("rece", concepts, config)
     return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, "RECE",
                                   progress, started)

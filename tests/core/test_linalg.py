@@ -30,6 +30,7 @@ def test_shared_solve_equals_per_layer_float64_reference(rows, chunk, monkeypatc
     ce, ca, cp = _keys(rows, d, 1), _keys(rows, d, 2), _keys(10, d, 3)
     mult = anchored_right_multiplier(ce, ca, cp, erase_scale=1.3, preserve_scale=0.7, lamb=0.5)
     assert mult.rank <= min(rows, d)
+    assert mult.full == (rows > d)  # more moving rows than the width: kept whole, no SVD
     for seed, d_out in [(4, 16), (5, 40)]:
         w = _keys(d_out, d, seed)
         got = w.double() + mult.up_for(w) @ mult.Q

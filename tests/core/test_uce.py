@@ -78,3 +78,19 @@ def test_progress_reports_every_site(sites, encoder):
     seen = []
     erase("uce", sites, ConceptSet.simple(("cat",), ("dog",)), encoder, _config(), progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (len(sites), len(sites)) and len(seen) == len(sites)
+
+
+def test_an_edit_of_full_rank_is_stored_dense_and_equals_the_per_layer_formula(sites, encoder):
+    words = tuple(f"w{i}" for i in range(40))  # 40 targets x all rows: far more rows than the width
+    concepts = ConceptSet.simple(words, ("a painter",))
+    cfg = _config(lamb=0.5)
+    patch = erase("uce", sites, concepts, encoder, cfg)
+    assert all(not patch[s.key].is_low_rank for s in sites)  # no SVD, no factors: the delta itself
+    enc = encoder([p for pair in concepts.erase_pairs() for p in pair])
+    ce, ca = (r.double() for r in erase_rows(enc, concepts.erase_pairs(), cfg.token_pick))
+    assert len(ce) > sites[0].in_features
+    for site in sites:  # UCE eq. 7 per layer: ΔW = s W₀ (C_a − C_e)ᵀ C_e (λI + s C_eᵀC_e)⁻¹
+        w0 = site.weight.double()
+        a = cfg.lamb * torch.eye(w0.shape[1], dtype=torch.float64) + cfg.erase_scale * ce.T @ ce
+        want = cfg.erase_scale * (w0 @ (ca - ce).T @ ce) @ torch.linalg.inv(a)
+        torch.testing.assert_close(patch[site.key].dense().double(), want, rtol=1e-5, atol=1e-6)
