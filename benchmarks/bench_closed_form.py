@@ -129,10 +129,10 @@ class GivenEncoder(TimedEncoder):
         self.reset()
 
     def _build(self, texts: Sequence[str]) -> EncodedText:
-        _, eot = self.tokenizer(texts)
+        ids, eot = self.tokenizer(texts)
         hidden = torch.randn(len(texts), self.tokenizer.context_length, self.width, generator=self.gen)
         hidden[:, 0] = hidden[0, 0]  # the start token's row is the same for every prompt (causal)
-        return EncodedText(tuple(texts), hidden, eot)
+        return EncodedText(tuple(texts), hidden, eot, token_ids=ids)
 
     def __call__(self, texts: Sequence[str]) -> EncodedText:
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from ..linalg import (
     RightMultiplier,
     check_finite,
     compact,
+    full_multiplier,
     kmeans,
     least_amplified_direction,
     low_eigen_projector_of_rows,
@@ -128,11 +129,11 @@ def _invariants(null_rows: torch.Tensor, generator: torch.Generator) -> torch.Te
 def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SPEEDConfig,
                      generator: torch.Generator, shared_p: torch.Tensor | None) -> RightMultiplier:
     """One layer's ``P_f Q_f`` with ``ΔW = W P_f Q_f`` (legend: module docstring)."""
-    c1tc1, diff, ce, retain, k2 = (stats[k] for k in ("c1tc1", "diff", "ce", "retain", "k2"))
+    c1tc1, diff, ce, retain, k2, cross = (stats[k] for k in ("c1tc1", "diff", "ce", "retain", "k2", "cross"))
     d = c1tc1.shape[0]
     eye = torch.eye(d, dtype=c1tc1.dtype, device=c1tc1.device)
     if shared_p is None:
-        erase = solve_right(eye + c1tc1, diff.T @ ce)  # (AᵀC₁ − C₁ᵀC₁)(I + C₁ᵀC₁)⁻¹: plain erase
+        erase = stats["erase"]  # (AᵀC₁ − C₁ᵀC₁)(I + C₁ᵀC₁)⁻¹: the plain erase, the same for every layer
         influence = ((retain @ erase.T) @ w.T).norm(dim=1)  # ‖ΔW_erase r‖ for every retain key
         kept = retain if config.disable_filter else retain[influence > influence.mean()]
         augmented = [kept]
@@ -150,6 +151,9 @@ def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SP
     mk2 = torch.linalg.solve(m_inv, k2)  # M K₂
     inner = k2.T @ proj @ mk2 + config.lamb * torch.eye(k2.shape[1], dtype=k2.dtype, device=k2.device)
     q = eye - mk2 @ torch.linalg.solve(inner, k2.T @ proj)
+    if len(ce) > d:  # more target rows than the width: (AᵀC₁ − C₁ᵀC₁) P Q M as one d × d matrix
+        m = config.erase_scale * solve_right(m_inv, cross @ proj @ q)
+        return full_multiplier(check_finite(m, "the null-space edit", "SPEED"))
     down = solve_right(m_inv, ce @ proj @ q)  # C₁ P Q M: [R, d]
     return compact(config.erase_scale * diff.T, check_finite(down, "the null-space factor", "SPEED"))
 
@@ -190,11 +194,15 @@ def solve(
                            input_name="concepts")
     generator = torch.Generator().manual_seed(config.random_seed)
     c1tc1, diff = _mean_stats(ce, ca, len(keys.pairs))
-    stats = {"c1tc1": c1tc1, "diff": diff, "ce": ce, "retain": retain,
+    cross = diff.T @ ce  # AᵀC₁ − C₁ᵀC₁ (averaged), d × d
+    stats = {"c1tc1": c1tc1, "diff": diff, "ce": ce, "retain": retain, "cross": cross,
              "k2": _invariants(null_rows.cpu(), generator).to(device, dtype)}
     shared_p = None
     if config.aug_num == 0:  # no per-layer refinement (the reference skips IPF too): one projector
         shared_p = low_eigen_projector_of_rows(retain, config.threshold)
+    else:
+        eye = torch.eye(len(c1tc1), dtype=dtype, device=device)
+        stats["erase"] = solve_right(eye + c1tc1, cross)
     shared: dict[int, RightMultiplier] = {}
 
     def multiplier_for(site: AttentionSite, weight: torch.Tensor) -> RightMultiplier:

@@ -175,3 +175,21 @@ def test_unknown_preset_raises_config_error_naming_preset():
     with pytest.raises(ConfigError, match="preset") as err:
         make_config("speed", preset="celebrities")
     assert err.value.input_name == "preset"
+
+
+def test_more_target_rows_than_the_width_give_a_dense_edit_equal_to_the_closed_form(sites, encoder):
+    width = sites[0].in_features
+    targets = tuple(f"w{i}" for i in range(width + 8))  # last-subject rows: more than the width
+    config = _config()
+    patch = erase("speed", sites, ConceptSet.simple(targets, (ANCHOR,), RETAIN), encoder, config)
+    c1 = _last_subject(encoder, targets)
+    a = _last_subject(encoder, (ANCHOR,) * len(targets))
+    retain = _last_subject(encoder, RETAIN)
+    k2 = _invariant_keys(encoder, config.random_seed)
+    for site in (s for s in sites if _is_v(s)):
+        assert not patch[site.key].is_low_rank  # kept whole: no SVD of a full-rank product
+        ref = _reference_delta(site.weight, c1, a, retain, k2, threshold=config.threshold,
+                               alpha=config.preserve_scale, lamb=config.lamb)
+        scale = ref.abs().max().item()
+        assert scale > 1e-3
+        torch.testing.assert_close(patch[site.key].dense().double(), ref, rtol=1e-5, atol=1e-5 * scale)
