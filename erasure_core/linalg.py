@@ -22,8 +22,8 @@ import torch
 
 from .errors import NumericalError
 
-__all__ = ["RightMultiplier", "anchored_right_multiplier", "check_finite", "compact", "cross_gram", "factor_square", "full_multiplier", "gram",
-           "kmeans", "least_amplified_direction", "low_eigen_projector",
+__all__ = ["RightMultiplier", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
+           "compact", "cross_gram", "factor_square", "full_multiplier", "gram", "kmeans", "least_amplified_direction", "low_eigen_projector",
            "low_eigen_projector_of_rows", "solve_right"]
 
 
@@ -102,31 +102,58 @@ def anchored_right_multiplier(
     """
     ce, ca, cp = target_keys, anchor_keys.to(target_keys.device), preserve_keys.to(target_keys.device)
     d = ce.shape[1]
-    a = lamb * torch.eye(d, dtype=dtype, device=ce.device)
-    a += erase_scale * gram(ce, dtype) + preserve_scale * gram(cp, dtype)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
-        raise NumericalError(
-            f"{method}: the key system must be positive definite, but it is singular (lamb="
-            f"{lamb}, {ce.shape[0]} target rows, {cp.shape[0]} preserved rows, width {d}). "
-            "Set 'lamb' above 0 (the papers use 0.5).",
-            input_name="lamb",
-        )
+    g_ee, g_pp = gram(ce, dtype), gram(cp, dtype)
     # Rows whose target and anchor keys coincide (the shared start token, identical padding)
     # contribute nothing to P; drop them from P and Q but keep them in A, where they still act.
     moving = (ca - ce).abs().amax(dim=1) > 0
-    if int(moving.sum()) > d:
-        # More moving rows than the width: M − I = s (C_a − C_e)ᵀ C_e A⁻¹ as one d × d product,
-        # accumulated over row chunks (no [R, d] solve, no float64 copy of all rows), kept whole.
-        ce, ca = ce[moving], ca[moving]
-        cross = cross_gram(ca, ce, dtype) - gram(ce, dtype)
-        m = erase_scale * torch.cholesky_solve(cross.T, chol).T  # (cross A⁻¹)ᵀ = A⁻¹ crossᵀ
-        return full_multiplier(check_finite(m, "the solved multiplier", method))
+    if int(moving.sum()) > d:  # full rank: the d × d form (non-moving rows add 0 to C_aᵀC_e − C_eᵀC_e)
+        return anchored_multiplier_from_grams(g_ee, cross_gram(ca, ce, dtype), g_pp, erase_scale=erase_scale,
+                                              preserve_scale=preserve_scale, lamb=lamb, method=method,
+                                              rows=(len(ce), len(cp)))
+    chol = _ridge_cholesky(g_ee, g_pp, erase_scale, preserve_scale, lamb, method, (len(ce), len(cp)))
     ce, ca = ce[moving].to(dtype), ca[moving].to(dtype)
     q = torch.cholesky_solve(ce.T, chol).T  # C_e A⁻¹: [r, d] (A is symmetric)
     p = erase_scale * (ca - ce).T  # [d, r]
     check_finite(q, "the solved key factor", method)
     return RightMultiplier(P=p, Q=q)
+
+
+def anchored_multiplier_from_grams(
+    g_ee: torch.Tensor,
+    g_ae: torch.Tensor,
+    g_pp: torch.Tensor,
+    *,
+    erase_scale: float,
+    preserve_scale: float,
+    lamb: float,
+    method: str = "closed-form",
+    rows: tuple[int, int] | None = None,
+) -> RightMultiplier:
+    """The anchored solve from ``d × d`` statistics alone, kept whole (full rank):
+    ``M − I = s (C_aᵀC_e − C_eᵀC_e) A⁻¹`` with ``A = λI + s C_eᵀC_e + s_p C_pᵀC_p``.
+
+    ``g_ee = C_eᵀC_e``, ``g_ae = C_aᵀC_e``, ``g_pp = C_pᵀC_p`` in the solve precision; ``rows``
+    (target, preserve row counts) only words the error message. For edits whose rows outnumber
+    the width, and for callers that know the Grams without the rows (RECE's adversarial rows)."""
+    chol = _ridge_cholesky(g_ee, g_pp, erase_scale, preserve_scale, lamb, method, rows)
+    cross = g_ae - g_ee
+    m = erase_scale * torch.cholesky_solve(cross.T, chol).T  # (cross A⁻¹)ᵀ = A⁻¹ crossᵀ
+    return full_multiplier(check_finite(m, "the solved multiplier", method))
+
+
+def _ridge_cholesky(g_ee: torch.Tensor, g_pp: torch.Tensor, erase_scale: float, preserve_scale: float,
+                    lamb: float, method: str, rows: tuple[int, int] | None) -> torch.Tensor:
+    d = g_ee.shape[0]
+    a = lamb * torch.eye(d, dtype=g_ee.dtype, device=g_ee.device) + erase_scale * g_ee + preserve_scale * g_pp
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        counts = f"{rows[0]} target rows, {rows[1]} preserved rows, " if rows else ""
+        raise NumericalError(
+            f"{method}: the key system must be positive definite, but it is singular (lamb="
+            f"{lamb}, {counts}width {d}). Set 'lamb' above 0 (the papers use 0.5).",
+            input_name="lamb",
+        )
+    return chol
 
 
 def compact(p: torch.Tensor, q: torch.Tensor) -> RightMultiplier:

@@ -25,7 +25,16 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
-from ..linalg import RightMultiplier, anchored_right_multiplier, check_finite, factor_square, solve_right
+from ..linalg import (
+    RightMultiplier,
+    anchored_multiplier_from_grams,
+    anchored_right_multiplier,
+    check_finite,
+    cross_gram,
+    factor_square,
+    gram,
+    solve_right,
+)
 from ..patch import PatchSet
 from ..text import TextEncoder, TokenPick
 from . import register
@@ -38,7 +47,7 @@ from .closed_form import (
     patch_from_multipliers,
 )
 
-__all__ = ["PRESETS", "RECEConfig", "adversarial_rows", "solve"]
+__all__ = ["PRESETS", "RECEConfig", "adversarial_map", "adversarial_rows", "solve"]
 
 
 @dataclass(frozen=True)
@@ -64,11 +73,17 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
+def adversarial_map(gram_w: torch.Tensor, m: torch.Tensor, reg: float) -> torch.Tensor:
+    """``B [d, d]`` with adversarial rows ``c' = c B`` minimising ``Σ_l ‖W_l M c' − W_l c‖² +
+    reg ‖c'‖²`` (RECE's ``close_regzero``): ``B = G M (MᵀGM + reg I)⁻¹`` for ``G = Σ_l W_lᵀW_l``."""
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    return solve_right(m.T @ gram_w @ m + reg * eye, gram_w @ m)
+
+
 def adversarial_rows(c: torch.Tensor, gram_w: torch.Tensor, m: torch.Tensor, reg: float) -> torch.Tensor:
     """Rows ``c' [T, d]`` minimising ``Σ_l ‖W_l M c' − W_l c‖² + reg ‖c'‖²`` (RECE eq. for
     ``close_regzero``): ``c' = (MᵀGM + reg I)⁻¹ Mᵀ G c`` written for rows."""
-    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    return solve_right(m.T @ gram_w @ m + reg * eye, c @ gram_w @ m)
+    return c.to(m.dtype) @ adversarial_map(gram_w, m, reg)
 
 
 @torch.no_grad()
@@ -87,15 +102,21 @@ def solve(
     keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
     device = torch.device(device) if device is not None else default_device(sites)
     dtype = config.solve_dtype.torch
-    ce, ca = (t.to(device, dtype) for t in keys.erase(config.token_pick))
-    cp = keys.preserve(config.token_pick).to(device, dtype)
-    cp_all = keys.preserve(TokenPick.ALL).to(device, dtype)
-    targets = torch.stack([keys.rows(t) for t, _ in keys.pairs]).to(device, dtype)  # [n, T, d]
-    guides = torch.stack([keys.rows(a) for _, a in keys.pairs]).to(device, dtype)
+    ce, ca = (t.to(device) for t in keys.erase(config.token_pick))  # converted chunk-wise by the solve
+    cp = keys.preserve(config.token_pick).to(device)
+    cp_all = keys.preserve(TokenPick.ALL).to(device)
+    targets = torch.cat([keys.rows(t) for t, _ in keys.pairs]).to(device)  # [n·T, d]
+    guides = torch.cat([keys.rows(a) for _, a in keys.pairs]).to(device)
     grams: dict[int, torch.Tensor] = {}
     for site in sites:  # G = Σ_l W_lᵀ W_l per key width
         w = site.tensor().to(device, dtype)
         grams[site.in_features] = grams.get(site.in_features, 0) + w.T @ w
+    # With more target rows than the width every adversarial step has full rank, and the rows
+    # c' = c B (B = G M (MᵀGM + reg I)⁻¹, d × d) enter the step only through C'ᵀC' = Bᵀ(CᵀC)B and
+    # C_guideᵀC' = (C_guideᵀC)B: the epochs are d × d algebra on Grams taken once.
+    by_grams = config.epochs > 0 and len(targets) > targets.shape[1]
+    if by_grams:
+        g_cc, g_gc, g_pp = gram(targets, dtype), cross_gram(guides, targets, dtype), gram(cp_all, dtype)
     multipliers: dict[int, RightMultiplier] = {}
     for width, gram_w in grams.items():
         start = anchored_right_multiplier(ce, ca, cp, erase_scale=config.erase_scale,
@@ -104,10 +125,15 @@ def solve(
         m = torch.eye(width, dtype=dtype, device=device) + start.P @ start.Q
         rank_bound = start.rank
         for _ in range(config.epochs):
-            adv = adversarial_rows(targets.reshape(-1, width), gram_w, m, config.reg)  # one solve, all rows
-            step = anchored_right_multiplier(adv, guides.reshape(-1, width), cp_all, erase_scale=config.erase_scale,
-                                             preserve_scale=config.adv_preserve_scale, lamb=config.adv_lamb,
-                                             dtype=dtype, method="RECE")
+            step_options = {"erase_scale": config.erase_scale, "preserve_scale": config.adv_preserve_scale,
+                            "lamb": config.adv_lamb, "method": "RECE"}
+            if by_grams:
+                b = adversarial_map(gram_w, m, config.reg)
+                step = anchored_multiplier_from_grams(b.T @ g_cc @ b, g_gc @ b, g_pp, **step_options,
+                                                      rows=(len(targets), len(cp_all)))
+            else:
+                adv = targets.to(dtype) @ adversarial_map(gram_w, m, config.reg)  # one solve, all rows
+                step = anchored_right_multiplier(adv, guides, cp_all, dtype=dtype, **step_options)
             m = m + (m @ step.P) @ step.Q  # W'' = W' (I + P Q) = W M (I + P Q)
             rank_bound += step.rank
         eye = torch.eye(width, dtype=dtype, device=device)

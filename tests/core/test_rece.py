@@ -60,17 +60,22 @@ def test_zero_epochs_is_uce_with_the_same_options(sites, encoder):
         torch.testing.assert_close(rece[key].dense(), uce[key].dense(), rtol=1e-5, atol=1e-6)
 
 
-def test_one_epoch_equals_the_per_layer_float64_adversarial_uce_step(sites, encoder):
+# 2 targets: fewer token rows than the width (row-wise steps); 6: more (steps from Grams, full rank)
+@pytest.mark.parametrize("targets", [TARGETS, ("van gogh", "picasso", "w1", "w2", "w3", "w4")])
+def test_one_epoch_equals_the_per_layer_float64_adversarial_uce_step(sites, encoder, targets):
     config = make_config("rece", epochs=1)
     uce_options = {k: getattr(config, k) for k in
                    ("token_pick", "erase_scale", "preserve_scale", "lamb", "preserve_empty_prompt", "solve_dtype")}
-    start = erase("uce", sites, _concepts(), encoder, make_config("uce", **uce_options))
-    rece = erase("rece", sites, _concepts(), encoder, config)
+    concepts = ConceptSet.simple(targets, (ANCHOR,), PRESERVE)
+    rows = sum(len(_rows(encoder, t)) for t in targets)
+    assert (rows > sites[0].in_features) == (len(targets) > 2)
+    start = erase("uce", sites, concepts, encoder, make_config("uce", **uce_options))
+    rece = erase("rece", sites, concepts, encoder, config)
     originals, w1s = _weights(sites, start)
     d = sites[0].in_features
     eye = torch.eye(d, dtype=torch.float64)
     # c' for each target's 8 token rows, over every site (all share the width here).
-    adv = [_reference_adversarial(_rows(encoder, t), originals, w1s, config.reg) for t in TARGETS]
+    adv = [_reference_adversarial(_rows(encoder, t), originals, w1s, config.reg) for t in targets]
     guide = _rows(encoder, ANCHOR)  # aligned with the target rows by position
     keep = [*PRESERVE, ""]  # preserve_empty_prompt is on by default
     cp = torch.cat([_rows(encoder, p) for p in keep])
