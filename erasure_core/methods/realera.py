@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,19 +23,22 @@ from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
 from ..errors import ConfigError
+from ..linalg import anchored_multiplier_from_grams, cross_gram, gram
 from ..patch import PatchSet
 from ..text import TextEncoder, erase_rows
 from . import register
 from .closed_form import (
     ClosedFormConfig,
+    ConceptKeys,
     Progress,
     anchored_patch,
     default_device,
     describe_run,
     encode_concepts,
+    patch_from_multipliers,
 )
 
-__all__ = ["RealEraConfig", "sample_neighbours", "solve"]
+__all__ = ["RealEraConfig", "neighbour_rows", "sample_neighbours", "solve"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,17 @@ def sample_neighbours(rows: torch.Tensor, count: int, config: RealEraConfig,
     return (turned * norm[:, None]).reshape(-1, d), torch.arange(r).repeat_interleave(count)
 
 
+def neighbour_rows(keys: ConceptKeys, config: RealEraConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(neighbours [R·k, d], their anchor rows [R·k, d])`` for each erase pair, in pair order.
+
+    One generator per prompt, seeded by its text, so the result does not depend on concept order."""
+    for pair in keys.pairs if config.neighbours else []:
+        te, ta = erase_rows(keys.enc, [pair], config.token_pick)
+        seed = config.random_seed ^ int.from_bytes(hashlib.sha256(pair[0].encode()).digest()[:4], "little")
+        near, source = sample_neighbours(te.double(), config.neighbours, config, torch.Generator().manual_seed(seed))
+        yield near.to(te.dtype), ta[source]
+
+
 @torch.no_grad()
 def solve(
     sites: Sequence[AttentionSite],
@@ -95,25 +109,36 @@ def solve(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
 ) -> PatchSet:
-    """UCE over the target rows and their sampled neighbours (each mapped to its row's anchor)."""
+    """UCE over the target rows and their sampled neighbours (each mapped to its row's anchor).
+
+    Neighbours outnumber the target rows ``neighbours`` to one; once target and neighbour rows
+    together exceed the key width the edit has full rank, and the neighbours enter only through
+    their Grams, accumulated one prompt at a time (memory does not grow with their number)."""
     config = config or RealEraConfig()
     started = time.perf_counter()
     keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
     device = torch.device(device) if device is not None else default_device(sites)
-    ce, ca = keys.erase(config.token_pick)
-    cp = keys.preserve(config.token_pick)
-    extra_e, extra_a = [], []
-    for pair in keys.pairs if config.neighbours else []:
-        # one generator per prompt, seeded by its text: the result does not depend on concept order
-        te, ta = erase_rows(keys.enc, [pair], config.token_pick)
-        seed = config.random_seed ^ int.from_bytes(hashlib.sha256(pair[0].encode()).digest()[:4], "little")
-        near, source = sample_neighbours(te.double(), config.neighbours, config, torch.Generator().manual_seed(seed))
-        extra_e.append(near.to(ce.dtype))
-        extra_a.append(ta[source])
-    ce, ca = torch.cat([ce, *extra_e]), torch.cat([ca, *extra_a])
+    ce, ca = (r.to(device) for r in keys.erase(config.token_pick))
+    cp = keys.preserve(config.token_pick).to(device)
     meta = describe_run("realera", concepts, config)
-    return anchored_patch(sites, (ce, ca, cp), config, "RealEra", meta, device=device, progress=progress,
-                          started=started)
+    d, dtype = ce.shape[1], config.solve_dtype.torch
+    if len(ce) * (1 + config.neighbours) <= d:  # small: one low-rank solve over all rows
+        pairs = list(neighbour_rows(keys, config))
+        ce = torch.cat([ce, *(n.to(device) for n, _ in pairs)])
+        ca = torch.cat([ca, *(a.to(device) for _, a in pairs)])
+        return anchored_patch(sites, (ce, ca, cp), config, "RealEra", meta, device=device, progress=progress,
+                              started=started)
+    g_ee, g_ae = gram(ce, dtype), cross_gram(ca, ce, dtype)
+    rows = len(ce)
+    for near, anchors in neighbour_rows(keys, config):
+        near, anchors = near.to(device), anchors.to(device)
+        g_ee += gram(near, dtype)
+        g_ae += cross_gram(anchors, near, dtype)
+        rows += len(near)
+    mult = anchored_multiplier_from_grams(g_ee, g_ae, gram(cp, dtype), erase_scale=config.erase_scale,
+                                          preserve_scale=config.preserve_scale, lamb=config.lamb,
+                                          method="RealEra", rows=(rows, len(cp)))
+    return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "RealEra", progress, started)
 
 
 register("realera", RealEraConfig, solve,

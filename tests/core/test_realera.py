@@ -49,3 +49,26 @@ def test_zero_neighbours_is_uce(sites, encoder):
     b = erase("realera", sites, concepts, encoder, make_config("realera", neighbours=0))
     for key in a:
         torch.testing.assert_close(a[key].dense(), b[key].dense(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("neighbours", [1, 16])  # rows below the width (one solve), above (Grams streamed)
+def test_the_edit_equals_uce_eq7_over_targets_plus_neighbours(sites, encoder, neighbours):
+    from erasure_core.methods.closed_form import encode_concepts
+    from erasure_core.methods.realera import neighbour_rows
+
+    concepts = ConceptSet.simple(("van gogh", "monet"), ("a painter",), ("a red car",))
+    config = make_config("realera", token_pick="last subject token", neighbours=neighbours, lamb=0.5)
+    patch = erase("realera", sites, concepts, encoder, config)
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    ce, ca = keys.erase(config.token_pick)
+    cp = keys.preserve(config.token_pick).double()
+    extra = list(neighbour_rows(keys, config))
+    ce = torch.cat([ce, *(n for n, _ in extra)]).double()
+    ca = torch.cat([ca, *(a for _, a in extra)]).double()
+    assert (len(ce) > sites[0].in_features) == (neighbours == 16)
+    s, sp, lam = config.erase_scale, config.preserve_scale, config.lamb
+    for site in sites:  # W = W₀ + s W₀(C_a − C_e)ᵀ C_e (λI + s C_eᵀC_e + s_p C_pᵀC_p)⁻¹
+        w0 = site.weight.double()
+        a = lam * torch.eye(w0.shape[1], dtype=torch.float64) + s * ce.T @ ce + sp * cp.T @ cp
+        want = s * w0 @ (ca - ce).T @ ce @ torch.linalg.inv(a)
+        torch.testing.assert_close(patch[site.key].dense().double(), want, rtol=1e-5, atol=1e-6)
