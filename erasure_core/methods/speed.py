@@ -147,14 +147,19 @@ def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SP
         proj = low_eigen_projector_of_rows(pool, config.threshold)
     else:
         proj = shared_p
-    m_inv = c1tc1 @ proj + config.preserve_scale * eye  # M⁻¹
-    mk2 = torch.linalg.solve(m_inv, k2)  # M K₂
+    m_inv = c1tc1 @ proj + config.preserve_scale * eye  # M⁻¹, factored once for both solves
+    lu, pivots = torch.linalg.lu_factor(m_inv)
+    mk2 = torch.linalg.lu_solve(lu, pivots, k2)  # M K₂
     inner = k2.T @ proj @ mk2 + config.lamb * torch.eye(k2.shape[1], dtype=k2.dtype, device=k2.device)
     q = eye - mk2 @ torch.linalg.solve(inner, k2.T @ proj)
+
+    def times_m(b: torch.Tensor) -> torch.Tensor:  # b M = (M⁻ᵀ bᵀ)ᵀ
+        return torch.linalg.lu_solve(lu, pivots, b.T, adjoint=True).T
+
     if len(ce) > d:  # more target rows than the width: (AᵀC₁ − C₁ᵀC₁) P Q M as one d × d matrix
-        m = config.erase_scale * solve_right(m_inv, cross @ proj @ q)
+        m = config.erase_scale * times_m(cross @ proj @ q)
         return full_multiplier(check_finite(m, "the null-space edit", "SPEED"))
-    down = solve_right(m_inv, ce @ proj @ q)  # C₁ P Q M: [R, d]
+    down = times_m(ce @ proj @ q)  # C₁ P Q M: [R, d]
     return compact(config.erase_scale * diff.T, check_finite(down, "the null-space factor", "SPEED"))
 
 
