@@ -4,8 +4,8 @@ file written in the released format."""
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny_spm
+import torch
 
 pytestmark = pytest.mark.comfyui
 
