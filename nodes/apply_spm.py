@@ -169,6 +169,8 @@ class ApplySPM(io.ComfyNode):
         patched = _comfy.apply_lora_factors(model, {keys[name]: f for name, f in factors.items()})
         progress(len(picked) + 2, len(picked) + 2)
         header = f"Apply SPM ({mode}): {len(spms)} SPM(s), {len(factors)} weights patched"
+        if mode == REFERENCE_CODE:
+            header += "; reference code: both LoRA factors scaled by m (one SPM acts with m^2)"
         if truncated:
             header += "; the prompt is longer than 75 tokens, gated on its first window (as the reference)"
         ignored = sum(len(s.ignored) for s in spms)
