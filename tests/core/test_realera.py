@@ -71,4 +71,7 @@ def test_the_edit_equals_uce_eq7_over_targets_plus_neighbours(sites, encoder, ne
         w0 = site.weight.double()
         a = lam * torch.eye(w0.shape[1], dtype=torch.float64) + s * ce.T @ ce + sp * cp.T @ cp
         want = s * w0 @ (ca - ce).T @ ce @ torch.linalg.inv(a)
-        torch.testing.assert_close(patch[site.key].dense().double(), want, rtol=1e-5, atol=1e-6)
+        # the neighbours' own Gram is taken in float32 (random draws): agreement to ~1e-5 of the edit
+        scale = want.abs().max().item()
+        assert scale > 1e-3
+        torch.testing.assert_close(patch[site.key].dense().double(), want, rtol=0, atol=2e-5 * scale)
