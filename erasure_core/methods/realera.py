@@ -82,10 +82,13 @@ def sample_neighbours(rows: torch.Tensor, count: int, config: RealEraConfig,
     lowest = max(config.min_cosine, 1 - config.max_distance**2 / 2)
     cos = lowest + (config.max_cosine - lowest) * torch.rand(r, count, 1, generator=generator, dtype=rows.dtype)
     direction = torch.randn(r, count, d, generator=generator, dtype=rows.dtype)
-    direction -= (direction * unit[:, None]).sum(-1, keepdim=True) * unit[:, None]  # ⊥ the row
-    direction /= direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    turned = cos * unit[:, None] + torch.sqrt(1 - cos**2) * direction
-    return (turned * norm[:, None]).reshape(-1, d), torch.arange(r).repeat_interleave(count)
+    # ⊥ the row: n − (n·u) u, as batched products (few passes over the [r, count, d] samples)
+    along = torch.bmm(direction, unit[:, :, None])  # [r, count, 1]
+    direction = torch.baddbmm(direction, along, unit[:, None, :], alpha=-1)
+    # neighbour = ‖e‖ (cos u + sin n/‖n‖) = cos·e + (sin ‖e‖ / ‖n‖) n
+    scale = torch.sqrt(1 - cos**2) * norm[:, None] / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    turned = torch.baddbmm(direction.mul_(scale), cos, rows[:, None, :])
+    return turned.reshape(-1, d), torch.arange(r).repeat_interleave(count)
 
 
 def neighbour_rows(keys: ConceptKeys, config: RealEraConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,14 +135,25 @@ def solve(
                               started=started)
     g_ee, g_ae = gram(ce, dtype), cross_gram(ca, ce, dtype)
     rows, k = len(ce), config.neighbours
-    for near, anchors in neighbour_rows(keys, config):
-        near, anchors = near.to(device), anchors.to(device)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        near = torch.cat([n for n, _ in pending]).to(device)
+        anchors = torch.cat([a for _, a in pending]).to(device)
+        pending.clear()
         # Random samples: their Gram in float32 errs ~1e-6, far below the sampling spread itself
         # (and 2-3x faster than float64, which matters at 8 neighbours per row).
-        g_ee += gram(near).to(dtype)
+        g_ee.add_(gram(near).to(dtype))
         # the k neighbours of a row share its anchor row: Σ a nᵀ = a (Σ_k n)ᵀ, k times less work
-        g_ae += cross_gram(anchors[::k], near.reshape(-1, k, near.shape[1]).sum(dim=1), dtype)
+        g_ae.add_(cross_gram(anchors[::k], near.reshape(-1, k, near.shape[1]).sum(dim=1), dtype))
+
+    for near, anchors in neighbour_rows(keys, config):  # Grams taken over batches of ~16k rows
+        pending.append((near, anchors))
         rows += len(near)
+        if sum(len(n) for n, _ in pending) >= 16384:
+            flush()
+    if pending:
+        flush()
     mult = anchored_multiplier_from_grams(g_ee, g_ae, gram(cp, dtype), erase_scale=config.erase_scale,
                                           preserve_scale=config.preserve_scale, lamb=config.lamb,
                                           method="RealEra", rows=(rows, len(cp)))
