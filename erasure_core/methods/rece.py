@@ -25,7 +25,7 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
-from ..linalg import RightMultiplier, anchored_right_multiplier, check_finite, factor_square, solve_right
+from ..linalg import RightMultiplier, anchored_right_multiplier, check_finite, factor_square, ridge_preimage_rows
 from ..patch import PatchSet
 from ..text import TextEncoder, TokenPick
 from . import register
@@ -67,8 +67,8 @@ PRESETS: dict[str, dict[str, object]] = {
 def adversarial_rows(c: torch.Tensor, gram_w: torch.Tensor, m: torch.Tensor, reg: float) -> torch.Tensor:
     """Rows ``c' [T, d]`` minimising ``Σ_l ‖W_l M c' − W_l c‖² + reg ‖c'‖²`` (RECE eq. for
     ``close_regzero``): ``c' = (MᵀGM + reg I)⁻¹ Mᵀ G c`` written for rows."""
-    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    return solve_right(m.T @ gram_w @ m + reg * eye, c @ gram_w @ m)
+    cross = m.T @ gram_w  # Σ W'ᵀW with W' = W M
+    return ridge_preimage_rows(c, cross @ m, cross, reg)
 
 
 @torch.no_grad()
