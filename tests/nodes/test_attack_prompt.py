@@ -145,3 +145,29 @@ def test_a_different_architecture_is_refused(env, models):
     err = _error(env, models, "same architecture", mode="closed_form", original_model=FakePatcher(sd2))
     assert err.input_name == "original_model"
 
+
+
+def test_widgets_take_default_range_and_help_from_the_core_config(env):
+    import dataclasses
+    from enum import Enum
+
+    node = env.pack.nodes.attack_prompt
+    widgets = {w.id: w for w in node.AttackPrompt.define_schema().inputs}
+    for field in dataclasses.fields(env.pack.erasure_core.attacks.config.AttackConfig):
+        widget, default = widgets[field.name], field.default
+        assert widget.default == (default.value if isinstance(default, Enum) else default)
+        assert widget.tooltip == field.metadata["help"]
+        if not isinstance(default, Enum):
+            assert (widget.min, widget.max) == (field.metadata["min"], field.metadata["max"])
+
+
+def test_search_shows_progress_and_cancel_stops_it(stub_env, models):
+    original, clip = models
+    _attack(stub_env, original, clip, mode="concept_vector", search_steps=3, search_tokens=2, search_population=4)
+    (bar,) = stub_env.comfy["comfy.utils"].bars
+    assert bar.updates == [(1, 3), (2, 3), (3, 3)]
+    mm = stub_env.comfy["comfy.model_management"]
+    mm.interrupt_processing = True
+    with pytest.raises(mm.InterruptProcessingException):
+        _attack(stub_env, original, clip, mode="concept_vector", search_steps=3, search_tokens=2,
+                search_population=4)
