@@ -134,6 +134,9 @@ class AttackPrompt(io.ComfyNode):
                 name = embedding_file.rsplit("/", 1)[-1].rsplit(".", 1)[0]
                 notes.append(f"saved embedding:{name}")
         kv = kv_recovery(grams, cond, concept_cond) if grams is not None else None
+        if grams is not None and grams.identical_weights:
+            notes.append("the two models' cross-attention K/V weights are identical: nothing was erased there "
+                         "(an erasure of other layers is not seen by this score or by closed_form)")
         report = cls._report(mode, arch, kv, noise, notes, time.perf_counter() - started)
         logger.info("Attack Prompt: %s", report)
         return io.NodeOutput(_comfy.conditioning(cond, pooled), prompt,

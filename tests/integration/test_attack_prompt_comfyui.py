@@ -134,3 +134,12 @@ def test_soft_prompt_lowers_its_loss_in_inference_mode_and_saves_an_embedding(pa
     after = model.model_state_dict(filter_prefix="diffusion_model.")
     changed = [k for k in before if before[k].dtype != after[k].dtype or not torch.equal(before[k], after[k])]
     assert not changed, changed[:3]
+
+
+def test_soft_prompt_is_reproducible_for_a_seed(pack, tiny_checkpoint, erased):
+    model, clip, _ = tiny_checkpoint
+    options = {"mode": "soft_prompt", "prefix_tokens": 1, "steps": 1, "lr": 5e-2, "noise_samples": 1,
+               "latent": {"samples": torch.zeros(1, 4, 8, 8)}, "original_model": model}
+    runs = [_attack(erased, clip, random_seed=seed, **options).result for seed in (4, 4, 9)]
+    assert torch.equal(runs[0][0][0][0], runs[1][0][0][0]) and runs[0][1:4] == runs[1][1:4]
+    assert not torch.equal(runs[0][0][0][0], runs[2][0][0][0])

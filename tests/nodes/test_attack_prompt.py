@@ -100,7 +100,7 @@ def test_concept_vector_search_is_readable_and_deterministic(env, models):
 def test_identical_models_are_reported(env, models):
     original, clip = models
     out = _attack(env, original, clip, mode="closed_form", original_model=original.clone())
-    assert out.result[2] == 1.0 and "trivially 1" in out.result[4]
+    assert out.result[2] == 1.0 and "trivially 1" in out.result[4] and "K/V weights are identical" in out.result[4]
 
 
 def _error(env, models, match, **inputs):
