@@ -345,9 +345,13 @@ class ClipTokenSpace:
         return torch.cat(chunks)
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, with ``(`` and ``)`` escaped so that typing it does not weight tokens."""
         from ..erasure_core.attacks import decode_bpe_tokens
 
-        return decode_bpe_tokens([self.inv_vocab.get(int(i), "") for i in ids]) if self.inv_vocab else ""
+        if not self.inv_vocab:
+            return ""
+        text = decode_bpe_tokens([self.inv_vocab.get(int(i), "") for i in ids])
+        return text.replace("\\", " ").replace("(", "\\(").replace(")", "\\)")
 
 
 def kv_sites_pair(erased: Any, original: Any) -> tuple[ArchSpec, list[AttentionSite], list[AttentionSite]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import torch
@@ -131,7 +132,7 @@ class AttackPrompt(io.ComfyNode):
             if embedding_file is not None:
                 _comfy.save_embedding(embedding_file, out["embedding_key"], out["prefix"],
                                       {"concept": concept, "mode": mode.value, "seed": str(config.random_seed)})
-                name = embedding_file.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                name = os.path.splitext(os.path.basename(embedding_file))[0]
                 notes.append(f"saved embedding:{name}")
         kv = kv_recovery(grams, cond, concept_cond) if grams is not None else None
         if grams is not None and grams.identical_weights:

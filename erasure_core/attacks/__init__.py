@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .closed_form import closed_form_attack
 from .concept_vector import SearchResult, concept_direction, decode_bpe_tokens, genetic_search
-from .recovery import KVGrams, Recovery, kv_distance, kv_grams, recovery_from_distances
+from .recovery import KVGrams, Recovery, kv_distance, kv_grams, kv_recovery, recovery_from_distances
 from .soft_prompt import (
     SoftPromptResult,
     draw_noise_samples,
@@ -38,6 +38,7 @@ __all__ = [
     "genetic_search",
     "kv_distance",
     "kv_grams",
+    "kv_recovery",
     "nearest_tokens",
     "optimise_prefix",
     "recovery_from_distances",

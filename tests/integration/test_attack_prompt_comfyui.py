@@ -31,10 +31,15 @@ def _attack(model, clip, **inputs):
 
 @pytest.fixture(scope="module")
 def erased(pack, tiny_checkpoint):
+    """The UCE-erased tiny model. Afterwards the original is loaded again, so later tests that read
+    the shared checkpoint's live weights (model_state_dict gives the loaded clone's) see the base."""
+    import comfy.model_management
     from test_nodes_comfyui import _erase
 
     model, clip, _ = tiny_checkpoint
-    return _erase(pack, model, clip, "Van Gogh", "a painter")[0]
+    yield _erase(pack, model, clip, "Van Gogh", "a painter")[0]
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
 
 
 def _ksample(model, positive, negative, seed=3):

@@ -171,3 +171,11 @@ def test_search_shows_progress_and_cancel_stops_it(stub_env, models):
     with pytest.raises(mm.InterruptProcessingException):
         _attack(stub_env, original, clip, mode="concept_vector", search_steps=3, search_tokens=2,
                 search_population=4)
+
+
+def test_decoded_prompts_escape_weight_syntax(env, models):
+    _, clip = models
+    space = env.pack.nodes._comfy.ClipTokenSpace(clip)
+    space.inv_vocab = {1: "(</w>", 2: "starry</w>", 3: ":</w>", 4: "2</w>", 5: ")</w>"}
+    assert space.decode([1, 2, 3, 4, 5]) == "\\( starry : 2 \\)"
+    assert 49406 not in space.vocabulary.tolist() and 49407 not in space.vocabulary.tolist()
