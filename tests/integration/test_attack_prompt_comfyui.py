@@ -148,3 +148,16 @@ def test_soft_prompt_is_reproducible_for_a_seed(pack, tiny_checkpoint, erased):
     runs = [_attack(erased, clip, random_seed=seed, **options).result for seed in (4, 4, 9)]
     assert torch.equal(runs[0][0][0][0], runs[1][0][0][0]) and runs[0][1:4] == runs[1][1:4]
     assert not torch.equal(runs[0][0][0][0], runs[2][0][0][0])
+
+
+def test_closed_form_recovers_less_from_a_rece_hardened_erasure(pack, tiny_checkpoint, erased):
+    from concept_erasure_pack.erasure_core import make_config
+    from test_nodes_comfyui import _erase
+
+    model, clip, _ = tiny_checkpoint
+    hardened = _erase(pack, model, clip, "Van Gogh", "a painter", method="rece",
+                      options=make_config("rece", epochs=2, reg=1e-2))[0]
+    scores = {name: _attack(m, clip, mode="closed_form", reg=1e-4, original_model=model).result[2]
+              for name, m in (("uce", erased), ("rece", hardened))}
+    print(scores)
+    assert scores["uce"] > 0.99 and scores["rece"] < scores["uce"] - 0.01
