@@ -225,8 +225,13 @@ class ClipTextEncoder(nn.Module):
         n, t = ids.shape
         if t > 1 and bool((ids[:, 0] == ids[0, 0]).all()):
             return self.forward_groups([ids])[0]
-        mask = torch.full((t, t), float("-inf"), device=ids.device).triu(1)
-        x = self.token_embedding(ids) + self.position_embedding[:t]
+        return self.forward_embeddings(self.token_embedding(ids) + self.position_embedding[:t])
+
+    def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states from input embeddings ``[N, T, D]`` (tokens plus positions), out of
+        place: gradients flow to ``x`` (soft-prompt attacks splice trainable rows into it)."""
+        t = x.shape[1]
+        mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
         for block in self.blocks:
             x = block(x, mask)[0]
         return self.final_ln(x)

@@ -23,8 +23,9 @@ import torch
 from .errors import NumericalError
 
 __all__ = ["RightMultiplier", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
-           "compact", "cross_gram", "factor_square", "full_multiplier", "gram", "kmeans", "least_amplified_direction", "low_eigen_projector",
-           "low_eigen_projector_of_rows", "solve_right"]
+           "compact", "cross_gram", "factor_square", "full_multiplier", "gram", "kmeans",
+           "least_amplified_direction", "low_eigen_projector", "low_eigen_projector_of_rows",
+           "ridge_preimage_rows", "solve_right"]
 
 
 def check_finite(tensor: torch.Tensor, what: str, method: str) -> torch.Tensor:
@@ -203,6 +204,23 @@ def least_amplified_direction(w: torch.Tensor) -> torch.Tensor:
 def solve_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``b a⁻¹`` for a square, possibly non-symmetric ``a`` (``torch.linalg.solve``, no inverse)."""
     return torch.linalg.solve(a.T, b.T).T
+
+
+def ridge_preimage_rows(rows: torch.Tensor, gram_edited: torch.Tensor, cross: torch.Tensor, reg: float) -> torch.Tensor:
+    """Rows ``x`` minimising ``Σ_l ‖W'_l x − W_l c‖² + reg ‖x‖²`` for each row ``c`` of ``rows [T, d]``.
+
+    ``gram_edited = Σ_l W'_lᵀ W'_l`` and ``cross = Σ_l W'_lᵀ W_l`` (``[d, d]``, summed over the sites):
+    ``x = (G' + reg I)⁻¹ X c``, written for rows as ``c Xᵀ (G' + reg I)⁻¹``. This is RECE's
+    ``close_regzero`` adversarial embedding (arXiv 2407.12383): the input that the edited
+    projections map closest to what the original ones made of ``c``.
+    """
+    eye = torch.eye(gram_edited.shape[0], dtype=gram_edited.dtype, device=gram_edited.device)
+    try:
+        return solve_right(gram_edited + reg * eye, rows @ cross.T)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError: singular system
+        raise NumericalError(
+            f"the adversarial embedding's system must be non-singular, but it is singular at reg={reg}. "
+            "Raise the regularisation above 0.", input_name="reg") from exc
 
 
 def low_eigen_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:

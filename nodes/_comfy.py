@@ -363,3 +363,295 @@ def encode_first_windows(clip: Any, texts: Sequence[str]) -> tuple[torch.Tensor,
     ids = torch.tensor([[tok[0] if isinstance(tok[0], int) else -1 for tok in w[stream]] for w in firsts],
                        dtype=torch.long)
     return hidden, ids, special, truncated
+# -- AttackPrompt (research/attacks_eval.md §A.9, research/comfyui.md §1.9, §3) --------------------
+
+EMBEDDINGS_FOLDER = "embeddings"
+
+
+def _one_window(clip: Any, text: str, input_name: str) -> dict[str, list[Any]]:
+    tokens = clip.tokenize(text)
+    for windows in tokens.values():
+        if len(windows) != 1:
+            raise ConceptError(
+                f"the prompt must fit in one 75-token CLIP window, but '{_short(text)}' needs "
+                f"{len(windows)}. Shorten it.", input_name=input_name)
+    return tokens
+
+
+def encode_text(clip: Any, text: str, input_name: str = "concept") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(cond [T, D] float32, pooled [1, P] or None)`` of one prompt through the user's CLIP (its
+    layer choice, weights syntax, embeddings and patches), as CLIPTextEncode would encode it."""
+    out = clip.encode_from_tokens(_one_window(clip, text, input_name), return_pooled=True)
+    cond, pooled = out if isinstance(out, tuple) else (out, None)
+    return cond[0].float(), (pooled.float() if isinstance(pooled, torch.Tensor) else None)
+
+
+def conditioning(cond: torch.Tensor, pooled: torch.Tensor | None) -> list[list[Any]]:
+    """A CONDITIONING (``[[cond [1, T, D], {"pooled_output": ...}]]``) for KSampler."""
+    extra = {} if pooled is None else {"pooled_output": pooled.detach().cpu().float()}
+    return [[cond.detach().reshape(1, -1, cond.shape[-1]).cpu().float(), extra]]
+
+
+class ClipTokenSpace:
+    """The user's CLIP seen as a map from token ids to encodings, for searches over the vocabulary.
+
+    ``encode_ids(ids [N, K])`` encodes the prompts ``[start, ids..., end, padding]`` (every text
+    stream of the CLIP gets the same ids: SD1.x, SD2.x and SDXL share CLIP's vocabulary),
+    ``vocabulary`` holds every id except the special tokens, ``decode(ids)`` gives the text.
+    """
+
+    def __init__(self, clip: Any, batch_size: int = 32):
+        self.clip, self.batch_size = clip, batch_size
+        template = clip.tokenize("")
+        self.layout = {name: (w[0][0][0], w[0][1][0], w[0][-1][0], len(w[0])) for name, w in template.items()}
+        specials = {v for name in self.layout for v in self.layout[name][:3]}
+        self.inv_vocab = self._inv_vocab(clip)
+        if self.inv_vocab:
+            ids = sorted(i for i in self.inv_vocab if i not in specials)
+        else:  # a CLIP without a readable vocabulary: ids below the start token
+            start = min(v[0] for v in self.layout.values())
+            ids = [i for i in range(start) if i not in specials]
+        self.vocabulary = torch.tensor(ids, dtype=torch.long)
+
+    @staticmethod
+    def _inv_vocab(clip: Any) -> dict[int, str]:
+        for value in vars(getattr(clip, "tokenizer", object())).values():
+            inv = getattr(value, "inv_vocab", None)
+            if isinstance(inv, dict) and inv:
+                return inv
+        return {}
+
+    @property
+    def max_length(self) -> int:
+        return min(v[3] for v in self.layout.values()) - 2
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        chunks = []
+        for first in range(0, len(ids), self.batch_size):
+            batch = ids[first : first + self.batch_size].tolist()
+            tokens = {}
+            for name, (start, end, pad, length) in self.layout.items():
+                tokens[name] = [[(t, 1.0) for t in [start, *row, end] + [pad] * (length - len(row) - 2)]
+                                for row in batch]
+            cond = self.clip.encode_from_tokens(tokens)
+            chunks.append(cond.reshape(len(batch), -1, cond.shape[-1]).float())
+        return torch.cat(chunks)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, with ``(`` and ``)`` escaped so that typing it does not weight tokens."""
+        from ..erasure_core.attacks import decode_bpe_tokens
+
+        if not self.inv_vocab:
+            return ""
+        text = decode_bpe_tokens([self.inv_vocab.get(int(i), "") for i in ids])
+        return text.replace("\\", " ").replace("(", "\\(").replace(")", "\\)")
+
+
+def kv_sites_pair(erased: Any, original: Any) -> tuple[ArchSpec, list[AttentionSite], list[AttentionSite]]:
+    """The K/V sites of the erased and of the original MODEL (each as it arrives), checked to be
+    one architecture."""
+    spec_e, sites_e = attention_sites(erased)
+    spec_o, sites_o = attention_sites(original)
+    if spec_e.name != spec_o.name:
+        from ..erasure_core import ArchitectureError
+
+        raise ArchitectureError(
+            f"the original model must be the same architecture as the erased one, but got "
+            f"{spec_o.display_name} and {spec_e.display_name}. Connect the model the erasure was made from.",
+            input_name="original_model")
+    return spec_e, sites_e, sites_o
+
+
+def embedding_path(name: str, overwrite: bool) -> str:
+    """Where an attack embedding called ``name`` goes (``models/embeddings``), checked before any
+    work: a plain file name, and new unless ``overwrite``."""
+    from ..erasure_core import ConfigError
+
+    stem = name.strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or os.path.basename(stem) != stem or stem.startswith(".") or " " in stem:
+        raise ConfigError(f"save_embedding must be a plain file name without spaces or folders, but got "
+                          f"'{name}'. Type a name such as 'vangogh_attack'.", input_name="save_embedding")
+    if EMBEDDINGS_FOLDER not in folder_paths.folder_names_and_paths:  # ComfyUI registers it; stubs may not
+        folder_paths.folder_names_and_paths[EMBEDDINGS_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, EMBEDDINGS_FOLDER)], {".safetensors", ".pt", ".bin"})
+    folder = folder_paths.get_folder_paths(EMBEDDINGS_FOLDER)[0]
+    path = os.path.join(folder, stem + ".safetensors")
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(f"save_embedding must name a new file unless overwrite is on, but '{stem}.safetensors' "
+                          "exists. Pick another name or turn overwrite on.", input_name="save_embedding")
+    return path
+
+
+def save_embedding(path: str, key: str, rows: torch.Tensor, meta: dict[str, str]) -> None:
+    """Write ``{key: rows [k, D]}`` as a safetensors embedding that ``embedding:name`` loads."""
+    import safetensors.torch
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    safetensors.torch.save_file({key: rows.detach().cpu().float().contiguous()}, path, metadata=meta)
+
+
+class DifferentiableClip:
+    """An out-of-place forward of a one-tower CLIP (SD1.x, SD2.x) from input word embeddings, with
+    the CLIP's layer choice and its (patched) weights cloned as float32 outside inference mode.
+
+    ComfyUI's own forward adds residuals in place (``x += ...``), which breaks backpropagation to
+    the inputs, and its weights are inference tensors (research/comfyui.md §1.9, §3.6).
+    """
+
+    def __init__(self, clip: Any, device: torch.device):
+        from ..erasure_core import ArchitectureError
+
+        model = clip.cond_stage_model
+        name = getattr(model, "clip", None)
+        tower = getattr(model, name, None) if isinstance(name, str) else None
+        text_model = getattr(getattr(tower, "transformer", None), "text_model", None)
+        if text_model is None:
+            raise ArchitectureError(
+                "soft_prompt needs a model with one CLIP text encoder (SD1.x or SD2.x), but this CLIP has "
+                "several (SDXL) or an unknown layout. Use closed_form or concept_vector for it.", input_name="clip")
+        clip.load_model()  # CLIP LoRAs are applied to the loaded weights
+        model.reset_clip_options()
+        if getattr(clip, "layer_idx", None) is not None:
+            model.set_clip_options({"layer": clip.layer_idx})
+        self.layer, self.layer_idx = tower.layer, tower.layer_idx
+        model.reset_clip_options()
+        if self.layer == "all":
+            raise ArchitectureError("soft_prompt needs one CLIP output layer, but this CLIP returns all.",
+                                    input_name="clip")
+        self.key, self.special = name, dict(tower.special_tokens)
+        self.norm_hidden, self.masks = tower.layer_norm_hidden_state, tower.enable_attention_masks
+        self.layers = list(text_model.encoder.layers)
+        self.final_eps = text_model.final_layer_norm.eps
+        with torch.inference_mode(False):
+            self.p = {n: v.detach().to(device=device, dtype=torch.float32, copy=True)
+                      for n, v in text_model.named_parameters()}
+        self.table = self.p["embeddings.token_embedding.weight"]
+        self.device = device
+
+    def forward(self, embeds: torch.Tensor, eot: int) -> torch.Tensor:
+        """``[B, T, D]`` input embeddings (position embeddings not yet added) -> encoder output."""
+        p, (b, t, d) = self.p, embeds.shape
+        x = embeds + p["embeddings.position_embedding.weight"][:t]
+        mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        if self.masks:
+            mask = mask.masked_fill(torch.arange(t, device=x.device)[None, :] > eot, float("-inf"))
+        hidden_at = None
+        if self.layer == "hidden":
+            hidden_at = self.layer_idx if self.layer_idx >= 0 else len(self.layers) + self.layer_idx
+        inter = None
+        for i, layer in enumerate(self.layers):
+            pre = f"encoder.layers.{i}."
+
+            def lin(x: torch.Tensor, name: str, pre: str = pre) -> torch.Tensor:
+                return torch.nn.functional.linear(x, p[pre + name + ".weight"], p[pre + name + ".bias"])
+
+            h = torch.nn.functional.layer_norm(x, (d,), p[pre + "layer_norm1.weight"], p[pre + "layer_norm1.bias"],
+                                               layer.layer_norm1.eps)
+            heads = layer.self_attn.heads
+            q, k, v = (lin(h, f"self_attn.{n}_proj").view(b, t, heads, d // heads).transpose(1, 2) for n in "qkv")
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + lin(o.transpose(1, 2).reshape(b, t, d), "self_attn.out_proj")
+            h = torch.nn.functional.layer_norm(x, (d,), p[pre + "layer_norm2.weight"], p[pre + "layer_norm2.bias"],
+                                               layer.layer_norm2.eps)
+            x = x + lin(layer.mlp.activation(lin(h, "mlp.fc1")), "mlp.fc2")
+            if i == hidden_at:
+                inter = x
+        out = x if inter is None else inter
+        if inter is None or self.norm_hidden:
+            out = torch.nn.functional.layer_norm(out, (d,), p["final_layer_norm.weight"], p["final_layer_norm.bias"],
+                                                 self.final_eps)
+        return out
+
+
+def _unet_prefix_keys(model: Any) -> list[str]:
+    return [k for k in model.model_state_dict() if k.startswith(UNET_PREFIX)]
+
+
+def _predict_eps(model: Any, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    from ..erasure_core.attacks import eps_from_denoised
+
+    context = cond.reshape(1, -1, cond.shape[-1]).expand(x.shape[0], -1, -1)
+    denoised = model.model.apply_model(x, sigma, c_crossattn=context)
+    return eps_from_denoised(x, denoised.float(), sigma)
+
+
+def soft_prompt_attack(erased: Any, original: Any, clip: Any, concept: str, *, prefix_tokens: int, steps: int,
+                       lr: float, seed: int, noise_samples: int, latent: dict | None,
+                       progress: Progress | None) -> dict[str, Any]:
+    """The soft-prompt attack on ComfyUI models (research/attacks_eval.md §A.7, comfyui.md §1.9).
+
+    Noise targets come from the original model (no gradients); the erased model is then re-loaded
+    outside inference mode on a clone whose every UNet weight carries a zero-strength patch, so
+    its weights are rebuilt as ordinary tensors and gradients reach the prefix embeddings.
+    """
+    from ..erasure_core.attacks import draw_noise_samples, nearest_tokens, optimise_prefix
+
+    device = compute_device()
+    text = DifferentiableClip(clip, device)
+    tokens = _one_window(clip, concept, "concept")
+    if len(tokens) != 1:
+        raise ConceptError("soft_prompt needs a one-stream CLIP.", input_name="clip")
+    stream, windows = next(iter(tokens.items()))
+    ids = [tok[0] for tok in windows[0]]
+    if not all(isinstance(i, int) for i in ids):
+        raise ConceptError("concept must be plain text for soft_prompt (no embedding: references).",
+                           input_name="concept")
+    end = text.special.get("end", ids[-1])
+    eot = next(j for j in range(1, len(ids)) if ids[j] == end)
+    if eot + prefix_tokens >= len(ids):
+        raise ConceptError(f"concept plus {prefix_tokens} prefix tokens must fit one 75-token window; shorten "
+                           "the concept or lower prefix_tokens.", input_name="concept")
+    body = ids[1 : len(ids) - prefix_tokens]
+    concept_cond, _ = encode_text(clip, concept)
+
+    space = ClipTokenSpace(clip)
+    gen = torch.Generator().manual_seed(int(seed))
+    start_ids = space.vocabulary[torch.randint(len(space.vocabulary), (prefix_tokens,), generator=gen)]
+    inner = erased.model
+    channels = inner.latent_format.latent_channels
+    x0 = (inner.process_latent_in(latent["samples"][:1].float()) if latent is not None
+          else torch.zeros(1, channels, 64, 64))
+    percents, noise = draw_noise_samples(noise_samples, tuple(x0.shape[1:]), seed)
+    sampling = erased.get_model_object("model_sampling")
+    sigma = torch.tensor([float(sampling.percent_to_sigma(float(pc))) for pc in percents])
+    x = (x0 + noise * sigma.view(-1, 1, 1, 1)).to(device)
+    sigma, cond_c = sigma.to(device), concept_cond.to(device)
+
+    with torch.no_grad():
+        comfy.model_management.load_models_gpu([original])
+        eps_orig = _predict_eps(original, x, sigma, cond_c).float()
+        comfy.model_management.load_models_gpu([erased])
+        eps_erased = _predict_eps(erased, x, sigma, cond_c).float()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        trainable = erased.clone()
+        trainable.add_patches(dict.fromkeys(_unet_prefix_keys(trainable), (None,)), 0.0, 1.0)
+        comfy.model_management.load_models_gpu([trainable], force_full_load=True)
+        xg, sg, target = x.clone(), sigma.clone(), eps_orig.clone()
+        table = text.table
+        head = table[ids[:1]].clone()
+        tail = table[torch.tensor(body, device=table.device)].clone()
+
+        def embed(prefix: torch.Tensor) -> torch.Tensor:
+            return torch.cat([head, prefix, tail])[None]
+
+        def loss(prefix: torch.Tensor) -> torch.Tensor:
+            cond = text.forward(embed(prefix), eot + prefix_tokens)
+            return ((_predict_eps(trainable, xg, sg, cond) - target) ** 2).mean()
+
+        result = optimise_prefix(table[start_ids.to(table.device)], loss, steps=steps, lr=lr, progress=progress)
+        prefix = result.prefix
+        window = [windows[0][0], *[(row.clone(), 1.0) for row in prefix.cpu()], *[(i, 1.0) for i in body]]
+        cond, pooled = clip.encode_from_tokens({stream: [window]}, return_pooled=True)
+        with torch.no_grad():
+            eps_attack = _predict_eps(trainable, xg, sg, cond.to(device).float()).float()
+    nearest = nearest_tokens(prefix, table, space.vocabulary.to(table.device))
+    return {
+        "cond": cond[0].detach().float().cpu(), "pooled": pooled, "prefix": prefix.cpu(),
+        "losses": result.losses, "best_step": result.best_step, "embedding_key": text.key,
+        "nearest": nearest.tolist(), "text": (space.decode(nearest.tolist()) + " " + concept).strip(),
+        "eps": (float(((eps_attack - eps_orig) ** 2).sum()), float(((eps_erased - eps_orig) ** 2).sum()),
+                float((eps_orig ** 2).sum())),
+    }

@@ -33,7 +33,7 @@ from ..linalg import (
     cross_gram,
     factor_square,
     gram,
-    solve_right,
+    ridge_preimage_rows,
 )
 from ..patch import PatchSet
 from ..text import TextEncoder, TokenPick
@@ -76,8 +76,9 @@ PRESETS: dict[str, dict[str, object]] = {
 def adversarial_map(gram_w: torch.Tensor, m: torch.Tensor, reg: float) -> torch.Tensor:
     """``B [d, d]`` with adversarial rows ``c' = c B`` minimising ``Σ_l ‖W_l M c' − W_l c‖² +
     reg ‖c'‖²`` (RECE's ``close_regzero``): ``B = G M (MᵀGM + reg I)⁻¹`` for ``G = Σ_l W_lᵀW_l``."""
+    cross = m.T @ gram_w  # Σ W'ᵀW with W' = W M
     eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    return solve_right(m.T @ gram_w @ m + reg * eye, gram_w @ m)
+    return ridge_preimage_rows(eye, cross @ m, cross, reg)  # the rows of I: B itself
 
 
 def adversarial_rows(c: torch.Tensor, gram_w: torch.Tensor, m: torch.Tensor, reg: float) -> torch.Tensor:

@@ -129,6 +129,8 @@ def _comfy_api() -> dict[str, ModuleType]:
         Int=_socket_type("INT"),
         Boolean=_socket_type("BOOLEAN"),
         Combo=_socket_type("COMBO", _ComboInput),
+        Conditioning=_socket_type("CONDITIONING"),
+        Latent=_socket_type("LATENT"),
     )
     ui = SimpleNamespace(PreviewText=_PreviewText)
     latest = _module("comfy_api.latest", package=True, ComfyExtension=_ComfyExtension, io=io, ui=ui)

@@ -1,0 +1,187 @@
+"""Attack Prompt: red-team an erased model in the same graph (closed_form, concept_vector, soft_prompt)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+
+from ..erasure_core import ConceptError, ConfigError
+from ..erasure_core.attacks import (
+    closed_form_attack,
+    concept_direction,
+    genetic_search,
+    kv_grams,
+    recovery_from_distances,
+)
+from ..erasure_core.attacks.config import AttackConfig, AttackMode, parse_pairs
+from ..erasure_core.attacks.recovery import Recovery, kv_recovery
+from . import _comfy
+from ._schema import config_input, names_node
+from .types import io, ui
+
+logger = logging.getLogger(__name__)
+
+DISPLAY_NAME = "Attack Prompt"
+OPTIONS = ("mode", "random_seed", "reg", "strength", "search_steps", "search_tokens", "search_population",
+           "prefix_tokens", "steps", "lr", "noise_samples")
+NO_ORIGINAL = "connect original_model to score recovery"
+
+
+class AttackPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CE_AttackPrompt",
+            display_name=DISPLAY_NAME,
+            category="concept_erasure",
+            description="Red-team an erased model: a conditioning (and, where the mode gives one, a prompt) that "
+                        "tries to bring the erased concept back, with a recovery score. Sample it with "
+                        "KSampler on the erased model to see whether the concept returns.",
+            inputs=[
+                io.Model.Input("model", tooltip="The erased model to attack (e.g. from Closed-Form Erase). "
+                                                "It is not changed."),
+                io.Clip.Input("clip", tooltip="The text encoder of this model: the concept, carrier and pairs "
+                                              "are encoded with it, as your prompts are."),
+                io.String.Input("concept", default="", tooltip="The erased concept as a prompt, e.g. 'Van Gogh' "
+                                "or 'a painting by Van Gogh'. The attack tries to make the erased model respond "
+                                "as the original responded to this prompt."),
+                *(config_input(AttackConfig, name) for name in OPTIONS),
+                io.String.Input("carrier", default="", tooltip="concept_vector: the prompt the concept direction "
+                                "is added to (e.g. a scene without the concept). Empty: the empty prompt."),
+                io.String.Input("pairs", default="", multiline=True, tooltip="concept_vector: one pair per line, "
+                                "'prompt with the concept | the same prompt without it'. Empty: the concept "
+                                "against the empty prompt. More pairs give a cleaner direction."),
+                io.String.Input("save_embedding", default="", tooltip="soft_prompt: also save the learned prefix "
+                                "as models/embeddings/<name>.safetensors, usable as 'embedding:<name>' in any "
+                                "prompt. Empty: do not save."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing embedding file of that "
+                                 "name. Off: refuse."),
+                io.Model.Input("original_model", optional=True, tooltip="The model before erasure (the same "
+                               "checkpoint). Needed by closed_form and soft_prompt, and to score recovery."),
+                io.Latent.Input("latent", optional=True, tooltip="soft_prompt: a latent of the concept (e.g. a "
+                                "KSampler output of the original model) to noise; without it, noised zeros at "
+                                "64x64 (512 px)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning", tooltip="Sample this with KSampler on the "
+                                       "erased model."),
+                io.String.Output(display_name="prompt", tooltip="A readable prompt, where the mode yields one "
+                                 "(concept_vector with search, soft_prompt); empty otherwise (see the report)."),
+                io.Float.Output(display_name="recovery", tooltip="Share of the erased-vs-original gap in "
+                                "cross-attention K/V output the attack closes: 1 = full recovery, 0 = none, "
+                                "NaN without original_model."),
+                io.Float.Output(display_name="noise_recovery", tooltip="soft_prompt: the same share in "
+                                "noise-prediction space over the sampled timesteps; NaN for other modes."),
+                io.String.Output(display_name="report", tooltip="What was done, the scores and how long it took."),
+            ],
+        )
+
+    @classmethod
+    @names_node(DISPLAY_NAME)
+    def execute(cls, model, clip, concept: str, carrier: str, pairs: str, save_embedding: str, overwrite: bool,
+                original_model=None, latent=None, **widgets) -> io.NodeOutput:
+        started = time.perf_counter()
+        config = AttackConfig(**widgets)
+        concept = concept.strip()
+        if not concept:
+            raise ConceptError("concept must name the erased concept, but it is empty. Type the concept as "
+                               "a prompt, e.g. 'Van Gogh'.", input_name="concept")
+        mode = config.mode
+        if mode is not AttackMode.CONCEPT_VECTOR and original_model is None:
+            raise ConfigError(f"{mode.value} needs the model before erasure, but original_model is not "
+                              "connected. Connect the checkpoint's MODEL there.", input_name="original_model")
+        notes: list[str] = []
+        embedding_file = None
+        if save_embedding.strip():
+            if mode is AttackMode.SOFT_PROMPT:
+                embedding_file = _comfy.embedding_path(save_embedding, overwrite)  # checked before any work
+            else:
+                notes.append(f"save_embedding is used by soft_prompt only; nothing saved in {mode.value}")
+        progress = _comfy.progress_bar()
+        concept_cond, concept_pooled = _comfy.encode_text(clip, concept)
+        grams = arch = None
+        if original_model is not None:
+            arch, sites_e, sites_o = _comfy.kv_sites_pair(model, original_model)
+            grams = kv_grams(sites_e, sites_o, device=_comfy.compute_device(), progress=progress)
+            if concept_cond.shape[-1] != grams.width:
+                raise ConfigError(f"clip must produce the width the model reads ({grams.width}), but it "
+                                  f"produces {concept_cond.shape[-1]}. Connect this checkpoint's CLIP.",
+                                  input_name="clip")
+        noise: Recovery | None = None
+        prompt = ""
+        if mode is AttackMode.CLOSED_FORM:
+            cond, pooled = closed_form_attack(concept_cond, grams, config.reg), concept_pooled
+            notes.append("closed_form gives an embedding, not tokens: the prompt output is empty")
+        elif mode is AttackMode.CONCEPT_VECTOR:
+            cond, pooled, prompt = cls._concept_vector(clip, concept, carrier, pairs, config, progress, notes)
+        else:
+            out = _comfy.soft_prompt_attack(
+                model, original_model, clip, concept, prefix_tokens=config.prefix_tokens, steps=config.steps,
+                lr=config.lr, seed=config.random_seed, noise_samples=config.noise_samples, latent=latent,
+                progress=progress)
+            cond, pooled, prompt = out["cond"], out["pooled"], out["text"]
+            noise = recovery_from_distances(*out["eps"], "noise prediction")
+            losses = out["losses"]
+            notes.append(f"soft_prompt loss {losses[0]:.4g} -> {losses[out['best_step']]:.4g} (best of "
+                         f"{len(losses) - 1} steps); the prompt is the nearest-token projection of the "
+                         "prefix (approximate; the conditioning uses the exact embeddings)")
+            if embedding_file is not None:
+                _comfy.save_embedding(embedding_file, out["embedding_key"], out["prefix"],
+                                      {"concept": concept, "mode": mode.value, "seed": str(config.random_seed)})
+                name = os.path.splitext(os.path.basename(embedding_file))[0]
+                notes.append(f"saved embedding:{name}")
+        kv = kv_recovery(grams, cond, concept_cond) if grams is not None else None
+        if grams is not None and grams.identical_weights:
+            notes.append("the two models' cross-attention K/V weights are identical: nothing was erased there "
+                         "(an erasure of other layers is not seen by this score or by closed_form)")
+        report = cls._report(mode, arch, kv, noise, notes, time.perf_counter() - started)
+        logger.info("Attack Prompt: %s", report)
+        return io.NodeOutput(_comfy.conditioning(cond, pooled), prompt,
+                             kv.score if kv is not None else math.nan,
+                             noise.score if noise is not None else math.nan, report,
+                             ui=ui.PreviewText(report))
+
+    @staticmethod
+    def _concept_vector(clip, concept, carrier, pairs, config, progress, notes):
+        pair_list = parse_pairs(pairs, concept)
+        with_c = torch.stack([_comfy.encode_text(clip, p, "pairs")[0] for p, _ in pair_list])
+        without = torch.stack([_comfy.encode_text(clip, q, "pairs")[0] for _, q in pair_list])
+        direction = concept_direction(with_c, without)
+        carrier_cond, carrier_pooled = _comfy.encode_text(clip, carrier, "carrier")
+        if carrier_cond.shape != direction.shape:
+            raise ConceptError("carrier must fit one 75-token window like the pairs.", input_name="carrier")
+        target = carrier_cond + config.strength * direction
+        notes.append(f"concept direction from {len(pair_list)} pair(s), strength {config.strength}")
+        if config.search_steps == 0:
+            notes.append("no token search (search_steps 0): the conditioning is the continuous target and "
+                         "the prompt output is empty")
+            return target, carrier_pooled, ""
+        space = _comfy.ClipTokenSpace(clip)
+        length = min(config.search_tokens, space.max_length)
+        result = genetic_search(target, space.encode_ids, space.vocabulary, length=length,
+                                generations=config.search_steps, population=config.search_population,
+                                seed=config.random_seed, progress=progress)
+        prompt = space.decode(result.ids.tolist())
+        notes.append(f"token search: {len(result.history) - 1} generations, {result.evaluations} encodings, "
+                     f"objective {result.history[0]:.4g} -> {result.objective:.4g}")
+        if not prompt:
+            notes.append("this CLIP has no readable vocabulary: the conditioning is the searched tokens'")
+            return space.encode_ids(result.ids[None])[0], carrier_pooled, ""
+        cond, pooled = _comfy.encode_text(clip, prompt, "concept")
+        typed = float(((cond - target) ** 2).sum())
+        notes.append(f"the prompt, typed, scores {typed:.4g} (tokenising its text may merge tokens)")
+        return cond, pooled, prompt
+
+    @staticmethod
+    def _report(mode, arch, kv, noise, notes, seconds) -> str:
+        where = f" on {arch.display_name}" if arch is not None else ""
+        lines = [f"{mode.value}{where}, {seconds:.2f} s"]
+        lines.append(kv.describe() if kv is not None else f"recovery: NaN ({NO_ORIGINAL})")
+        if noise is not None:
+            lines.append(noise.describe())
+        lines += notes
+        return "\n".join(lines)
