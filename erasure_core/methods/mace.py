@@ -26,6 +26,7 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import BUILTIN_TEMPLATES, ConceptSet
 from ..errors import ConceptError
+from ..linalg import GRAM_CHUNK, anchored_multiplier_from_grams, cross_gram, gram
 from ..patch import PatchSet
 from ..text import EncodedText, TextEncoder, TokenPick
 from . import register
@@ -36,6 +37,7 @@ from .closed_form import (
     default_device,
     describe_run,
     encode_concepts,
+    patch_from_multipliers,
 )
 
 __all__ = ["MACEConfig", "aligned_rows", "solve"]
@@ -85,16 +87,37 @@ def solve(
         concepts = replace(concepts, templates=dict(BUILTIN_TEMPLATES))
     keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
     device = torch.device(device) if device is not None else default_device(sites)
-    ce_rows, ca_rows = [], []
-    for old, new in keys.pairs:
-        o, n = aligned_rows(keys.enc, old, new)
-        ce_rows.append(keys.rows(old)[o])
-        ca_rows.append(keys.rows(new)[n])
-    ce, ca = torch.cat(ce_rows).to(device), torch.cat(ca_rows).to(device)
+    aligned = [(old, new, *aligned_rows(keys.enc, old, new)) for old, new in keys.pairs]
     cp = keys.preserve(TokenPick.ALL).to(device)
     meta = describe_run("mace", concepts, config)
-    return anchored_patch(sites, (ce, ca, cp), config, "MACE", meta, device=device, progress=progress,
-                          started=started)
+
+    def rows_of(batch: Sequence[tuple[str, str, list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ce = torch.cat([keys.rows(old)[o] for old, _, o, _ in batch]).to(device)
+        return ce, torch.cat([keys.rows(new)[n] for _, new, _, n in batch]).to(device)
+
+    total, width = sum(len(o) for _, _, o, _ in aligned), keys.enc.width
+    if total <= width:  # a low-rank edit: one solve over the rows
+        return anchored_patch(sites, (*rows_of(aligned), cp), config, "MACE", meta, device=device,
+                              progress=progress, started=started)
+    # Full rank (templates x aligned rows outnumber the width): the rows enter only through their
+    # Grams, accumulated over batches of prompt pairs, so no copy of all rows is ever held.
+    dtype = config.solve_dtype.torch
+    g_ee = torch.zeros(width, width, dtype=dtype, device=device)
+    g_ae = torch.zeros_like(g_ee)
+    start = 0
+    while start < len(aligned):
+        stop, size = start, 0
+        while stop < len(aligned) and size < GRAM_CHUNK:
+            size += len(aligned[stop][2])
+            stop += 1
+        ce, ca = rows_of(aligned[start:stop])
+        g_ee += gram(ce, dtype)
+        g_ae += cross_gram(ca, ce, dtype)
+        start = stop
+    mult = anchored_multiplier_from_grams(g_ee, g_ae, gram(cp, dtype), erase_scale=config.erase_scale,
+                                          preserve_scale=config.preserve_scale, lamb=config.lamb, method="MACE",
+                                          rows=(total, len(cp)))
+    return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "MACE", progress, started)
 
 
 register("mace", MACEConfig, solve,

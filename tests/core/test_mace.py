@@ -65,12 +65,17 @@ def test_an_encoder_without_token_ids_is_refused(sites, encoder):
     assert err.value.input_name == "clip"
 
 
-def test_matches_a_per_layer_float64_solve_of_the_aligned_rows(sites, encoder):
+# one concept: fewer aligned rows than the width (low-rank solve); three concepts x three
+# templates: more (full rank, Grams accumulated over batches of pairs, 10 rows per batch here)
+@pytest.mark.parametrize("targets", [("van gogh",), ("van gogh", "monet", "picasso")])
+def test_matches_a_per_layer_float64_solve_of_the_aligned_rows(sites, encoder, targets, monkeypatch):
     """W = (λW₀ + s Σ W₀ c_new c_oldᵀ + s_p Σ W₀ c_p c_pᵀ)(λI + s Σ c_old c_oldᵀ + s_p Σ c_p c_pᵀ)⁻¹ per layer,
     with c_old / c_new the aligned rows of every templated pair and c_p all rows of the preserve prompts."""
     import torch
 
-    concepts = ConceptSet.simple(("van gogh",), ("a painter",), ("a red car",), templates=("{}", "art by {}"))
+    monkeypatch.setattr("erasure_core.methods.mace.GRAM_CHUNK", 10)
+    templates = ("{}", "art by {}") if len(targets) == 1 else ("{}", "art by {}", "a painting by {}")
+    concepts = ConceptSet.simple(targets, ("a painter",), ("a red car",), templates=templates)
     config = make_config("mace", lamb=0.3, erase_scale=1.2, preserve_scale=0.4)
     patch = erase("mace", sites, concepts, encoder, config)
     pairs = concepts.erase_pairs()
@@ -82,6 +87,7 @@ def test_matches_a_per_layer_float64_solve_of_the_aligned_rows(sites, encoder):
         old_rows.append(enc.hidden[enc.index(old)][o])
         new_rows.append(enc.hidden[enc.index(new)][n])
     co, cn = torch.cat(old_rows).double(), torch.cat(new_rows).double()
+    assert (len(co) > sites[0].in_features) == (len(targets) > 1)
     cp = torch.cat([enc.hidden[enc.index(p)] for p in keep]).double()
     eye = torch.eye(co.shape[1], dtype=torch.float64)
     for site in sites:
