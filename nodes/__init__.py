@@ -8,4 +8,8 @@ from .method_options import RealEraOptions, RECEOptions, SPEEDOptions
 
 NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SPEEDOptions, RECEOptions, RealEraOptions]
 
+from .apply_spm import ApplySPM  # noqa: E402
+
+NODES.append(ApplySPM)
+
 __all__ = ["NODES"]

@@ -279,7 +279,6 @@ def clip_token_counter() -> Callable[[str], int]:
 # -- eraser files (Apply Eraser LoRA, Extract Eraser) ----------------------------------------------
 
 ERASERS_FOLDER = "erasers"
-LORAS_PREFIX = "loras/"
 ERASER_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -538,3 +537,96 @@ def unet_weight_reader(model: Any) -> tuple[Callable[[str], torch.Tensor], dict[
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
     read, dtype_of = _base_loader(model, UNET_PREFIX)
     return read, shapes, dtype_of
+# -- SPM files (Apply SPM) ------------------------------------------------------------------------
+
+SPM_FOLDER = "spm"
+LORAS_FOLDER = "loras"
+LORAS_PREFIX = "loras/"
+SPM_EXTENSIONS = (".safetensors", ".sft")
+
+
+def spm_folders() -> list[str]:
+    """The ``models/spm`` folders (registered on first use; extra_model_paths may add more)."""
+    if SPM_FOLDER not in folder_paths.folder_names_and_paths:
+        default = os.path.join(folder_paths.models_dir, SPM_FOLDER)
+        folder_paths.folder_names_and_paths[SPM_FOLDER] = ([default], set(SPM_EXTENSIONS))
+    return folder_paths.get_folder_paths(SPM_FOLDER)
+
+
+def _listed(folder: str) -> list[str]:
+    if folder not in folder_paths.folder_names_and_paths:
+        return []
+    return sorted(f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(SPM_EXTENSIONS))
+
+
+def spm_file_choices() -> list[str]:
+    """``none``, the SPM files in ``models/spm``, then the LoRA files (``loras/<name>``)."""
+    spm_folders()
+    return [NO_FILE, *_listed(SPM_FOLDER), *(LORAS_PREFIX + f for f in _listed(LORAS_FOLDER))]
+
+
+def resolve_spm_file(choice: str, input_name: str) -> str | None:
+    """The path of an SPM picked in Apply SPM, refusing anything outside models/spm and loras."""
+    if choice == NO_FILE:
+        return None
+    spm_folders()
+    if choice.startswith(LORAS_PREFIX) and LORAS_FOLDER in folder_paths.folder_names_and_paths:
+        folder, relative = LORAS_FOLDER, choice[len(LORAS_PREFIX):]
+    else:
+        folder, relative = SPM_FOLDER, choice
+    for root in folder_paths.get_folder_paths(folder):
+        path = os.path.realpath(os.path.join(root, relative))
+        if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
+            break
+        if os.path.isfile(path):
+            return path
+    raise PatchError(
+        f"must be an SPM file inside models/{SPM_FOLDER} or models/{LORAS_FOLDER}, but got '{choice}'. Put the "
+        "file there and pick it from the list (refresh with R).", input_name=input_name)
+
+
+def unet_lora_key_map(model: Any) -> dict[str, str]:
+    """kohya/diffusers LoRA names -> this model's UNet weight keys (ComfyUI's own LoRA mapping)."""
+    return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+def unet_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
+
+
+def apply_lora_factors(model: Any, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       strength: float = 1.0) -> Any:
+    """A clone of ``model`` with ``up @ down`` added to each key (LoRA adapters; scale folded into
+    ``up``). Any key ComfyUI did not accept raises PatchError before the clone is returned."""
+    patches = {key: LoRAAdapter(set(), (up, down, None, None, None, None)) for key, (up, down) in factors.items()}
+    clone = model.clone()
+    added = set(clone.add_patches(patches, strength)) if patches else set()
+    missing = sorted(set(patches) - added)
+    if missing:
+        raise PatchError(
+            f"the SPM must fit the connected model, but {len(missing)} of {len(patches)} keys are not in it "
+            f"(first: '{missing[0]}'). Connect the model the SPM was made for.", input_name="model")
+    return clone
+
+
+def encode_first_windows(clip: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, set[int], list[bool]]:
+    """Per-token hidden states of the first 77-token window of each text, as the user's CLIP
+    encodes it (layer choice, weights syntax and CLIP patches included): ``hidden [N, 77, D]``
+    float32, ``ids [N, 77]`` (-1 where an embedding vector sits), the special token ids (start,
+    end, pad: every id of the empty prompt's window) and, per text, whether it was longer than
+    one window (SPM's reference truncates to 77 tokens too)."""
+    texts = list(texts)
+    empty = clip.tokenize("")
+    stream = next(iter(empty))
+    special = {int(t[0]) for t in empty[stream][0] if isinstance(t[0], int)}
+    firsts, truncated = [], []
+    for text in texts:
+        tokens = clip.tokenize(text)
+        firsts.append({name: windows[0] for name, windows in tokens.items()})
+        truncated.append(any(len(windows) > 1 for windows in tokens.values()))
+    batch = {name: [w[name] for w in firsts] for name in firsts[0]}
+    cond = clip.encode_from_tokens(batch)
+    hidden = cond.reshape(len(texts), -1, cond.shape[-1]).float().cpu()
+    ids = torch.tensor([[tok[0] if isinstance(tok[0], int) else -1 for tok in w[stream]] for w in firsts],
+                       dtype=torch.long)
+    return hidden, ids, special, truncated

@@ -7,7 +7,7 @@ import pytest
 pytestmark = pytest.mark.comfyui
 
 ALL_IDS = ["CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SPEEDOptions",
-           "CE_RECEOptions", "CE_RealEraOptions"]
+           "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM"]
 
 
 def _schemas(pack):

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.comfyui
 WORKFLOW = Path(ROOT) / "example_workflows" / "closed_form_erase_uce.json"
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 OUR_NODES = ("CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SPEEDOptions",
-             "CE_RECEOptions", "CE_RealEraOptions")
+             "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM")
 EXAMPLES = sorted((Path(ROOT) / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}

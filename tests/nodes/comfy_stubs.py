@@ -208,10 +208,17 @@ def _lora(weight_adapter: ModuleType, mm: ModuleType) -> ModuleType:
                 delta = value[1][0]
             else:
                 raise NotImplementedError(f"the stub does not know patch {value[0]!r}")
-            weight += strength * mm.cast_to_device(delta, weight.device, weight.dtype)
+            weight += strength * mm.cast_to_device(delta, weight.device, weight.dtype).reshape(weight.shape)
         return weight
 
-    return _module("comfy.lora", calculate_weight=calculate_weight)
+    def model_lora_keys_unet(model: Any, key_map: dict[str, str]) -> dict[str, str]:
+        """kohya names of the model's own (LDM) keys; the real one adds diffusers names too."""
+        for k in model.state_dict():
+            if k.startswith(PREFIX) and k.endswith(".weight"):
+                key_map["lora_unet_" + k[len(PREFIX):-len(".weight")].replace(".", "_")] = k
+        return key_map
+
+    return _module("comfy.lora", calculate_weight=calculate_weight, model_lora_keys_unet=model_lora_keys_unet)
 
 
 def _folder_paths(base: str) -> ModuleType:
@@ -341,6 +348,11 @@ class FakePatcher:
     def __init__(self, weights: dict[str, torch.Tensor], patches: dict[str, list[tuple]] | None = None):
         self.weights = weights
         self.patches: dict[str, list[tuple]] = {} if patches is None else patches
+
+    @property
+    def model(self) -> Any:
+        """The BaseModel stand-in: what ``comfy.lora.model_lora_keys_unet`` reads."""
+        return SimpleNamespace(state_dict=lambda: self.weights)
 
     def clone(self) -> FakePatcher:
         return FakePatcher(self.weights, {k: v[:] for k, v in self.patches.items()})

@@ -1,0 +1,277 @@
+"""SPM files (concept semi-permeable membranes) and how several of them combine into one edit.
+
+A released SPM (Lyu et al., CVPR 2024; ``research/algorithms.md`` §5.1) is a kohya-style LoRA
+safetensors file: for every Linear/Conv2d inside every UNet transformer,
+``lora_unet_<diffusers path with _>.lora_down.weight`` ``[r, in(, kh, kw)]``,
+``....lora_up.weight`` ``[out, r(, 1, 1)]`` and ``....alpha`` (a scalar), rank ``r = 1``. The
+header metadata holds ``prompts`` (the comma-joined erased concept texts), ``rank`` and
+``alpha``. A module adds ``(alpha / r) * up @ down`` to its weight, times the membrane's
+multiplier ``m``.
+
+Two ways to combine K membranes with multipliers ``m_k`` (``COMBINATIONS``):
+
+* ``paper``: ``dW = sum_k m_k (alpha_k / r_k) U_k D_k`` -- linear in each ``m_k``, the paper's
+  formulation and what ``merge_spm.py`` does. Stored exactly as one LoRA of rank ``sum_k r_k``
+  (ups scaled and concatenated, downs concatenated).
+* ``reference code``: what ``infer_spm.py`` does: every tensor of every file (ups and downs) is
+  multiplied by ``m_k`` and summed across files, and the layers keep the scale
+  ``alpha / rank`` of the first file's metadata, so ``dW = s (sum_k m_k U_k)(sum_k m_k D_k)``: one
+  membrane acts with ``m^2``, several as a product of sums (cross terms included).
+
+Pure torch + safetensors; never imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ArchitectureError, ConceptError, ConfigError, PatchError
+
+__all__ = [
+    "COMBINATIONS",
+    "PAPER",
+    "REFERENCE",
+    "SPMFile",
+    "SPMModule",
+    "combine",
+    "load_spm_file",
+    "parse_spm",
+    "resolve_keys",
+    "split_prompts",
+]
+
+PAPER = "paper"
+REFERENCE = "reference code"
+COMBINATIONS = (PAPER, REFERENCE)
+
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+
+
+def split_prompts(text: str) -> tuple[str, ...]:
+    """The concept texts of a ``prompts`` metadata value: split on commas as the reference does
+    (``md["prompts"].split(",")``), surrounding spaces dropped (CLIP's tokenizer drops them
+    too), empty items skipped."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class SPMModule:
+    """One adapted weight: ``down`` ``[r, in, ...]``, ``up`` ``[out, r, ...]`` (float32), ``alpha``."""
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank`` (1 without alpha or with alpha 0, as kohya and SPM's layer do)."""
+        return 1.0 if not self.alpha else self.alpha / self.rank
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def in_numel(self) -> int:
+        return int(self.down[0].numel())
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up [out, r], down [r, in*kh*kw])`` without the scale."""
+        return self.up.flatten(1), self.down.flatten(1)
+
+
+@dataclass(frozen=True)
+class SPMFile:
+    """A parsed SPM (or plain kohya LoRA) file.
+
+    ``prompts``: the concept texts from the ``prompts`` metadata, empty for a plain LoRA (the
+    caller must then supply the concept text); ``ignored``: text-encoder keys that were skipped.
+    """
+
+    name: str
+    modules: dict[str, SPMModule]
+    prompts: tuple[str, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def is_spm(self) -> bool:
+        return bool(self.prompts)
+
+    @property
+    def rank(self) -> int:
+        """The metadata rank, else the largest module rank."""
+        if "rank" in self.metadata:
+            try:
+                return int(float(self.metadata["rank"]))
+            except ValueError:
+                pass
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def reference_scale(self) -> float:
+        """The layer scale of the reference script: metadata ``alpha / rank`` (with the same
+        fallbacks as its layer: alpha missing or 0 means no scaling), else the modules' own."""
+        if "alpha" in self.metadata:
+            try:
+                alpha = float(self.metadata["alpha"])
+            except ValueError:
+                alpha = 0.0
+            return 1.0 if alpha == 0 else alpha / self.rank
+        return next(iter(self.modules.values())).scale
+
+
+def _file_error(name: str, message: str, input_name: str | None) -> PatchError:
+    return PatchError(f"'{name}' {message}", input_name=input_name)
+
+
+def parse_spm(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, name: str,
+              *, input_name: str | None = None) -> SPMFile:
+    """Read an SPM from its tensors and header metadata.
+
+    Accepts kohya UNet keys (``lora_unet_*.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``);
+    text-encoder keys (``lora_te*``) are skipped and listed in ``ignored``; any other key (LoHa,
+    LoKr, DoRA, mid weights...) is refused with the key named, as is a module missing its up or
+    down weight or with mismatched ranks.
+    """
+    metadata = dict(metadata or {})
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    ignored = []
+    for key, tensor in state_dict.items():
+        if key.startswith(TEXT_ENCODER_PREFIXES):
+            ignored.append(key)
+            continue
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(UNET_PREFIX) or suffix is None:
+            raise _file_error(name, f"must be a kohya-style LoRA/SPM file (keys 'lora_unet_*.lora_down.weight', "
+                                    f"'.lora_up.weight', '.alpha'), but it has the key '{key}'. Use an SPM file "
+                                    "or a plain LoRA in that format.", input_name)
+        parts.setdefault(key[: -len(suffix)], {})[_SUFFIXES[suffix]] = tensor
+    if not parts:
+        raise _file_error(name, "must hold UNet LoRA weights ('lora_unet_*'), but it has none. Pick an SPM file.",
+                          input_name)
+    modules = {}
+    for module, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            missing = "lora_up.weight" if "up" not in p else "lora_down.weight"
+            raise _file_error(name, f"must have both factors of every module, but '{module}.{missing}' is missing.",
+                              input_name)
+        down, up = p["down"].detach().to("cpu", torch.float32), p["up"].detach().to("cpu", torch.float32)
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or \
+                (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
+            raise _file_error(name, f"must have matching LoRA factors, but '{module}' has up "
+                                    f"{tuple(up.shape)} and down {tuple(down.shape)}.", input_name)
+        alpha = float(p["alpha"].float().reshape(-1)[0]) if "alpha" in p else None
+        modules[module] = SPMModule(module, down, up, alpha)
+    prompts = split_prompts(metadata.get("prompts", ""))
+    return SPMFile(name, modules, prompts, metadata, tuple(sorted(ignored)))
+
+
+def load_spm_file(path: str, name: str | None = None, *, input_name: str | None = None) -> SPMFile:
+    """Read an SPM ``.safetensors`` file (tensors and header metadata). Other formats are refused:
+    SPMs are released as safetensors, and pickles are never loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    name = name or os.path.basename(path)
+    if not path.lower().endswith((".safetensors", ".sft")):
+        raise _file_error(name, "must be a .safetensors file (SPMs are released as safetensors; pickled "
+                                "files are not loaded). Convert it or pick another file.", input_name)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError) as exc:
+        raise _file_error(name, f"must be a readable safetensors file, but reading it failed ({exc}). "
+                                "Re-download or re-save it.", input_name) from exc
+    return parse_spm(tensors, metadata, name, input_name=input_name)
+
+
+def resolve_keys(spm: SPMFile, key_map: Mapping[str, str], shapes: Mapping[str, Sequence[int]],
+                 *, input_name: str | None = None) -> dict[str, str]:
+    """``module name -> model weight key`` for every module of ``spm``.
+
+    ``key_map`` maps kohya names (``lora_unet_...``) to the model's keys (ComfyUI's
+    ``model_lora_keys_unet``); ``shapes`` the model's weight shapes. A module the model does not
+    have, or whose shape differs, means the file was made for another architecture: refused,
+    naming the first offending key.
+    """
+    out = {}
+    for module_name, module in spm.modules.items():
+        key = key_map.get(module_name)
+        if key is None or key not in shapes:
+            raise ArchitectureError(
+                f"'{spm.name}' must be made for the connected model's architecture, but its key "
+                f"'{module_name}' matches no weight of the model ({len(spm.modules)} modules in the file). "
+                "Released SPMs are for SD1.x: connect an SD1.x model, or pick an SPM trained for this one.",
+                input_name=input_name)
+        shape = tuple(shapes[key])
+        if shape[0] != module.out_features or math.prod(shape[1:]) != module.in_numel:
+            raise ArchitectureError(
+                f"'{spm.name}' must be made for the connected model's architecture, but its key "
+                f"'{module_name}' has shape {module.out_features}x{module.in_numel} while the model's "
+                f"'{key}' is {'x'.join(map(str, shape))}. Pick an SPM trained for this model family.",
+                input_name=input_name)
+        out[module_name] = key
+    return out
+
+
+def combine(spms: Sequence[SPMFile], multipliers: Sequence[float], mode: str = PAPER
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The effective low-rank factors ``module name -> (up [out, R], down [R, in])`` of K
+    membranes applied with multipliers ``m_k``: the weight change is ``up @ down`` (reshaped to
+    the weight), scale included. See the module docstring for the two modes.
+
+    ``paper``: modules whose every multiplier is 0 are left out (they would add nothing).
+    ``reference code``: every file must have the same modules and rank (the script asserts the
+    same), and the scale is the first file's.
+    """
+    if mode not in COMBINATIONS:
+        raise ConfigError(f"combination must be one of {COMBINATIONS}, but got {mode!r}.", input_name="mode")
+    if len(spms) != len(multipliers):
+        raise ConfigError(f"need one multiplier per SPM, but got {len(multipliers)} for {len(spms)}.",
+                          input_name="strength")
+    if not spms:
+        return {}
+    if mode == PAPER:
+        names = sorted({n for s in spms for n in s.modules})
+        out = {}
+        for name in names:
+            ups, downs = [], []
+            for spm, m in zip(spms, multipliers, strict=True):
+                module = spm.modules.get(name)
+                if module is None or m == 0:
+                    continue
+                up, down = module.factors()
+                ups.append(up * (m * module.scale))
+                downs.append(down)
+            if ups:
+                out[name] = (torch.cat(ups, 1), torch.cat(downs, 0))
+        return out
+    first = spms[0]
+    for spm in spms[1:]:
+        if set(spm.modules) != set(first.modules) or spm.rank != first.rank:
+            raise ConceptError(
+                f"'reference code' mode sums the files tensor by tensor, so every SPM must have the same "
+                f"modules and rank, but '{spm.name}' differs from '{first.name}'. Use the 'facilitated "
+                "transport' mode (the paper's sum), which combines any files.", input_name="mode")
+    if all(m == 0 for m in multipliers):
+        return {}
+    scale = first.reference_scale
+    out = {}
+    for name in sorted(first.modules):
+        up = sum(m * spm.modules[name].factors()[0] for spm, m in zip(spms, multipliers, strict=True))
+        down = sum(m * spm.modules[name].factors()[1] for spm, m in zip(spms, multipliers, strict=True))
+        out[name] = (up * scale, down)
+    return out

@@ -1,0 +1,137 @@
+"""Apply SPM: concept semi-permeable membranes with Facilitated Transport, on a clone of the model."""
+
+from __future__ import annotations
+
+import logging
+
+from ..erasure_core import ConceptError
+from ..erasure_core.ft_gate import ft_gate
+from ..erasure_core.spm import PAPER, REFERENCE, combine, load_spm_file, resolve_keys, split_prompts
+from . import _comfy
+from ._schema import names_node
+from .types import io, ui
+
+logger = logging.getLogger(__name__)
+
+DISPLAY_NAME = "Apply SPM"
+FT, ALWAYS_ON, REFERENCE_CODE = "facilitated transport", "always on", "reference code"
+MODES = (FT, ALWAYS_ON, REFERENCE_CODE)
+SLOTS = 4
+
+MODE_HELP = (
+    "facilitated transport (default): each SPM acts with strength x gate, the gate computed from "
+    "'prompt' as in the paper (max over the SPM's concepts of max(CLIP cosine, token overlap)); "
+    "several SPMs add up (sum of m_k U_k D_k). "
+    "always on: each SPM at its fixed strength, no gate (like loading it as a LoRA). "
+    "reference code: the released script's arithmetic, gate applied to both LoRA factors: one SPM "
+    "acts with gate^2, several as (sum m_k U_k)(sum m_k D_k)."
+)
+
+
+def _slot_inputs(k: int) -> list:
+    return [
+        io.Combo.Input(f"spm_{k}", options=_comfy.spm_file_choices(), default=_comfy.NO_FILE,
+                       tooltip=f"SPM file {k} (models/spm; 'loras/...' are files from models/loras), or none."),
+        io.Float.Input(f"strength_{k}", default=1.0, min=-10.0, max=10.0, step=0.05,
+                       tooltip=f"Multiplier of SPM {k}: its gate is multiplied by this (in 'always on', "
+                               "it is the strength itself)."),
+        io.String.Input(f"concepts_{k}", default="",
+                        tooltip=f"Comma-separated concept text(s) SPM {k} erases, to gate against. Empty: "
+                                "the file's 'prompts' metadata. Required for a plain LoRA without it."),
+    ]
+
+
+class ApplySPM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CE_ApplySPM",
+            display_name=DISPLAY_NAME,
+            category="concept_erasure",
+            description="Apply one or several SPM concept membranes (Lyu et al., CVPR 2024) with Facilitated "
+                        "Transport: each membrane acts as strongly as the prompt resembles its erased concept, "
+                        "so unrelated prompts sample like the original model. Link the SAME String node into "
+                        "CLIP Text Encode and into 'prompt'. The input model is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="Model to patch (SD1.x for the released SPMs). It is not "
+                                                "changed; LoRAs applied before this node are kept."),
+                io.Clip.Input("clip", tooltip="The model's text encoder: encodes the prompt and the SPM "
+                                              "concepts to compute the gates."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The positive prompt you sample. Link the same String (Multiline) node "
+                                        "that feeds your CLIP Text Encode, so the gate follows the prompt. "
+                                        "Not used in 'always on'."),
+                io.Combo.Input("mode", options=list(MODES), default=FT, tooltip=MODE_HELP),
+                io.Float.Input("facilitate_factor", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Scales every gate (the reference's --facilitate_factor; 1 = paper)."),
+                *(inp for k in range(1, SLOTS + 1) for inp in _slot_inputs(k)),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="Patched copy of the model."),
+                io.String.Output(display_name="report", tooltip="Gate and strength of each SPM."),
+            ],
+        )
+
+    @classmethod
+    @names_node(DISPLAY_NAME)
+    def execute(cls, model, clip, prompt: str, mode: str, facilitate_factor: float, **slots) -> io.NodeOutput:
+        if mode not in MODES:
+            raise ConceptError(f"mode must be one of {MODES}, but got {mode!r}.", input_name="mode")
+        picked = [k for k in range(1, SLOTS + 1) if slots.get(f"spm_{k}", _comfy.NO_FILE) != _comfy.NO_FILE]
+        if not picked:
+            raise ConceptError("at least one SPM file must be picked, but every slot is 'none'. Put SPM files in "
+                               "models/spm and pick one in spm_1.", input_name="spm_1")
+        progress = _comfy.progress_bar()
+        key_map, shapes = _comfy.unet_lora_key_map(model), _comfy.unet_shapes(model)
+        spms, keys, targets = [], {}, []
+        for step, k in enumerate(picked):
+            choice = slots[f"spm_{k}"]
+            spm = load_spm_file(_comfy.resolve_spm_file(choice, f"spm_{k}"), choice, input_name=f"spm_{k}")
+            keys.update(resolve_keys(spm, key_map, shapes, input_name=f"spm_{k}"))
+            typed = split_prompts(slots.get(f"concepts_{k}", "") or "")
+            concepts = typed or spm.prompts
+            if not concepts and mode != ALWAYS_ON:
+                raise ConceptError(
+                    f"'{choice}' has no 'prompts' metadata (a plain LoRA, not an SPM), so the gate needs the "
+                    f"concept it erases, but concepts_{k} is empty. Type the erased concept (e.g. 'Snoopy') in "
+                    f"concepts_{k}, or use mode 'always on'.", input_name=f"concepts_{k}")
+            spms.append(spm)
+            targets.append(concepts)
+            progress(step + 1, len(picked) + 2)
+        strengths = [float(slots.get(f"strength_{k}", 1.0)) for k in picked]
+        lines = []
+        if mode == ALWAYS_ON:
+            multipliers = strengths
+            lines = [f"{spm.name}: always on, strength {s:g}" for spm, s in zip(spms, strengths, strict=True)]
+            truncated = False
+        else:
+            if not prompt.strip():
+                raise ConceptError(
+                    "the prompt must be the positive prompt you sample (the gate is computed from it), but it is "
+                    "empty. Link the same String (Multiline) node into CLIP Text Encode's text and into 'prompt', "
+                    "or use mode 'always on'.", input_name="prompt")
+            texts = [prompt, *(t for concepts in targets for t in concepts)]
+            hidden, ids, special, cut = _comfy.encode_first_windows(clip, texts)
+            truncated = cut[0]
+            multipliers, start = [], 1
+            for spm, concepts, strength in zip(spms, targets, strengths, strict=True):
+                stop = start + len(concepts)
+                gate = ft_gate(hidden[0], ids[0], hidden[start:stop], list(ids[start:stop]), special,
+                               facilitate_factor=facilitate_factor)
+                start = stop
+                multipliers.append(strength * gate.gate)
+                lines.append(f"{spm.name}: {gate.describe(concepts)}, strength {strength:g} -> "
+                             f"multiplier {strength * gate.gate:.3f}")
+        progress(len(picked) + 1, len(picked) + 2)
+        factors = combine(spms, multipliers, REFERENCE if mode == REFERENCE_CODE else PAPER)
+        patched = _comfy.apply_lora_factors(model, {keys[name]: f for name, f in factors.items()})
+        progress(len(picked) + 2, len(picked) + 2)
+        header = f"Apply SPM ({mode}): {len(spms)} SPM(s), {len(factors)} weights patched"
+        if truncated:
+            header += "; the prompt is longer than 75 tokens, gated on its first window (as the reference)"
+        ignored = sum(len(s.ignored) for s in spms)
+        if ignored:
+            header += f"; {ignored} text-encoder keys ignored (SPM gates the UNet only)"
+        report = "\n".join([header, *lines])
+        logger.info("%s", report)
+        return io.NodeOutput(patched, report, ui=ui.PreviewText(report))
