@@ -12,4 +12,8 @@ from .apply_spm import ApplySPM  # noqa: E402
 
 NODES.append(ApplySPM)
 
+from .apply_eraser import ApplyEraserLoRA, ExtractEraser  # noqa: E402
+
+NODES += [ApplyEraserLoRA, ExtractEraser]
+
 __all__ = ["NODES"]
