@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tiny_spm
 from comfy_env import ROOT, comfyui_path
 
 pytestmark = pytest.mark.comfyui
@@ -113,6 +114,8 @@ def server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
     (base / "models" / "concepts").mkdir()
     (base / "models" / "concepts" / "team_list.csv").write_text(
         "target,anchor,aliases,kind,preserve\nVincent van Gogh,a painter,Van Gogh,artist,Claude Monet\n")
+    (base / "models" / "spm").mkdir()  # apply_spm.json picks snoopy.safetensors
+    tiny_spm.write_spm(base / "models" / "spm" / "snoopy.safetensors", tiny_state_dict, "snoopy")
     (base / "input").mkdir()
     (base / "input" / "from_input.txt").write_text("Pikachu -> a yellow cartoon creature\n")
 
@@ -323,3 +326,15 @@ def test_load_concepts_lists_concept_files_and_its_preview_reaches_the_ui(server
     assert history["status"]["status_str"] == "success", history["status"]
     preview = " ".join(history["outputs"][concepts]["text"])
     assert "1 targets (1 artist), 1 preserved" in preview and "Vincent van Gogh (+1 aliases)" in preview
+
+
+def test_apply_spm_example_shows_the_gate_on_the_node(server):
+    path = Path(ROOT) / "example_workflows" / "apply_spm.json"
+    graph = _example_graph(server, path)
+    spm = next(k for k, v in graph.items() if v["class_type"] == "CE_ApplySPM")
+    primitive = next(k for k, v in graph.items() if v["class_type"] == "PrimitiveStringMultiline")
+    assert graph[spm]["inputs"]["prompt"] == [primitive, 0]  # the prompt is linked, not typed twice
+    report = next(k for k, v in graph.items() if v["class_type"] == "PreviewAny")
+    entry = _run_fast(server, _upstream(graph, report))
+    text = " ".join(entry["outputs"][spm]["text"])
+    assert "snoopy.safetensors: gate 1.000" in text and "tokenuni 1.000 vs 'snoopy'" in text, text
