@@ -62,7 +62,8 @@ _UNET_DIFFUSERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv
                    "time_embedding.", "add_embedding.")
 _UNET_LDM = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.", "label_emb.")
 _LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-_TEXT_PREFIXES = ("cond_stage_model.transformer.", "text_encoder.", "transformer.", "te.")
+_TEXT_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", "text_encoder.",
+                  "transformer.", "te.")
 _DIT_MARKERS = {"Flux": ("double_blocks", "single_blocks", "single_transformer_blocks", "lora_transformer_",
                          "txt_attn", "img_attn"),
                 "SD3": ("joint_blocks", "context_block", "x_block")}
@@ -244,8 +245,12 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
 
     text_keys = [k for k in keys if strip_text_encoder_prefix(k)]
     if text_keys and len(text_keys) >= 0.9 * len(keys):
-        return EraserInfo(EraserFormat.TEXT_ENCODER, family, ("text encoder",), len(keys), Naming.DIFFUSERS,
-                          None, concept)
+        # CLIP-L (768) is SD1.x's encoder and also SDXL's first one
+        fam = "SD1/SDXL" if family == "SD1" else family
+        notes = (f"{len(keys) - len(text_keys)} tensors outside text_model ignored",) if len(text_keys) < len(keys) \
+            else ()
+        return EraserInfo(EraserFormat.TEXT_ENCODER, fam, ("text encoder",), len(text_keys), Naming.DIFFUSERS,
+                          None, concept, notes)
 
     unet_diffusers = [k for k in keys if k.removeprefix("unet.").startswith(_UNET_DIFFUSERS)]
     unet_ldm = [k for k in keys if k.startswith(_LDM_PREFIXES) or k.startswith(_UNET_LDM)]
@@ -257,10 +262,12 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
                           None, concept, notes)
     if unet_ldm:
         notes = ()
-        if len(unet_ldm) < len(keys):
-            notes = (f"{len(keys) - len(unet_ldm)} non-UNet tensors ignored (VAE, text encoder)",)
-        return EraserInfo(EraserFormat.UNET_WEIGHTS, family, ("unet",), len(unet_ldm), Naming.LDM, None,
-                          concept, notes)
+        others = len(keys) - len(unet_ldm) - len(text_keys)
+        if others:
+            notes = (f"{others} tensors outside the UNet and text encoder ignored (VAE...)",)
+        targets = ("unet", "text encoder") if text_keys else ("unet",)
+        return EraserInfo(EraserFormat.UNET_WEIGHTS, family, targets, len(unet_ldm) + len(text_keys), Naming.LDM,
+                          None, concept, notes)
 
     raise ErasureError(
         f"{name} must be an eraser in a known format (kohya/A1111 LoRA, diffusers/PEFT LoRA, Receler "
@@ -290,7 +297,7 @@ def check_family(info: EraserInfo, model_family_name: str, name: str = "the eras
     fam = info.family
     if fam is None or model_family_name not in ("SD1", "SD2", "SDXL", "SD3", "Flux"):
         return
-    compatible = {fam} | ({"SD1", "SD2"} if fam == "SD1/SD2" else set())
+    compatible = set(fam.split("/"))
     if model_family_name not in compatible and not fam.startswith("an unknown"):
         raise ErasureError(
             f"{name} must be made for the connected {model_family_name} model, but its keys look like "

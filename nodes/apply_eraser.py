@@ -11,12 +11,12 @@ import time
 
 from ..erasure_core import ConceptError, ErasureError, PatchSet
 from ..erasure_core.adapters import BlockAdapters, parse_receler
-from ..erasure_core.eraser_files import open_eraser
+from ..erasure_core.eraser_files import SAFE_EXTENSIONS, open_eraser
 from ..erasure_core.eraser_formats import EraserFormat, EraserInfo, check_family, describe
 from ..erasure_core.extract import extract_low_rank, weight_differences
 from ..erasure_core.ft_gate import ft_gate
 from . import _comfy
-from ._schema import names_node
+from ._schema import names_node, validation_message
 from .types import io, ui
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,15 @@ def apply_eraser(model, clip, info: EraserInfo, file, path: str, scale: float, r
         _, _, dtype_of = _comfy.unet_weight_reader(model)
         patched = _comfy.add_diff_patches(model, diff.deltas, scale, dtype_of) if diff.deltas else model
         note = f"{diff.changed} of {diff.compared} UNet weights differ from the model (diff patches)"
+        if "text encoder" in info.targets:  # a whole erased checkpoint: its text encoder may be erased too
+            if clip is None:
+                note += "; its text-encoder weights were not compared (clip is not connected)"
+            else:
+                text_diff, text_dtype = _comfy.text_encoder_differences(clip, file, _comfy.text_encoder_pairs(clip, file),
+                                                                        reference)
+                if text_diff.deltas:
+                    clip = _comfy.add_diff_patches(clip, text_diff.deltas, scale, text_dtype)
+                note += f"; {text_diff.changed} of {text_diff.compared} text-encoder weights differ"
         total = len(model.model_state_dict(filter_prefix=_comfy.UNET_PREFIX))
         if diff.compared >= 0.9 * total and diff.changed >= 0.9 * diff.compared:
             note += ("; nearly every weight differs: is the model the checkpoint the eraser was fine-tuned from? "
@@ -206,6 +215,21 @@ class ApplyEraserLoRA(io.ComfyNode):
                   f"{'; ' + '; '.join(info.notes) if info.notes else ''} ({time.perf_counter() - started:.2f} s)")
         logger.info("Apply Eraser LoRA: %s", report)
         return io.NodeOutput(out_model, out_clip, report, ui=ui.PreviewText(report))
+
+    @classmethod
+    def validate_inputs(cls, eraser=None) -> bool | str:
+        """At queue time: the file exists in the allowed folders and, for safetensors (header only),
+        is a known format. Pickle-format files are checked when the node runs."""
+        if eraser is None:
+            return True  # linked: checked when the node runs
+
+        def check() -> None:
+            path = _comfy.resolve_eraser(eraser)
+            if path.lower().endswith(SAFE_EXTENSIONS):
+                file = open_eraser(path)
+                describe(file.shapes, file.metadata, file.config, name=f"eraser '{file.name}'")
+
+        return validation_message(cls.DISPLAY_NAME, check)
 
     @classmethod
     def fingerprint_inputs(cls, eraser=None, **_) -> object:

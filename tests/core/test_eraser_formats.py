@@ -72,7 +72,7 @@ def test_unet_weights_diffusers_and_ldm_names():
            "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}
     info = describe(ldm)
     assert (info.format, info.naming, info.family, info.keys) == (EraserFormat.UNET_WEIGHTS, Naming.LDM, "SD2", 1)
-    assert "1 non-UNet tensors ignored" in info.notes[0]
+    assert "1 tensors outside the UNet" in info.notes[0]
 
 
 def test_text_encoder_state_dict():
@@ -82,7 +82,7 @@ def test_text_encoder_state_dict():
               "text_model.encoder.layers.0.mlp.fc1.weight": (3072, 768),
               "text_model.final_layer_norm.weight": (768,)}
     info = describe(shapes)
-    assert (info.format, info.family, info.targets) == (EraserFormat.TEXT_ENCODER, "SD1", ("text encoder",))
+    assert (info.format, info.family, info.targets) == (EraserFormat.TEXT_ENCODER, "SD1/SDXL", ("text encoder",))
 
 
 def test_our_patch_file():
@@ -118,3 +118,21 @@ def test_empty_file_and_key_patterns():
 def test_model_family_names():
     assert [model_family(n) for n in ("SD15", "SD20", "SDXL", "Flux", "SD3", "KOALA_700M")] == \
         ["SD1", "SD2", "SDXL", "Flux", "SD3", "SDXL"]
+
+
+def test_whole_checkpoint_targets_unet_and_text_encoder():
+    # RECE / ANT style full CompVis checkpoints: UNet, CLIP and VAE in one file
+    shapes = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+              "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (3072, 768),
+              "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}
+    info = describe(shapes)
+    assert info.targets == ("unet", "text encoder") and info.keys == 2 and "1 tensors outside" in info.notes[0]
+
+
+def test_clip_l_text_encoder_fits_sd1_and_sdxl():
+    info = describe({"text_model.encoder.layers.0.self_attn.q_proj.weight": (768, 768)})
+    assert info.family == "SD1/SDXL"
+    check_family(info, "SDXL")
+    check_family(info, "SD1")
+    with pytest.raises(ErasureError, match="look like SD1/SDXL"):
+        check_family(info, "SD2")

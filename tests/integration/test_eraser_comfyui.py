@@ -368,3 +368,21 @@ def test_gate_leaves_an_unrelated_prompts_kv_unchanged(pack, mc, folders):
     half, _, report_h, _ = apply(pack, model, clip, "gated.safetensors", prompt="Van Gogh",
                                  **(gate | {"facilitate_factor": 0.5}))
     close(effective(half, K_COMFY), base(model, K_COMFY) + 0.5 * dk)
+
+
+def test_whole_erased_checkpoint_patches_unet_and_clip(pack, mc, folders, tiny_state_dict):
+    """RECE/ANT-style full CompVis checkpoint (fp16, UNet + CLIP + VAE): only what differs is patched."""
+    model, clip = mc
+    before = untouched(model, clip)
+    sd = {k: v.clone() for k, v in tiny_state_dict.items()}
+    unet_key, clip_key = "model." + K_COMFY, "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    sd[unet_key] = (sd[unet_key].float() + 0.01).half()
+    sd[clip_key] = (sd[clip_key].float() - 0.02).half()
+    save_file(sd, str(folders / "rece_full.safetensors"))
+    m2, c2, report, _ = apply(pack, model, clip, "rece_full.safetensors")
+    assert list(m2.patches) == [K_COMFY] and list(c2.patcher.patches) == [CLIP_FC1]
+    expected = sd[unet_key].float()
+    torch.testing.assert_close(effective(m2, K_COMFY), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(effective(c2.patcher, CLIP_FC1).float(), sd[clip_key].float(), rtol=0, atol=2e-3)
+    assert "1 of" in report and "1 of 196 text-encoder weights differ" in report and "VAE" in report
+    assert untouched(model, clip) == before

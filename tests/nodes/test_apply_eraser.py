@@ -130,3 +130,14 @@ def test_choices_list_erasers_and_loras(stub_env, erasers, tmp_path, monkeypatch
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
     assert stub_env.pack.nodes._comfy.eraser_choices() == ["none", "a.safetensors", "rec/eraser_weights.pt",
                                                            "loras/l.safetensors"]
+
+
+def test_queue_time_validation(stub_env, erasers):
+    node = stub_env.pack.nodes.apply_eraser.ApplyEraserLoRA
+    save_file({"vae.decoder.conv.weight": torch.zeros(2, 2)}, str(erasers / "odd.safetensors"))
+    save_file({"model." + K: torch.zeros(8, 768)}, str(erasers / "ok.safetensors"))
+    assert node.validate_inputs(eraser="ok.safetensors") is True
+    assert node.validate_inputs(eraser=None) is True
+    message = node.validate_inputs(eraser="odd.safetensors")
+    assert message.startswith("Apply Eraser LoRA, input 'eraser'") and "vae.decoder" in message
+    assert "inside models/erasers" in node.validate_inputs(eraser="none")
