@@ -320,7 +320,7 @@ class ExtractEraser(io.ComfyNode):
         meta = {"source": source, "concept_text": concept_text.strip(),
                 "family": _comfy.model_family_of(model), "changed_weights": diff.changed}
         patch, fit = extract_low_rank(diff.deltas, max_rank=max_rank, max_error=max_error, meta=meta,
-                                      progress=progress)
+                                      device=_comfy.compute_device(), progress=progress)
         patch.save(target)
         patched = _comfy.apply_patchset(model, patch, 1.0)
         report = (f"Extracted {source} -> {target}: {diff.changed} of {diff.compared} weights differ; "

@@ -61,3 +61,16 @@ def test_weight_differences_keep_changed_weights_and_name_shape_mismatch():
     with pytest.raises(ErasureError, match=r"'c' is \(2, 2\) and the model's 'c' is \(4, 4\)"):
         weight_differences([("c", "c")], file.__getitem__, model.__getitem__, {"c": (4, 4)})
     assert rounding_tolerance(torch.float16, torch.float32) == 4 * torch.finfo(torch.float16).eps
+
+
+def test_randomized_path_on_wide_weights_finds_the_rank_and_measures_the_error():
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(640, 5, generator=g) @ torch.randn(5, 768, generator=g)
+    noise = torch.randn(640, 768, generator=g)
+    delta = low + noise / noise.norm() * low.norm() * 1e-3
+    patch, report = extract_low_rank({"k": delta}, max_rank=8, max_error=0.01)  # 16 < 640/2: randomized
+    assert patch["k"].rank == 5
+    measured = float((patch["k"].dense() - delta).norm() / delta.norm())
+    assert abs(measured - report.fits[0].rel_error) < 1e-5 and measured < 2e-3
+    again, _ = extract_low_rank({"k": delta}, max_rank=8, max_error=0.01)
+    assert torch.equal(again["k"].up, patch["k"].up)  # seeded: the same file every time
