@@ -56,12 +56,15 @@ def weight_differences(
     model_shapes: Mapping[str, tuple[int, ...]],
     *,
     model_dtype: Callable[[str], torch.dtype] | None = None,
+    delta_dtype: Callable[[str], torch.dtype] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> WeightDiff:
     """``ΔW = W_file − W_model`` for each ``(file_key, model_key)`` pair, changed weights only.
 
-    ``read_file`` and ``read_model`` return one tensor each (the model's as float32). A shape
-    mismatch raises ErasureError naming the first offending key, before anything is returned.
+    ``read_file`` and ``read_model`` return one tensor each (the model's as float32). Deltas are
+    kept in float32, or in ``delta_dtype(model_key)`` (a 16-bit model's own dtype halves the memory
+    a full erased UNet needs). A shape mismatch raises ErasureError naming the first offending
+    key, before anything is returned.
     """
     pairs = list(pairs)
     deltas: dict[str, torch.Tensor] = {}
@@ -85,7 +88,7 @@ def weight_differences(
         if float(delta.abs().max()) <= rounding_tolerance(*dtypes) * scale:
             unchanged += 1
         else:
-            deltas[model_key] = delta
+            deltas[model_key] = delta.to(delta_dtype(model_key)) if delta_dtype else delta
         if progress is not None:
             progress(done, len(pairs))
     return WeightDiff(deltas, unchanged, len(pairs) - len(skipped), tuple(skipped))

@@ -394,11 +394,15 @@ DIFF_FROM_ARRIVING = "model as it arrives"
 
 
 def unet_weight_differences(model: Any, file: EraserFile, pairs: Sequence[tuple[str, str]], reference: str,
-                            progress: Progress | None = None) -> WeightDiff:
+                            progress: Progress | None = None, for_patching: bool = True) -> WeightDiff:
+    """The UNet weights of ``file`` that differ from the model's; as patch tensors (the model's
+    dtype) or, for extraction (``for_patching=False``), in float32."""
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
     read_base, dtype_of = _base_loader(model, UNET_PREFIX)
     read = _arriving_loader(model, UNET_PREFIX) if reference == DIFF_FROM_ARRIVING else read_base
-    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of, progress=progress)
+    keep = (lambda key: _store_dtype(dtype_of(key))) if for_patching else None
+    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of, delta_dtype=keep,
+                              progress=progress)
 
 
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -449,7 +453,8 @@ def text_encoder_differences(clip: Any, file: EraserFile, pairs: Sequence[tuple[
     shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
     read_base, dtype_of = _base_loader(clip.patcher, None)
     read = _arriving_loader(clip.patcher, None) if reference == DIFF_FROM_ARRIVING else read_base
-    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of), dtype_of
+    keep = lambda key: _store_dtype(dtype_of(key))  # noqa: E731
+    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of, delta_dtype=keep), dtype_of
 
 
 def _lora_key_map(model: Any, clip: Any | None) -> dict[str, Any]:

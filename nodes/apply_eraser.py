@@ -71,19 +71,20 @@ def apply_eraser(model, clip, info: EraserInfo, file, path: str, scale: float, r
         return _comfy.apply_patchset(model, patch, scale), clip, f"{len(patch)} UNet weights (low-rank)"
     if fmt in (EraserFormat.KOHYA_LORA, EraserFormat.DIFFUSERS_LORA):
         unet, text, unplaced = _comfy.lora_patches(model, clip, file)
+        skipped = [m for m in unplaced if clip is None and _is_text_module(m)]
+        unplaced = [m for m in unplaced if m not in skipped]
         if unplaced and not (unet or text):
             raise ErasureError(
-                f"the LoRA's modules must exist in the connected {_comfy.model_family_of(model)} model"
-                f"{'' if clip is not None else ' (clip is not connected)'}, but none of its {len(unplaced)} do "
-                f"(first: '{unplaced[0]}'). {info.summary()}.", input_name="eraser")
+                f"the LoRA's modules must exist in the connected {_comfy.model_family_of(model)} model, but none "
+                f"of its {len(unplaced)} do (first: '{unplaced[0]}'). {info.summary()}.", input_name="eraser")
         if unplaced:
             raise ErasureError(
                 f"every LoRA module must exist in the connected model, but {len(unplaced)} do not (first: "
-                f"'{unplaced[0]}'){'; connect the CLIP for text-encoder modules' if clip is None else ''}.",
-                input_name="eraser")
+                f"'{unplaced[0]}'). Pick the LoRA made for this model.", input_name="eraser")
         out_model = _comfy.add_lora_patches(model, unet, scale) if unet else model
         out_clip = _comfy.add_lora_patches(clip, text, scale) if text else clip
-        return out_model, out_clip, f"{len(unet)} UNet + {len(text)} text-encoder weights as LoRA"
+        note = f"; {len(skipped)} text-encoder modules skipped (clip is not connected)" if skipped else ""
+        return out_model, out_clip, f"{len(unet)} UNet + {len(text)} text-encoder weights as LoRA{note}"
     if fmt == EraserFormat.RECELER:
         adapters = parse_receler(file.load_all())
         blocks = _comfy.receler_blocks(model, adapters)
@@ -119,6 +120,10 @@ def apply_eraser(model, clip, info: EraserInfo, file, path: str, scale: float, r
         patched = _comfy.add_diff_patches(clip, diff.deltas, scale, dtype_of) if diff.deltas else clip
         return model, patched, f"{diff.changed} of {diff.compared} text-encoder weights differ (diff patches)"
     raise ErasureError(f"format {fmt.value} cannot be applied yet.", input_name="eraser")  # pragma: no cover
+
+
+def _is_text_module(name: str) -> bool:
+    return name.startswith(("lora_te", "text_encoder", "te.", "te1", "te2")) or "text_model" in name
 
 
 def _is_unet_key(key: str, info: EraserInfo) -> bool:
@@ -299,7 +304,8 @@ class ExtractEraser(io.ComfyNode):
                                    input_name="erased_file")
             check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'")
             pairs = _comfy.unet_key_pairs(model, [k for k in file if _is_unet_key(k, info)], info.naming)
-            diff = _comfy.unet_weight_differences(model, file, pairs, _comfy.DIFF_FROM_BASE, progress)
+            diff = _comfy.unet_weight_differences(model, file, pairs, _comfy.DIFF_FROM_BASE, progress,
+                                                  for_patching=False)
             source = file.name
         elif erased_model is not None:
             read_erased, erased_shapes, _ = _comfy.unet_weight_reader(erased_model)

@@ -115,6 +115,9 @@ def test_kohya_lora_patches_unet_and_clip(pack, mc, folders):
     close(effective(m2, K_COMFY), base(model, K_COMFY) + 0.5 * dk)
     close(effective(c2.patcher, CLIP_FC1), base(clip.patcher, CLIP_FC1) + 0.5 * dt)
     assert "kohya LoRA" in report and "rank 4" in report and "1 UNet + 1 text-encoder" in report
+    m3, c3, report, _ = apply(pack, model, None, "kohya.safetensors", strength=0.5)  # no CLIP connected
+    close(effective(m3, K_COMFY), base(model, K_COMFY) + 0.5 * dk)
+    assert c3 is None and "1 UNet + 0 text-encoder" in report and "1 text-encoder modules skipped" in report
     assert untouched(model, clip) == before
 
 
