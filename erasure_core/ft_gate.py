@@ -58,7 +58,7 @@ def clipcos(prompt_hidden: torch.Tensor, target_hidden: torch.Tensor) -> torch.T
             "same text encoder and window length.", input_name="clip")
     p = prompt_hidden.detach().to("cpu", torch.float64).flatten()
     t = targets.detach().to("cpu", torch.float64).flatten(1)
-    return torch.nn.functional.cosine_similarity(t, p.unsqueeze(0).expand_as(t), dim=-1, eps=1e-30)
+    return (t @ p) / (t.norm(dim=1) * p.norm()).clamp_min(1e-300)
 
 
 def _token_set(ids: Iterable[int] | torch.Tensor, special: frozenset[int]) -> set[int]:

@@ -40,6 +40,7 @@ __all__ = [
     "SPMModule",
     "combine",
     "load_spm_file",
+    "load_spm_metadata",
     "parse_spm",
     "resolve_keys",
     "split_prompts",
@@ -196,6 +197,19 @@ def load_spm_file(path: str, name: str | None = None, *, input_name: str | None 
         raise _file_error(name, f"must be a readable safetensors file, but reading it failed ({exc}). "
                                 "Re-download or re-save it.", input_name) from exc
     return parse_spm(tensors, metadata, name, input_name=input_name)
+
+
+def load_spm_metadata(path: str, name: str | None = None, *, input_name: str | None = None) -> dict[str, str]:
+    """Only the header metadata of an SPM ``.safetensors`` file (cheap: no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    name = name or os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise _file_error(name, f"must be a readable safetensors file, but reading it failed ({exc}). "
+                                "Re-download or re-save it.", input_name) from exc
 
 
 def resolve_keys(spm: SPMFile, key_map: Mapping[str, str], shapes: Mapping[str, Sequence[int]],

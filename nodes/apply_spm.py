@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 
-from ..erasure_core import ConceptError
+from ..erasure_core import ConceptError, ErasureError
 from ..erasure_core.ft_gate import ft_gate
-from ..erasure_core.spm import PAPER, REFERENCE, combine, load_spm_file, resolve_keys, split_prompts
+from ..erasure_core.spm import (
+    PAPER,
+    REFERENCE,
+    combine,
+    load_spm_file,
+    load_spm_metadata,
+    resolve_keys,
+    split_prompts,
+)
 from . import _comfy
-from ._schema import names_node
+from ._schema import names_node, validation_message
 from .types import io, ui
 
 logger = logging.getLogger(__name__)
@@ -73,14 +82,50 @@ class ApplySPM(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mode=None, spm_1=None, spm_2=None, spm_3=None, spm_4=None, concepts_1=None,
+                        concepts_2=None, concepts_3=None, concepts_4=None) -> bool | str:
+        """Queue-time checks of what the widgets decide: a file is picked, each picked file exists,
+        and a plain LoRA (no 'prompts' metadata) has its concept typed (unless 'always on')."""
+        files = {1: spm_1, 2: spm_2, 3: spm_3, 4: spm_4}
+        concepts = {1: concepts_1, 2: concepts_2, 3: concepts_3, 4: concepts_4}
+        if mode is None or any(v is None for v in files.values()):
+            return True  # a linked input: checked when the node runs
+
+        def check() -> None:
+            if mode not in MODES:
+                raise ConceptError(f"mode must be one of {MODES}, but got {mode!r}.", input_name="mode")
+            picked = [k for k, f in files.items() if f != _comfy.NO_FILE]
+            if not picked:
+                raise _no_file_error()
+            for k in picked:
+                path = _comfy.resolve_spm_file(files[k], f"spm_{k}")
+                if mode == ALWAYS_ON or concepts[k] is None or split_prompts(concepts[k]):
+                    continue
+                if not split_prompts(load_spm_metadata(path, files[k], input_name=f"spm_{k}").get("prompts", "")):
+                    raise _needs_concept_error(files[k], k)
+
+        return validation_message(DISPLAY_NAME, check)
+
+    @classmethod
+    def fingerprint_inputs(cls, spm_1=None, spm_2=None, spm_3=None, spm_4=None, **_) -> object:
+        """Re-run when a picked file changes on disk (ComfyUI caches on inputs otherwise)."""
+        out = []
+        for k, choice in enumerate((spm_1, spm_2, spm_3, spm_4), 1):
+            try:
+                path = _comfy.resolve_spm_file(choice, f"spm_{k}") if choice else None
+            except ErasureError:
+                path = None  # execute raises the clear error
+            out.append((choice, os.stat(path).st_mtime_ns if path else None))
+        return tuple(out)
+
+    @classmethod
     @names_node(DISPLAY_NAME)
     def execute(cls, model, clip, prompt: str, mode: str, facilitate_factor: float, **slots) -> io.NodeOutput:
         if mode not in MODES:
             raise ConceptError(f"mode must be one of {MODES}, but got {mode!r}.", input_name="mode")
         picked = [k for k in range(1, SLOTS + 1) if slots.get(f"spm_{k}", _comfy.NO_FILE) != _comfy.NO_FILE]
         if not picked:
-            raise ConceptError("at least one SPM file must be picked, but every slot is 'none'. Put SPM files in "
-                               "models/spm and pick one in spm_1.", input_name="spm_1")
+            raise _no_file_error()
         progress = _comfy.progress_bar()
         key_map, shapes = _comfy.unet_lora_key_map(model), _comfy.unet_shapes(model)
         spms, keys, targets = [], {}, []
@@ -91,10 +136,7 @@ class ApplySPM(io.ComfyNode):
             typed = split_prompts(slots.get(f"concepts_{k}", "") or "")
             concepts = typed or spm.prompts
             if not concepts and mode != ALWAYS_ON:
-                raise ConceptError(
-                    f"'{choice}' has no 'prompts' metadata (a plain LoRA, not an SPM), so the gate needs the "
-                    f"concept it erases, but concepts_{k} is empty. Type the erased concept (e.g. 'Snoopy') in "
-                    f"concepts_{k}, or use mode 'always on'.", input_name=f"concepts_{k}")
+                raise _needs_concept_error(choice, k)
             spms.append(spm)
             targets.append(concepts)
             progress(step + 1, len(picked) + 2)
@@ -127,6 +169,8 @@ class ApplySPM(io.ComfyNode):
         patched = _comfy.apply_lora_factors(model, {keys[name]: f for name, f in factors.items()})
         progress(len(picked) + 2, len(picked) + 2)
         header = f"Apply SPM ({mode}): {len(spms)} SPM(s), {len(factors)} weights patched"
+        if mode == REFERENCE_CODE:
+            header += "; reference code: both LoRA factors scaled by m (one SPM acts with m^2)"
         if truncated:
             header += "; the prompt is longer than 75 tokens, gated on its first window (as the reference)"
         ignored = sum(len(s.ignored) for s in spms)
@@ -135,3 +179,15 @@ class ApplySPM(io.ComfyNode):
         report = "\n".join([header, *lines])
         logger.info("%s", report)
         return io.NodeOutput(patched, report, ui=ui.PreviewText(report))
+
+
+def _no_file_error() -> ConceptError:
+    return ConceptError("at least one SPM file must be picked, but every slot is 'none'. Put SPM files in "
+                        "models/spm and pick one in spm_1.", input_name="spm_1")
+
+
+def _needs_concept_error(choice: str, k: int) -> ConceptError:
+    return ConceptError(
+        f"'{choice}' has no 'prompts' metadata (a plain LoRA, not an SPM), so the gate needs the concept it "
+        f"erases, but concepts_{k} is empty. Type the erased concept (e.g. 'Snoopy') in concepts_{k}, or use "
+        "mode 'always on'.", input_name=f"concepts_{k}")

@@ -172,3 +172,35 @@ def test_bad_inputs_name_the_node_and_input_and_leave_the_model_alone(stub_env, 
         run(stub_env, model, spm_1="../a.safetensors")
     assert err.value.input_name == "spm_1"
     assert model.patches == {}
+
+
+def test_queue_time_validation_names_the_input(stub_env, folders):
+    spm, loras = folders
+    write_spm(spm / "a.safetensors")
+    write_spm(loras / "plain.safetensors", prompts=None)
+    node = stub_env.pack.nodes.apply_spm.ApplySPM
+    slots = {"spm_1": "none", "spm_2": "none", "spm_3": "none", "spm_4": "none",
+             "concepts_1": "", "concepts_2": "", "concepts_3": "", "concepts_4": ""}
+    ft = "facilitated transport"
+    assert "input 'spm_1'" in node.validate_inputs(mode=ft, **slots)
+    assert node.validate_inputs(mode=ft, **(slots | {"spm_1": "a.safetensors"})) is True
+    message = node.validate_inputs(mode=ft, **(slots | {"spm_3": "loras/plain.safetensors"}))
+    assert message.startswith("Apply SPM, input 'concepts_3'")
+    assert node.validate_inputs(mode="always on", **(slots | {"spm_3": "loras/plain.safetensors"})) is True
+    assert node.validate_inputs(mode=ft, **(slots | {"spm_3": "loras/plain.safetensors", "concepts_3": "x"})) is True
+    assert "input 'spm_2'" in node.validate_inputs(mode=ft, **(slots | {"spm_2": "gone.safetensors"}))
+    assert node.validate_inputs(mode=ft, **(slots | {"spm_1": None})) is True  # linked: checked at run time
+
+
+def test_a_changed_file_changes_the_fingerprint(stub_env, folders):
+    import os
+
+    spm, _ = folders
+    write_spm(spm / "a.safetensors")
+    node = stub_env.pack.nodes.apply_spm.ApplySPM
+    before = node.fingerprint_inputs(spm_1="a.safetensors", spm_2="none", spm_3="none", spm_4="none")
+    stat = os.stat(spm / "a.safetensors")
+    os.utime(spm / "a.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = node.fingerprint_inputs(spm_1="a.safetensors", spm_2="none", spm_3="none", spm_4="none")
+    assert before != after
+    assert node.fingerprint_inputs(spm_1="missing.safetensors")[0] == ("missing.safetensors", None)
