@@ -40,11 +40,14 @@ class Adapter:
     def dim(self) -> int:
         return int(self.down_weight.shape[1])
 
+    def to(self, device: torch.device) -> Adapter:
+        return Adapter(*(t.to(device) for t in (self.down_weight, self.down_bias, self.up_weight, self.up_bias)))
+
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
-        """``E(a)`` for ``a: [..., dim]``, computed in float32, returned in ``a``'s dtype."""
-        dev = a.device
-        h = torch.nn.functional.linear(a.float(), self.down_weight.to(dev), self.down_bias.to(dev))
-        out = torch.nn.functional.linear(torch.nn.functional.gelu(h), self.up_weight.to(dev), self.up_bias.to(dev))
+        """``E(a)`` for ``a: [..., dim]`` (weights on ``a``'s device), computed in float32,
+        returned in ``a``'s dtype."""
+        h = torch.nn.functional.linear(a.float(), self.down_weight, self.down_bias)
+        out = torch.nn.functional.linear(torch.nn.functional.gelu(h), self.up_weight, self.up_bias)
         return out.to(a.dtype)
 
 
@@ -87,6 +90,7 @@ class BlockAdapters:
         self.adapters = dict(adapters)
         self.scale = float(scale)
         self.label = label
+        self._moved: dict[torch.device, dict[tuple[str, int], Adapter]] = {}  # one copy per device, not per call
 
     def __call__(self, n: torch.Tensor, extra_options: Mapping[str, Any]) -> torch.Tensor:
         block = extra_options.get("block")
@@ -97,7 +101,10 @@ class BlockAdapters:
             raise ErasureError(f"the Receler adapter for block {tuple(block)} expects width {adapter.dim}, but the "
                                f"attention output is {n.shape[-1]} wide. Use the eraser made for this model.",
                                input_name="eraser")
-        return n + self.scale * adapter(n)
+        moved = self._moved.get(n.device)
+        if moved is None:
+            moved = self._moved[n.device] = {b: a.to(n.device) for b, a in self.adapters.items()}
+        return n + self.scale * moved[tuple(block)](n)
 
     def __deepcopy__(self, memo: dict) -> BlockAdapters:
         return self

@@ -389,3 +389,23 @@ def test_whole_erased_checkpoint_patches_unet_and_clip(pack, mc, folders, tiny_s
     torch.testing.assert_close(effective(c2.patcher, CLIP_FC1).float(), sd[clip_key].float(), rtol=0, atol=2e-3)
     assert "1 of" in report and "1 of 196 text-encoder weights differ" in report and "VAE" in report
     assert untouched(model, clip) == before
+
+
+def test_extract_from_a_second_loaded_model(pack, mc, folders, tiny_state_dict):
+    """Extract Eraser with the erased checkpoint loaded by ComfyUI's own loader as a second MODEL."""
+    import comfy.sd
+    from concept_erasure_pack.nodes.apply_eraser import ExtractEraser
+
+    model, clip = mc
+    g = torch.Generator().manual_seed(8)
+    low = (torch.randn(320, 2, generator=g) @ torch.randn(2, 768, generator=g) * 0.01).half().float()
+    sd = dict(tiny_state_dict)
+    sd["model." + K_COMFY] = (sd["model." + K_COMFY].float() + low).half()
+    expected = sd["model." + K_COMFY].float()
+    erased = comfy.sd.load_state_dict_guess_config(sd)[0]  # consumes sd
+    m2, report = _run(ExtractEraser, model=model, erased_file="none", max_rank=8, max_error=0.01,
+                      filename="from_model.safetensors", erased_model=erased).result
+    patch = pack.erasure_core.PatchSet.load(folders / "from_model.safetensors")
+    assert list(patch.keys()) == [K_COMFY] and patch.meta["source"] == "erased_model"
+    torch.testing.assert_close(effective(m2, K_COMFY), expected, rtol=0, atol=1e-3 * float(low.abs().max()))
+    assert "1 of" in report
