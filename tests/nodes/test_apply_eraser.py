@@ -141,3 +141,15 @@ def test_queue_time_validation(stub_env, erasers):
     message = node.validate_inputs(eraser="odd.safetensors")
     assert message.startswith("Apply Eraser LoRA, input 'eraser'") and "vae.decoder" in message
     assert "inside models/erasers" in node.validate_inputs(eraser="none")
+
+
+def test_extraction_stops_on_cancel_and_writes_nothing(stub_env, erasers):
+    weights = sd1_weights()
+    erased = FakePatcher({k: v + 0.01 for k, v in weights.items()})
+    mm = stub_env.comfy["comfy.model_management"]
+    mm.interrupt_processing = True
+    node = stub_env.pack.nodes.apply_eraser.ExtractEraser
+    with pytest.raises(mm.InterruptProcessingException):
+        node.execute(model=FakePatcher(weights), erased_file="none", max_rank=8, max_error=0.01, filename="cut",
+                     erased_model=erased)
+    assert not (erasers / "cut.safetensors").exists() and os.listdir(erasers) == []
