@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from .apply_eraser import ApplyEraserLoRA, ExtractEraser
+from .apply_spm import ApplySPM
 from .attack_prompt import AttackPrompt
 from .closed_form_erase import ClosedFormErase
 from .load_concepts import LoadConcepts, MergeConcepts, SaveConcepts
 from .method_options import RealEraOptions, RECEOptions, SPEEDOptions
 
-NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SPEEDOptions, RECEOptions, RealEraOptions]
-NODES.append(AttackPrompt)
-
-from .apply_spm import ApplySPM  # noqa: E402
-
-NODES.append(ApplySPM)
+NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SPEEDOptions, RECEOptions, RealEraOptions,
+         ApplySPM, ApplyEraserLoRA, ExtractEraser, AttackPrompt]
 
 __all__ = ["NODES"]

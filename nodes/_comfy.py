@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,9 +29,14 @@ from ..erasure_core import (
     Progress,
     detect,
 )
+from ..erasure_core.adapters import Adapter
 from ..erasure_core.clip_text import BPETokenizer
 from ..erasure_core.concept_files import FILE_EXTENSIONS
 from ..erasure_core.encoding_cache import CachedEncoder
+from ..erasure_core.eraser_files import EraserFile
+from ..erasure_core.eraser_formats import Naming, model_family, strip_text_encoder_prefix
+from ..erasure_core.errors import ErasureError
+from ..erasure_core.extract import WeightDiff, weight_differences
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +276,272 @@ def clip_token_counter() -> Callable[[str], int]:
     return lambda text: len(tokenizer.ids(text))
 
 
+# -- eraser files (Apply Eraser LoRA, Extract Eraser) ----------------------------------------------
+
+ERASERS_FOLDER = "erasers"
+ERASER_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def erasers_folders() -> list[str]:
+    """The ``models/erasers`` folders (registered on first use; extra_model_paths may add more)."""
+    if ERASERS_FOLDER not in folder_paths.folder_names_and_paths:
+        default = os.path.join(folder_paths.models_dir, ERASERS_FOLDER)
+        folder_paths.folder_names_and_paths[ERASERS_FOLDER] = ([default], set(ERASER_EXTENSIONS))
+    return folder_paths.get_folder_paths(ERASERS_FOLDER)
+
+
+def eraser_choices() -> list[str]:
+    """Files in ``models/erasers`` (Receler folders show as ``name/eraser_weights.pt``), then
+    ``loras/…`` for ComfyUI's LoRA folder."""
+    erasers_folders()
+    listed = [f for f in folder_paths.get_filename_list(ERASERS_FOLDER) if f.lower().endswith(ERASER_EXTENSIONS)]
+    loras = []
+    if "loras" in folder_paths.folder_names_and_paths:
+        loras = [LORAS_PREFIX + f for f in folder_paths.get_filename_list("loras")]
+    return [NO_FILE, *sorted(listed), *sorted(loras)]
+
+
+def resolve_eraser(choice: str, input_name: str = "eraser") -> str:
+    """The path of a picked eraser file, refusing anything outside the eraser and LoRA folders."""
+    if choice.startswith(LORAS_PREFIX) and "loras" in folder_paths.folder_names_and_paths:
+        roots, relative = folder_paths.get_folder_paths("loras"), choice[len(LORAS_PREFIX):]
+    else:
+        roots, relative = erasers_folders(), choice
+    if choice != NO_FILE:
+        for root in roots:
+            path = os.path.realpath(os.path.join(root, relative))
+            if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
+                break
+            if os.path.isfile(path):
+                return path
+    raise ErasureError(
+        f"{input_name} must be a file inside models/{ERASERS_FOLDER} or models/loras, but got '{choice}'. "
+        "Put the file there and pick it from the list (refresh with R).", input_name=input_name)
+
+
+def eraser_save_path(filename: str) -> str:
+    """Where Extract Eraser writes ``filename``: the first erasers folder, no sub-paths."""
+    name = filename.strip()
+    if not name or os.path.basename(name) != name or name.startswith("."):
+        raise ErasureError(f"filename must be a plain file name (no folders), but got '{filename}'. Type a "
+                           "name such as 'esd_vangogh.safetensors'.", input_name="filename")
+    if not name.lower().endswith(".safetensors"):
+        name += ".safetensors"
+    folder = erasers_folders()[0]
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
+
+
+def model_family_of(model: Any) -> str:
+    """``SD1``/``SD2``/``SDXL``/``SD3``/``Flux`` (or ComfyUI's config class name) of a MODEL."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    return model_family(type(config).__name__) if config is not None else "unknown"
+
+
+def _diffusers_unet_map(model: Any) -> dict[str, str]:
+    """diffusers UNet key -> ComfyUI key, from ComfyUI's own ``unet_to_diffusers``."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
+    if not config:
+        return {}
+    return {k: UNET_PREFIX + v for k, v in comfy.utils.unet_to_diffusers(config).items()}
+
+
+def unet_key_pairs(model: Any, keys: Sequence[str], naming: Naming) -> list[tuple[str, str]]:
+    """``(file_key, model_key)`` for the UNet keys of a weights file; an unknown key raises,
+    naming the first one."""
+    model_keys = set(model.model_state_dict(filter_prefix=UNET_PREFIX))
+    diffusers = _diffusers_unet_map(model) if naming == Naming.DIFFUSERS else {}
+    pairs, unknown = [], []
+    for key in keys:
+        if naming == Naming.DIFFUSERS:
+            target = diffusers.get(key.removeprefix("unet."))
+        else:
+            bare = key.removeprefix("model.").removeprefix(UNET_PREFIX)
+            target = UNET_PREFIX + bare
+        if target is None or target not in model_keys:
+            unknown.append(key)
+        else:
+            pairs.append((key, target))
+    if unknown:
+        raise ErasureError(
+            f"every UNet weight in the eraser must exist in the connected {model_family_of(model)} model, but "
+            f"{len(unknown)} of {len(keys)} do not (first: '{unknown[0]}'). The eraser was made for another "
+            "architecture; pick the one for this model.", input_name="eraser")
+    return pairs
+
+
+def _base_loader(model_patcher: Any, prefix: str | None) -> tuple[Callable[[str], torch.Tensor],
+                                                                  Callable[[str], torch.dtype]]:
+    """Readers of a patcher's weights without its patches (as loaded from the checkpoint)."""
+    key_patches = model_patcher.get_key_patches(prefix) if prefix is not None else model_patcher.get_key_patches()
+
+    def read(key: str) -> torch.Tensor:
+        base, convert = key_patches[key][0]
+        weight = comfy.model_management.cast_to_device(base, torch.device("cpu"), torch.float32, copy=True)
+        return convert(weight, inplace=True)
+
+    return read, lambda key: key_patches[key][0][0].dtype
+
+
+def _arriving_loader(model_patcher: Any, prefix: str | None) -> Callable[[str], torch.Tensor]:
+    """Readers of a patcher's weights with the patches already on it (the model as it arrives)."""
+    key_patches = model_patcher.get_key_patches(prefix) if prefix is not None else model_patcher.get_key_patches()
+    return lambda key: _effective_weight(key_patches[key], key, torch.device("cpu"))()
+
+
+DIFF_FROM_BASE = "base weights"
+DIFF_FROM_ARRIVING = "model as it arrives"
+
+
+def unet_weight_differences(model: Any, file: EraserFile, pairs: Sequence[tuple[str, str]], reference: str,
+                            progress: Progress | None = None, for_patching: bool = True) -> WeightDiff:
+    """The UNet weights of ``file`` that differ from the model's; as patch tensors (the model's
+    dtype) or, for extraction (``for_patching=False``), in float32."""
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
+    read_base, dtype_of = _base_loader(model, UNET_PREFIX)
+    read = _arriving_loader(model, UNET_PREFIX) if reference == DIFF_FROM_ARRIVING else read_base
+    keep = (lambda key: _store_dtype(dtype_of(key))) if for_patching else None
+    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of, delta_dtype=keep,
+                              progress=progress)
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def add_diff_patches(patcher_owner: Any, deltas: dict[str, torch.Tensor], strength: float,
+                     dtype_of: Callable[[str], torch.dtype]) -> Any:
+    """A clone of a MODEL or CLIP with ``("diff", ΔW)`` patches at ``strength``; every key must land."""
+    clone = patcher_owner.clone()
+    patches = {k: ("diff", (d.to(_store_dtype(dtype_of(k))),)) for k, d in deltas.items()}
+    added = set(clone.add_patches(patches, strength))
+    missing = sorted(set(patches) - added)
+    if missing:
+        raise PatchError(f"every eraser weight must land on the model, but {len(missing)} did not (first: "
+                         f"'{missing[0]}').", input_name="eraser")
+    return clone
+
+
+def text_encoder_pairs(clip: Any, file: EraserFile) -> list[tuple[str, str]]:
+    """``(file_key, clip_key)`` for a CLIPTextModel state dict: ``text_model.*`` under ComfyUI's
+    ``clip_l``/``clip_g``/``clip_h`` ``.transformer.``, chosen by shape."""
+    clip_shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
+    by_suffix: dict[str, list[str]] = {}
+    for key in clip_shapes:
+        at = key.find("transformer.text_model.")
+        if at >= 0:
+            by_suffix.setdefault(key[at + len("transformer."):], []).append(key)
+    pairs = []
+    for key in file:
+        stripped = strip_text_encoder_prefix(key)
+        if stripped is None or stripped.endswith("position_ids"):
+            continue
+        candidates = [k for k in by_suffix.get(stripped, []) if clip_shapes[k] == file.shapes[key]]
+        if not candidates:
+            found = by_suffix.get(stripped, [])
+            detail = (f"the CLIP's '{found[0]}' is {clip_shapes[found[0]]} but the file's is {file.shapes[key]}"
+                      if found else "the connected CLIP has no such weight")
+            raise ErasureError(
+                f"a text-encoder eraser must fit the connected CLIP, but '{key}' does not: {detail}. Pick the "
+                "eraser made for this model's text encoder.", input_name="eraser")
+        pairs.append((key, candidates[0]))
+    return pairs
+
+
+def text_encoder_differences(clip: Any, file: EraserFile, pairs: Sequence[tuple[str, str]], reference: str) -> \
+        tuple[WeightDiff, Callable[[str], torch.dtype]]:
+    shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
+    read_base, dtype_of = _base_loader(clip.patcher, None)
+    read = _arriving_loader(clip.patcher, None) if reference == DIFF_FROM_ARRIVING else read_base
+    keep = lambda key: _store_dtype(dtype_of(key))  # noqa: E731
+    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of, delta_dtype=keep), dtype_of
+
+
+def _lora_key_map(model: Any, clip: Any | None) -> dict[str, Any]:
+    """ComfyUI's LoRA key map, plus the plain ``unet.<diffusers name>`` aliases that PEFT-style
+    SD1/SDXL LoRAs use (built from the same ``unet_to_diffusers`` map)."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    for diffusers_key, comfy_key in _diffusers_unet_map(model).items():
+        if diffusers_key.endswith(".weight"):
+            stem = diffusers_key[: -len(".weight")]
+            for alias in (stem, "unet." + stem, "base_model.model." + stem, "unet.base_model.model." + stem):
+                key_map.setdefault(alias, comfy_key)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+
+_LORA_MODULE = re.compile(r"(\.lora_(down|up|mid)\.weight|\.lora_[AB](\.default)?\.weight|\.lora\.(down|up)\.weight|"
+                          r"_lora\.(down|up)\.weight|\.lora_linear_layer\.(down|up)\.weight|\.lora_[AB]|\.alpha|"
+                          r"\.dora_scale)$")
+
+
+def lora_patches(model: Any, clip: Any | None, file: EraserFile) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(UNet patches, CLIP patches, LoRA modules with no place in this model) via ComfyUI's
+    ``load_lora``; each patch is a ComfyUI LoRA adapter."""
+    key_map = _lora_key_map(model, clip)
+    tensors = file.load_all()
+    modules = sorted({_LORA_MODULE.sub("", k) for k in tensors})
+    unplaced = [m for m in modules if m not in key_map]
+    loaded = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    unet = {k: v for k, v in loaded.items() if _patch_key(k).startswith(UNET_PREFIX)}
+    text = {k: v for k, v in loaded.items() if not _patch_key(k).startswith(UNET_PREFIX)}
+    return unet, text, unplaced
+
+
+def _patch_key(key: Any) -> str:
+    return key if isinstance(key, str) else key[0]
+
+
+def add_lora_patches(owner: Any, patches: dict[str, Any], strength: float) -> Any:
+    clone = owner.clone()
+    added = clone.add_patches(patches, strength)
+    if len(added) != len(patches):
+        missing = sorted(set(map(_patch_key, patches)) - set(map(_patch_key, added)))
+        raise PatchError(f"every LoRA weight must land on the model, but {len(missing)} did not (first: "
+                         f"'{missing[0] if missing else '?'}').", input_name="eraser")
+    return clone
+
+
+_LDM_BLOCK = re.compile(r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+
+
+def receler_blocks(model: Any, adapters: dict[str, Adapter]) -> dict[tuple[str, int], Adapter]:
+    """Receler's diffusers block prefixes (``down_blocks.1.attentions.0``) as the ``("input", 4)``
+    block ids ComfyUI's UNet passes to attention patches; widths are checked."""
+    diffusers = _diffusers_unet_map(model)
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
+    blocks = {}
+    for prefix, adapter in adapters.items():
+        target = diffusers.get(f"{prefix}.transformer_blocks.0.attn2.to_out.0.weight")
+        match = _LDM_BLOCK.match(target or "")
+        if match is None:
+            raise ErasureError(
+                f"every Receler adapter must sit on a cross-attention block of the connected "
+                f"{model_family_of(model)} model, but '{prefix}' has none. Pick the eraser made for this model.",
+                input_name="eraser")
+        width = shapes[target][0]
+        if width != adapter.dim:
+            raise ErasureError(
+                f"Receler adapter '{prefix}' must match the block's width {width}, but it is {adapter.dim} "
+                "wide. Pick the eraser made for this model.", input_name="eraser")
+        kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[match.group(1)]
+        blocks[(kind, 0 if kind == "middle" else int(match.group(2)))] = adapter
+    return blocks
+
+
+def add_attn2_output_patch(model: Any, patch: Callable[..., Any]) -> Any:
+    clone = model.clone()
+    clone.set_model_attn2_output_patch(patch)
+    return clone
+
+
+def unet_weight_reader(model: Any) -> tuple[Callable[[str], torch.Tensor], dict[str, tuple[int, ...]],
+                                            Callable[[str], torch.dtype]]:
+    """(base-weight reader, shapes, dtypes) of a MODEL's UNet (Extract Eraser's original and erased)."""
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
+    read, dtype_of = _base_loader(model, UNET_PREFIX)
+    return read, shapes, dtype_of
 # -- SPM files (Apply SPM) ------------------------------------------------------------------------
 
 SPM_FOLDER = "spm"

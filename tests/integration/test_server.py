@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tiny_erasers
 import tiny_spm
 from comfy_env import ROOT, comfyui_path
 
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.comfyui
 WORKFLOW = Path(ROOT) / "example_workflows" / "closed_form_erase_uce.json"
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 OUR_NODES = ("CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SPEEDOptions",
-             "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM",
-             "CE_AttackPrompt")
+             "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM", "CE_AttackPrompt",
+             "CE_ApplyEraserLoRA", "CE_ExtractEraser")
 EXAMPLES = sorted((Path(ROOT) / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}
@@ -117,6 +118,10 @@ def server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
         "target,anchor,aliases,kind,preserve\nVincent van Gogh,a painter,Van Gogh,artist,Claude Monet\n")
     (base / "models" / "spm").mkdir()  # apply_spm.json picks snoopy.safetensors
     tiny_spm.write_spm(base / "models" / "spm" / "snoopy.safetensors", tiny_state_dict, "snoopy")
+    erasers = base / "models" / "erasers"  # apply_eraser.json picks these two
+    erasers.mkdir()
+    tiny_erasers.write_esd_x(erasers / "esd_x_vangogh.safetensors", tiny_state_dict)
+    tiny_erasers.write_kohya_lora(erasers / "vangogh_lora.safetensors", "Van Gogh")
     (base / "input").mkdir()
     (base / "input" / "from_input.txt").write_text("Pikachu -> a yellow cartoon creature\n")
 
@@ -339,3 +344,19 @@ def test_apply_spm_example_shows_the_gate_on_the_node(server):
     entry = _run_fast(server, _upstream(graph, report))
     text = " ".join(entry["outputs"][spm]["text"])
     assert "snoopy.safetensors: gate 1.000" in text and "tokenuni 1.000 vs 'snoopy'" in text, text
+
+
+def test_apply_eraser_example_stacks_two_erasers_and_gates_the_second(server):
+    path = Path(ROOT) / "example_workflows" / "apply_eraser.json"
+    graph = _example_graph(server, path)
+    erasers = sorted(k for k, v in graph.items() if v["class_type"] == "CE_ApplyEraserLoRA")
+    primitive = next(k for k, v in graph.items() if v["class_type"] == "PrimitiveStringMultiline")
+    first, second = (k for k in erasers if graph[k]["inputs"]["gate"] == "off"), \
+        (k for k in erasers if graph[k]["inputs"]["gate"] != "off")
+    first, second = next(first), next(second)
+    assert graph[second]["inputs"]["model"] == [first, 0] and graph[second]["inputs"]["prompt"] == [primitive, 0]
+    entry = _run_fast(server, graph)
+    text1 = " ".join(entry["outputs"][first]["text"])
+    text2 = " ".join(entry["outputs"][second]["text"])
+    assert "esd_x_vangogh.safetensors: UNet weights, diffusers names" in text1 and "2 of 2 UNet weights" in text1
+    assert "vangogh_lora.safetensors: kohya LoRA" in text2 and "vs 'Van Gogh'" in text2, text2

@@ -1,0 +1,187 @@
+"""Reading eraser files safely: safetensors lazily, ``.pt``/``.bin``/``.ckpt`` only as plain tensors.
+
+Erasure papers ship their results as safetensors (ESD-new, EraseAnything, SPM, our own patch
+files), as ``torch.save`` dicts (ESD paper weights, RECE, ANT, SPEED, Receler's
+``eraser_weights.pt``) or as HF folders (``pytorch_model.bin`` of a CLIPTextModel). A pickle can
+run code when it is loaded, so ``.pt``-like files are read with ``torch.load(weights_only=True)``
+only; when that refuses the file, so do we: there is never a fallback to a full unpickle.
+
+Nested dicts (Receler's ``{block: {"down.weight": ...}}``, checkpoints wrapped in
+``{"state_dict": ...}``) are flattened to dotted keys. Receler's ``eraser_config.json`` beside
+the weights is read into ``EraserFile.config``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import ErasureError
+
+__all__ = ["PICKLE_EXTENSIONS", "EraserFile", "SAFE_EXTENSIONS", "open_eraser"]
+
+SAFE_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
+RECELER_CONFIG = "eraser_config.json"
+_WRAPPERS = ("state_dict", "model", "module")  # {"state_dict": {...}} checkpoints
+
+
+@dataclass
+class EraserFile(Mapping[str, torch.Tensor]):
+    """The tensors of one eraser file, read on demand, with their shapes, dtypes and metadata.
+
+    ``shapes`` is known without reading any tensor (safetensors header). ``self[key]`` reads one
+    tensor; for a ``.pt`` file every tensor is already in memory (memory-mapped when possible).
+    """
+
+    path: str
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+    _tensors: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise KeyError(key)
+        if self._tensors is not None:
+            return self._tensors[key]
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor (for small files: LoRAs, adapters)."""
+        if self._tensors is not None:
+            return dict(self._tensors)
+        with safe_open(self.path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in self.shapes}
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def open_eraser(path: str | os.PathLike[str]) -> EraserFile:
+    """Open an eraser file (or a Receler folder holding ``eraser_weights.pt``) without running code.
+
+    Raises ErasureError naming the file when it is missing, unreadable, or a pickle that holds
+    anything but tensors and plain containers.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidates = [n for n in ("eraser_weights.safetensors", "eraser_weights.pt", "model.safetensors",
+                                  "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))]
+        if not candidates:
+            raise ErasureError(f"eraser folder '{path}' must hold eraser_weights.pt, a .safetensors file or "
+                               "pytorch_model.bin, but holds none of them. Pick the weights file itself.",
+                               input_name="eraser")
+        path = os.path.join(path, candidates[0])
+    if not os.path.isfile(path):
+        raise ErasureError(f"eraser file '{path}' must exist, but it does not. Refresh the list (R) and "
+                           "pick it again.", input_name="eraser")
+    lower = path.lower()
+    if lower.endswith(SAFE_EXTENSIONS):
+        result = _open_safetensors(path)
+    elif lower.endswith(PICKLE_EXTENSIONS):
+        result = _open_torch(path)
+    else:
+        raise ErasureError(f"eraser file must end with one of {SAFE_EXTENSIONS + PICKLE_EXTENSIONS}, but got "
+                           f"'{os.path.basename(path)}'. Convert it to .safetensors.", input_name="eraser")
+    result.config = _sidecar_config(path)
+    return result
+
+
+def _open_safetensors(path: str) -> EraserFile:
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            shapes, dtypes = {}, {}
+            for key in f.keys():
+                part = f.get_slice(key)
+                shapes[key] = tuple(int(s) for s in part.get_shape())
+                dtypes[key] = str(part.get_dtype())
+    except Exception as exc:  # SafetensorError derives from Exception only
+        raise _unreadable(path, exc) from exc
+    return EraserFile(path, shapes, metadata, dtypes=dtypes)
+
+
+def _unreadable(path: str, exc: BaseException) -> ErasureError:
+    return ErasureError(f"eraser file '{os.path.basename(path)}' must be a readable safetensors file, but "
+                        f"reading its header failed ({exc}). Re-download or re-save the file.",
+                        input_name="eraser")
+
+
+def _open_torch(path: str) -> EraserFile:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # only the legacy (non-zip) format cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ErasureError(
+            f"eraser file '{os.path.basename(path)}' must hold only tensors (it is loaded with "
+            f"torch.load(weights_only=True), never as a full pickle), but loading refused it: {first_line}. "
+            "Nothing was loaded. Convert it to .safetensors in a trusted environment, or use the "
+            "safetensors release of the eraser.", input_name="eraser") from exc
+    except OSError as exc:
+        raise ErasureError(f"eraser file '{os.path.basename(path)}' must be readable, but reading failed "
+                           f"({exc}).", input_name="eraser") from exc
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    _flatten(_unwrap(obj), "", tensors, metadata)
+    if not tensors:
+        raise ErasureError(f"eraser file '{os.path.basename(path)}' must contain weight tensors, but it holds "
+                           f"none (a {type(obj).__name__}).", input_name="eraser")
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    return EraserFile(path, shapes, metadata, dtypes={k: str(v.dtype) for k, v in tensors.items()},
+                      _tensors=tensors)
+
+
+def _unwrap(obj: Any) -> Any:
+    while isinstance(obj, Mapping) and len(obj) >= 1:
+        wrapped = [k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)]
+        if not wrapped or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        obj = obj[wrapped[0]]
+    return obj
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), tensors, metadata)
+    elif isinstance(obj, (str, int, float, bool)) and prefix:
+        metadata[prefix] = str(obj)  # e.g. "epoch": 3 beside the weights
+
+
+def _sidecar_config(path: str) -> dict[str, Any]:
+    """Receler's ``eraser_config.json`` beside the weights (``{"eraser_type", "eraser_rank"}``)."""
+    config_path = os.path.join(os.path.dirname(path), RECELER_CONFIG)
+    if not os.path.isfile(config_path):
+        return {}
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ErasureError(f"'{RECELER_CONFIG}' beside the eraser must be valid JSON, but reading it failed "
+                           f"({exc}). Fix or remove it.", input_name="eraser") from exc
+    return config if isinstance(config, dict) else {}

@@ -1,0 +1,79 @@
+"""Reading eraser files: safetensors lazily, torch pickles only as plain tensors (a pickle that
+would run code is refused with a clear message), Receler's folder and config, wrapped dicts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from erasure_core import ErasureError
+from erasure_core.eraser_files import open_eraser
+
+
+class Payload:
+    """Rebuilding this would call os.system: what a malicious .pt file does."""
+
+    def __reduce__(self):
+        return (os.system, ("echo should-never-run > /dev/null",))
+
+
+def test_safetensors_header_only_until_a_tensor_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "e.safetensors"
+    save_file({"a.weight": torch.ones(3, 4), "b.weight": torch.zeros(2)}, str(path), {"prompts": "snoopy"})
+    f = open_eraser(path)
+    assert f.shapes == {"a.weight": (3, 4), "b.weight": (2,)} and f.metadata["prompts"] == "snoopy"
+    assert f._tensors is None  # nothing loaded yet
+    assert torch.equal(f["a.weight"], torch.ones(3, 4))
+
+
+def test_pickle_with_code_is_refused_without_fallback(tmp_path, monkeypatch):
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "p": Payload()}, path)
+    calls = []
+    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd))
+    before = path.read_bytes()
+    with pytest.raises(ErasureError, match=r"evil\.pt.*weights_only=True.*never as a full pickle.*Nothing was loaded"):
+        open_eraser(path)
+    assert calls == [] and path.read_bytes() == before
+
+
+def test_plain_tensor_pickles_and_wrappers_are_read(tmp_path):
+    torch.save({"state_dict": {"x.weight": torch.ones(2, 2)}}, tmp_path / "wrapped.ckpt")
+    f = open_eraser(tmp_path / "wrapped.ckpt")
+    assert list(f) == ["x.weight"]
+    torch.save({"a": {"b": torch.zeros(1)}, "epoch": 3}, tmp_path / "nested.pt")
+    f = open_eraser(tmp_path / "nested.pt")
+    assert list(f) == ["a.b"] and f.metadata == {"epoch": "3"}
+
+
+def test_receler_folder_and_config(tmp_path):
+    torch.save({"down_blocks.0.attentions.0": {"down.weight": torch.zeros(4, 320), "down.bias": torch.zeros(4),
+                                               "up.weight": torch.zeros(320, 4), "up.bias": torch.zeros(320)}},
+               tmp_path / "eraser_weights.pt")
+    (tmp_path / "eraser_config.json").write_text(json.dumps({"eraser_type": "adapter", "eraser_rank": 4}))
+    f = open_eraser(tmp_path)  # the folder itself
+    assert f.config == {"eraser_type": "adapter", "eraser_rank": 4}
+    assert "down_blocks.0.attentions.0.down.weight" in f.shapes
+
+
+def test_bad_files_name_the_problem(tmp_path):
+    with pytest.raises(ErasureError, match="must exist"):
+        open_eraser(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ErasureError, match="readable safetensors"):
+        open_eraser(tmp_path / "junk.safetensors")
+    (tmp_path / "x.onnx").write_bytes(b"")
+    with pytest.raises(ErasureError, match="must end with"):
+        open_eraser(tmp_path / "x.onnx")
+    torch.save({"n": 1}, tmp_path / "empty.pt")
+    with pytest.raises(ErasureError, match="holds none"):
+        open_eraser(tmp_path / "empty.pt")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "eraser_weights.pt").write_bytes(b"")
+    (tmp_path / "bad" / "eraser_config.json").write_text("{")
+    with pytest.raises(ErasureError):
+        open_eraser(tmp_path / "bad")

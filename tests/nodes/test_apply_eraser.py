@@ -1,0 +1,155 @@
+"""Apply Eraser LoRA and Extract Eraser on a FakePatcher and a FakeClip under the stubbed ComfyUI:
+files from the registered folder, effective weights, the gate, refusals naming the node.
+(Formats whose mapping needs ComfyUI's own key maps, LoRAs, Receler and diffusers names, are
+tested against the real ComfyUI in tests/integration/test_eraser_comfyui.py.)"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from comfy_stubs import FakeClip, FakePatcher, sd1_weights, site_key
+from safetensors.torch import save_file
+
+K = site_key("input_blocks.1.1", "k")
+V = site_key("output_blocks.3.1", "v")
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo never",))
+
+
+@pytest.fixture
+def erasers(stub_env, tmp_path, monkeypatch):
+    folder_paths = stub_env.comfy["folder_paths"]
+    folder = tmp_path / "erasers"
+    folder.mkdir()
+    registry = dict(folder_paths.folder_names_and_paths)
+    registry["erasers"] = ([str(folder)], {".safetensors", ".pt"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
+    return folder
+
+
+def run(env, model, eraser, clip=None, **options):
+    node = env.pack.nodes.apply_eraser.ApplyEraserLoRA
+    return node.execute(model=model, clip=clip, eraser=eraser, strength=options.pop("strength", 1.0), **options)
+
+
+def effective(env, model, key):
+    (base, _), *patches = model.get_key_patches()[key]
+    return env.calculate_weight(patches, base.float().clone(), key)
+
+
+def test_ldm_weights_as_diff_patches_on_a_clone(stub_env, erasers):
+    weights = sd1_weights()
+    model = FakePatcher(weights)
+    delta = torch.full(weights[K].shape, 0.01)
+    save_file({"model." + K: weights[K] + delta, "model." + V: weights[V].clone()}, str(erasers / "esd.safetensors"))
+    out = run(stub_env, model, "esd.safetensors", strength=0.5)
+    patched, clip, report = out.result
+    assert patched is not model and model.patches == {} and clip is None
+    torch.testing.assert_close(effective(stub_env, patched, K), weights[K] + 0.5 * delta)
+    assert list(patched.patches) == [K] and "1 of 2 UNet weights differ" in report
+    assert report in out.ui.value and "LDM names" in report
+
+
+def test_gate_leaves_an_unrelated_prompt_unchanged(stub_env, erasers):
+    weights = sd1_weights()
+    model = FakePatcher(weights)
+    save_file({"model." + K: weights[K] + 0.01}, str(erasers / "gated.safetensors"),
+              metadata={"concept_text": "snoopy"})
+    gate = {"gate": "facilitated transport", "gate_threshold": 0.99, "clip": FakeClip()}
+    unrelated, _, report = run(stub_env, model, "gated.safetensors", prompt="a bowl of ramen", **gate).result
+    assert unrelated is model and "gate 0.000" in report
+    related, _, report = run(stub_env, model, "gated.safetensors", prompt="snoopy", **gate).result
+    torch.testing.assert_close(effective(stub_env, related, K), weights[K] + 0.01)
+    assert "gate 1.000" in report
+
+
+def test_gate_needs_a_prompt_and_a_concept(stub_env, erasers):
+    weights = sd1_weights()
+    save_file({"model." + K: weights[K] + 0.01}, str(erasers / "plain.safetensors"))
+    err = stub_env.core.ErasureError
+    with pytest.raises(err, match="Apply Eraser LoRA, input 'prompt'"):
+        run(stub_env, FakePatcher(weights), "plain.safetensors", gate="facilitated transport", clip=FakeClip())
+    with pytest.raises(err, match="input 'concept_text'"):
+        run(stub_env, FakePatcher(weights), "plain.safetensors", gate="facilitated transport", clip=FakeClip(),
+            prompt="a cat")
+
+
+def test_refusals_name_the_node_and_change_nothing(stub_env, erasers):
+    weights = sd1_weights()
+    model = FakePatcher(weights)
+    snapshot = {k: v.clone() for k, v in weights.items()}
+    torch.save({"model." + K: weights[K], "x": Payload()}, erasers / "evil.pt")
+    err = stub_env.core.ErasureError
+    with pytest.raises(err, match=r"Apply Eraser LoRA, input 'eraser': eraser file 'evil\.pt' must hold only tensors"):
+        run(stub_env, model, "evil.pt")
+    with pytest.raises(err, match="inside models/erasers"):
+        run(stub_env, model, "../outside.safetensors")
+    save_file({"vae.decoder.conv.weight": torch.zeros(2, 2)}, str(erasers / "odd.safetensors"))
+    with pytest.raises(err, match=r"match none of them\. Found: 1x vae\.decoder\.conv\.weight"):
+        run(stub_env, model, "odd.safetensors")
+    save_file({"model." + K: torch.zeros(8, 1024)}, str(erasers / "sd2.safetensors"))
+    with pytest.raises(err, match=r"'model\..*to_k\.weight' is \(8, 1024\)"):
+        run(stub_env, model, "sd2.safetensors")
+    assert model.patches == {} and all(torch.equal(weights[k], snapshot[k]) for k in weights)
+
+
+def test_extract_from_an_erased_model_then_apply_the_file(stub_env, erasers):
+    weights = sd1_weights()
+    model = FakePatcher(weights)
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(8, 2, generator=g) @ torch.randn(2, 768, generator=g) * 0.01
+    erased = FakePatcher({k: (v + low if k == K else v.clone()) for k, v in weights.items()})
+    node = stub_env.pack.nodes.apply_eraser.ExtractEraser
+    patched, report = node.execute(model=model, erased_file="none", max_rank=8, max_error=0.01, filename="mine",
+                                   concept_text="snoopy", erased_model=erased).result
+    assert (erasers / "mine.safetensors").is_file() and "1 of" in report and "rank 2-2" in report
+    torch.testing.assert_close(effective(stub_env, patched, K), weights[K] + low, rtol=0, atol=1e-5)
+    again, _, report = run(stub_env, model, "mine.safetensors").result
+    torch.testing.assert_close(effective(stub_env, again, K), weights[K] + low, rtol=0, atol=1e-5)
+    assert "concept-erasure patch" in report and "rank 2" in report
+    with pytest.raises(stub_env.core.ErasureError, match="Extract Eraser, input 'erased_file'"):
+        node.execute(model=model, erased_file="none", max_rank=8, max_error=0.01, filename="x")
+    with pytest.raises(stub_env.core.ErasureError, match="input 'filename'"):
+        node.execute(model=model, erased_file="none", max_rank=8, max_error=0.01, filename="../x",
+                     erased_model=erased)
+
+
+def test_choices_list_erasers_and_loras(stub_env, erasers, tmp_path, monkeypatch):
+    (erasers / "a.safetensors").write_bytes(b"")
+    (erasers / "rec").mkdir()
+    (erasers / "rec" / "eraser_weights.pt").write_bytes(b"")
+    folder_paths = stub_env.comfy["folder_paths"]
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "l.safetensors").write_bytes(b"")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
+    assert stub_env.pack.nodes._comfy.eraser_choices() == ["none", "a.safetensors", "rec/eraser_weights.pt",
+                                                           "loras/l.safetensors"]
+
+
+def test_queue_time_validation(stub_env, erasers):
+    node = stub_env.pack.nodes.apply_eraser.ApplyEraserLoRA
+    save_file({"vae.decoder.conv.weight": torch.zeros(2, 2)}, str(erasers / "odd.safetensors"))
+    save_file({"model." + K: torch.zeros(8, 768)}, str(erasers / "ok.safetensors"))
+    assert node.validate_inputs(eraser="ok.safetensors") is True
+    assert node.validate_inputs(eraser=None) is True
+    message = node.validate_inputs(eraser="odd.safetensors")
+    assert message.startswith("Apply Eraser LoRA, input 'eraser'") and "vae.decoder" in message
+    assert "inside models/erasers" in node.validate_inputs(eraser="none")
+
+
+def test_extraction_stops_on_cancel_and_writes_nothing(stub_env, erasers):
+    weights = sd1_weights()
+    erased = FakePatcher({k: v + 0.01 for k, v in weights.items()})
+    mm = stub_env.comfy["comfy.model_management"]
+    mm.interrupt_processing = True
+    node = stub_env.pack.nodes.apply_eraser.ExtractEraser
+    with pytest.raises(mm.InterruptProcessingException):
+        node.execute(model=FakePatcher(weights), erased_file="none", max_rank=8, max_error=0.01, filename="cut",
+                     erased_model=erased)
+    assert not (erasers / "cut.safetensors").exists() and os.listdir(erasers) == []
