@@ -23,7 +23,7 @@ from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
 from ..errors import ConfigError
-from ..linalg import anchored_multiplier_from_grams, cross_gram, gram
+from ..linalg import GRAM_CHUNK, anchored_multiplier_from_grams, gram
 from ..patch import PatchSet
 from ..text import TextEncoder, erase_rows
 from . import register
@@ -133,17 +133,24 @@ def solve(
         ca = torch.cat([ca, *(a.to(device) for _, a in pairs)])
         return anchored_patch(sites, (ce, ca, cp), config, "RealEra", meta, device=device, progress=progress,
                               started=started)
-    g_ee, g_ae = gram(ce, dtype), cross_gram(ca, ce, dtype)
+    g_ee = gram(ce, dtype)
     rows, k = len(ce), config.neighbours
-    for near, anchors in neighbour_rows(keys, config):
-        near, anchors = near.to(device), anchors.to(device)
+    summed = []  # Σ_k of each target row's neighbours, in the order of the rows of ce
+    for near, _anchors in neighbour_rows(keys, config):
+        near = near.to(device)
         # Random samples: each prompt's neighbour Gram is taken in float32 (it errs ~1e-6, far
         # below the sampling spread, and is 2-3x faster than float64 at 8 neighbours per row),
         # then added in the solve precision, so the sum does not depend on the concepts' order.
         g_ee += gram(near).to(dtype)
-        # the k neighbours of a row share its anchor row: Σ a nᵀ = a (Σ_k n)ᵀ, k times less work
-        g_ae += anchors[::k].to(dtype).T @ near.reshape(-1, k, near.shape[1]).sum(dim=1).to(dtype)
+        summed.append(near.reshape(-1, k, near.shape[1]).sum(dim=1))
         rows += len(near)
+    # The k neighbours of row e share e's anchor row a: Σ a eᵀ + Σ a (Σ_k n)ᵀ = Σ a (e + Σ_k n)ᵀ,
+    # one pass over the anchor rows (in the solve precision, chunk by chunk).
+    g_ae = torch.zeros_like(g_ee)
+    extra = torch.cat(summed)
+    for start in range(0, len(ce), GRAM_CHUNK):
+        part = slice(start, start + GRAM_CHUNK)
+        g_ae += ca[part].to(dtype).T @ (ce[part].to(dtype) + extra[part].to(dtype))
     mult = anchored_multiplier_from_grams(g_ee, g_ae, gram(cp, dtype), erase_scale=config.erase_scale,
                                           preserve_scale=config.preserve_scale, lamb=config.lamb,
                                           method="RealEra", rows=(rows, len(cp)))
