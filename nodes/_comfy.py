@@ -213,12 +213,43 @@ INPUT_PREFIX = "input/"
 NO_FILE = "none"
 
 
+def model_folder(name: str, extensions: Sequence[str]) -> list[str]:
+    """The ``models/<name>`` folders, registered with ComfyUI on first use (extra_model_paths may
+    add more)."""
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
+    return folder_paths.get_folder_paths(name)
+
+
+def file_inside(roots: Sequence[str], relative: str) -> str | None:
+    """The file ``relative`` under the first of ``roots`` that holds it, or None. A path that
+    leaves its root (``..``, links pointing out) is never returned."""
+    for root in roots:
+        base = os.path.realpath(root)
+        path = os.path.realpath(os.path.join(root, relative))
+        if os.path.commonpath([path, base]) != base:
+            return None
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def plain_save_path(folder: str, filename: str, suffix: str, example: str, error: type[ErasureError]) -> str:
+    """``folder/filename`` (``suffix`` added when missing) for a node that writes a file: a plain
+    name, no sub-paths or hidden files; ``error`` names the ``filename`` input otherwise."""
+    name = filename.strip()
+    if not name or os.path.basename(name) != name or name.startswith("."):
+        raise error(f"filename must be a plain file name (no folders), but got '{filename}'. Type a name "
+                    f"such as '{example}'.", input_name="filename")
+    if not name.lower().endswith(suffix):
+        name += suffix
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
+
+
 def concepts_folders() -> list[str]:
-    """The ``models/concepts`` folders (registered on first use; extra_model_paths may add more)."""
-    if CONCEPTS_FOLDER not in folder_paths.folder_names_and_paths:
-        default = os.path.join(folder_paths.models_dir, CONCEPTS_FOLDER)
-        folder_paths.folder_names_and_paths[CONCEPTS_FOLDER] = ([default], set(FILE_EXTENSIONS))
-    return folder_paths.get_folder_paths(CONCEPTS_FOLDER)
+    """The ``models/concepts`` folders."""
+    return model_folder(CONCEPTS_FOLDER, FILE_EXTENSIONS)
 
 
 def concept_file_choices() -> list[str]:
@@ -242,12 +273,9 @@ def resolve_concept_file(choice: str) -> str | None:
         roots, relative = [folder_paths.get_input_directory()], choice[len(INPUT_PREFIX):]
     else:
         roots, relative = concepts_folders(), choice
-    for root in roots:
-        path = os.path.realpath(os.path.join(root, relative))
-        if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
-            break
-        if os.path.isfile(path):
-            return path
+    path = file_inside(roots, relative)
+    if path:
+        return path
     raise ConceptError(
         f"file must be a concept file inside models/{CONCEPTS_FOLDER} or the input folder, but got "
         f"'{choice}'. Put the file there and pick it from the list (refresh with R).",
@@ -257,16 +285,7 @@ def resolve_concept_file(choice: str) -> str | None:
 
 def concepts_save_path(filename: str) -> str:
     """Where Save Concepts writes ``filename``: the first concepts folder, no sub-paths."""
-    name = filename.strip()
-    if not name or os.path.basename(name) != name or name.startswith("."):
-        raise ConceptError(
-            f"filename must be a plain file name (no folders), but got '{filename}'. Type a name "
-            "such as 'my_artists.json'.", input_name="filename")
-    if not name.lower().endswith(".json"):
-        name += ".json"
-    folder = concepts_folders()[0]
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, name)
+    return plain_save_path(concepts_folders()[0], filename, ".json", "my_artists.json", ConceptError)
 
 
 def clip_token_counter() -> Callable[[str], int]:
@@ -283,11 +302,8 @@ ERASER_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def erasers_folders() -> list[str]:
-    """The ``models/erasers`` folders (registered on first use; extra_model_paths may add more)."""
-    if ERASERS_FOLDER not in folder_paths.folder_names_and_paths:
-        default = os.path.join(folder_paths.models_dir, ERASERS_FOLDER)
-        folder_paths.folder_names_and_paths[ERASERS_FOLDER] = ([default], set(ERASER_EXTENSIONS))
-    return folder_paths.get_folder_paths(ERASERS_FOLDER)
+    """The ``models/erasers`` folders."""
+    return model_folder(ERASERS_FOLDER, ERASER_EXTENSIONS)
 
 
 def eraser_choices() -> list[str]:
@@ -307,13 +323,9 @@ def resolve_eraser(choice: str, input_name: str = "eraser") -> str:
         roots, relative = folder_paths.get_folder_paths("loras"), choice[len(LORAS_PREFIX):]
     else:
         roots, relative = erasers_folders(), choice
-    if choice != NO_FILE:
-        for root in roots:
-            path = os.path.realpath(os.path.join(root, relative))
-            if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
-                break
-            if os.path.isfile(path):
-                return path
+    path = file_inside(roots, relative) if choice != NO_FILE else None
+    if path:
+        return path
     raise ErasureError(
         f"{input_name} must be a file inside models/{ERASERS_FOLDER} or models/loras, but got '{choice}'. "
         "Put the file there and pick it from the list (refresh with R).", input_name=input_name)
@@ -321,15 +333,7 @@ def resolve_eraser(choice: str, input_name: str = "eraser") -> str:
 
 def eraser_save_path(filename: str) -> str:
     """Where Extract Eraser writes ``filename``: the first erasers folder, no sub-paths."""
-    name = filename.strip()
-    if not name or os.path.basename(name) != name or name.startswith("."):
-        raise ErasureError(f"filename must be a plain file name (no folders), but got '{filename}'. Type a "
-                           "name such as 'esd_vangogh.safetensors'.", input_name="filename")
-    if not name.lower().endswith(".safetensors"):
-        name += ".safetensors"
-    folder = erasers_folders()[0]
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, name)
+    return plain_save_path(erasers_folders()[0], filename, ".safetensors", "esd_vangogh.safetensors", ErasureError)
 
 
 def model_family_of(model: Any) -> str:
@@ -551,11 +555,8 @@ SPM_EXTENSIONS = (".safetensors", ".sft")
 
 
 def spm_folders() -> list[str]:
-    """The ``models/spm`` folders (registered on first use; extra_model_paths may add more)."""
-    if SPM_FOLDER not in folder_paths.folder_names_and_paths:
-        default = os.path.join(folder_paths.models_dir, SPM_FOLDER)
-        folder_paths.folder_names_and_paths[SPM_FOLDER] = ([default], set(SPM_EXTENSIONS))
-    return folder_paths.get_folder_paths(SPM_FOLDER)
+    """The ``models/spm`` folders."""
+    return model_folder(SPM_FOLDER, SPM_EXTENSIONS)
 
 
 def _listed(folder: str) -> list[str]:
@@ -579,12 +580,9 @@ def resolve_spm_file(choice: str, input_name: str) -> str | None:
         folder, relative = LORAS_FOLDER, choice[len(LORAS_PREFIX):]
     else:
         folder, relative = SPM_FOLDER, choice
-    for root in folder_paths.get_folder_paths(folder):
-        path = os.path.realpath(os.path.join(root, relative))
-        if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
-            break
-        if os.path.isfile(path):
-            return path
+    path = file_inside(folder_paths.get_folder_paths(folder), relative)
+    if path:
+        return path
     raise PatchError(
         f"must be an SPM file inside models/{SPM_FOLDER} or models/{LORAS_FOLDER}, but got '{choice}'. Put the "
         "file there and pick it from the list (refresh with R).", input_name=input_name)
@@ -745,10 +743,7 @@ def embedding_path(name: str, overwrite: bool) -> str:
     if not stem or os.path.basename(stem) != stem or stem.startswith(".") or " " in stem:
         raise ConfigError(f"save_embedding must be a plain file name without spaces or folders, but got "
                           f"'{name}'. Type a name such as 'vangogh_attack'.", input_name="save_embedding")
-    if EMBEDDINGS_FOLDER not in folder_paths.folder_names_and_paths:  # ComfyUI registers it; stubs may not
-        folder_paths.folder_names_and_paths[EMBEDDINGS_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, EMBEDDINGS_FOLDER)], {".safetensors", ".pt", ".bin"})
-    folder = folder_paths.get_folder_paths(EMBEDDINGS_FOLDER)[0]
+    folder = model_folder(EMBEDDINGS_FOLDER, (".safetensors", ".pt", ".bin"))[0]  # ComfyUI registers it
     path = os.path.join(folder, stem + ".safetensors")
     if os.path.exists(path) and not overwrite:
         raise ConfigError(f"save_embedding must name a new file unless overwrite is on, but '{stem}.safetensors' "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import tiny_spm
 import torch
+from sampling import sample
 
 pytestmark = pytest.mark.comfyui
 
@@ -44,19 +45,6 @@ def _apply(model, clip, prompt="snoopy", mode=FT, factor=1.0, **slots):
         out = ApplySPM.execute(model=model, clip=clip, prompt=prompt, mode=mode, facilitate_factor=factor,
                                **(inputs | slots))
     return out.result[0], out.result[1], out.ui
-
-
-def _sample(model, clip, prompt, seed=7, steps=3, cfg=1.0):
-    import comfy.sample
-
-    def cond(text):
-        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-    latent = torch.zeros(1, 4, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    with torch.inference_mode():
-        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond(prompt), cond(""),
-                                   latent, seed=seed, disable_pbar=True).float()
 
 
 def _weight(model, key):
@@ -107,21 +95,21 @@ def test_ft_gate_follows_the_prompt_and_the_input_model_is_untouched(pack, tiny_
 
     full, _, _ = _apply(model, clip, mode=ALWAYS_ON, spm_1="snoopy.safetensors", strength_1=1.0)
     at_gate, _, _ = _apply(model, clip, mode=ALWAYS_ON, spm_1="snoopy.safetensors", strength_1=gate)
-    original_t = _sample(model, clip, "snoopy")
-    target_t = _sample(target, clip, "snoopy")
-    full_t = _sample(full, clip, "snoopy")
+    original_t = sample(model, clip, "snoopy")
+    target_t = sample(target, clip, "snoopy")
+    full_t = sample(full, clip, "snoopy")
     torch.testing.assert_close(target_t, full_t)  # the target prompt gets the full membrane
     assert (target_t - original_t).norm() > 0.02 * original_t.norm()
 
-    original_u = _sample(model, clip, UNRELATED)
-    other_u = _sample(other, clip, UNRELATED)
-    full_u = _sample(full, clip, UNRELATED)
-    at_gate_u = _sample(at_gate, clip, UNRELATED)
+    original_u = sample(model, clip, UNRELATED)
+    other_u = sample(other, clip, UNRELATED)
+    full_u = sample(full, clip, UNRELATED)
+    at_gate_u = sample(at_gate, clip, UNRELATED)
     moved, moved_full = (other_u - original_u).norm(), (full_u - original_u).norm()
     assert (other_u - at_gate_u).norm() < 0.02 * moved  # acts at its gate (report rounds it to 3 digits)
     assert moved < 0.95 * moved_full
 
-    _sample(model, clip, "snoopy", steps=1)  # loads the original again: backups restored
+    sample(model, clip, "snoopy", steps=1)  # loads the original again: backups restored
     after = model.model_state_dict(filter_prefix="diffusion_model.")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.patches == patches_before and model.patches_uuid == uuid_before
@@ -131,7 +119,7 @@ def test_facilitate_factor_zero_samples_like_the_original(pack, tiny_checkpoint,
     model, clip, _ = tiny_checkpoint
     off, report, _ = _apply(model, clip, prompt=UNRELATED, factor=0.0, spm_1="snoopy.safetensors")
     assert "0 weights patched" in report
-    torch.testing.assert_close(_sample(off, clip, UNRELATED), _sample(model, clip, UNRELATED))
+    torch.testing.assert_close(sample(off, clip, UNRELATED), sample(model, clip, UNRELATED))
 
 
 def test_several_spms_combine_as_the_paper_and_as_the_reference_code(pack, tiny_checkpoint, spm_folder):

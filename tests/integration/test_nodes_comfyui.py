@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sampling import sample
 
 pytestmark = pytest.mark.comfyui
 
@@ -27,19 +28,6 @@ def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
     return _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, **(defaults | options))
 
 
-def _sample(model, clip, prompt, seed=7, steps=3, cfg=1.0):
-    import comfy.sample
-
-    def cond(text):
-        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-    latent = torch.zeros(1, 4, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    with torch.inference_mode():
-        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond(prompt), cond(""),
-                                   latent, seed=seed, disable_pbar=True).float()
-
-
 def _live_weight(model, key):
     import comfy.model_management
     import comfy.utils
@@ -53,8 +41,8 @@ def test_input_model_is_bit_identical_after_erasing_and_sampling(pack, tiny_chec
     before = {k: v.clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
     patches_before, uuid_before = dict(model.patches), model.patches_uuid
     erased, patch, report = _erase(pack, model, clip, "Van Gogh", "a painter")
-    _sample(erased, clip, "Van Gogh", steps=1)
-    _sample(model, clip, "Van Gogh", steps=1)  # loads the original again: backups restored
+    sample(erased, clip, "Van Gogh", steps=1)
+    sample(model, clip, "Van Gogh", steps=1)  # loads the original again: backups restored
     after = model.model_state_dict(filter_prefix="diffusion_model.")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.patches == patches_before and model.patches_uuid == uuid_before
@@ -98,8 +86,8 @@ def test_erasure_reads_the_model_as_it_arrives_with_an_upstream_lora(pack, tiny_
 def _gap_ratio(pack, tiny_checkpoint, cfg, **options):
     model, clip, _ = tiny_checkpoint
     erased, _, _ = _erase(pack, model, clip, "cat", "dog", **options)
-    orig_target, orig_anchor = _sample(model, clip, "cat", cfg=cfg), _sample(model, clip, "dog", cfg=cfg)
-    erased_target = _sample(erased, clip, "cat", cfg=cfg)
+    orig_target, orig_anchor = sample(model, clip, "cat", cfg=cfg), sample(model, clip, "dog", cfg=cfg)
+    erased_target = sample(erased, clip, "cat", cfg=cfg)
     gap = (orig_target - orig_anchor).norm()
     return ((erased_target - orig_anchor).norm() / gap).item(), erased, gap
 
@@ -118,11 +106,11 @@ def test_erased_target_samples_like_the_anchor_at_cfg_7_with_empty_prompt_preser
 
 def test_preserved_prompt_barely_moves_when_preserved(pack, tiny_checkpoint):
     model, clip, _ = tiny_checkpoint
-    gap = (_sample(model, clip, "cat") - _sample(model, clip, "dog")).norm()
+    gap = (sample(model, clip, "cat") - sample(model, clip, "dog")).norm()
     drift = {}
     for preserve in ("", "a red car"):
         erased, _, _ = _erase(pack, model, clip, "cat", "dog", preserve=preserve, preserve_scale=1.0)
-        drift[preserve] = ((_sample(erased, clip, "a red car") - _sample(model, clip, "a red car")).norm() / gap).item()
+        drift[preserve] = ((sample(erased, clip, "a red car") - sample(model, clip, "a red car")).norm() / gap).item()
     print(f"drift of 'a red car' as a share of the gap: not preserved {drift['']:.1%}, preserved {drift['a red car']:.1%}")
     assert drift["a red car"] < 0.5 * drift[""]
 
@@ -177,8 +165,8 @@ def test_every_method_patches_a_clone_and_leaves_the_input_untouched(pack, tiny_
     erased, patch, report = _erase(pack, model, clip, "Van Gogh; Monet", "a painter", "Rembrandt",
                                    method=method, options=options)
     assert erased is not model and set(erased.patches) == set(patch.keys()) and patch.meta["method"] == method
-    _sample(erased, clip, "Van Gogh", steps=1)
-    _sample(model, clip, "Van Gogh", steps=1)
+    sample(erased, clip, "Van Gogh", steps=1)
+    sample(model, clip, "Van Gogh", steps=1)
     after = model.model_state_dict(filter_prefix="diffusion_model.")
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.patches
     assert method.upper() in report
