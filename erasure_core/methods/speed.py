@@ -29,7 +29,7 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
-from ..errors import ConceptError, ConfigError
+from ..errors import ConceptError, ConfigError, NumericalError
 from ..linalg import (
     RightMultiplier,
     check_finite,
@@ -151,7 +151,13 @@ def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SP
     lu, pivots = torch.linalg.lu_factor(m_inv)
     mk2 = torch.linalg.lu_solve(lu, pivots, k2)  # M K₂
     inner = k2.T @ proj @ mk2 + config.lamb * torch.eye(k2.shape[1], dtype=k2.dtype, device=k2.device)
-    q = eye - mk2 @ torch.linalg.solve(inner, k2.T @ proj)
+    solved, info = torch.linalg.solve_ex(inner, k2.T @ proj)
+    if int(info) != 0:
+        raise NumericalError(
+            f"SPEED: the invariant system K₂ᵀPMK₂ + λI must be non-singular, but it is singular at lamb="
+            f"{config.lamb} (the null prompt's invariant rows lie outside the null space, or coincide). "
+            "Set 'lamb' above 0 (the nudity preset uses 0.5).", input_name="lamb")
+    q = eye - mk2 @ solved
 
     def times_m(b: torch.Tensor) -> torch.Tensor:  # b M = (M⁻ᵀ bᵀ)ᵀ
         return torch.linalg.lu_solve(lu, pivots, b.T, adjoint=True).T

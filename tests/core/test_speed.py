@@ -193,3 +193,15 @@ def test_more_target_rows_than_the_width_give_a_dense_edit_equal_to_the_closed_f
         scale = ref.abs().max().item()
         assert scale > 1e-3
         torch.testing.assert_close(patch[site.key].dense().double(), ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_singular_invariants_raise_a_numerical_error_naming_lamb(sites, encoder):
+    from erasure_core import NumericalError
+
+    def zero_after_eot(texts):  # the null prompt's padding rows all 0: two k-means centres coincide at 0
+        return encoder(texts, rows="through_eot")
+
+    with pytest.raises(NumericalError, match="lamb") as err:
+        erase("speed", sites, _concepts(), zero_after_eot, make_config("speed", lamb=0.0))
+    assert err.value.input_name == "lamb"
+    erase("speed", sites, _concepts(), zero_after_eot, make_config("speed", lamb=0.5))  # the advised fix works
