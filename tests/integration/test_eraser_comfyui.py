@@ -277,7 +277,7 @@ def test_receler_adapters_as_attention_output_patches(pack, mc, folders):
 
 
 def test_receler_changes_sampling_only_when_nonzero(pack, mc, folders):
-    from test_nodes_comfyui import _sample
+    from sampling import sample
 
     model, clip = mc
     blocks = ["down_blocks.0.attentions.0", "mid_block.attentions.0"]
@@ -286,9 +286,9 @@ def test_receler_changes_sampling_only_when_nonzero(pack, mc, folders):
     save_file(flat, str(folders / "zero.safetensors"))
     flat2 = {f"{b}.adapter.{k}": v for b, parts in _receler(model, blocks).items() for k, v in parts.items()}
     save_file(flat2, str(folders / "live.safetensors"))
-    reference = _sample(model, clip, "a cat", steps=1)
-    zero = _sample(apply(pack, model, clip, "zero.safetensors")[0], clip, "a cat", steps=1)
-    live = _sample(apply(pack, model, clip, "live.safetensors")[0], clip, "a cat", steps=1)
+    reference = sample(model, clip, "a cat", steps=1)
+    zero = sample(apply(pack, model, clip, "zero.safetensors")[0], clip, "a cat", steps=1)
+    live = sample(apply(pack, model, clip, "live.safetensors")[0], clip, "a cat", steps=1)
     torch.testing.assert_close(zero, reference)
     assert (live - reference).abs().max() > 1e-3
 
