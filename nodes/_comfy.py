@@ -234,6 +234,17 @@ def file_inside(roots: Sequence[str], relative: str) -> str | None:
     return None
 
 
+def file_fingerprint(choice: str | None, resolve: Callable[[str], str | None]) -> object:
+    """``choice`` with its file's modification time, for ``fingerprint_inputs``: ComfyUI caches a
+    node on its inputs, so without this an edited file would not be read again. A choice that does
+    not resolve fingerprints as itself (``execute`` raises the clear error)."""
+    try:
+        path = resolve(choice) if choice else None
+    except ErasureError:
+        path = None
+    return (choice, os.stat(path).st_mtime_ns) if path else choice
+
+
 def plain_save_path(folder: str, filename: str, suffix: str, example: str, error: type[ErasureError]) -> str:
     """``folder/filename`` (``suffix`` added when missing) for a node that writes a file: a plain
     name, no sub-paths or hidden files; ``error`` names the ``filename`` input otherwise."""

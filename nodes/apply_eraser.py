@@ -239,13 +239,7 @@ class ApplyEraserLoRA(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, eraser=None, **_) -> object:
         """Re-run when the picked file changes on disk."""
-        try:
-            path = _comfy.resolve_eraser(eraser) if eraser else None
-        except ErasureError:
-            return eraser
-        import os
-
-        return (eraser, os.stat(path).st_mtime_ns) if path else eraser
+        return _comfy.file_fingerprint(eraser, _comfy.resolve_eraser)
 
 
 class ExtractEraser(io.ComfyNode):

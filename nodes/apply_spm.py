@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 
-from ..erasure_core import ConceptError, ErasureError
+from ..erasure_core import ConceptError
 from ..erasure_core.ft_gate import ft_gate
 from ..erasure_core.spm import (
     PAPER,
@@ -109,14 +108,8 @@ class ApplySPM(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, spm_1=None, spm_2=None, spm_3=None, spm_4=None, **_) -> object:
         """Re-run when a picked file changes on disk (ComfyUI caches on inputs otherwise)."""
-        out = []
-        for k, choice in enumerate((spm_1, spm_2, spm_3, spm_4), 1):
-            try:
-                path = _comfy.resolve_spm_file(choice, f"spm_{k}") if choice else None
-            except ErasureError:
-                path = None  # execute raises the clear error
-            out.append((choice, os.stat(path).st_mtime_ns if path else None))
-        return tuple(out)
+        return tuple(_comfy.file_fingerprint(choice, lambda c, k=k: _comfy.resolve_spm_file(c, f"spm_{k}"))
+                     for k, choice in enumerate((spm_1, spm_2, spm_3, spm_4), 1))
 
     @classmethod
     @names_node(DISPLAY_NAME)

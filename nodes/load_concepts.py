@@ -103,11 +103,7 @@ class LoadConcepts(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, file=None, **_) -> object:
         """Re-run when the picked file changes on disk (ComfyUI caches on inputs otherwise)."""
-        try:
-            path = _comfy.resolve_concept_file(file) if file else None
-        except ConceptError:
-            return file  # execute raises the clear error
-        return (file, os.stat(path).st_mtime_ns) if path else file
+        return _comfy.file_fingerprint(file, _comfy.resolve_concept_file)
 
 
 class MergeConcepts(io.ComfyNode):

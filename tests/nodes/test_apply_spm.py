@@ -203,4 +203,4 @@ def test_a_changed_file_changes_the_fingerprint(stub_env, folders):
     os.utime(spm / "a.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     after = node.fingerprint_inputs(spm_1="a.safetensors", spm_2="none", spm_3="none", spm_4="none")
     assert before != after
-    assert node.fingerprint_inputs(spm_1="missing.safetensors")[0] == ("missing.safetensors", None)
+    assert node.fingerprint_inputs(spm_1="missing.safetensors")[0] == "missing.safetensors"  # execute will refuse it
