@@ -87,3 +87,11 @@ def test_projector_from_rows_equals_the_full_eigendecomposition(rows):
     r = _keys(rows, 24, 6).double()
     full = low_eigen_projector(r.T @ r / rows, 0.1)
     torch.testing.assert_close(low_eigen_projector_of_rows(r, 0.1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("width", [16, 300])  # below and above the width where the block form is used
+def test_gram_equals_the_plain_product(width):
+    from erasure_core.linalg import gram
+
+    rows = _keys(50, width, 9)
+    torch.testing.assert_close(gram(rows, torch.float64), rows.double().T @ rows.double(), rtol=1e-12, atol=1e-12)
