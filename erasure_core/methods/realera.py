@@ -12,6 +12,7 @@ training and is not part of this edit.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -91,15 +92,21 @@ def sample_neighbours(rows: torch.Tensor, count: int, config: RealEraConfig,
     return turned.reshape(-1, d), torch.arange(r).repeat_interleave(count)
 
 
-def neighbour_rows(keys: ConceptKeys, config: RealEraConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(neighbours [R·k, d], their anchor rows [R·k, d])`` for each erase pair, in pair order.
+def neighbour_rows(keys: ConceptKeys, config: RealEraConfig,
+                   order: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(neighbours [R·k, d], their anchor rows [R·k, d])`` for each erase pair, in pair order
+    (or the pair indices ``order``).
 
     One generator per prompt, seeded by its text, so the result does not depend on concept order."""
-    for pair in keys.pairs if config.neighbours else []:
+    for i in (range(len(keys.pairs)) if order is None else order) if config.neighbours else []:
+        pair = keys.pairs[i]
         te, ta = erase_rows(keys.enc, [pair], config.token_pick)
         seed = config.random_seed ^ int.from_bytes(hashlib.sha256(pair[0].encode()).digest()[:4], "little")
         near, source = sample_neighbours(te.float(), config.neighbours, config, torch.Generator().manual_seed(seed))
         yield near, ta[source]
+
+
+NEIGHBOUR_BATCH = 16384  # neighbour rows per float32 Gram
 
 
 @torch.no_grad()
@@ -135,19 +142,32 @@ def solve(
                               started=started)
     g_ee = gram(ce, dtype)
     rows, k = len(ce), config.neighbours
-    summed = []  # Σ_k of each target row's neighbours, in the order of the rows of ce
-    for near, _anchors in neighbour_rows(keys, config):
+    # Random samples: their Gram is taken in float32 (it errs ~1e-6, far below the sampling
+    # spread, and is 2-3x faster than float64 at 8 neighbours per row) over batches of
+    # ~NEIGHBOUR_BATCH rows, then added in the solve precision. Prompts are batched in the sorted
+    # order of their texts, so the rounding does not depend on the order the concepts came in.
+    counts = [len(erase_rows(keys.enc, [pair], config.token_pick)[0]) for pair in keys.pairs]
+    offsets = [0, *itertools.accumulate(counts)]
+    order = sorted(range(len(keys.pairs)), key=lambda i: keys.pairs[i])
+    extra = torch.zeros_like(ce)  # Σ_k of each target row's neighbours, aligned with the rows of ce
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        g_ee.add_(gram(torch.cat(pending)).to(dtype))
+        pending.clear()
+
+    for i, (near, _anchors) in zip(order, neighbour_rows(keys, config, order), strict=True):
         near = near.to(device)
-        # Random samples: each prompt's neighbour Gram is taken in float32 (it errs ~1e-6, far
-        # below the sampling spread, and is 2-3x faster than float64 at 8 neighbours per row),
-        # then added in the solve precision, so the sum does not depend on the concepts' order.
-        g_ee += gram(near).to(dtype)
-        summed.append(near.reshape(-1, k, near.shape[1]).sum(dim=1))
+        extra[offsets[i] : offsets[i + 1]] = near.reshape(-1, k, near.shape[1]).sum(dim=1)
+        pending.append(near)
         rows += len(near)
+        if sum(len(n) for n in pending) >= NEIGHBOUR_BATCH:
+            flush()
+    if pending:
+        flush()
     # The k neighbours of row e share e's anchor row a: Σ a eᵀ + Σ a (Σ_k n)ᵀ = Σ a (e + Σ_k n)ᵀ,
     # one pass over the anchor rows (in the solve precision, chunk by chunk).
     g_ae = torch.zeros_like(g_ee)
-    extra = torch.cat(summed)
     for start in range(0, len(ce), GRAM_CHUNK):
         part = slice(start, start + GRAM_CHUNK)
         g_ae += ca[part].to(dtype).T @ (ce[part].to(dtype) + extra[part].to(dtype))
