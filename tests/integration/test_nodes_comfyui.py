@@ -36,11 +36,15 @@ def _live_weight(model, key):
     return comfy.utils.get_attr(model.model, key).detach().float().clone()
 
 
-def test_input_model_is_bit_identical_after_erasing_and_sampling(pack, tiny_checkpoint):
+MANY = "; ".join(f"Painter {c}" for c in "ABCDEFGHJKLM")  # 12 x 77-row keys: a full-rank (dense) edit
+
+
+@pytest.mark.parametrize("targets", ["Van Gogh", MANY])
+def test_input_model_is_bit_identical_after_erasing_and_sampling(pack, tiny_checkpoint, targets):
     model, clip, _ = tiny_checkpoint
     before = {k: v.clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
     patches_before, uuid_before = dict(model.patches), model.patches_uuid
-    erased, patch, report = _erase(pack, model, clip, "Van Gogh", "a painter")
+    erased, patch, report = _erase(pack, model, clip, targets, "a painter")
     sample(erased, clip, "Van Gogh", steps=1)
     sample(model, clip, "Van Gogh", steps=1)  # loads the original again: backups restored
     after = model.model_state_dict(filter_prefix="diffusion_model.")
@@ -50,12 +54,16 @@ def test_input_model_is_bit_identical_after_erasing_and_sampling(pack, tiny_chec
     assert "14 sites edited" in report
 
 
-def test_patched_clone_uses_the_cores_weights(pack, tiny_checkpoint):
+# 2 concepts x 77-row keys: a low-rank edit (LoRA adapters); 12 concepts: more key rows than the
+# text width, so the edit has full rank and is applied as whole weight differences
+@pytest.mark.parametrize("targets", ["Van Gogh; Monet", MANY])
+def test_patched_clone_uses_the_cores_weights(pack, tiny_checkpoint, targets):
     from concept_erasure_pack.nodes import _comfy
 
     model, clip, _ = tiny_checkpoint
     _, sites = _comfy.attention_sites(model)
-    erased, patch, _ = _erase(pack, model, clip, "Van Gogh; Monet", "a painter")
+    erased, patch, _ = _erase(pack, model, clip, targets, "a painter")
+    assert all(patch[s.key].is_low_rank for s in sites) == (targets == "Van Gogh; Monet")
     expected = {s.key: s.tensor() + patch[s.key].dense() for s in sites}
     for key in (sites[0].key, sites[-1].key):
         live = _live_weight(erased, key)
