@@ -6,7 +6,7 @@ This package never imports ComfyUI. ``nodes/`` adapts it to ComfyUI; the CLI
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
