@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,16 +132,16 @@ def _open_torch(path: str) -> EraserFile:
             if "mmap" not in str(exc):  # only the legacy (non-zip) format cannot be memory-mapped
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError, ValueError) as exc:
+    except OSError as exc:
+        raise ErasureError(f"eraser file '{os.path.basename(path)}' must be readable, but reading failed "
+                           f"({exc}).", input_name="eraser") from exc
+    except Exception as exc:  # the restricted unpickler's refusal (UnpicklingError) or a corrupt file
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ErasureError(
             f"eraser file '{os.path.basename(path)}' must hold only tensors (it is loaded with "
             f"torch.load(weights_only=True), never as a full pickle), but loading refused it: {first_line}. "
             "Nothing was loaded. Convert it to .safetensors in a trusted environment, or use the "
             "safetensors release of the eraser.", input_name="eraser") from exc
-    except OSError as exc:
-        raise ErasureError(f"eraser file '{os.path.basename(path)}' must be readable, but reading failed "
-                           f"({exc}).", input_name="eraser") from exc
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     _flatten(_unwrap(obj), "", tensors, metadata)
