@@ -3,6 +3,7 @@ progress. Nothing else in the pack imports comfy.*; the core never does."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -299,8 +300,10 @@ def concepts_save_path(filename: str) -> str:
     return plain_save_path(concepts_folders()[0], filename, ".json", "my_artists.json", ConceptError)
 
 
+@functools.lru_cache(maxsize=1)
 def clip_token_counter() -> Callable[[str], int]:
-    """Counts CLIP BPE tokens (SD1.x, SD2.x and SDXL share the vocabulary) with ComfyUI's merges."""
+    """Counts CLIP BPE tokens (SD1.x, SD2.x and SDXL share the vocabulary) with ComfyUI's merges
+    (read once per process; every queued Load Concepts checks its prompts with it)."""
     merges = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer", "merges.txt")
     tokenizer = BPETokenizer(merges)
     return lambda text: len(tokenizer.ids(text))

@@ -92,18 +92,20 @@ def sample_neighbours(rows: torch.Tensor, count: int, config: RealEraConfig,
     return turned.reshape(-1, d), torch.arange(r).repeat_interleave(count)
 
 
-def neighbour_rows(keys: ConceptKeys, config: RealEraConfig,
-                   order: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(neighbours [R·k, d], their anchor rows [R·k, d])`` for each erase pair, in pair order
-    (or the pair indices ``order``).
+def neighbour_rows(keys: ConceptKeys, config: RealEraConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(neighbours [R·k, d], their anchor rows [R·k, d])`` for each erase pair, in pair order.
 
     One generator per prompt, seeded by its text, so the result does not depend on concept order."""
-    for i in (range(len(keys.pairs)) if order is None else order) if config.neighbours else []:
-        pair = keys.pairs[i]
-        te, ta = erase_rows(keys.enc, [pair], config.token_pick)
-        seed = config.random_seed ^ int.from_bytes(hashlib.sha256(pair[0].encode()).digest()[:4], "little")
-        near, source = sample_neighbours(te.float(), config.neighbours, config, torch.Generator().manual_seed(seed))
-        yield near, ta[source]
+    for pair in keys.pairs if config.neighbours else []:
+        yield _neighbours_of(pair, *erase_rows(keys.enc, [pair], config.token_pick), config)
+
+
+def _neighbours_of(pair: tuple[str, str], te: torch.Tensor, ta: torch.Tensor,
+                   config: RealEraConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours of one pair's target rows ``te`` and their anchor rows (from ``ta``)."""
+    seed = config.random_seed ^ int.from_bytes(hashlib.sha256(pair[0].encode()).digest()[:4], "little")
+    near, source = sample_neighbours(te.float(), config.neighbours, config, torch.Generator().manual_seed(seed))
+    return near, ta[source]
 
 
 NEIGHBOUR_BATCH = 16384  # neighbour rows per float32 Gram
@@ -130,12 +132,14 @@ def solve(
     started = time.perf_counter()
     keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
     device = torch.device(device) if device is not None else default_device(sites)
-    ce, ca = (r.to(device) for r in keys.erase(config.token_pick))
+    by_pair = [erase_rows(keys.enc, [pair], config.token_pick) for pair in keys.pairs]  # each pair's rows once
+    ce, ca = (torch.cat(rows).to(device) for rows in zip(*by_pair, strict=True))
     cp = keys.preserve(config.token_pick).to(device)
     meta = describe_run("realera", concepts, config)
     d, dtype = ce.shape[1], config.solve_dtype.torch
     if len(ce) * (1 + config.neighbours) <= d:  # small: one low-rank solve over all rows
-        pairs = list(neighbour_rows(keys, config))
+        pairs = [_neighbours_of(pair, te, ta, config) for pair, (te, ta) in zip(keys.pairs, by_pair, strict=True)] \
+            if config.neighbours else []
         ce = torch.cat([ce, *(n.to(device) for n, _ in pairs)])
         ca = torch.cat([ca, *(a.to(device) for _, a in pairs)])
         return anchored_patch(sites, (ce, ca, cp), config, "RealEra", meta, device=device, progress=progress,
@@ -146,8 +150,7 @@ def solve(
     # spread, and is 2-3x faster than float64 at 8 neighbours per row) over batches of
     # ~NEIGHBOUR_BATCH rows, then added in the solve precision. Prompts are batched in the sorted
     # order of their texts, so the rounding does not depend on the order the concepts came in.
-    counts = [len(erase_rows(keys.enc, [pair], config.token_pick)[0]) for pair in keys.pairs]
-    offsets = [0, *itertools.accumulate(counts)]
+    offsets = [0, *itertools.accumulate(len(te) for te, _ in by_pair)]
     order = sorted(range(len(keys.pairs)), key=lambda i: keys.pairs[i])
     extra = torch.zeros_like(ce)  # Σ_k of each target row's neighbours, aligned with the rows of ce
     pending: list[torch.Tensor] = []
@@ -156,8 +159,8 @@ def solve(
         g_ee.add_(gram(torch.cat(pending)).to(dtype))
         pending.clear()
 
-    for i, (near, _anchors) in zip(order, neighbour_rows(keys, config, order), strict=True):
-        near = near.to(device)
+    for i in order:
+        near = _neighbours_of(keys.pairs[i], *by_pair[i], config)[0].to(device)
         extra[offsets[i] : offsets[i + 1]] = near.reshape(-1, k, near.shape[1]).sum(dim=1)
         pending.append(near)
         rows += len(near)

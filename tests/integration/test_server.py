@@ -300,13 +300,18 @@ def test_example_workflow_runs_through_the_http_api(server):
     assert "sites edited" in report, f"Closed-Form Erase ui text: {outputs.get('3')}"
 
 
-def test_anchor_count_mismatch_is_rejected_at_queue_time(server):
-    # Only the nodes feeding the report preview: every output then depends on Load Concepts, so
-    # ComfyUI rejects the whole prompt instead of running the outputs that are still valid.
+def _report_branch(server):
+    """The example's nodes feeding its report preview, and the id of its Load Concepts node."""
     example = _example_graph(server)
     report_node = next(k for k, v in example.items() if v["class_type"] == "PreviewAny")
     graph = _upstream(example, report_node)
-    concepts = next(k for k, v in graph.items() if v["class_type"] == "CE_LoadConcepts")
+    return graph, next(k for k, v in graph.items() if v["class_type"] == "CE_LoadConcepts")
+
+
+def test_anchor_count_mismatch_is_rejected_at_queue_time(server):
+    # Only the nodes feeding the report preview: every output then depends on Load Concepts, so
+    # ComfyUI rejects the whole prompt instead of running the outputs that are still valid.
+    graph, concepts = _report_branch(server)
     graph[concepts]["inputs"].update(targets="x; y; z", anchors="a; b", preserve="")
 
     status, body = server.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
@@ -321,10 +326,7 @@ def test_load_concepts_lists_concept_files_and_its_preview_reaches_the_ui(server
     choices = options[0] if isinstance(options[0], list) else options[1]["options"]
     assert {"none", "team_list.csv", "input/from_input.txt"} <= set(choices)
 
-    example = _example_graph(server)
-    report_node = next(k for k, v in example.items() if v["class_type"] == "PreviewAny")
-    graph = _upstream(example, report_node)
-    concepts = next(k for k, v in graph.items() if v["class_type"] == "CE_LoadConcepts")
+    graph, concepts = _report_branch(server)
     graph[concepts]["inputs"].update(targets="", anchors="", file="team_list.csv")
     status, body = server.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
     assert status == 200, body
