@@ -20,9 +20,11 @@ import torch
 from comfy.weight_adapter import LoRAAdapter
 
 from ..erasure_core import (
+    ArchitectureError,
     ArchSpec,
     AttentionSite,
     ConceptError,
+    ConfigError,
     EncodedText,
     LazyWeight,
     PatchError,
@@ -31,6 +33,13 @@ from ..erasure_core import (
     detect,
 )
 from ..erasure_core.adapters import Adapter
+from ..erasure_core.attacks import (
+    decode_bpe_tokens,
+    draw_noise_samples,
+    eps_from_denoised,
+    nearest_tokens,
+    optimise_prefix,
+)
 from ..erasure_core.clip_text import BPETokenizer
 from ..erasure_core.concept_files import FILE_EXTENSIONS
 from ..erasure_core.encoding_cache import CachedEncoder
@@ -723,7 +732,6 @@ class ClipTokenSpace:
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``, with ``(`` and ``)`` escaped so that typing it does not weight tokens."""
-        from ..erasure_core.attacks import decode_bpe_tokens
 
         if not self.inv_vocab:
             return ""
@@ -737,7 +745,6 @@ def kv_sites_pair(erased: Any, original: Any) -> tuple[ArchSpec, list[AttentionS
     spec_e, sites_e = attention_sites(erased)
     spec_o, sites_o = attention_sites(original)
     if spec_e.name != spec_o.name:
-        from ..erasure_core import ArchitectureError
 
         raise ArchitectureError(
             f"the original model must be the same architecture as the erased one, but got "
@@ -749,7 +756,6 @@ def kv_sites_pair(erased: Any, original: Any) -> tuple[ArchSpec, list[AttentionS
 def embedding_path(name: str, overwrite: bool) -> str:
     """Where an attack embedding called ``name`` goes (``models/embeddings``), checked before any
     work: a plain file name, and new unless ``overwrite``."""
-    from ..erasure_core import ConfigError
 
     stem = name.strip()
     if stem.lower().endswith(".safetensors"):
@@ -782,7 +788,6 @@ class DifferentiableClip:
     """
 
     def __init__(self, clip: Any, device: torch.device):
-        from ..erasure_core import ArchitectureError
 
         model = clip.cond_stage_model
         name = getattr(model, "clip", None)
@@ -851,7 +856,6 @@ def _unet_prefix_keys(model: Any) -> list[str]:
 
 
 def _predict_eps(model: Any, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    from ..erasure_core.attacks import eps_from_denoised
 
     context = cond.reshape(1, -1, cond.shape[-1]).expand(x.shape[0], -1, -1)
     denoised = model.model.apply_model(x, sigma, c_crossattn=context)
@@ -867,7 +871,6 @@ def soft_prompt_attack(erased: Any, original: Any, clip: Any, concept: str, *, p
     outside inference mode on a clone whose every UNet weight carries a zero-strength patch, so
     its weights are rebuilt as ordinary tensors and gradients reach the prefix embeddings.
     """
-    from ..erasure_core.attacks import draw_noise_samples, nearest_tokens, optimise_prefix
 
     device = compute_device()
     text = DifferentiableClip(clip, device)
