@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import erasure_core as ec  # noqa: E402
 from erasure_core.attacks import closed_form_attack, concept_direction, genetic_search, kv_grams  # noqa: E402
 from erasure_core.attacks.recovery import kv_recovery  # noqa: E402
-from erasure_core.clip_text import BPETokenizer, ClipTextEncoder  # noqa: E402
+from erasure_core.text.clip import BPETokenizer, ClipTextEncoder  # noqa: E402
 
 
 def main() -> None:

@@ -33,9 +33,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
-from erasure_core.clip_text import BPETokenizer, ClipTextConfig, ClipTextEncoder, find_merges_file  # noqa: E402
 from erasure_core.concepts import normalise  # noqa: E402
-from erasure_core.text import EncodedText, TokenPick  # noqa: E402
+from erasure_core.text.clip import BPETokenizer, ClipTextConfig, ClipTextEncoder, find_merges_file  # noqa: E402
+from erasure_core.text.encoded import EncodedText, TokenPick  # noqa: E402
 
 ANCHOR = "a painter"
 SINGLE_ROW_PICKS = (TokenPick.LAST_SUBJECT, TokenPick.FIRST_EOT)

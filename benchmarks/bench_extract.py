@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from erasure_core.extract import extract_low_rank  # noqa: E402
+from erasure_core.edit.extract import extract_low_rank  # noqa: E402
 
 WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
 

@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from erasure_core.ft_gate import ft_gate  # noqa: E402
-from erasure_core.spm import PAPER, REFERENCE, combine, load_spm_file  # noqa: E402
+from erasure_core.formats.spm import load_spm_file  # noqa: E402
+from erasure_core.gating.ft_gate import ft_gate  # noqa: E402
+from erasure_core.gating.spm_combine import PAPER, REFERENCE, combine  # noqa: E402
 
 # (diffusers block, width) of SD1.5's 16 transformers
 BLOCKS = [(f"down_blocks_{b}_attentions_{a}", w) for b, w in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)] \

@@ -6,8 +6,6 @@ This package never imports ComfyUI. ``nodes/`` adapts it to ComfyUI; the CLI
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
-
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -23,6 +21,7 @@ from .architectures import (  # noqa: E402
     reference_site_shapes,
 )
 from .concepts import Concept, ConceptKind, ConceptSet, parse_anchor_list, parse_concept_list  # noqa: E402
+from .edit.patch import PatchEntry, PatchSet  # noqa: E402
 from .errors import (  # noqa: E402
     ArchitectureError,
     ConceptError,
@@ -32,8 +31,8 @@ from .errors import (  # noqa: E402
     PatchError,
 )
 from .methods.closed_form import ClosedFormConfig, Progress, SolveDtype  # noqa: E402
-from .patch import PatchEntry, PatchSet  # noqa: E402
-from .text import EncodedText, TextEncoder, TokenPick  # noqa: E402
+from .text.encoded import EncodedText, TextEncoder, TokenPick  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",

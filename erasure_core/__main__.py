@@ -10,8 +10,8 @@ import time
 import torch
 
 from . import AttentionSite, ConceptSet, TokenPick, erase, make_config, reference_site_shapes
-from .clip_text import BPETokenizer, ClipTextEncoder
-from .text import erase_rows, preserve_rows
+from .text.clip import BPETokenizer, ClipTextEncoder
+from .text.encoded import erase_rows, preserve_rows
 
 DEMO_TARGETS = "Van Gogh; Claude Monet; Salvador Dali; Pablo Picasso; Andy Warhol"
 DEMO_PRESERVE = "Rembrandt; Johannes Vermeer; a photo of a cat"

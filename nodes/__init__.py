@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .apply_eraser import ApplyEraserLoRA, ExtractEraser
+from .apply_eraser import ApplyEraserLoRA
 from .apply_spm import ApplySPM
 from .attack_prompt import AttackPrompt
 from .closed_form_erase import ClosedFormErase
+from .extract_eraser import ExtractEraser
 from .load_concepts import LoadConcepts, MergeConcepts, SaveConcepts
 from .method_options import RealEraOptions, RECEOptions, SPEEDOptions
 

@@ -1,20 +1,18 @@
 """Apply Eraser LoRA: any published eraser file (LoRA, Receler adapters, partial/full UNet weights,
-text encoder, our patch files), applied on clones and optionally gated per prompt; Extract
-Eraser: a full erased UNet turned into a small low-rank eraser file."""
+text encoder, our patch files), applied on clones and optionally gated per prompt. (Extract
+Eraser, which writes such files, is in ``extract_eraser.py``.)"""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 
 from ..erasure_core import ConceptError, ErasureError, PatchSet
-from ..erasure_core.adapters import BlockAdapters, parse_receler
-from ..erasure_core.eraser_files import SAFE_EXTENSIONS, open_eraser
-from ..erasure_core.eraser_formats import EraserFormat, EraserInfo, check_family, describe
-from ..erasure_core.extract import extract_low_rank, weight_differences
-from ..erasure_core.ft_gate import ft_gate
+from ..erasure_core.edit.adapters import BlockAdapters, parse_receler
+from ..erasure_core.formats.eraser_files import SAFE_EXTENSIONS, open_eraser
+from ..erasure_core.formats.eraser_formats import EraserFormat, EraserInfo, check_family, describe
+from ..erasure_core.gating.ft_gate import ft_gate
 from . import _comfy
 from ._schema import names_node, validation_message
 from .types import io, ui
@@ -240,90 +238,3 @@ class ApplyEraserLoRA(io.ComfyNode):
     def fingerprint_inputs(cls, eraser=None, **_) -> object:
         """Re-run when the picked file changes on disk."""
         return _comfy.file_fingerprint(eraser, _comfy.resolve_eraser)
-
-
-class ExtractEraser(io.ComfyNode):
-    DISPLAY_NAME = "Extract Eraser"
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CE_ExtractEraser",
-            display_name=cls.DISPLAY_NAME,
-            category="concept_erasure",
-            description="Turn a full erased UNet (an ESD, RECE, ANT... checkpoint, or a second loaded MODEL) into a "
-                        "small low-rank eraser file in models/erasers: the differences from the original model, "
-                        "factored per weight with the rank and error reported. Apply it with Apply Eraser LoRA.",
-            is_output_node=True,
-            inputs=[
-                io.Model.Input("model", tooltip="The original model the eraser was fine-tuned from. Not changed."),
-                io.Combo.Input("erased_file", options=_comfy.eraser_choices(), default=_comfy.NO_FILE,
-                               tooltip="The erased UNet weights (diffusers or LDM names; .safetensors, or .pt read "
-                                       "as plain tensors only). Leave 'none' to use erased_model."),
-                io.Int.Input("max_rank", default=64, min=1, max=1280,
-                             tooltip="Largest rank per weight. Higher keeps more of the erasure and makes the file "
-                                     "bigger."),
-                io.Float.Input("max_error", default=0.05, min=0.0, max=0.99, step=0.005,
-                               tooltip="Target relative error per weight (||dW - up@down|| / ||dW||): each weight "
-                                       "gets the smallest rank reaching it, capped at max_rank."),
-                io.String.Input("filename", default="extracted_eraser.safetensors",
-                                tooltip="File name in models/erasers (an existing file is replaced)."),
-                io.String.Input("concept_text", default="",
-                                tooltip="The erased concept(s), recorded in the file so Apply Eraser LoRA can gate "
-                                        "on them."),
-                io.Model.Input("erased_model", optional=True,
-                               tooltip="The erased model loaded as a MODEL (instead of erased_file)."),
-            ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The original model with the extracted eraser applied "
-                                                              "(to compare with the full erased model)."),
-                io.String.Output(display_name="report", tooltip="Weights extracted, ranks, errors and file size."),
-            ],
-        )
-
-    @classmethod
-    @names_node(DISPLAY_NAME)
-    def execute(cls, model, erased_file: str, max_rank: int, max_error: float, filename: str,
-                concept_text: str = "", erased_model=None) -> io.NodeOutput:
-        started = time.perf_counter()
-        progress = _comfy.progress_bar()
-        target = _comfy.eraser_save_path(filename)
-        read_model, shapes, dtype_of = _comfy.unet_weight_reader(model)
-        if erased_file != _comfy.NO_FILE:
-            file = open_eraser(_comfy.resolve_eraser(erased_file, "erased_file"))
-            info = describe(file.shapes, file.metadata, file.config, name=f"erased_file '{file.name}'")
-            if info.format != EraserFormat.UNET_WEIGHTS:
-                raise ErasureError(f"erased_file must hold UNet weights (an erased checkpoint), but it is a "
-                                   f"{info.format.value} ({info.summary()}). Apply it with Apply Eraser LoRA.",
-                                   input_name="erased_file")
-            check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'")
-            pairs = _comfy.unet_key_pairs(model, [k for k in file if _is_unet_key(k, info)], info.naming)
-            diff = _comfy.unet_weight_differences(model, file, pairs, _comfy.DIFF_FROM_BASE, progress,
-                                                  for_patching=False)
-            source = file.name
-        elif erased_model is not None:
-            read_erased, erased_shapes, _ = _comfy.unet_weight_reader(erased_model)
-            missing = sorted(set(shapes) - set(erased_shapes))
-            if missing:
-                raise ErasureError(f"erased_model must have the original's architecture, but it lacks "
-                                   f"'{missing[0]}'.", input_name="erased_model")
-            diff = weight_differences([(k, k) for k in shapes], read_erased, read_model, shapes,
-                                      model_dtype=dtype_of, progress=progress)
-            source = "erased_model"
-        else:
-            raise ErasureError("pick erased_file or connect erased_model: there is nothing to extract from.",
-                               input_name="erased_file")
-        if not diff.deltas:
-            raise ErasureError(f"{source} must differ from the model, but all {diff.compared} weights are equal "
-                               "(within rounding). Connect the original model and the erased one.",
-                               input_name="erased_file" if erased_file != _comfy.NO_FILE else "erased_model")
-        meta = {"source": source, "concept_text": concept_text.strip(),
-                "family": _comfy.model_family_of(model), "changed_weights": diff.changed}
-        patch, fit = extract_low_rank(diff.deltas, max_rank=max_rank, max_error=max_error, meta=meta,
-                                      device=_comfy.compute_device(), progress=progress)
-        patch.save(target)
-        patched = _comfy.apply_patchset(model, patch, 1.0)
-        report = (f"Extracted {source} -> {target}: {diff.changed} of {diff.compared} weights differ; "
-                  f"{fit.summary()} ({time.perf_counter() - started:.1f} s)")
-        logger.info("Extract Eraser: %s; per key: %s", report, json.dumps(patch.meta["fits"])[:2000])
-        return io.NodeOutput(patched, report, ui=ui.PreviewText(report))

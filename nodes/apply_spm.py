@@ -5,16 +5,14 @@ from __future__ import annotations
 import logging
 
 from ..erasure_core import ConceptError
-from ..erasure_core.ft_gate import ft_gate
-from ..erasure_core.spm import (
-    PAPER,
-    REFERENCE,
-    combine,
+from ..erasure_core.formats.spm import (
     load_spm_file,
     load_spm_metadata,
     resolve_keys,
     split_prompts,
 )
+from ..erasure_core.gating.ft_gate import ft_gate
+from ..erasure_core.gating.spm_combine import PAPER, REFERENCE, combine
 from . import _comfy
 from ._schema import names_node, validation_message
 from .types import io, ui

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from ..erasure_core import ConceptError, ConceptKind, ConceptSet
-from ..erasure_core.concept_files import TemplateMode, assemble, list_preserve_sets, list_presets, save_json
 from ..erasure_core.concepts import check_prompt_lengths
+from ..erasure_core.formats.concept_files import TemplateMode, assemble, list_preserve_sets, list_presets, save_json
 from . import _comfy
 from ._schema import names_node, validation_message
 from .types import CONCEPTS, io, ui

@@ -32,7 +32,7 @@ def merges_file() -> str | None:
     if os.path.exists(shared):
         return shared
     from erasure_core import ConfigError
-    from erasure_core.clip_text import find_merges_file
+    from erasure_core.text.clip import find_merges_file
 
     try:
         return find_merges_file()

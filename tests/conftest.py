@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def clip_tokenizer():
-    from erasure_core.clip_text import BPETokenizer
+    from erasure_core.text.clip import BPETokenizer
 
     path = merges_file()
     if path is None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from erasure_core import AttentionSite
-from erasure_core.clip_text import ClipTextConfig, ClipTextEncoder
+from erasure_core.text.clip import ClipTextConfig, ClipTextEncoder
 
 PREFIX = "diffusion_model."
 BLOCKS = ("input_blocks.1.1", "middle_block.1", "output_blocks.3.1")

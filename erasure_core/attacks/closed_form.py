@@ -5,7 +5,7 @@ For the concept prompt's encoded rows ``c [T, d]``, the rows ``c'`` minimising
 the conditioning the erased cross-attention maps closest to what the original made of the concept.
 Exact (recovery → 1 as λ → 0) for any edit that only changes the K/V projections with an
 invertible net effect (UCE, MACE's refinement, our Closed-Form Erase); approximate for erasures
-that touch other layers. The algebra is :func:`erasure_core.linalg.ridge_preimage_rows`, shared
+that touch other layers. The algebra is :func:`erasure_core.edit.linalg.ridge_preimage_rows`, shared
 with RECE's erasure.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..edit.linalg import check_finite, ridge_preimage_rows
 from ..errors import ConfigError
-from ..linalg import check_finite, ridge_preimage_rows
 from .recovery import KVGrams
 
 __all__ = ["closed_form_attack"]

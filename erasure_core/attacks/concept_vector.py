@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..clip_text import _byte_alphabet
 from ..errors import ConceptError, ConfigError
+from ..text.clip import _byte_alphabet
 
 __all__ = ["SearchResult", "concept_direction", "decode_bpe_tokens", "genetic_search"]
 

@@ -48,7 +48,7 @@ def optimise_prefix(
 
     Runs outside inference mode with gradients enabled whatever the caller's mode (ComfyUI runs
     nodes under ``torch.inference_mode()``); tensors ``loss`` saves for backward must not be
-    inference tensors (clone them outside inference mode, see ``nodes/_comfy.py``). ``progress(done, total)`` is called after every step (it may
+    inference tensors (clone them outside inference mode, see ``nodes/_comfy/attack.py``). ``progress(done, total)`` is called after every step (it may
     raise to interrupt). Returns the best prefix seen, so extra steps never make the result worse.
     """
     if steps < 1 or not lr > 0:

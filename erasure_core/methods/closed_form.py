@@ -13,10 +13,11 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option, validate_ranges
+from ..edit.linalg import RightMultiplier, anchored_right_multiplier, check_finite
+from ..edit.patch import PatchEntry, PatchSet
 from ..errors import ArchitectureError
-from ..linalg import RightMultiplier, anchored_right_multiplier, check_finite
-from ..patch import PatchEntry, PatchSet
-from ..text import EncodedText, TextEncoder, TokenPick, erase_rows, preserve_rows
+from ..text.encoded import EncodedText, TextEncoder, TokenPick, erase_rows, preserve_rows
+from ..version import __version__
 
 __all__ = ["ClosedFormConfig", "anchored_patch", "ConceptKeys", "Progress", "SolveDtype", "encode_concepts", "encode_prompts",
            "patch_from_multipliers"]
@@ -184,7 +185,6 @@ def anchored_patch(
 
 def describe_run(method: str, concepts: ConceptSet, config: ClosedFormConfig) -> dict[str, object]:
     """Metadata shared by every closed-form PatchSet."""
-    from .. import __version__
 
     cfg = {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(config).items()}
     return {"method": method, "concepts": concepts.describe(), "config": cfg,

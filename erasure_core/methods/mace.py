@@ -25,10 +25,10 @@ import torch
 
 from ..architectures import AttentionSite
 from ..concepts import BUILTIN_TEMPLATES, ConceptSet
+from ..edit.linalg import GRAM_CHUNK, anchored_multiplier_from_grams, cross_gram, gram
+from ..edit.patch import PatchSet
 from ..errors import ConceptError
-from ..linalg import GRAM_CHUNK, anchored_multiplier_from_grams, cross_gram, gram
-from ..patch import PatchSet
-from ..text import EncodedText, TextEncoder, TokenPick
+from ..text.encoded import EncodedText, TextEncoder, TokenPick
 from . import register
 from .closed_form import (
     ClosedFormConfig,

@@ -23,10 +23,10 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
+from ..edit.linalg import GRAM_CHUNK, anchored_multiplier_from_grams, gram
+from ..edit.patch import PatchSet
 from ..errors import ConfigError
-from ..linalg import GRAM_CHUNK, anchored_multiplier_from_grams, gram
-from ..patch import PatchSet
-from ..text import TextEncoder, erase_rows
+from ..text.encoded import TextEncoder, erase_rows
 from . import register
 from .closed_form import (
     ClosedFormConfig,

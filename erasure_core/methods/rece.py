@@ -25,7 +25,7 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
-from ..linalg import (
+from ..edit.linalg import (
     RightMultiplier,
     anchored_multiplier_from_grams,
     anchored_right_multiplier,
@@ -35,8 +35,8 @@ from ..linalg import (
     gram,
     ridge_preimage_rows,
 )
-from ..patch import PatchSet
-from ..text import TextEncoder, TokenPick
+from ..edit.patch import PatchSet
+from ..text.encoded import TextEncoder, TokenPick
 from . import register
 from .closed_form import (
     ClosedFormConfig,

@@ -29,8 +29,7 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..config import option
-from ..errors import ConceptError, ConfigError, NumericalError
-from ..linalg import (
+from ..edit.linalg import (
     RightMultiplier,
     check_finite,
     compact,
@@ -40,8 +39,9 @@ from ..linalg import (
     low_eigen_projector_of_rows,
     solve_right,
 )
-from ..patch import PatchSet
-from ..text import TextEncoder, TokenPick
+from ..edit.patch import PatchSet
+from ..errors import ConceptError, ConfigError, NumericalError
+from ..text.encoded import TextEncoder, TokenPick
 from . import register
 from .closed_form import (
     ClosedFormConfig,

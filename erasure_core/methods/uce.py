@@ -19,8 +19,8 @@ import torch
 
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
-from ..patch import PatchSet
-from ..text import TextEncoder
+from ..edit.patch import PatchSet
+from ..text.encoded import TextEncoder
 from . import register
 from .closed_form import (
     ClosedFormConfig,

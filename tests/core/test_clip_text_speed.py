@@ -8,8 +8,8 @@ import torch
 from fakes import tiny_encoder, tiny_sites
 
 from erasure_core import ConceptSet, ConfigError, TokenPick, erase, make_config
-from erasure_core.clip_text import ClipTextConfig, ClipTextEncoder
-from erasure_core.text import erase_rows, preserve_rows
+from erasure_core.text.clip import ClipTextConfig, ClipTextEncoder
+from erasure_core.text.encoded import erase_rows, preserve_rows
 
 # 1 to 6 words: with the word tokenizer (context 8) the EOT lands at positions 2..7.
 MIXED = ["a b c d e f", "cat", "", "a photo of a cat", "dog", "van gogh", "x y z w v", "tree"]

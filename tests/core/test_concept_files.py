@@ -7,7 +7,8 @@ import json
 import pytest
 
 from erasure_core import ConceptError
-from erasure_core.concept_files import (
+from erasure_core.concepts import Concept, ConceptKind, ConceptSet, normalise
+from erasure_core.formats.concept_files import (
     FORMAT_NAME,
     PRESET_DIR,
     assemble,
@@ -20,7 +21,6 @@ from erasure_core.concept_files import (
     save_json,
     to_json,
 )
-from erasure_core.concepts import Concept, ConceptKind, ConceptSet, normalise
 
 ARTIST = ConceptKind.ARTIST
 OBJECT = ConceptKind.OBJECT
@@ -281,7 +281,7 @@ def _failing_replace(monkeypatch):
     def boom(*_args, **_kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("erasure_core.concept_files.os.replace", boom)
+    monkeypatch.setattr("erasure_core.formats.concept_files.os.replace", boom)
 
 
 def test_failed_save_keeps_the_existing_file(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from erasure_core import ConceptError
-from erasure_core.concept_files import PRESET_DIR, assemble, load_preset
 from erasure_core.concepts import Concept, ConceptKind, ConceptSet, check_prompt_lengths, normalise
+from erasure_core.formats.concept_files import PRESET_DIR, assemble, load_preset
 
 ARTIST = ConceptKind.ARTIST
 OBJECT = ConceptKind.OBJECT

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from fakes import tiny_encoder
 
-from erasure_core.encoding_cache import CachedEncoder
+from erasure_core.text.cache import CachedEncoder
 
 
 class Counting:

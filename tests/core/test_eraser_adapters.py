@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from erasure_core import ErasureError
-from erasure_core.adapters import BlockAdapters, parse_receler
+from erasure_core.edit.adapters import BlockAdapters, parse_receler
 
 
 def _weights(dim=16, rank=4, seed=0):

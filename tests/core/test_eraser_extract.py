@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from erasure_core import ConfigError, ErasureError, PatchSet
-from erasure_core.extract import extract_low_rank, rounding_tolerance, weight_differences
+from erasure_core.edit.extract import extract_low_rank, rounding_tolerance, weight_differences
 
 
 def test_exact_low_rank_difference_is_recovered_at_its_rank():

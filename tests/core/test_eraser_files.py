@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from erasure_core import ErasureError
-from erasure_core.eraser_files import open_eraser
+from erasure_core.formats.eraser_files import open_eraser
 
 
 class Payload:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from erasure_core import ErasureError
-from erasure_core.eraser_formats import EraserFormat, Naming, check_family, describe, key_patterns, model_family
+from erasure_core.formats.eraser_formats import EraserFormat, Naming, check_family, describe, key_patterns, model_family
 
 K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 

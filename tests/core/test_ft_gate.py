@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from erasure_core.errors import ConfigError
-from erasure_core.ft_gate import METRICS, clipcos, ft_gate, tokenuni
+from erasure_core.gating.ft_gate import METRICS, clipcos, ft_gate, tokenuni
 
 START, END = 49406, 49407
 SPECIAL = {START, END}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from erasure_core import NumericalError
-from erasure_core.linalg import anchored_right_multiplier
+from erasure_core.edit.linalg import anchored_right_multiplier
 
 
 def _keys(rows, d, seed):
@@ -25,7 +25,7 @@ def _per_layer_reference(w, ce, ca, cp, s, sp, lamb):
 @pytest.mark.parametrize("chunk", [8192, 7])  # rows converted to float64 all at once / 7 at a time
 @pytest.mark.parametrize("rows", [3, 40])  # fewer and more target rows than the width
 def test_shared_solve_equals_per_layer_float64_reference(rows, chunk, monkeypatch):
-    monkeypatch.setattr("erasure_core.linalg.GRAM_CHUNK", chunk)
+    monkeypatch.setattr("erasure_core.edit.linalg.GRAM_CHUNK", chunk)
     d = 24
     ce, ca, cp = _keys(rows, d, 1), _keys(rows, d, 2), _keys(10, d, 3)
     mult = anchored_right_multiplier(ce, ca, cp, erase_scale=1.3, preserve_scale=0.7, lamb=0.5)
@@ -72,7 +72,7 @@ def test_non_finite_keys_raise_numerical_error_naming_the_method():
 
 @pytest.mark.parametrize("shape", [(8, 20), (20, 8)])
 def test_least_amplified_direction_matches_the_svd_up_to_sign(shape):
-    from erasure_core.linalg import least_amplified_direction
+    from erasure_core.edit.linalg import least_amplified_direction
 
     w = _keys(shape[0], shape[1], 5).double()
     expected = torch.linalg.svd(w, full_matrices=False).Vh[-1]
@@ -82,7 +82,7 @@ def test_least_amplified_direction_matches_the_svd_up_to_sign(shape):
 
 @pytest.mark.parametrize("rows", [5, 40])
 def test_projector_from_rows_equals_the_full_eigendecomposition(rows):
-    from erasure_core.linalg import low_eigen_projector, low_eigen_projector_of_rows
+    from erasure_core.edit.linalg import low_eigen_projector, low_eigen_projector_of_rows
 
     r = _keys(rows, 24, 6).double()
     full = low_eigen_projector(r.T @ r / rows, 0.1)
@@ -91,7 +91,7 @@ def test_projector_from_rows_equals_the_full_eigendecomposition(rows):
 
 @pytest.mark.parametrize("width", [16, 300])  # below and above the width where the block form is used
 def test_gram_equals_the_plain_product(width):
-    from erasure_core.linalg import gram
+    from erasure_core.edit.linalg import gram
 
     rows = _keys(50, width, 9)
     torch.testing.assert_close(gram(rows, torch.float64), rows.double().T @ rows.double(), rtol=1e-12, atol=1e-12)

@@ -73,7 +73,7 @@ def test_a_file_that_is_not_a_patch_is_refused(tmp_path):
 def test_a_failed_save_leaves_the_existing_file_untouched(tmp_path, monkeypatch):
     path = tmp_path / "edit.safetensors"
     path.write_bytes(b"old")
-    import erasure_core.patch as patch_module
+    import erasure_core.edit.patch as patch_module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

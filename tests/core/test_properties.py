@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from erasure_core import PatchEntry, PatchSet
-from erasure_core.linalg import anchored_right_multiplier
+from erasure_core.edit.linalg import anchored_right_multiplier
 
 seeds = st.integers(0, 2**16)
 

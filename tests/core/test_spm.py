@@ -8,15 +8,13 @@ import torch
 from safetensors.torch import save_file
 
 from erasure_core.errors import ArchitectureError, ConceptError, ConfigError, PatchError
-from erasure_core.spm import (
-    PAPER,
-    REFERENCE,
-    combine,
+from erasure_core.formats.spm import (
     load_spm_file,
     parse_spm,
     resolve_keys,
     split_prompts,
 )
+from erasure_core.gating.spm_combine import PAPER, REFERENCE, combine
 
 # Two modules as in a released SD1.x SPM: a 1x1 conv (proj_in) and a linear (attn2.to_k).
 CONV = "lora_unet_down_blocks_0_attentions_0_proj_in"

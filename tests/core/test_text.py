@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from erasure_core.clip_text import ClipTextConfig, ClipTextEncoder
+from erasure_core.text.clip import ClipTextConfig, ClipTextEncoder
 
 
 def test_tokenizer_matches_clip_ids_for_known_words(clip_tokenizer):

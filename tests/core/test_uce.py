@@ -7,7 +7,7 @@ import torch
 from fakes import edited_weight
 
 from erasure_core import ArchitectureError, ConceptSet, TokenPick, erase, make_config
-from erasure_core.text import erase_rows, preserve_rows
+from erasure_core.text.encoded import erase_rows, preserve_rows
 
 
 def _config(**kw):

@@ -323,7 +323,7 @@ def test_pickled_code_is_refused_and_nothing_changes(pack, mc, folders):
 
 
 def test_extract_eraser_from_a_full_unet_and_apply_it(pack, mc, folders):
-    from concept_erasure_pack.nodes.apply_eraser import ExtractEraser
+    from concept_erasure_pack.nodes.extract_eraser import ExtractEraser
 
     model, clip = mc
     before = untouched(model, clip)
@@ -394,7 +394,7 @@ def test_whole_erased_checkpoint_patches_unet_and_clip(pack, mc, folders, tiny_s
 def test_extract_from_a_second_loaded_model(pack, mc, folders, tiny_state_dict):
     """Extract Eraser with the erased checkpoint loaded by ComfyUI's own loader as a second MODEL."""
     import comfy.sd
-    from concept_erasure_pack.nodes.apply_eraser import ExtractEraser
+    from concept_erasure_pack.nodes.extract_eraser import ExtractEraser
 
     model, clip = mc
     g = torch.Generator().manual_seed(8)

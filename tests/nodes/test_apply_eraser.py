@@ -104,7 +104,7 @@ def test_extract_from_an_erased_model_then_apply_the_file(stub_env, erasers):
     g = torch.Generator().manual_seed(0)
     low = torch.randn(8, 2, generator=g) @ torch.randn(2, 768, generator=g) * 0.01
     erased = FakePatcher({k: (v + low if k == K else v.clone()) for k, v in weights.items()})
-    node = stub_env.pack.nodes.apply_eraser.ExtractEraser
+    node = stub_env.pack.nodes.extract_eraser.ExtractEraser
     patched, report = node.execute(model=model, erased_file="none", max_rank=8, max_error=0.01, filename="mine",
                                    concept_text="snoopy", erased_model=erased).result
     assert (erasers / "mine.safetensors").is_file() and "1 of" in report and "rank 2-2" in report
@@ -148,7 +148,7 @@ def test_extraction_stops_on_cancel_and_writes_nothing(stub_env, erasers):
     erased = FakePatcher({k: v + 0.01 for k, v in weights.items()})
     mm = stub_env.comfy["comfy.model_management"]
     mm.interrupt_processing = True
-    node = stub_env.pack.nodes.apply_eraser.ExtractEraser
+    node = stub_env.pack.nodes.extract_eraser.ExtractEraser
     with pytest.raises(mm.InterruptProcessingException):
         node.execute(model=FakePatcher(weights), erased_file="none", max_rank=8, max_error=0.01, filename="cut",
                      erased_model=erased)

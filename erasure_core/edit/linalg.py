@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NumericalError
+from ..errors import NumericalError
 
 __all__ = ["RightMultiplier", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
            "compact", "cross_gram", "factor_square", "full_multiplier", "gram", "kmeans",

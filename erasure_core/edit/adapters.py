@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import ErasureError
+from ..errors import ErasureError
 
 __all__ = ["Adapter", "BlockAdapters", "parse_receler"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, ErasureError, NumericalError
+from ..errors import ConfigError, ErasureError, NumericalError
 from .patch import PatchEntry, PatchSet
 
 __all__ = ["ExtractionReport", "KeyFit", "WeightDiff", "extract_low_rank", "rounding_tolerance",

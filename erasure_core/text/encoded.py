@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import ConceptError
+from ..errors import ConceptError
 
 __all__ = ["EncodedText", "TextEncoder", "TokenPick", "erase_rows", "preserve_rows"]
 

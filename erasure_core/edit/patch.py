@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import PatchError
+from ..errors import PatchError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PatchEntry", "PatchSet"]
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .text import EncodedText, TextEncoder
+from .encoded import EncodedText, TextEncoder
 
 __all__ = ["CachedEncoder"]
 

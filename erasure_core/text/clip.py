@@ -21,8 +21,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .text import EncodedText
+from ..errors import ConfigError
+from .encoded import EncodedText
 
 __all__ = ["ROWS", "BPETokenizer", "ClipTextConfig", "ClipTextEncoder", "find_merges_file"]
 

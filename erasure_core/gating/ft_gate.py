@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["METRICS", "FTGate", "clipcos", "ft_gate", "tokenuni"]
 

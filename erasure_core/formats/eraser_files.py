@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .errors import ErasureError
+from ..errors import ErasureError
 
 __all__ = ["PICKLE_EXTENSIONS", "EraserFile", "SAFE_EXTENSIONS", "open_eraser"]
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .errors import ErasureError
+from ..errors import ErasureError
 
 __all__ = ["EraserFormat", "EraserInfo", "Naming", "describe", "key_patterns", "model_family",
            "check_family", "strip_text_encoder_prefix", "RECELER_BLOCK"]
@@ -50,7 +50,7 @@ class Naming(str, Enum):
     COMFY = "ComfyUI"
 
 
-PATCH_FORMAT_NAME = "concept_erasure.patchset"  # erasure_core.patch.FORMAT_NAME (kept free of imports)
+PATCH_FORMAT_NAME = "concept_erasure.patchset"  # erasure_core.edit.patch.FORMAT_NAME (kept free of imports)
 RECELER_BLOCK = re.compile(r"^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)"
                            r"(?:\.adapter)?\.(down|up)\.(weight|bias)$")
 _KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_mid.weight", ".dora_scale")

@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .concepts import (
+from ..concepts import (
     BUILTIN_TEMPLATES,
     Concept,
     ConceptKind,
@@ -37,7 +37,7 @@ from .concepts import (
     parse_anchor_list,
     split_entries,
 )
-from .errors import ConceptError
+from ..errors import ConceptError
 
 __all__ = [
     "FILE_EXTENSIONS",
@@ -60,8 +60,8 @@ __all__ = [
 FORMAT_NAME = "concept_erasure.concepts"
 FORMAT_VERSION = 1
 FILE_EXTENSIONS = (".txt", ".csv", ".json")
-PRESET_DIR = Path(__file__).with_name("presets")
-PRESERVE_SET_DIR = Path(__file__).with_name("preserve_sets")
+PRESET_DIR = Path(__file__).parents[1] / "presets"
+PRESERVE_SET_DIR = Path(__file__).parents[1] / "preserve_sets"
 PRESERVE_SET_KINDS = {"artists": ConceptKind.ARTIST, "celebrities": ConceptKind.CELEBRITY,
                       "instances": ConceptKind.OBJECT}
 _TOP_KEYS = {"format", "version", "name", "description", "targets", "preserve", "templates"}

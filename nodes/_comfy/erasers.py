@@ -1,0 +1,205 @@
+"""Eraser and LoRA files on ComfyUI models: key maps (ComfyUI's LoRA loader, diffusers names), weight
+differences from full erased files, and Receler's attention-output hook."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import comfy.lora
+import comfy.utils
+import torch
+
+from ...erasure_core import (
+    PatchError,
+    Progress,
+)
+from ...erasure_core.edit.adapters import Adapter
+from ...erasure_core.edit.extract import WeightDiff, weight_differences
+from ...erasure_core.errors import ErasureError
+from ...erasure_core.formats.eraser_files import EraserFile
+from ...erasure_core.formats.eraser_formats import Naming, strip_text_encoder_prefix
+from .runtime import UNET_PREFIX, model_family_of
+from .weights import _arriving_loader, _base_loader, _store_dtype
+
+logger = logging.getLogger(__name__)
+
+
+
+
+def _diffusers_unet_map(model: Any) -> dict[str, str]:
+    """diffusers UNet key -> ComfyUI key, from ComfyUI's own ``unet_to_diffusers``."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
+    if not config:
+        return {}
+    return {k: UNET_PREFIX + v for k, v in comfy.utils.unet_to_diffusers(config).items()}
+
+
+
+def unet_key_pairs(model: Any, keys: Sequence[str], naming: Naming) -> list[tuple[str, str]]:
+    """``(file_key, model_key)`` for the UNet keys of a weights file; an unknown key raises,
+    naming the first one."""
+    model_keys = set(model.model_state_dict(filter_prefix=UNET_PREFIX))
+    diffusers = _diffusers_unet_map(model) if naming == Naming.DIFFUSERS else {}
+    pairs, unknown = [], []
+    for key in keys:
+        if naming == Naming.DIFFUSERS:
+            target = diffusers.get(key.removeprefix("unet."))
+        else:
+            bare = key.removeprefix("model.").removeprefix(UNET_PREFIX)
+            target = UNET_PREFIX + bare
+        if target is None or target not in model_keys:
+            unknown.append(key)
+        else:
+            pairs.append((key, target))
+    if unknown:
+        raise ErasureError(
+            f"every UNet weight in the eraser must exist in the connected {model_family_of(model)} model, but "
+            f"{len(unknown)} of {len(keys)} do not (first: '{unknown[0]}'). The eraser was made for another "
+            "architecture; pick the one for this model.", input_name="eraser")
+    return pairs
+
+DIFF_FROM_BASE = "base weights"
+
+DIFF_FROM_ARRIVING = "model as it arrives"
+
+
+
+def unet_weight_differences(model: Any, file: EraserFile, pairs: Sequence[tuple[str, str]], reference: str,
+                            progress: Progress | None = None, for_patching: bool = True) -> WeightDiff:
+    """The UNet weights of ``file`` that differ from the model's; as patch tensors (the model's
+    dtype) or, for extraction (``for_patching=False``), in float32."""
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
+    read_base, dtype_of = _base_loader(model, UNET_PREFIX)
+    read = _arriving_loader(model, UNET_PREFIX) if reference == DIFF_FROM_ARRIVING else read_base
+    keep = (lambda key: _store_dtype(dtype_of(key))) if for_patching else None
+    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of, delta_dtype=keep,
+                              progress=progress)
+
+
+
+def text_encoder_pairs(clip: Any, file: EraserFile) -> list[tuple[str, str]]:
+    """``(file_key, clip_key)`` for a CLIPTextModel state dict: ``text_model.*`` under ComfyUI's
+    ``clip_l``/``clip_g``/``clip_h`` ``.transformer.``, chosen by shape."""
+    clip_shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
+    by_suffix: dict[str, list[str]] = {}
+    for key in clip_shapes:
+        at = key.find("transformer.text_model.")
+        if at >= 0:
+            by_suffix.setdefault(key[at + len("transformer."):], []).append(key)
+    pairs = []
+    for key in file:
+        stripped = strip_text_encoder_prefix(key)
+        if stripped is None or stripped.endswith("position_ids"):
+            continue
+        candidates = [k for k in by_suffix.get(stripped, []) if clip_shapes[k] == file.shapes[key]]
+        if not candidates:
+            found = by_suffix.get(stripped, [])
+            detail = (f"the CLIP's '{found[0]}' is {clip_shapes[found[0]]} but the file's is {file.shapes[key]}"
+                      if found else "the connected CLIP has no such weight")
+            raise ErasureError(
+                f"a text-encoder eraser must fit the connected CLIP, but '{key}' does not: {detail}. Pick the "
+                "eraser made for this model's text encoder.", input_name="eraser")
+        pairs.append((key, candidates[0]))
+    return pairs
+
+
+
+def text_encoder_differences(clip: Any, file: EraserFile, pairs: Sequence[tuple[str, str]], reference: str) -> \
+        tuple[WeightDiff, Callable[[str], torch.dtype]]:
+    shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
+    read_base, dtype_of = _base_loader(clip.patcher, None)
+    read = _arriving_loader(clip.patcher, None) if reference == DIFF_FROM_ARRIVING else read_base
+    keep = lambda key: _store_dtype(dtype_of(key))  # noqa: E731
+    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of, delta_dtype=keep), dtype_of
+
+
+
+def _lora_key_map(model: Any, clip: Any | None) -> dict[str, Any]:
+    """ComfyUI's LoRA key map, plus the plain ``unet.<diffusers name>`` aliases that PEFT-style
+    SD1/SDXL LoRAs use (built from the same ``unet_to_diffusers`` map)."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    for diffusers_key, comfy_key in _diffusers_unet_map(model).items():
+        if diffusers_key.endswith(".weight"):
+            stem = diffusers_key[: -len(".weight")]
+            for alias in (stem, "unet." + stem, "base_model.model." + stem, "unet.base_model.model." + stem):
+                key_map.setdefault(alias, comfy_key)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+_LORA_MODULE = re.compile(r"(\.lora_(down|up|mid)\.weight|\.lora_[AB](\.default)?\.weight|\.lora\.(down|up)\.weight|"
+                          r"_lora\.(down|up)\.weight|\.lora_linear_layer\.(down|up)\.weight|\.lora_[AB]|\.alpha|"
+                          r"\.dora_scale)$")
+
+
+
+def lora_patches(model: Any, clip: Any | None, file: EraserFile) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(UNet patches, CLIP patches, LoRA modules with no place in this model) via ComfyUI's
+    ``load_lora``; each patch is a ComfyUI LoRA adapter."""
+    key_map = _lora_key_map(model, clip)
+    tensors = file.load_all()
+    modules = sorted({_LORA_MODULE.sub("", k) for k in tensors})
+    unplaced = [m for m in modules if m not in key_map]
+    loaded = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    unet = {k: v for k, v in loaded.items() if _patch_key(k).startswith(UNET_PREFIX)}
+    text = {k: v for k, v in loaded.items() if not _patch_key(k).startswith(UNET_PREFIX)}
+    return unet, text, unplaced
+
+
+
+def _patch_key(key: Any) -> str:
+    return key if isinstance(key, str) else key[0]
+
+
+
+def add_lora_patches(owner: Any, patches: dict[str, Any], strength: float) -> Any:
+    clone = owner.clone()
+    added = clone.add_patches(patches, strength)
+    if len(added) != len(patches):
+        missing = sorted(set(map(_patch_key, patches)) - set(map(_patch_key, added)))
+        raise PatchError(f"every LoRA weight must land on the model, but {len(missing)} did not (first: "
+                         f"'{missing[0] if missing else '?'}').", input_name="eraser")
+    return clone
+
+_LDM_BLOCK = re.compile(r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+
+
+
+def receler_blocks(model: Any, adapters: dict[str, Adapter]) -> dict[tuple[str, int], Adapter]:
+    """Receler's diffusers block prefixes (``down_blocks.1.attentions.0``) as the ``("input", 4)``
+    block ids ComfyUI's UNet passes to attention patches; widths are checked."""
+    diffusers = _diffusers_unet_map(model)
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
+    blocks = {}
+    for prefix, adapter in adapters.items():
+        target = diffusers.get(f"{prefix}.transformer_blocks.0.attn2.to_out.0.weight")
+        match = _LDM_BLOCK.match(target or "")
+        if match is None:
+            raise ErasureError(
+                f"every Receler adapter must sit on a cross-attention block of the connected "
+                f"{model_family_of(model)} model, but '{prefix}' has none. Pick the eraser made for this model.",
+                input_name="eraser")
+        width = shapes[target][0]
+        if width != adapter.dim:
+            raise ErasureError(
+                f"Receler adapter '{prefix}' must match the block's width {width}, but it is {adapter.dim} "
+                "wide. Pick the eraser made for this model.", input_name="eraser")
+        kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[match.group(1)]
+        blocks[(kind, 0 if kind == "middle" else int(match.group(2)))] = adapter
+    return blocks
+
+
+
+def add_attn2_output_patch(model: Any, patch: Callable[..., Any]) -> Any:
+    clone = model.clone()
+    clone.set_model_attn2_output_patch(patch)
+    return clone
+
+
+
+def unet_lora_key_map(model: Any) -> dict[str, str]:
+    """kohya/diffusers LoRA names -> this model's UNet weight keys (ComfyUI's own LoRA mapping)."""
+    return comfy.lora.model_lora_keys_unet(model.model, {})

@@ -1,0 +1,233 @@
+"""Text through the user's CLIP: the core's TextEncoder over ComfyUI's CLIP, the encoding cache, token
+counting, single-prompt encodings and CONDITIONING, and the CLIP as a map from token ids."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import comfy.sd1_clip
+import folder_paths
+import torch
+
+from ...erasure_core import (
+    ConceptError,
+    EncodedText,
+    Progress,
+)
+from ...erasure_core.attacks import (
+    decode_bpe_tokens,
+)
+from ...erasure_core.text.cache import CachedEncoder
+from ...erasure_core.text.clip import BPETokenizer
+from .runtime import _short
+
+logger = logging.getLogger(__name__)
+
+
+
+
+class ComfyClipEncoder:
+    """The user's CLIP as a core ``TextEncoder``: same tokenizer, weights syntax, layer choice and
+    CLIP patches as their prompts. Prompts are encoded in batches of 77-token windows."""
+
+    def __init__(self, clip: Any, batch_size: int = 32, progress: Progress | None = None):
+        self.clip = clip
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def _windows(self, text: str) -> dict[str, list[Any]]:
+        tokens = self.clip.tokenize(text)
+        for windows in tokens.values():
+            if len(windows) != 1:
+                raise ConceptError(
+                    f"each concept must fit in one 75-token CLIP window, but '{_short(text)}' "
+                    f"needs {len(windows)}. Shorten the concept (or its template).",
+                    input_name="concepts",
+                )
+        return {name: windows[0] for name, windows in tokens.items()}
+
+    def __call__(self, texts: Sequence[str]) -> EncodedText:
+        texts = list(texts)
+        empty = self._windows("")
+        stream = next(iter(empty))
+        end_id = empty[stream][1][0]  # [start, end, pad...]: the end-of-text id
+        windows = [self._windows(t) for t in texts]
+        eot = []
+        for text, w in zip(texts, windows, strict=True):
+            ids = [tok[0] for tok in w[stream]]
+            found = [j for j, tok in enumerate(ids) if j > 0 and isinstance(tok, int) and tok == end_id]
+            if not found:
+                raise ConceptError(f"'{_short(text)}' has no end-of-text token after tokenising; "
+                                   "shorten the concept.", input_name="concepts")
+            eot.append(found[0])
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = windows[start : start + self.batch_size]
+            tokens = {name: [w[name] for w in batch] for name in batch[0]}
+            cond = self.clip.encode_from_tokens(tokens)  # [1, 77 * n, D]: windows concatenated
+            chunks.append(cond.reshape(len(batch), -1, cond.shape[-1]).float())
+            if self.progress is not None:
+                self.progress(min(start + self.batch_size, len(texts)), len(texts))
+        hidden = torch.cat(chunks) if chunks else torch.zeros(0, len(empty[stream]), 1)
+        ids = torch.tensor([[tok[0] if isinstance(tok[0], int) else -1 for tok in w[stream]] for w in windows],
+                           dtype=torch.long).reshape(len(texts), -1)
+        return EncodedText(tuple(texts), hidden, torch.tensor(eot, dtype=torch.long), token_ids=ids)
+
+
+
+def clip_fingerprint(clip: Any) -> str:
+    """A key that changes whenever ``clip`` would encode differently: its class, the selected
+    layer, samples of its weights and every patch on it (CLIP LoRAs)."""
+    digest = hashlib.sha256()
+    model = clip.cond_stage_model
+    digest.update(f"{type(model).__name__}|{getattr(clip, 'layer_idx', None)}".encode())
+    state = model.state_dict()
+    names = sorted(state)
+    for name in names[:: max(1, len(names) // 16)]:
+        digest.update(name.encode())
+        digest.update(state[name].detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    for key in sorted(clip.patcher.patches):
+        digest.update(key.encode() if isinstance(key, str) else repr(key).encode())
+        for patch in clip.patcher.patches[key]:
+            digest.update(repr((patch[0], patch[2], type(patch[1]).__name__)).encode())
+            for tensor in _tensors(patch[1]):
+                digest.update(repr((tuple(tensor.shape), float(tensor.float().sum()))).encode())
+    return digest.hexdigest()[:24]
+
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return _tensors(getattr(value, "weights", ())) if hasattr(value, "weights") else []
+
+
+
+def cached_encoder(clip: Any, progress: Progress | None = None) -> CachedEncoder:
+    """The user's CLIP as a TextEncoder whose encodings persist in ComfyUI's user folder, so a
+    large preserve set is encoded once per text encoder."""
+    folder = os.path.join(folder_paths.get_user_directory(), "concept_erasure", "encodings")
+    return CachedEncoder(ComfyClipEncoder(clip, progress=progress), folder, clip_fingerprint(clip))
+
+
+
+@functools.lru_cache(maxsize=1)
+def clip_token_counter() -> Callable[[str], int]:
+    """Counts CLIP BPE tokens (SD1.x, SD2.x and SDXL share the vocabulary) with ComfyUI's merges
+    (read once per process; every queued Load Concepts checks its prompts with it)."""
+    merges = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer", "merges.txt")
+    tokenizer = BPETokenizer(merges)
+    return lambda text: len(tokenizer.ids(text))
+
+
+
+def encode_first_windows(clip: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, set[int], list[bool]]:
+    """Per-token hidden states of the first 77-token window of each text, as the user's CLIP
+    encodes it (layer choice, weights syntax and CLIP patches included): ``hidden [N, 77, D]``
+    float32, ``ids [N, 77]`` (-1 where an embedding vector sits), the special token ids (start,
+    end, pad: every id of the empty prompt's window) and, per text, whether it was longer than
+    one window (SPM's reference truncates to 77 tokens too)."""
+    texts = list(texts)
+    empty = clip.tokenize("")
+    stream = next(iter(empty))
+    special = {int(t[0]) for t in empty[stream][0] if isinstance(t[0], int)}
+    firsts, truncated = [], []
+    for text in texts:
+        tokens = clip.tokenize(text)
+        firsts.append({name: windows[0] for name, windows in tokens.items()})
+        truncated.append(any(len(windows) > 1 for windows in tokens.values()))
+    batch = {name: [w[name] for w in firsts] for name in firsts[0]}
+    cond = clip.encode_from_tokens(batch)
+    hidden = cond.reshape(len(texts), -1, cond.shape[-1]).float().cpu()
+    ids = torch.tensor([[tok[0] if isinstance(tok[0], int) else -1 for tok in w[stream]] for w in firsts],
+                       dtype=torch.long)
+    return hidden, ids, special, truncated
+
+
+
+def _one_window(clip: Any, text: str, input_name: str) -> dict[str, list[Any]]:
+    tokens = clip.tokenize(text)
+    for windows in tokens.values():
+        if len(windows) != 1:
+            raise ConceptError(
+                f"the prompt must fit in one 75-token CLIP window, but '{_short(text)}' needs "
+                f"{len(windows)}. Shorten it.", input_name=input_name)
+    return tokens
+
+
+
+def encode_text(clip: Any, text: str, input_name: str = "concept") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(cond [T, D] float32, pooled [1, P] or None)`` of one prompt through the user's CLIP (its
+    layer choice, weights syntax, embeddings and patches), as CLIPTextEncode would encode it."""
+    out = clip.encode_from_tokens(_one_window(clip, text, input_name), return_pooled=True)
+    cond, pooled = out if isinstance(out, tuple) else (out, None)
+    return cond[0].float(), (pooled.float() if isinstance(pooled, torch.Tensor) else None)
+
+
+
+def conditioning(cond: torch.Tensor, pooled: torch.Tensor | None) -> list[list[Any]]:
+    """A CONDITIONING (``[[cond [1, T, D], {"pooled_output": ...}]]``) for KSampler."""
+    extra = {} if pooled is None else {"pooled_output": pooled.detach().cpu().float()}
+    return [[cond.detach().reshape(1, -1, cond.shape[-1]).cpu().float(), extra]]
+
+
+
+class ClipTokenSpace:
+    """The user's CLIP seen as a map from token ids to encodings, for searches over the vocabulary.
+
+    ``encode_ids(ids [N, K])`` encodes the prompts ``[start, ids..., end, padding]`` (every text
+    stream of the CLIP gets the same ids: SD1.x, SD2.x and SDXL share CLIP's vocabulary),
+    ``vocabulary`` holds every id except the special tokens, ``decode(ids)`` gives the text.
+    """
+
+    def __init__(self, clip: Any, batch_size: int = 32):
+        self.clip, self.batch_size = clip, batch_size
+        template = clip.tokenize("")
+        self.layout = {name: (w[0][0][0], w[0][1][0], w[0][-1][0], len(w[0])) for name, w in template.items()}
+        specials = {v for name in self.layout for v in self.layout[name][:3]}
+        self.inv_vocab = self._inv_vocab(clip)
+        if self.inv_vocab:
+            ids = sorted(i for i in self.inv_vocab if i not in specials)
+        else:  # a CLIP without a readable vocabulary: ids below the start token
+            start = min(v[0] for v in self.layout.values())
+            ids = [i for i in range(start) if i not in specials]
+        self.vocabulary = torch.tensor(ids, dtype=torch.long)
+
+    @staticmethod
+    def _inv_vocab(clip: Any) -> dict[int, str]:
+        for value in vars(getattr(clip, "tokenizer", object())).values():
+            inv = getattr(value, "inv_vocab", None)
+            if isinstance(inv, dict) and inv:
+                return inv
+        return {}
+
+    @property
+    def max_length(self) -> int:
+        return min(v[3] for v in self.layout.values()) - 2
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        chunks = []
+        for first in range(0, len(ids), self.batch_size):
+            batch = ids[first : first + self.batch_size].tolist()
+            tokens = {}
+            for name, (start, end, pad, length) in self.layout.items():
+                tokens[name] = [[(t, 1.0) for t in [start, *row, end] + [pad] * (length - len(row) - 2)]
+                                for row in batch]
+            cond = self.clip.encode_from_tokens(tokens)
+            chunks.append(cond.reshape(len(batch), -1, cond.shape[-1]).float())
+        return torch.cat(chunks)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, with ``(`` and ``)`` escaped so that typing it does not weight tokens."""
+
+        if not self.inv_vocab:
+            return ""
+        text = decode_bpe_tokens([self.inv_vocab.get(int(i), "") for i in ids])
+        return text.replace("\\", " ").replace("(", "\\(").replace(")", "\\)")
