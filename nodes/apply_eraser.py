@@ -14,8 +14,9 @@ from ..erasure_core.formats.eraser_files import SAFE_EXTENSIONS, open_eraser
 from ..erasure_core.formats.eraser_formats import EraserFormat, EraserInfo, check_family, describe
 from ..erasure_core.gating.ft_gate import ft_gate
 from . import _comfy
+from ._report import report_ui
 from ._schema import names_node, validation_message
-from .types import io, ui
+from .types import io
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class ApplyEraserLoRA(io.ComfyNode):
                   f"{f' x gate = {scale:.3f}' if gate == GATE_FT else ''}; {gate_line}"
                   f"{'; ' + '; '.join(info.notes) if info.notes else ''} ({time.perf_counter() - started:.2f} s)")
         logger.info("Apply Eraser LoRA: %s", report)
-        return io.NodeOutput(out_model, out_clip, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(out_model, out_clip, report, ui=report_ui(report, title=cls.DISPLAY_NAME))
 
     @classmethod
     def validate_inputs(cls, eraser=None) -> bool | str:

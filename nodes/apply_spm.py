@@ -14,8 +14,9 @@ from ..erasure_core.formats.spm import (
 from ..erasure_core.gating.ft_gate import ft_gate
 from ..erasure_core.gating.spm_combine import PAPER, REFERENCE, combine
 from . import _comfy
+from ._report import report_ui
 from ._schema import names_node, validation_message
-from .types import io, ui
+from .types import io
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class ApplySPM(io.ComfyNode):
             header += f"; {ignored} text-encoder keys ignored (SPM gates the UNet only)"
         report = "\n".join([header, *lines])
         logger.info("%s", report)
-        return io.NodeOutput(patched, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(patched, report, ui=report_ui(report, title=DISPLAY_NAME))
 
 
 def _no_file_error() -> ConceptError:

@@ -20,8 +20,9 @@ from ..erasure_core.attacks import (
 from ..erasure_core.attacks.config import AttackConfig, AttackMode, parse_pairs
 from ..erasure_core.attacks.recovery import Recovery, kv_recovery
 from . import _comfy
+from ._report import report_ui
 from ._schema import config_input, names_node
-from .types import io, ui
+from .types import io
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class AttackPrompt(io.ComfyNode):
         return io.NodeOutput(_comfy.conditioning(cond, pooled), prompt,
                              kv.score if kv is not None else math.nan,
                              noise.score if noise is not None else math.nan, report,
-                             ui=ui.PreviewText(report))
+                             ui=report_ui(report, title=DISPLAY_NAME))
 
     @staticmethod
     def _concept_vector(clip, concept, carrier, pairs, config, progress, notes):

@@ -6,8 +6,9 @@ import logging
 
 from ..erasure_core import ClosedFormConfig, ConceptSet, erase, methods, node_config
 from . import _comfy
+from ._report import report_ui
 from ._schema import config_input, names_node
-from .types import CONCEPTS, PATCH, io, ui
+from .types import CONCEPTS, PATCH, io
 from .types import OPTIONS as OPTIONS_SOCKET
 
 logger = logging.getLogger(__name__)
@@ -64,4 +65,4 @@ class ClosedFormErase(io.ComfyNode):
                   f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}; "
                   f"{encoder.misses} prompts encoded, {encoder.hits} from cache; {source}")
         logger.info("Closed-Form Erase: %s", report)
-        return io.NodeOutput(patched, patch, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(patched, patch, report, ui=report_ui(report, title=DISPLAY_NAME))

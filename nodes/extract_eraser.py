@@ -12,9 +12,10 @@ from ..erasure_core.edit.extract import extract_low_rank, weight_differences
 from ..erasure_core.formats.eraser_files import open_eraser
 from ..erasure_core.formats.eraser_formats import EraserFormat, check_family, describe
 from . import _comfy
+from ._report import report_ui
 from ._schema import names_node
 from .apply_eraser import _is_unet_key
-from .types import io, ui
+from .types import io
 
 logger = logging.getLogger(__name__)
 
@@ -103,4 +104,4 @@ class ExtractEraser(io.ComfyNode):
         report = (f"Extracted {source} -> {target}: {diff.changed} of {diff.compared} weights differ; "
                   f"{fit.summary()} ({time.perf_counter() - started:.1f} s)")
         logger.info("Extract Eraser: %s; per key: %s", report, json.dumps(patch.meta["fits"])[:2000])
-        return io.NodeOutput(patched, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(patched, report, ui=report_ui(report, title=cls.DISPLAY_NAME))

@@ -8,8 +8,9 @@ from ..erasure_core import ConceptError, ConceptKind, ConceptSet
 from ..erasure_core.concepts import check_prompt_lengths
 from ..erasure_core.formats.concept_files import TemplateMode, assemble, list_preserve_sets, list_presets, save_json
 from . import _comfy
+from ._report import report_ui
 from ._schema import names_node, validation_message
-from .types import CONCEPTS, io, ui
+from .types import CONCEPTS, io
 
 NO_PRESET = "none"
 SYNTAX = ("One concept per line (or separated by ';'). 'name | alias | alias' erases the aliases too; "
@@ -98,7 +99,7 @@ class LoadConcepts(io.ComfyNode):
                 concepts: ConceptSet | None = None) -> io.NodeOutput:
         result = _load(targets, anchors, preserve, kind, preset, file, templates, custom_templates, preserve_set,
                        concepts)
-        return io.NodeOutput(result, ui=ui.PreviewText(result.summary()))
+        return io.NodeOutput(result, ui=report_ui(result.summary(), title=cls.DISPLAY_NAME))
 
     @classmethod
     def fingerprint_inputs(cls, file=None, **_) -> object:
@@ -127,7 +128,7 @@ class MergeConcepts(io.ComfyNode):
     @names_node(DISPLAY_NAME)
     def execute(cls, concepts_a: ConceptSet, concepts_b: ConceptSet) -> io.NodeOutput:
         merged = concepts_a.merged(concepts_b).require_targets()
-        return io.NodeOutput(merged, ui=ui.PreviewText(merged.summary()))
+        return io.NodeOutput(merged, ui=report_ui(merged.summary(), title=cls.DISPLAY_NAME))
 
 
 class SaveConcepts(io.ComfyNode):
@@ -158,4 +159,4 @@ class SaveConcepts(io.ComfyNode):
             raise ConceptError(f"filename must be new unless overwrite is on, but '{os.path.basename(path)}' "
                                       "exists. Pick another name or turn overwrite on.", input_name="filename")
         save_json(concepts, path)
-        return io.NodeOutput(path, ui=ui.PreviewText(f"saved {len(concepts.targets)} targets to {path}"))
+        return io.NodeOutput(path, ui=report_ui(f"saved {len(concepts.targets)} targets to {path}", title=cls.DISPLAY_NAME))

@@ -52,7 +52,7 @@ def test_ldm_weights_as_diff_patches_on_a_clone(stub_env, erasers):
     assert patched is not model and model.patches == {} and clip is None
     torch.testing.assert_close(effective(stub_env, patched, K), weights[K] + 0.5 * delta)
     assert list(patched.patches) == [K] and "1 of 2 UNet weights differ" in report
-    assert report in out.ui.value and "LDM names" in report
+    assert report in out.ui["text"][0] and "LDM names" in report
 
 
 def test_gate_leaves_an_unrelated_prompt_unchanged(stub_env, erasers):

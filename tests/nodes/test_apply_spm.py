@@ -97,7 +97,7 @@ def test_target_prompt_gets_the_full_membrane_and_an_unrelated_one_its_gate(stub
     out = run(stub_env, model, prompt=unrelated, clip=clip, spm_1="snoopy.safetensors")
     part, report = out.result
     assert f"gate {gate:.3f}" in report and "tokenuni 0.000" in report
-    assert out.ui.value == report
+    assert out.ui["text"] == [report]
     for key in site_keys():
         torch.testing.assert_close(delta(stub_env, part, key), gate * full_delta(sd, key), **TOL)
     assert model.patches == {}  # the input model is untouched

@@ -65,7 +65,7 @@ def test_closed_form_recovers_a_uce_erasure(env, models):
     assert prompt == "" and math.isnan(noise)
     assert recovery == pytest.approx(1.0, abs=1e-3)
     assert "closed_form on Stable Diffusion 1.x" in report
-    assert "the prompt output is empty" in report and out.ui.value == report
+    assert "the prompt output is empty" in report and out.ui["text"] == [report]
     assert erased.patches == patches and not original.patches  # inputs untouched
 
 

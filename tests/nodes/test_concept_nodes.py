@@ -68,7 +68,7 @@ def test_a_csv_file_in_the_folder_loads_with_its_preview(env, concepts_dir):
     out = _load(env, file="list.csv")
     (concepts,) = out.result
     assert concepts.erase_pairs() == [("Mickey Mouse", "a cartoon mouse"), ("Mickey", "a cartoon mouse")]
-    assert "1 targets (1 character)" in str(out.ui.as_dict() if hasattr(out.ui, "as_dict") else vars(out.ui))
+    assert "1 targets (1 character)" in out.ui["text"][0]
 
 
 def test_merge_concepts_unions_and_reports_conflicts(env):
