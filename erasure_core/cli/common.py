@@ -81,8 +81,8 @@ def kv_check(sites: Sequence[AttentionSite], patch: PatchSet, concepts: ConceptS
              pick: TokenPick) -> KVCheck:
     pairs, keep = concepts.erase_pairs(), concepts.preserve_prompts()
     enc = encoder(list(dict.fromkeys([p for pair in pairs for p in pair] + keep)))
-    ce, ca = (r.double() for r in erase_rows(enc, pairs, pick))
-    cp = preserve_rows(enc, keep, pick).double()
+    ce, ca = (r.double().cpu() for r in erase_rows(enc, pairs, pick))  # encodings may be on --device
+    cp = preserve_rows(enc, keep, pick).double().cpu()
     rows, sums = [], torch.zeros(4, dtype=torch.float64)
     for site in sites:
         if site.key not in patch:
