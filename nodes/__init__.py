@@ -9,8 +9,9 @@ from .closed_form_erase import ClosedFormErase
 from .extract_eraser import ExtractEraser
 from .load_concepts import LoadConcepts, MergeConcepts, SaveConcepts
 from .method_options import RealEraOptions, RECEOptions, SPEEDOptions
+from .save_erasure import SaveErasure
 
-NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SPEEDOptions, RECEOptions, RealEraOptions,
-         ApplySPM, ApplyEraserLoRA, ExtractEraser, AttackPrompt]
+NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SaveErasure, SPEEDOptions, RECEOptions,
+         RealEraOptions, ApplySPM, ApplyEraserLoRA, ExtractEraser, AttackPrompt]
 
 __all__ = ["NODES"]

@@ -53,7 +53,9 @@ class Naming(str, Enum):
 PATCH_FORMAT_NAME = "concept_erasure.patchset"  # erasure_core.edit.patch.FORMAT_NAME (kept free of imports)
 RECELER_BLOCK = re.compile(r"^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)"
                            r"(?:\.adapter)?\.(down|up)\.(weight|bias)$")
-_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_mid.weight", ".dora_scale")
+# ``.diff`` / ``.diff_b``: full-rank modules as weight differences (LyCORIS "full", Save Erasure)
+_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_mid.weight", ".dora_scale", ".diff",
+                   ".diff_b")
 _DIFFUSERS_LORA = re.compile(r"(\.lora_[AB](\.default)?\.weight|\.lora\.(down|up)\.weight|_lora\.(down|up)\.weight|"
                              r"\.lora_linear_layer\.(down|up)\.weight|\.lora_[AB]|\.alpha)$")
 _LORA_DOWN = re.compile(r"(\.lora_down\.weight|\.lora_A(\.default)?\.weight|\.lora\.down\.weight|_lora\.down\.weight|"

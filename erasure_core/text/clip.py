@@ -69,7 +69,7 @@ def _byte_alphabet() -> dict[int, str]:
 class BPETokenizer:
     """CLIP's tokenizer: lower-cased words, byte-level BPE with ``</w>`` word ends, 77 tokens."""
 
-    def __init__(self, merges_path: str | None = None, context_length: int = 77):
+    def __init__(self, merges_path: str | None = None, context_length: int = 77, pad_id: int | None = None):
         path = merges_path or find_merges_file()
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
@@ -82,6 +82,9 @@ class BPETokenizer:
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.context_length = context_length
+        # after the end token: the end token again (CLIP-L in SD1.x/SDXL) or id 0 (OpenCLIP's, as
+        # ComfyUI pads SD2.x's and SDXL's second encoder)
+        self.pad_id = self.end_id if pad_id is None else pad_id
         self._cache: dict[str, list[str]] = {}
 
     @property
@@ -112,31 +115,39 @@ class BPETokenizer:
         return out
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids [N, 77], eot_index [N])``, padded with the end token as SD1.x's CLIP is."""
+        """``(ids [N, 77], eot_index [N])``, padded with ``pad_id`` (the end token by default)."""
         rows, eots = [], []
         for text in texts:
             body = self.ids(text)[: self.context_length - 2]
             row = [self.start_id, *body, self.end_id]
             eots.append(len(row) - 1)
-            rows.append(row + [self.end_id] * (self.context_length - len(row)))
+            rows.append(row + [self.pad_id] * (self.context_length - len(row)))
         return torch.tensor(rows), torch.tensor(eots)
 
 
 @dataclass(frozen=True)
 class ClipTextConfig:
-    """Shape of the text transformer; the defaults are CLIP ViT-L/14's (SD1.x)."""
+    """Shape of the text transformer; the defaults are CLIP ViT-L/14's (SD1.x).
+
+    ``activation``: ``quick_gelu`` (OpenAI CLIP) or ``gelu`` (OpenCLIP ViT-H/bigG); ``final_norm``:
+    apply the final LayerNorm (SD1.x reads the last layer normed; SD2.x/SDXL read the penultimate
+    layer's hidden state without it, which is a model of ``layers - 1`` blocks and no final norm).
+    """
 
     width: int = 768
     layers: int = 12
     heads: int = 12
     vocab_size: int = 49408
     context_length: int = 77
+    activation: str = "quick_gelu"
+    final_norm: bool = True
 
 
 class _Block(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
         self.heads = heads
+        self.quick_gelu = activation == "quick_gelu"
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)  # holds the weights
         self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
@@ -164,7 +175,8 @@ class _Block(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(self.ln_2(x))
-        return x + self.fc2(h * torch.sigmoid(1.702 * h))  # CLIP's quick-GELU
+        h = h * torch.sigmoid(1.702 * h) if self.quick_gelu else nn.functional.gelu(h)  # quick-GELU: OpenAI CLIP
+        return x + self.fc2(h)
 
     def forward_packed(self, x: torch.Tensor, shapes: Sequence[tuple[int, int]],
                        masks: Sequence[torch.Tensor], prefix: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -210,7 +222,10 @@ class ClipTextEncoder(nn.Module):
         self.batch_size = batch_size
         self.token_embedding = nn.Embedding(c.vocab_size, c.width)
         self.position_embedding = nn.Parameter(torch.empty(c.context_length, c.width))
-        self.blocks = nn.ModuleList(_Block(c.width, c.heads) for _ in range(c.layers))
+        if c.activation not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"activation must be 'quick_gelu' or 'gelu', but got {c.activation!r}.",
+                              input_name="activation")
+        self.blocks = nn.ModuleList(_Block(c.width, c.heads, c.activation) for _ in range(c.layers))
         self.final_ln = nn.LayerNorm(c.width)
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -234,7 +249,7 @@ class ClipTextEncoder(nn.Module):
         mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
         for block in self.blocks:
             x = block(x, mask)[0]
-        return self.final_ln(x)
+        return self.final_ln(x) if self.config.final_norm else x
 
     def forward_groups(self, groups: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Final hidden states of several id batches ``[n_g, t_g]`` (lengths may differ, ``t_g > 1``)
@@ -254,7 +269,8 @@ class ClipTextEncoder(nn.Module):
         for block in self.blocks:
             x0, start = block(x0, None)
             x = block.forward_packed(x, shapes, masks, start)
-        x0, x = self.final_ln(x0), self.final_ln(x)
+        if self.config.final_norm:
+            x0, x = self.final_ln(x0), self.final_ln(x)
         out, offset = [], 0
         for n, t in shapes:
             body = x[offset : offset + n * t].reshape(n, t, -1)

@@ -42,6 +42,7 @@ from .files import (  # noqa: F401
     erasers_folders,
     file_fingerprint,
     file_inside,
+    loras_save_path,
     model_folder,
     plain_save_path,
     resolve_concept_file,

@@ -132,7 +132,7 @@ def _lora_key_map(model: Any, clip: Any | None) -> dict[str, Any]:
 
 _LORA_MODULE = re.compile(r"(\.lora_(down|up|mid)\.weight|\.lora_[AB](\.default)?\.weight|\.lora\.(down|up)\.weight|"
                           r"_lora\.(down|up)\.weight|\.lora_linear_layer\.(down|up)\.weight|\.lora_[AB]|\.alpha|"
-                          r"\.dora_scale)$")
+                          r"\.dora_scale|\.diff|\.diff_b)$")
 
 
 

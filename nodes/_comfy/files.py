@@ -173,6 +173,13 @@ LORAS_PREFIX = "loras/"
 SPM_EXTENSIONS = (".safetensors", ".sft")
 
 
+def loras_save_path(filename: str) -> str:
+    """Where Save Erasure writes ``filename``: the first ``models/loras`` folder, no sub-paths."""
+    roots = folder_paths.get_folder_paths(LORAS_FOLDER)
+    return plain_save_path(roots[0], filename, ".safetensors", "no_van_gogh.safetensors", PatchError)
+
+
+
 
 def spm_folders() -> list[str]:
     """The ``models/spm`` folders."""

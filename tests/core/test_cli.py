@@ -20,3 +20,5 @@ def test_demo_erases_and_reports_every_site(clip_tokenizer, tmp_path):
     assert "32 K/V sites" in run.stdout and len(rows) == 32 and out.exists()
     shares = [float(line.split()[-2].rstrip("%")) for line in rows]
     assert max(shares) < 10.0  # the targets' K/V moved most of the way onto the anchor's
+    assert run.stdout.splitlines()[-1].startswith("result: the erasure WORKED")
+    assert "erase: 32/32" in run.stderr  # progress goes to stderr

@@ -32,8 +32,8 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOW = Path(ROOT) / "example_workflows" / "closed_form_erase_uce.json"
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
-OUR_NODES = ("CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SPEEDOptions",
-             "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM", "CE_AttackPrompt",
+OUR_NODES = ("CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SaveErasure",
+             "CE_SPEEDOptions", "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM", "CE_AttackPrompt",
              "CE_ApplyEraserLoRA", "CE_ExtractEraser")
 EXAMPLES = sorted((Path(ROOT) / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
