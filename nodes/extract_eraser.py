@@ -3,10 +3,12 @@ reads."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 from ..erasure_core import ErasureError
 from ..erasure_core.edit.extract import extract_low_rank, weight_differences
@@ -19,6 +21,18 @@ from .apply_eraser import _is_unet_key
 from .types import io
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _blames(input_name: str) -> Iterator[None]:
+    """Errors from the shared eraser-file readers name their input 'eraser' (Apply Eraser LoRA's);
+    here the file comes from ``input_name``."""
+    try:
+        yield
+    except ErasureError as err:
+        if err.input_name not in ("eraser", None):
+            raise
+        raise type(err)(err.message.replace("eraser file", f"{input_name}"), input_name=input_name) from err
 
 
 def _check_target(target: str, source: str | None, overwrite: bool) -> None:
@@ -93,16 +107,17 @@ class ExtractEraser(io.ComfyNode):
         progress = _comfy.progress_bar()
         read_model, shapes, dtype_of = _comfy.unet_weight_reader(model)
         if source_path is not None:
-            file = open_eraser(source_path)
-            info = describe(file.shapes, file.metadata, file.config, name=f"erased_file '{file.name}'")
-            if info.format != EraserFormat.UNET_WEIGHTS:
-                raise ErasureError(f"erased_file must hold UNet weights (an erased checkpoint), but it is a "
-                                   f"{info.format.value} ({info.summary()}). Apply it with Apply Eraser LoRA.",
-                                   input_name="erased_file")
-            check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'")
-            pairs = _comfy.unet_key_pairs(model, [k for k in file if _is_unet_key(k, info)], info.naming)
-            diff = _comfy.unet_weight_differences(model, file, pairs, _comfy.DIFF_FROM_BASE, progress,
-                                                  for_patching=False)
+            with _blames("erased_file"):
+                file = open_eraser(source_path)
+                info = describe(file.shapes, file.metadata, file.config, name=f"erased_file '{file.name}'")
+                if info.format != EraserFormat.UNET_WEIGHTS:
+                    raise ErasureError(f"erased_file must hold UNet weights (an erased checkpoint), but it is a "
+                                       f"{info.format.value} ({info.summary()}). Apply it with Apply Eraser LoRA.",
+                                       input_name="erased_file")
+                check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'")
+                pairs = _comfy.unet_key_pairs(model, [k for k in file if _is_unet_key(k, info)], info.naming)
+                diff = _comfy.unet_weight_differences(model, file, pairs, _comfy.DIFF_FROM_BASE, progress,
+                                                      for_patching=False)
             source = file.name
         elif erased_model is not None:
             read_erased, erased_shapes, _ = _comfy.unet_weight_reader(erased_model)
