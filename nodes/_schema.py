@@ -150,8 +150,8 @@ def guard_node(cls: type) -> type:
     for method in ("execute", "validate_inputs"):
         raw = inspect.getattr_static(cls, method, None)
         fn = getattr(raw, "__func__", None)
-        if fn is None or getattr(fn, "_ce_guarded", None) is cls:
-            continue
+        if fn is None or getattr(fn, "_ce_guarded", None) is cls or fn.__module__.startswith("comfy_api"):
+            continue  # ComfyUI's placeholder (it raises NotImplementedError) must stay unoverridden
         fn = getattr(fn, "_ce_inner", fn)
         setattr(cls, method, classmethod(_guarded(fn, method == "validate_inputs", cls)))
     return cls

@@ -285,3 +285,14 @@ def test_zz_peak_memory_of_the_server(server):  # noqa: F811
     peak = server.peak_rss_mib()
     print(f"server peak RSS after the bad-input module: {peak} MiB")
     assert peak is None or math.isfinite(peak)
+
+
+@pytest.mark.parametrize("build", [g_erase, g_eraser, g_spm], ids=["erase", "eraser", "spm"])
+def test_the_same_graphs_with_good_values_run(server, hostile, build):  # noqa: F811
+    """Control: the graphs above differ from a working one only in the bad value."""
+    graph, node, _ = build()
+    graph = _with_defaults(server, graph, "n")
+    status, body = _post(server, graph)
+    assert status == 200 and not body.get("node_errors"), body
+    entry = _wait_for_history(server, body["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
