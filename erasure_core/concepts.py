@@ -21,8 +21,12 @@ __all__ = [
     "Concept",
     "ConceptKind",
     "ConceptSet",
+    "MAX_NAME_CHARS",
+    "MAX_TEXT_CHARS",
     "broadcast_anchors",
     "check_prompt_lengths",
+    "check_text_size",
+    "fill_template",
     "normalise",
     "parse_anchor_list",
     "parse_concept_list",
@@ -30,6 +34,16 @@ __all__ = [
 ]
 
 ANY_KIND = "*"
+
+MAX_TEXT_CHARS = 50_000
+"""Longest typed text input (targets, anchors, preserve, custom templates), checked before any
+parsing or tokenising: about 2,500 names. Longer lists belong in a concept file."""
+
+MAX_NAME_CHARS = 1000
+"""Longest single name, alias, anchor or template: CLIP reads 75 tokens (a few characters each),
+which no longer text fits. It also bounds the tokeniser's work per word."""
+
+_SEPARATORS = frozenset(" \t,.;:|-_/\\'\"`~!?*+=<>()[]{}#&^%$@")
 
 
 class ConceptKind(str, Enum):
@@ -52,6 +66,29 @@ BUILTIN_TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     ConceptKind.EXPLICIT.value: ("{}", "a photo of {}", "an image of {}"),
     ConceptKind.GENERIC.value: ("{}", "an image of {}", "a photo of {}", "a painting of {}"),
 })
+
+
+def check_text_size(text: str | None, input_name: str) -> None:
+    """Refuse typed text over :data:`MAX_TEXT_CHARS` before anything parses or tokenises it
+    (queue-time checks run inside ComfyUI's HTTP handler)."""
+    if text is not None and len(text) > MAX_TEXT_CHARS:
+        raise ConceptError(f"must be at most {MAX_TEXT_CHARS:,} characters, but got {len(text):,}. Put a "
+                           "long list in a concept file (models/concepts) instead.", input_name=input_name)
+
+
+def _check_name(text: str, what: str, input_name: str) -> None:
+    if len(text) > MAX_NAME_CHARS:
+        raise ConceptError(f"each {what} must be at most {MAX_NAME_CHARS} characters (CLIP reads 75 tokens), "
+                           f"but got one of {len(text):,} ('{text[:40]}...'). Shorten it.", input_name=input_name)
+    if text and all(ch in _SEPARATORS for ch in text):
+        raise ConceptError(f"each {what} must contain a word, but got '{text}' (separators only). Remove "
+                           "the stray separator.", input_name=input_name)
+
+
+def fill_template(template: str, name: str) -> str:
+    """``template`` with its one ``{}`` replaced by ``name`` (never ``str.format``: a stray brace
+    or a named field must not raise, or read attributes, when a prompt is built)."""
+    return template.replace("{}", name, 1)
 
 
 def normalise(text: str) -> str:
@@ -119,6 +156,10 @@ class Concept:
 
     def __post_init__(self) -> None:
         name = " ".join(self.name.split())
+        _check_name(name, "concept name", "targets")
+        for alias in self.aliases:
+            _check_name(" ".join(alias.split()), "alias", "targets")
+        _check_name(" ".join(self.anchor.split()), "anchor", "anchors")
         if not name:
             raise ConceptError("every concept needs a name, but got an empty one. Remove the empty "
                                "entry.", input_name="targets")
@@ -314,13 +355,13 @@ class ConceptSet:
         pairs = []
         for t in self.targets:
             for template in self.templates_for(t.kind):
-                anchor = template.format(t.anchor) if t.anchor else ""
-                pairs.extend((template.format(name), anchor) for name in t.names)
+                anchor = fill_template(template, t.anchor) if t.anchor else ""
+                pairs.extend((fill_template(template, name), anchor) for name in t.names)
         return list(dict.fromkeys(pairs))
 
     def preserve_prompts(self, extra: Iterable[str] = ()) -> list[str]:
         """Every preserve name under its kind's templates, plus ``extra`` prompts, once each."""
-        prompts = [tpl.format(n) for p in self.preserve for tpl in self.templates_for(p.kind) for n in p.names]
+        prompts = [fill_template(tpl, n) for p in self.preserve for tpl in self.templates_for(p.kind) for n in p.names]
         return list(dict.fromkeys([*prompts, *extra]))
 
     def describe(self) -> dict[str, Any]:
@@ -357,16 +398,23 @@ def _check_templates(templates: Mapping[str, Sequence[str]] | Sequence[str]) -> 
             raise ConceptError(f"templates are keyed by kind ({', '.join(sorted(known))}), but got "
                                f"{kind!r}. Use one of the listed kinds.", input_name="templates")
         items = tuple(items)
-        bad = [t for t in items if t.count("{}") != 1]
-        if bad:
-            raise ConceptError(
-                f"each template must contain '{{}}' exactly once, but got {bad!r}. Write templates "
-                "like 'painting by {}'.",
-                input_name="templates",
-            )
+        check_templates(items, "templates")
         if items:
             out[kind] = items
     return out
+
+
+def check_templates(items: Sequence[str], input_name: str) -> None:
+    """Each template holds ``{}`` exactly once and no other brace (``{name}`` or a stray ``{``
+    would be a different syntax, not a place for the concept)."""
+    bad = [t for t in items if t.count("{}") != 1 or t.replace("{}", "", 1).count("{") or
+           t.replace("{}", "", 1).count("}")]
+    if bad:
+        raise ConceptError(f"each template must contain '{{}}' exactly once and no other braces, but got "
+                           f"{bad[0][:80]!r}. Write templates like 'a painting by {{}}'.", input_name=input_name)
+    for t in items:
+        if len(t) > MAX_NAME_CHARS:
+            _check_name(t, "template", input_name)
 
 
 def check_prompt_lengths(concepts: ConceptSet, count_tokens: Callable[[str], int], limit: int = 75) -> None:

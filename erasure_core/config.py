@@ -4,6 +4,7 @@ widgets, tooltips and error messages."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from enum import Enum
 from typing import Any
 
@@ -44,6 +45,9 @@ def validate_ranges(config: Any) -> None:
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
+        if not math.isfinite(value):  # NaN passes both comparisons below
+            raise ConfigError(f"'{f.name}' must be a finite number, but got {value}. Type a number "
+                              f"(the default is {f.default}).", input_name=f.name)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(
                 f"'{f.name}' must be between {lo} and {hi}, but got {value}. "

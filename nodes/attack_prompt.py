@@ -21,7 +21,7 @@ from ..erasure_core.attacks.config import AttackConfig, AttackMode, parse_pairs
 from ..erasure_core.attacks.recovery import Recovery, kv_recovery
 from . import _comfy
 from ._report import report_ui
-from ._schema import config_input, names_node
+from ._schema import config_input, names_node, validation_message
 from .types import io
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,14 @@ class AttackPrompt(io.ComfyNode):
                 io.String.Output(display_name="report", tooltip="What was done, the scores and how long it took."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, save_embedding=None) -> bool | str:
+        """The embedding name, at queue time (cheap; nothing is touched)."""
+        if not save_embedding or not save_embedding.strip():
+            return True
+        return validation_message(DISPLAY_NAME, lambda: _comfy.check_file_name(
+            save_embedding, ".safetensors", "vangogh_attack", ConfigError, "save_embedding"))
 
     @classmethod
     @names_node(DISPLAY_NAME)

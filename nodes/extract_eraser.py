@@ -3,9 +3,12 @@ reads."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
 
 from ..erasure_core import ErasureError
 from ..erasure_core.edit.extract import extract_low_rank, weight_differences
@@ -13,11 +16,33 @@ from ..erasure_core.formats.eraser_files import open_eraser
 from ..erasure_core.formats.eraser_formats import EraserFormat, check_family, describe
 from . import _comfy
 from ._report import report_ui
-from ._schema import names_node
+from ._schema import names_node, validation_message
 from .apply_eraser import _is_unet_key
 from .types import io
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _blames(input_name: str) -> Iterator[None]:
+    """Errors from the shared eraser-file readers name their input 'eraser' (Apply Eraser LoRA's);
+    here the file comes from ``input_name``."""
+    try:
+        yield
+    except ErasureError as err:
+        if err.input_name not in ("eraser", None):
+            raise
+        raise type(err)(err.message.replace("eraser file", f"{input_name}"), input_name=input_name) from err
+
+
+def _check_target(target: str, source: str | None, overwrite: bool) -> None:
+    """Refuse to write over the node's own input, or over an existing file unless ``overwrite``."""
+    if source is not None and os.path.exists(target) and os.path.samefile(target, source):
+        raise ErasureError(f"filename must differ from erased_file, but both are '{os.path.basename(target)}'. "
+                           "Type a new name: the node never replaces its own input.", input_name="filename")
+    if os.path.exists(target) and not overwrite:
+        raise ErasureError(f"filename must be new unless overwrite is on, but '{os.path.basename(target)}' "
+                           "exists in models/erasers. Pick another name or turn overwrite on.", input_name="filename")
 
 
 class ExtractEraser(io.ComfyNode):
@@ -45,7 +70,11 @@ class ExtractEraser(io.ComfyNode):
                                tooltip="Target relative error per weight (||dW - up@down|| / ||dW||): each weight "
                                        "gets the smallest rank reaching it, capped at max_rank."),
                 io.String.Input("filename", default="extracted_eraser.safetensors",
-                                tooltip="File name in models/erasers (an existing file is replaced)."),
+                                tooltip="File name in models/erasers ('.safetensors' is added). Checked before "
+                                        "any work."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of that name. Off: refuse before any work. "
+                                         "The node never replaces its own erased_file."),
                 io.String.Input("concept_text", default="",
                                 tooltip="The erased concept(s), recorded in the file so Apply Eraser LoRA can gate "
                                         "on them."),
@@ -60,24 +89,35 @@ class ExtractEraser(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename=None) -> bool | str:
+        """The file name, at queue time (cheap; nothing is touched)."""
+        if filename is None:
+            return True
+        return validation_message(cls.DISPLAY_NAME, lambda: _comfy.check_file_name(
+            filename, ".safetensors", "esd_vangogh.safetensors", ErasureError))
+
+    @classmethod
     @names_node(DISPLAY_NAME)
     def execute(cls, model, erased_file: str, max_rank: int, max_error: float, filename: str,
-                concept_text: str = "", erased_model=None) -> io.NodeOutput:
+                concept_text: str = "", erased_model=None, overwrite: bool = False) -> io.NodeOutput:
         started = time.perf_counter()
-        progress = _comfy.progress_bar()
         target = _comfy.eraser_save_path(filename)
+        source_path = _comfy.resolve_eraser(erased_file, "erased_file") if erased_file != _comfy.NO_FILE else None
+        _check_target(target, source_path, overwrite)
+        progress = _comfy.progress_bar()
         read_model, shapes, dtype_of = _comfy.unet_weight_reader(model)
-        if erased_file != _comfy.NO_FILE:
-            file = open_eraser(_comfy.resolve_eraser(erased_file, "erased_file"))
-            info = describe(file.shapes, file.metadata, file.config, name=f"erased_file '{file.name}'")
-            if info.format != EraserFormat.UNET_WEIGHTS:
-                raise ErasureError(f"erased_file must hold UNet weights (an erased checkpoint), but it is a "
-                                   f"{info.format.value} ({info.summary()}). Apply it with Apply Eraser LoRA.",
-                                   input_name="erased_file")
-            check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'")
-            pairs = _comfy.unet_key_pairs(model, [k for k in file if _is_unet_key(k, info)], info.naming)
-            diff = _comfy.unet_weight_differences(model, file, pairs, _comfy.DIFF_FROM_BASE, progress,
-                                                  for_patching=False)
+        if source_path is not None:
+            with _blames("erased_file"):
+                file = open_eraser(source_path)
+                info = describe(file.shapes, file.metadata, file.config, name=f"erased_file '{file.name}'")
+                if info.format != EraserFormat.UNET_WEIGHTS:
+                    raise ErasureError(f"erased_file must hold UNet weights (an erased checkpoint), but it is a "
+                                       f"{info.format.value} ({info.summary()}). Apply it with Apply Eraser LoRA.",
+                                       input_name="erased_file")
+                check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'")
+                pairs = _comfy.unet_key_pairs(model, [k for k in file if _is_unet_key(k, info)], info.naming)
+                diff = _comfy.unet_weight_differences(model, file, pairs, _comfy.DIFF_FROM_BASE, progress,
+                                                      for_patching=False)
             source = file.name
         elif erased_model is not None:
             read_erased, erased_shapes, _ = _comfy.unet_weight_reader(erased_model)
@@ -99,6 +139,7 @@ class ExtractEraser(io.ComfyNode):
                 "family": _comfy.model_family_of(model), "changed_weights": diff.changed}
         patch, fit = extract_low_rank(diff.deltas, max_rank=max_rank, max_error=max_error, meta=meta,
                                       device=_comfy.compute_device(), progress=progress)
+        _check_target(target, source_path, overwrite)  # again: the file may have appeared meanwhile
         patch.save(target)
         patched = _comfy.apply_patchset(model, patch, 1.0)
         report = (f"Extracted {source} -> {target}: {diff.changed} of {diff.compared} weights differ; "

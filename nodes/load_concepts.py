@@ -24,8 +24,22 @@ def _load(targets, anchors, preserve, kind, preset, file, templates, custom_temp
         preset=None if preset == NO_PRESET else preset, file=_comfy.resolve_concept_file(file),
         templates=templates, custom_templates=custom_templates, extra=concepts,
         preserve_set=None if preserve_set == NO_PRESET else preserve_set)
+    _check_embeddings(result, {"targets": targets, "anchors": anchors, "preserve": preserve,
+                               "custom_templates": custom_templates})
     check_prompt_lengths(result, _comfy.clip_token_counter())
     return result
+
+
+def _check_embeddings(result: ConceptSet, typed: dict[str, str]) -> None:
+    """Refuse an ``embedding:name`` that ComfyUI would drop (only a log line), naming the input
+    that holds it; prompts from files and presets are named as ``file``."""
+    prompts = [p for pair in result.erase_pairs() for p in pair] + result.preserve_prompts()
+    for prompt in dict.fromkeys(prompts):
+        for name in _comfy.missing_embeddings(prompt):
+            source = next((k for k, text in typed.items() if f"embedding:{name}" in (text or "")), "file")
+            raise ConceptError(f"every embedding must exist in models/embeddings, but 'embedding:{name}' does "
+                               "not (ComfyUI would silently drop it from the prompt). Put the embedding file "
+                               "there or fix the name.", input_name=source)
 
 
 class LoadConcepts(io.ComfyNode):
@@ -150,6 +164,14 @@ class SaveConcepts(io.ComfyNode):
             outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename=None) -> bool | str:
+        """The file name, at queue time (cheap; nothing is touched)."""
+        if filename is None:
+            return True
+        return validation_message(cls.DISPLAY_NAME, lambda: _comfy.check_file_name(
+            filename, ".json", "my_artists.json", ConceptError))
 
     @classmethod
     @names_node(DISPLAY_NAME)

@@ -16,6 +16,7 @@ most ``min(R, d_in)``: ``up = W₀ P`` and ``down = Q`` with ``P = s (C_a − C_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,18 +26,35 @@ from ..errors import NumericalError
 __all__ = ["RightMultiplier", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
            "compact", "cross_gram", "factor_square", "full_multiplier", "gram", "kmeans",
            "least_amplified_direction", "low_eigen_projector", "low_eigen_projector_of_rows",
-           "ridge_preimage_rows", "solve_right"]
+           "ridge_preimage_rows", "solve_right", "check_scalars", "check_gram_finite"]
 
 
 def check_finite(tensor: torch.Tensor, what: str, method: str) -> torch.Tensor:
     """Raise NumericalError naming ``what`` and ``method`` when ``tensor`` has NaN or inf."""
     if not bool(torch.isfinite(tensor).all()):
         raise NumericalError(
-            f"{method}: {what} must be finite, but got NaN or inf. Raise 'lamb' (the ridge "
-            "term), lower 'erase_scale', or use solve_dtype float64.",
-            input_name="lamb",
+            f"{method}: {what} must be finite, but got NaN or inf although every input was finite: the "
+            "solve overflowed. Use solve_dtype float64, or raise 'lamb' (the ridge term).",
+            input_name="solve_dtype",
         )
     return tensor
+
+
+def check_scalars(method: str, **values: float) -> None:
+    """Raise NumericalError naming the first option that is not a finite number (NaN passes every
+    range comparison, so a range check alone lets it through to the solve)."""
+    for name, value in values.items():
+        if not math.isfinite(float(value)):
+            raise NumericalError(f"{method}: '{name}' must be a finite number, but got {value}. Type a number.",
+                                 input_name=name)
+
+
+def check_gram_finite(g: torch.Tensor, method: str, role: str) -> None:
+    """Raise NumericalError when the key rows (text encodings) behind a Gram are not finite: the
+    text encoder, not an option, is then to blame."""
+    if not bool(torch.isfinite(g).all()):
+        raise NumericalError(f"{method}: the {role} encodings must be finite, but the text encoder returned NaN "
+                             "or inf. Check the CLIP (and any CLIP LoRA) connected to the node.", input_name="clip")
 
 
 GRAM_CHUNK = 8192  # rows converted to the solve precision at a time
@@ -161,14 +179,22 @@ def anchored_multiplier_from_grams(
 def _ridge_cholesky(g_ee: torch.Tensor, g_pp: torch.Tensor, erase_scale: float, preserve_scale: float,
                     lamb: float, method: str, rows: tuple[int, int] | None) -> torch.Tensor:
     d = g_ee.shape[0]
+    check_scalars(method, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb)
+    check_gram_finite(g_ee, method, "target")
+    check_gram_finite(g_pp, method, "preserved")
     a = lamb * torch.eye(d, dtype=g_ee.dtype, device=g_ee.device) + erase_scale * g_ee + preserve_scale * g_pp
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         counts = f"{rows[0]} target rows, {rows[1]} preserved rows, " if rows else ""
+        blame = "lamb" if lamb <= 0 else "erase_scale" if erase_scale < 0 else \
+            "preserve_scale" if preserve_scale < 0 else "solve_dtype"
+        fix = {"lamb": "Set 'lamb' above 0 (the papers use 0.5).",
+               "erase_scale": "Set 'erase_scale' to 0 or more.", "preserve_scale": "Set 'preserve_scale' to 0 or more.",
+               "solve_dtype": "Use solve_dtype float64 (the keys are too large for float32)."}[blame]
         raise NumericalError(
             f"{method}: the key system must be positive definite, but it is singular (lamb="
-            f"{lamb}, {counts}width {d}). Set 'lamb' above 0 (the papers use 0.5).",
-            input_name="lamb",
+            f"{lamb}, {counts}width {d}). {fix}",
+            input_name=blame,
         )
     return chol
 

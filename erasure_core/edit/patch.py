@@ -99,6 +99,13 @@ class PatchSet:
 
     entries: Mapping[str, PatchEntry] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    context_multipliers: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]] | None = field(
+        default=None, compare=False, repr=False)
+    """In memory only (never saved; every operation drops it): when every edited site of a key
+    width ``d`` is ``W₀ M`` with one shared ``M − I = P Q`` (``P [d, r]``, ``Q [r, d]``, or
+    ``Q = None`` for a dense ``P [d, d]``; float32), the multipliers per width, so a caller can
+    apply the edit exactly as a transform of the sites' inputs instead of rounding it into
+    low-precision weights (ARCHITECTURE §3, §7)."""
 
     def __post_init__(self) -> None:
         for key, entry in self.entries.items():

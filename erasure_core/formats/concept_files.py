@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from dataclasses import replace
 from enum import Enum
@@ -33,6 +34,8 @@ from ..concepts import (
     ConceptKind,
     ConceptSet,
     broadcast_anchors,
+    check_templates,
+    check_text_size,
     normalise,
     parse_anchor_list,
     split_entries,
@@ -64,12 +67,19 @@ PRESET_DIR = Path(__file__).parents[1] / "presets"
 PRESERVE_SET_DIR = Path(__file__).parents[1] / "preserve_sets"
 PRESERVE_SET_KINDS = {"artists": ConceptKind.ARTIST, "celebrities": ConceptKind.CELEBRITY,
                       "instances": ConceptKind.OBJECT}
+MAX_FILE_BYTES = 8 * 1024 * 1024
+"""Largest concept file read (tens of thousands of names); checked before reading it."""
+_ALTERNATION = re.compile(r"\[[^\]]*\|[^\]]*\]")
 _TOP_KEYS = {"format", "version", "name", "description", "targets", "preserve", "templates"}
 
 
 def _split_entry(entry: str, where: str) -> Concept | _NoAnchor:
+    _refuse_ambiguous(entry, where, "targets")
     names_part, arrow, anchor = entry.partition("->")
     anchor = anchor.strip()
+    if "->" in anchor:
+        raise ConceptError(f"{where}: each entry has at most one '->', but got '{entry[:80]}'. Write "
+                           "'target -> anchor' (one arrow) per line.", input_name="targets")
     if anchor in ('""', "''"):
         anchor = ""
     names = [n.strip() for n in names_part.split("|")]
@@ -78,6 +88,13 @@ def _split_entry(entry: str, where: str) -> Concept | _NoAnchor:
                            "'name | alias -> anchor'.", input_name="targets")
     concept = Concept(names[0], anchor, tuple(names[1:]))
     return concept if arrow else _NoAnchor(concept)
+
+
+def _refuse_ambiguous(entry: str, where: str, input_name: str) -> None:
+    if _ALTERNATION.search(entry):
+        raise ConceptError(f"{where}: '{entry[:80]}' uses ComfyUI's [a|b] alternation, which concepts do not "
+                           "read (the '|' would split it into aliases). Write the names as 'a | b' (erased "
+                           "together) or on separate lines.", input_name=input_name)
 
 
 class _NoAnchor:
@@ -108,11 +125,15 @@ def parse_preserve(text: str, kind: ConceptKind | str = ConceptKind.GENERIC) -> 
     """Preserve concepts from inline text (``name | alias``; arrows are not allowed)."""
     out = []
     for line in split_entries(text):
+        _refuse_ambiguous(line, "preserve", "preserve")
         if "->" in line:
             raise ConceptError(f"preserved concepts have no anchor, but got '{line}'. Remove the "
                                "'-> ...' part.", input_name="preserve")
         names = [n.strip() for n in line.split("|")]
-        out.append(Concept(names[0], "", tuple(names[1:]), ConceptKind(kind)))
+        try:
+            out.append(Concept(names[0], "", tuple(names[1:]), ConceptKind(kind)))
+        except ConceptError as exc:
+            raise ConceptError(exc.message, input_name="preserve") from None
     return out
 
 
@@ -127,6 +148,9 @@ def load_concept_file(path: str | os.PathLike[str], kind: ConceptKind | str = Co
         raise ConceptError(f"concept files must be {', '.join(FILE_EXTENSIONS)}, but got '{path.name}'. "
                            "Save the list in one of those formats.", input_name="file")
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ConceptError(f"concept files must be at most {MAX_FILE_BYTES // 2**20} MiB, but '{path.name}' "
+                               f"is {path.stat().st_size / 2**20:.1f} MiB. Split the list.", input_name="file")
         raw = path.read_bytes()
     except OSError as exc:
         raise ConceptError(f"the concept file must be readable, but '{path.name}' is not ({exc.strerror}). "
@@ -160,8 +184,14 @@ def _from_csv(text: str, where: str, kind: ConceptKind | str) -> ConceptSet:
                            f"header has: {found}. Add a header row such as 'target,anchor,aliases,kind'.",
                            input_name="file")
     targets, preserve = [], []
+    width = len(reader.fieldnames or [])
     for row in reader:
         row_no = reader.line_num
+        if None in row or any(v is None for v in row.values()):
+            got = width + len(row.get(None) or []) - sum(v is None for k, v in row.items() if k is not None)
+            raise ConceptError(f"{where} line {row_no}: every row must have the header's {width} columns, but "
+                               f"this one has {got}. Quote cells that contain commas (\"a cat, sitting\").",
+                               input_name="file")
         def cell(column: str, row: dict[str, Any] = row) -> str:
             key = columns.get(column)
             return (row.get(key) or "").strip() if key else ""
@@ -193,6 +223,9 @@ def from_json(text: str, where: str = "JSON") -> ConceptSet:
     except json.JSONDecodeError as exc:
         raise ConceptError(f"{where} must be valid JSON, but line {exc.lineno} column {exc.colno}: "
                            f"{exc.msg}. Fix the file there.", input_name="file") from None
+    except RecursionError:
+        raise ConceptError(f"{where} must be a concept list, but its JSON is nested too deeply to read. "
+                           "Save it with Save Concepts, or follow the schema in the docs.", input_name="file") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ConceptError(f"{where} must be a concept list (\"format\": \"{FORMAT_NAME}\"), but got "
                            f"{_kind_of(data)}. Save it with Save Concepts, or follow the schema in the docs.",
@@ -316,7 +349,19 @@ def assemble(
     Earlier sources win conflicts (a target's anchor; erased beats preserved), each conflict
     becoming a warning. The result has at least one target.
     """
-    mode = TemplateMode(templates)
+    for name, text in (("targets", targets), ("anchors", anchors), ("preserve", preserve),
+                       ("custom_templates", custom_templates)):
+        check_text_size(text, name)
+    try:
+        mode = TemplateMode(templates)
+    except ValueError:
+        raise ConceptError(f"templates must be one of {', '.join(repr(m.value) for m in TemplateMode)}, but got "
+                           f"{str(templates)[:60]!r}. Pick one from the list.", input_name="templates") from None
+    try:
+        kind = ConceptKind(kind)
+    except ValueError:
+        raise ConceptError(f"kind must be one of {', '.join(repr(k.value) for k in ConceptKind)}, but got "
+                           f"{str(kind)[:60]!r}. Pick one from the list.", input_name="kind") from None
     parts = [ConceptSet(tuple(parse_inline(targets, anchors, kind)), tuple(parse_preserve(preserve, kind)))]
     if file is not None:
         parts.append(load_concept_file(file, kind))
@@ -344,9 +389,6 @@ def assemble(
         if not lines:
             raise ConceptError("custom templates must list at least one template, but got none. "
                                "Write one per line, like 'a painting by {}'.", input_name="custom_templates")
-        bad = [t for t in lines if t.count("{}") != 1]
-        if bad:
-            raise ConceptError(f"each custom template must contain '{{}}' exactly once, but got {bad!r}. "
-                               "Write templates like 'a painting by {}'.", input_name="custom_templates")
+        check_templates(lines, "custom_templates")
         result = replace(result, templates={"*": tuple(lines)})
     return result.require_targets()

@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from ..errors import ErasureError
 
-__all__ = ["PICKLE_EXTENSIONS", "EraserFile", "SAFE_EXTENSIONS", "open_eraser"]
+__all__ = ["PICKLE_EXTENSIONS", "EraserFile", "SAFE_EXTENSIONS", "checked_tensor", "open_eraser"]
 
 SAFE_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
@@ -51,9 +51,14 @@ class EraserFile(Mapping[str, torch.Tensor]):
         if key not in self.shapes:
             raise KeyError(key)
         if self._tensors is not None:
-            return self._tensors[key]
-        with safe_open(self.path, framework="pt") as f:
-            return f.get_tensor(key)
+            return checked_tensor(self.name, key, self._tensors[key])
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                tensor = f.get_tensor(key)
+        except Exception as exc:  # SafetensorError (truncated file) derives from Exception only
+            raise ErasureError(f"eraser file '{self.name}' must be complete, but reading '{key}' failed ({exc}). "
+                               "Re-download or re-save the file.", input_name="eraser") from exc
+        return checked_tensor(self.name, key, tensor)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -63,14 +68,25 @@ class EraserFile(Mapping[str, torch.Tensor]):
 
     def load_all(self) -> dict[str, torch.Tensor]:
         """Every tensor (for small files: LoRAs, adapters)."""
-        if self._tensors is not None:
-            return dict(self._tensors)
-        with safe_open(self.path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in self.shapes}
+        return {k: self[k] for k in self.shapes}
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
+
+
+def checked_tensor(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if it is usable as a weight; otherwise ErasureError naming the file, key and
+    shape: empty (a rank-0 LoRA factor has no rows), or holding NaN or inf (which would turn every
+    sampled image into NaN without an error)."""
+    shape = tuple(tensor.shape)
+    if tensor.ndim > 0 and tensor.numel() == 0:
+        raise ErasureError(f"eraser file '{file}' must hold non-empty weights, but '{key}' has shape {shape} "
+                           "(rank 0). Re-export the eraser with rank 1 or more.", input_name="eraser")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ErasureError(f"eraser file '{file}' must hold finite weights, but '{key}' {shape} has NaN or inf "
+                           "values. The file is broken: re-download or re-train it.", input_name="eraser")
+    return tensor
 
 
 def open_eraser(path: str | os.PathLike[str]) -> EraserFile:

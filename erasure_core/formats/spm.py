@@ -158,8 +158,34 @@ def parse_spm(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str
                 (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
             raise _file_error(name, f"must have matching LoRA factors, but '{module}' has up "
                                     f"{tuple(up.shape)} and down {tuple(down.shape)}.", input_name)
-        alpha = float(p["alpha"].float().reshape(-1)[0]) if "alpha" in p else None
+        if down.shape[0] == 0 or min(down.shape) == 0 or min(up.shape) == 0:
+            raise _file_error(name, f"must have LoRA factors of rank 1 or more, but '{module}' has up "
+                                    f"{tuple(up.shape)} and down {tuple(down.shape)} (rank 0).", input_name)
+        for part, tensor in (("lora_down.weight", down), ("lora_up.weight", up)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise _file_error(name, f"must hold finite weights, but '{module}.{part}' {tuple(tensor.shape)} has "
+                                        "NaN or inf values. The file is broken: re-download it.", input_name)
+        alpha = None
+        if "alpha" in p:
+            if p["alpha"].numel() != 1:
+                raise _file_error(name, f"must have one number per alpha, but '{module}.alpha' has shape "
+                                        f"{tuple(p['alpha'].shape)}.", input_name)
+            alpha = float(p["alpha"].float().reshape(-1)[0])
+            if not math.isfinite(alpha):
+                raise _file_error(name, f"must have a finite alpha, but '{module}.alpha' is {alpha}. The file is "
+                                        "broken: re-download it.", input_name)
         modules[module] = SPMModule(module, down, up, alpha)
+    for field_name in ("alpha", "rank"):
+        try:
+            value = float(metadata.get(field_name, "0") or "0")
+        except ValueError:
+            continue  # the reference's own fallback: an unreadable alpha means no scaling
+        if not math.isfinite(value):
+            raise _file_error(name, f"must have a finite '{field_name}' in its metadata, but it is "
+                                    f"{metadata[field_name]!r}. The file is broken: re-download it.", input_name)
+        if field_name == "rank" and field_name in metadata and value < 1:
+            raise _file_error(name, f"must have rank 1 or more, but its metadata says rank {metadata['rank']!r}.",
+                              input_name)
     prompts = split_prompts(metadata.get("prompts", ""))
     return SPMFile(name, modules, prompts, metadata, tuple(sorted(ignored)))
 

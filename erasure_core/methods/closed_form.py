@@ -138,10 +138,13 @@ def patch_from_multipliers(
     """
     entries: dict[str, PatchEntry] = {}
     shared: dict[int, tuple[RightMultiplier, torch.Tensor]] = {}  # keeps each multiplier alive
+    uniform = True  # every site of a width got the very same multiplier object
+    first_of_width: dict[int, RightMultiplier] = {}  # one per width, not one per site (SPEED's are per site)
     ranks = []
     for i, site in enumerate(sites):
         weight = site.tensor()
         mult = multiplier_for(site, weight)
+        uniform = uniform and first_of_width.setdefault(site.in_features, mult) is mult
         up = check_finite(mult.up_for(weight), f"the edit of '{site.key}'", method)
         if mult.full:  # Q = I: the delta W₀P itself, dense
             entries[site.key] = PatchEntry(diff=up.float().cpu())
@@ -156,7 +159,11 @@ def patch_from_multipliers(
     info["rank"] = max(ranks, default=0)
     if started is not None:
         info["seconds"] = round(time.perf_counter() - started, 4)
-    return PatchSet(entries, info)
+    context = None
+    if sites and uniform and all(s.stream == "tokens" for s in sites):
+        context = {width: (mult.P.float().cpu(), None if mult.full else mult.Q.float().cpu())
+                   for width, mult in first_of_width.items()}
+    return PatchSet(entries, info, context_multipliers=context)
 
 
 def anchored_patch(

@@ -153,10 +153,12 @@ def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SP
     inner = k2.T @ proj @ mk2 + config.lamb * torch.eye(k2.shape[1], dtype=k2.dtype, device=k2.device)
     solved, info = torch.linalg.solve_ex(inner, k2.T @ proj)
     if int(info) != 0:
+        blame = "lamb" if config.lamb <= 0 else "solve_dtype"
         raise NumericalError(
             f"SPEED: the invariant system K₂ᵀPMK₂ + λI must be non-singular, but it is singular at lamb="
             f"{config.lamb} (the null prompt's invariant rows lie outside the null space, or coincide). "
-            "Set 'lamb' above 0 (the nudity preset uses 0.5).", input_name="lamb")
+            + ("Set 'lamb' above 0 (the nudity preset uses 0.5)." if blame == "lamb" else
+               "Use solve_dtype float64."), input_name=blame)
     q = eye - mk2 @ solved
 
     def times_m(b: torch.Tensor) -> torch.Tensor:  # b M = (M⁻ᵀ bᵀ)ᵀ

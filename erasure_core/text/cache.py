@@ -5,14 +5,23 @@ later erasure: :class:`CachedEncoder` wraps any ``TextEncoder`` and keeps, per f
 safetensors file of per-prompt rows (float32, so a cached encoding equals a fresh one). The
 fingerprint must change whenever the encoder would encode differently (other weights, another
 CLIP layer, CLIP LoRAs); the caller computes it.
+
+The cache is bounded: ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES`, or the environment
+variable ``CE_ENCODING_CACHE_MB``) caps the whole folder. Each fingerprint's file keeps a small
+``<fingerprint>.lru.json`` of when each prompt was last used; past the cap the least recently used
+prompts are dropped first (never those of the current call), then whole files of other text
+encoders, oldest first. A cached row that is not finite or not of the batch's shape is encoded
+again rather than trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +31,21 @@ from safetensors.torch import load_file, save_file
 
 from .encoded import EncodedText, TextEncoder
 
-__all__ = ["CachedEncoder"]
+__all__ = ["DEFAULT_MAX_BYTES", "CachedEncoder", "cache_limit_bytes"]
+
+DEFAULT_MAX_BYTES = 1024 * 2**20
+"""1 GiB: about 4,300 SD1.5 prompts or 2,200 SDXL prompts (77 rows of 768 or 2048 floats)."""
+
+
+def cache_limit_bytes() -> int:
+    """The cap: ``CE_ENCODING_CACHE_MB`` (0 turns the cache off), else :data:`DEFAULT_MAX_BYTES`."""
+    raw = os.environ.get("CE_ENCODING_CACHE_MB", "")
+    try:
+        return max(0, int(float(raw) * 2**20)) if raw.strip() else DEFAULT_MAX_BYTES
+    except ValueError:
+        logger.warning("Concept erasure: CE_ENCODING_CACHE_MB=%r is not a number; using %d MiB.", raw,
+                       DEFAULT_MAX_BYTES // 2**20)
+        return DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +58,12 @@ class CachedEncoder:
     """``TextEncoder`` that reads prompts from ``folder/<fingerprint>.safetensors`` and encodes
     only the ones missing there (then adds them). ``hits`` / ``misses`` count prompts."""
 
-    def __init__(self, encoder: TextEncoder, folder: str | os.PathLike[str], fingerprint: str):
+    def __init__(self, encoder: TextEncoder, folder: str | os.PathLike[str], fingerprint: str,
+                 max_bytes: int | None = None):
         self.encoder = encoder
         self.path = Path(folder) / f"{fingerprint}.safetensors"
+        self.lru_path = Path(folder) / f"{fingerprint}.lru.json"
+        self.max_bytes = cache_limit_bytes() if max_bytes is None else max_bytes
         self.hits = 0
         self.misses = 0
 
@@ -51,6 +77,13 @@ class CachedEncoder:
                            self.path, exc)
             return {}
 
+    def _read_lru(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.lru_path.read_text())
+            return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        except (OSError, ValueError, TypeError):
+            return {}
+
     def _write(self, entries: dict[str, torch.Tensor]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.path.parent)
@@ -62,21 +95,73 @@ class CachedEncoder:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
+    def _write_lru(self, lru: dict[str, float]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(lru, f)
+        os.replace(tmp, self.lru_path)
+
+    @staticmethod
+    def _usable(entries: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None) -> bool:
+        hidden = entries.get(key + ".hidden")
+        return hidden is not None and key + ".eot" in entries and (shape is None or tuple(hidden.shape) == shape) \
+            and bool(torch.isfinite(hidden).all())
+
+    def _evict(self, entries: dict[str, torch.Tensor], lru: dict[str, float], keep: set[str]) -> bool:
+        """Drop least recently used prompts (not ``keep``) until this file fits its share of the
+        cap, then other fingerprints' files, oldest first. False if even ``keep`` does not fit."""
+        def size() -> int:
+            return sum(t.numel() * t.element_size() for t in entries.values())
+
+        others = sorted((f for f in self.path.parent.glob("*.safetensors") if f != self.path),
+                        key=lambda f: f.stat().st_mtime)
+        other_bytes = sum(f.stat().st_size for f in others)
+        keys = sorted({k.rsplit(".", 1)[0] for k in entries} - keep, key=lambda k: lru.get(k, 0.0))
+        while size() > self.max_bytes and keys:
+            old = keys.pop(0)
+            for suffix in (".hidden", ".eot", ".ids"):
+                entries.pop(old + suffix, None)
+            lru.pop(old, None)
+        while others and size() + other_bytes > self.max_bytes:
+            victim = others.pop(0)
+            other_bytes -= victim.stat().st_size
+            for path in (victim, victim.with_suffix(".lru.json")):
+                path.unlink(missing_ok=True)
+        return size() <= self.max_bytes
+
     def __call__(self, texts: Sequence[str]) -> EncodedText:
         texts = list(texts)
-        entries = self._read()
-        missing = list(dict.fromkeys(t for t in texts if _key(t) + ".hidden" not in entries))
+        entries = self._read() if self.max_bytes > 0 else {}
+        keys = [_key(t) for t in texts]
+        shapes = [tuple(entries[k + ".hidden"].shape) for k in keys if k + ".hidden" in entries]
+        shape = max(set(shapes), key=shapes.count) if shapes else None
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
+                                     if not self._usable(entries, k, shape)))
+        fresh_entries: dict[str, torch.Tensor] = {}
         if missing:
             fresh = self.encoder(missing)
             for i, text in enumerate(missing):
-                entries[_key(text) + ".hidden"] = fresh.hidden[i].float().cpu().contiguous()
-                entries[_key(text) + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
+                fresh_entries[_key(text) + ".hidden"] = fresh.hidden[i].float().cpu().contiguous()
+                fresh_entries[_key(text) + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
                 if fresh.token_ids is not None:
-                    entries[_key(text) + ".ids"] = fresh.token_ids[i].cpu().contiguous()
-            self._write(entries)
+                    fresh_entries[_key(text) + ".ids"] = fresh.token_ids[i].cpu().contiguous()
+            if shape is not None and tuple(fresh.hidden.shape[1:]) != shape:
+                entries = {}  # the encoder's shape changed: the old rows cannot be batched with the new
+        entries |= fresh_entries
         self.misses += len(missing)
         self.hits += len(set(texts)) - len(missing)
-        keys = [_key(t) for t in texts]
+        if self.max_bytes > 0:
+            lru = self._read_lru()
+            now = time.time()
+            lru |= dict.fromkeys(keys, now)
+            if missing:
+                if self._evict(entries, lru, set(keys)):
+                    self._write(entries)
+                else:
+                    logger.warning("Concept erasure: %d prompts' encodings exceed the cache cap of %d MiB "
+                                   "(CE_ENCODING_CACHE_MB); they are not cached.", len(set(keys)), self.max_bytes >> 20)
+            self._write_lru({k: v for k, v in lru.items() if k + ".hidden" in entries})
         ids = [entries.get(k + ".ids") for k in keys]
         return EncodedText(
             tuple(texts),

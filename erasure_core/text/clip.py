@@ -10,6 +10,7 @@ random weights, or any smaller width for tests.
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import importlib.util
 import os
@@ -92,17 +93,37 @@ class BPETokenizer:
         return len(self.encoder)
 
     def _bpe(self, word: str) -> list[str]:
+        """Byte-level BPE of one word: always the lowest-ranked adjacent pair, leftmost first.
+
+        A heap of candidate pairs over a linked list of parts, so a word of n characters costs
+        O(n log n) (the textbook loop rescans every pair after each merge: O(n²), which let one
+        long word block ComfyUI's HTTP handler for minutes)."""
         if word in self._cache:
             return self._cache[word]
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pairs = [(self.ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
-            rank, i = min(pairs)
-            if rank == 1 << 30:
-                break
-            parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2 :]
-        self._cache[word] = parts
-        return parts
+        parts: list[str | None] = list(word[:-1]) + [word[-1] + "</w>"]
+        nxt = list(range(1, len(parts))) + [-1]
+        prv = list(range(-1, len(parts) - 1))
+        heap = [(rank, i, parts[i], parts[i + 1]) for i in range(len(parts) - 1)
+                if (rank := self.ranks.get((parts[i], parts[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, left, right = heapq.heappop(heap)
+            j = nxt[i] if parts[i] is not None else -1
+            if j < 0 or parts[i] != left or parts[j] != right:
+                continue  # stale: one side was merged since this pair was pushed
+            parts[i] = left + right
+            parts[j] = None
+            nxt[i] = nxt[j]
+            if nxt[j] >= 0:
+                prv[nxt[j]] = i
+            for a in (prv[i], i):
+                b = nxt[a] if a >= 0 else -1
+                if b >= 0 and (rank := self.ranks.get((parts[a], parts[b]))) is not None:
+                    heapq.heappush(heap, (rank, a, parts[a], parts[b]))
+        merged = [part for part in parts if part is not None]
+        if len(self._cache) < 100_000:
+            self._cache[word] = merged
+        return merged
 
     def ids(self, text: str) -> list[int]:
         """Token ids of ``text`` without start/end tokens."""

@@ -109,6 +109,17 @@ def _predict_eps(model: Any, x: torch.Tensor, sigma: torch.Tensor, cond: torch.T
 
 
 
+def _release(patcher: Any) -> None:
+    """Unload ``patcher`` now, restoring the module's own weights: otherwise its rebuilt float32
+    copy of every UNet weight (one whole UNet) stays loaded after the node until another model is
+    loaded (ComfyUI hands a dead clone's slot to its parent, weights and all)."""
+    loaded = getattr(comfy.model_management, "current_loaded_models", [])
+    for i in reversed(range(len(loaded))):
+        if loaded[i].model is patcher:
+            loaded[i].model_unload()
+            loaded.pop(i)
+
+
 def soft_prompt_attack(erased: Any, original: Any, clip: Any, concept: str, *, prefix_tokens: int, steps: int,
                        lr: float, seed: int, noise_samples: int, latent: dict | None,
                        progress: Progress | None) -> dict[str, Any]:
@@ -156,28 +167,31 @@ def soft_prompt_attack(erased: Any, original: Any, clip: Any, concept: str, *, p
         comfy.model_management.load_models_gpu([erased])
         eps_erased = _predict_eps(erased, x, sigma, cond_c).float()
 
-    with torch.inference_mode(False), torch.enable_grad():
-        trainable = erased.clone()
-        trainable.add_patches(dict.fromkeys(_unet_prefix_keys(trainable), (None,)), 0.0, 1.0)
-        comfy.model_management.load_models_gpu([trainable], force_full_load=True)
-        xg, sg, target = x.clone(), sigma.clone(), eps_orig.clone()
-        table = text.table
-        head = table[ids[:1]].clone()
-        tail = table[torch.tensor(body, device=table.device)].clone()
+    trainable = erased.clone()
+    trainable.add_patches(dict.fromkeys(_unet_prefix_keys(trainable), (None,)), 0.0, 1.0)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            comfy.model_management.load_models_gpu([trainable], force_full_load=True)
+            xg, sg, target = x.clone(), sigma.clone(), eps_orig.clone()
+            table = text.table
+            head = table[ids[:1]].clone()
+            tail = table[torch.tensor(body, device=table.device)].clone()
 
-        def embed(prefix: torch.Tensor) -> torch.Tensor:
-            return torch.cat([head, prefix, tail])[None]
+            def embed(prefix: torch.Tensor) -> torch.Tensor:
+                return torch.cat([head, prefix, tail])[None]
 
-        def loss(prefix: torch.Tensor) -> torch.Tensor:
-            cond = text.forward(embed(prefix), eot + prefix_tokens)
-            return ((_predict_eps(trainable, xg, sg, cond) - target) ** 2).mean()
+            def loss(prefix: torch.Tensor) -> torch.Tensor:
+                cond = text.forward(embed(prefix), eot + prefix_tokens)
+                return ((_predict_eps(trainable, xg, sg, cond) - target) ** 2).mean()
 
-        result = optimise_prefix(table[start_ids.to(table.device)], loss, steps=steps, lr=lr, progress=progress)
-        prefix = result.prefix
-        window = [windows[0][0], *[(row.clone(), 1.0) for row in prefix.cpu()], *[(i, 1.0) for i in body]]
-        cond, pooled = clip.encode_from_tokens({stream: [window]}, return_pooled=True)
-        with torch.no_grad():
-            eps_attack = _predict_eps(trainable, xg, sg, cond.to(device).float()).float()
+            result = optimise_prefix(table[start_ids.to(table.device)], loss, steps=steps, lr=lr, progress=progress)
+            prefix = result.prefix
+            window = [windows[0][0], *[(row.clone(), 1.0) for row in prefix.cpu()], *[(i, 1.0) for i in body]]
+            cond, pooled = clip.encode_from_tokens({stream: [window]}, return_pooled=True)
+            with torch.no_grad():
+                eps_attack = _predict_eps(trainable, xg, sg, cond.to(device).float()).float()
+    finally:
+        _release(trainable)
     nearest = nearest_tokens(prefix, table, space.vocabulary.to(table.device))
     return {
         "cond": cond[0].detach().float().cpu(), "pooled": pooled, "prefix": prefix.cpu(),

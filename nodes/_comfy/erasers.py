@@ -4,6 +4,7 @@ differences from full erased files, and Receler's attention-output hook."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -144,10 +145,36 @@ def lora_patches(model: Any, clip: Any | None, file: EraserFile) -> tuple[dict[s
     modules = sorted({_LORA_MODULE.sub("", k) for k in tensors})
     unplaced = [m for m in modules if m not in key_map]
     loaded = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
+    if clip is not None:
+        shapes |= {k: tuple(v.shape) for k, v in clip.patcher.model_state_dict().items()}
+    for key, adapter in loaded.items():
+        _check_lora_shape(file.name, _patch_key(key), adapter, shapes.get(_patch_key(key)) if isinstance(key, str)
+                          else None)
     unet = {k: v for k, v in loaded.items() if _patch_key(k).startswith(UNET_PREFIX)}
     text = {k: v for k, v in loaded.items() if not _patch_key(k).startswith(UNET_PREFIX)}
     return unet, text, unplaced
 
+
+
+def _check_lora_shape(file: str, key: str, adapter: Any, shape: tuple[int, ...] | None) -> None:
+    """Refuse a LoRA whose ``up @ down`` cannot be added to the weight it names (ComfyUI would only
+    log "SHAPE MISMATCH" and skip it), or whose alpha is not finite, naming key and shapes."""
+    weights = getattr(adapter, "weights", None)
+    if not isinstance(weights, tuple) or len(weights) < 3 or not isinstance(weights[0], torch.Tensor):
+        return  # not a plain LoRA (LoHa, LoKr...): ComfyUI checks those itself
+    up, down, alpha = weights[0], weights[1], weights[2]
+    if alpha is not None and not math.isfinite(float(alpha)):
+        raise ErasureError(f"eraser file '{file}' must have finite alphas, but the alpha of '{key}' is {float(alpha)}.",
+                           input_name="eraser")
+    if shape is None or weights[5] is not None:
+        return
+    fits = up.ndim >= 2 and down.ndim >= 2 and up.shape[1] == down.shape[0] and up.shape[0] == shape[0] and \
+        down[0].numel() == math.prod(shape[1:])
+    if not fits:
+        raise ErasureError(f"eraser file '{file}' must fit the connected model, but the LoRA of '{key}' has up "
+                           f"{tuple(up.shape)} and down {tuple(down.shape)}, which cannot make its {shape} weight. "
+                           "Pick the LoRA made for this model.", input_name="eraser")
 
 
 def _patch_key(key: Any) -> str:

@@ -64,17 +64,71 @@ def file_fingerprint(choice: str | None, resolve: Callable[[str], str | None]) -
 
 
 
-def plain_save_path(folder: str, filename: str, suffix: str, example: str, error: type[ErasureError]) -> str:
-    """``folder/filename`` (``suffix`` added when missing) for a node that writes a file: a plain
-    name, no sub-paths or hidden files; ``error`` names the ``filename`` input otherwise."""
+MAX_NAME_BYTES = 200
+"""Longest file name a saving node writes (UTF-8 bytes, suffix included): most file systems stop
+at 255, and ComfyUI's temporary files add to it."""
+
+# Names Windows refuses whatever the extension (a workflow shared across systems must save on both).
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def check_file_name(filename: str, suffix: str, example: str, error: type[ErasureError],
+                    input_name: str = "filename") -> str:
+    """The plain file name ``filename`` (``suffix`` added when missing) or ``error`` naming
+    ``input_name``: no folders, hidden files, control characters (NUL, newline), characters
+    Windows refuses, reserved device names or names over :data:`MAX_NAME_BYTES`. Cheap and
+    touches no file: every saving node calls it before any work."""
+    if not isinstance(filename, str):
+        raise error(f"{input_name} must be text, but got {type(filename).__name__}.", input_name=input_name)
     name = filename.strip()
-    if not name or os.path.basename(name) != name or name.startswith("."):
-        raise error(f"filename must be a plain file name (no folders), but got '{filename}'. Type a name "
-                    f"such as '{example}'.", input_name="filename")
+    shown = repr(filename[:60])
+    fix = f"Type a name such as '{example}'."
+    if not name or os.path.basename(name) != name or "/" in name or "\\" in name or name.startswith(".") \
+            or name in (".", ".."):
+        raise error(f"{input_name} must be a plain file name (no folders), but got {shown}. {fix}",
+                    input_name=input_name)
+    if any(ord(ch) < 32 or ord(ch) == 127 or ch in '<>:"|?*' for ch in name):
+        raise error(f"{input_name} must not contain control characters (NUL, newline, tab) or any of <>:\"|?*, "
+                    f"but got {shown}. {fix}", input_name=input_name)
     if not name.lower().endswith(suffix):
         name += suffix
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise error(f"{input_name} must be at most {MAX_NAME_BYTES} bytes long, but got {len(name.encode())}. "
+                    f"{fix}", input_name=input_name)
+    if name.split(".")[0].strip().lower() in _RESERVED or name.endswith((" ", ".")):
+        raise error(f"{input_name} must not be a reserved device name (CON, NUL, COM1...) or end in a dot or "
+                    f"space, but got {shown}. {fix}", input_name=input_name)
+    return name
+
+
+def plain_save_path(folder: str, filename: str, suffix: str, example: str, error: type[ErasureError],
+                    input_name: str = "filename") -> str:
+    """``folder/filename`` (``suffix`` added when missing) for a node that writes a file, the name
+    checked by :func:`check_file_name` before any folder is made."""
+    name = check_file_name(filename, suffix, example, error, input_name)
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, name)
+
+
+EMBEDDING_PREFIX = "embedding:"
+
+
+def missing_embeddings(text: str) -> list[str]:
+    """The ``embedding:name`` references in ``text`` that ComfyUI's CLIP would not find (it drops
+    them with only a log line, so the concept would silently lose words)."""
+    if EMBEDDING_PREFIX not in text:
+        return []
+    roots = folder_paths.get_folder_paths("embeddings") if "embeddings" in folder_paths.folder_names_and_paths else []
+    missing = []
+    for word in text.replace("\n", " ").split(" "):
+        if not word.startswith(EMBEDDING_PREFIX):
+            continue
+        name = word[len(EMBEDDING_PREFIX):].rstrip(",.;:!?)")
+        found = name and any(file_inside([root], name + ext) for root in roots
+                             for ext in ("", ".safetensors", ".pt", ".bin"))
+        if not found:
+            missing.append(name)
+    return missing
 
 
 
@@ -225,10 +279,9 @@ def embedding_path(name: str, overwrite: bool) -> str:
     """Where an attack embedding called ``name`` goes (``models/embeddings``), checked before any
     work: a plain file name, and new unless ``overwrite``."""
 
-    stem = name.strip()
-    if stem.lower().endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if not stem or os.path.basename(stem) != stem or stem.startswith(".") or " " in stem:
+    stem = check_file_name(name, ".safetensors", "vangogh_attack", ConfigError, "save_embedding")
+    stem = stem[: -len(".safetensors")]
+    if " " in stem:
         raise ConfigError(f"save_embedding must be a plain file name without spaces or folders, but got "
                           f"'{name}'. Type a name such as 'vangogh_attack'.", input_name="save_embedding")
     folder = model_folder(EMBEDDINGS_FOLDER, (".safetensors", ".pt", ".bin"))[0]  # ComfyUI registers it

@@ -41,22 +41,111 @@ def attention_sites(model: Any, device: torch.device | None = None) -> tuple[Arc
     spec = detect(shapes)
     keys = spec.site_keys(shapes)
     key_patches = model.get_key_patches(UNET_PREFIX)
-    sites = [AttentionSite(key, LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device)))
+    transform = context_transform_of(model)
+    sites = [AttentionSite(key, LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device, transform)))
              for key in keys]
     return spec, sites
 
 
 
-def _effective_weight(key_patches: list[Any], key: str, device: torch.device) -> Callable[[], torch.Tensor]:
-    """A loader of one weight in float32 on ``device``: base weight, then this clone's patches."""
+def _effective_weight(key_patches: list[Any], key: str, device: torch.device,
+                      transform: ContextTransform | None = None) -> Callable[[], torch.Tensor]:
+    """A loader of one weight in float32 on ``device``: base weight, then this clone's patches,
+    then (for a cross-attention K/V weight) an earlier erasure's context transform ``W M``."""
 
     def load() -> torch.Tensor:
         (base, convert), *patches = key_patches
         weight = comfy.model_management.cast_to_device(base, device, torch.float32, copy=True)
         weight = convert(weight, inplace=True)
-        return comfy.lora.calculate_weight(patches, weight, key) if patches else weight
+        weight = comfy.lora.calculate_weight(patches, weight, key) if patches else weight
+        if transform is not None and _is_kv(key) and weight.shape[-1] in transform.mats:
+            with torch.no_grad():
+                weight = weight @ transform.matrix(weight.shape[-1], weight.device)
+        return weight
 
     return load
+
+
+def _is_kv(key: str) -> bool:
+    return ".attn2.to_k." in key or ".attn2.to_v." in key
+
+
+class ContextTransform:
+    """An ``attn2_patch`` that maps the cross-attention context (and value) ``c -> M c`` in float32
+    for each key width, ``M`` the product of the anchored erasures applied so far. ``to_k(M c)`` is
+    exactly ``(W M) c``, the edited weight, whatever precision the weights are stored or computed
+    in: nothing small is rounded into bf16 or fp8 weights. Immutable (ComfyUI deep-copies
+    ``model_options`` on every clone)."""
+
+    def __init__(self, mats: dict[int, torch.Tensor]):
+        self.mats = mats  # width -> M [d, d] float32
+        self._on: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> ContextTransform:
+        return self
+
+    def matrix(self, width: int, device: torch.device) -> torch.Tensor:
+        """``M`` for ``width`` on ``device``: an ordinary tensor even when first asked for under
+        inference mode, so a graph that needs gradients (the soft-prompt attack) can use it."""
+        m = self._on.get((width, device))
+        if m is None:
+            with torch.inference_mode(False):
+                m = self._on.setdefault((width, device), self.mats[width].to(device, copy=True))
+        return m
+
+    def _apply(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        if not isinstance(x, torch.Tensor) or x.shape[-1] not in self.mats:
+            return x
+        return (x.float() @ self.matrix(x.shape[-1], x.device).T).to(x.dtype)
+
+    def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict) -> tuple:
+        return n, self._apply(context), self._apply(value)
+
+    def then(self, mats: dict[int, torch.Tensor]) -> ContextTransform:
+        """This transform's edit followed by ``mats`` in graph order: ``W M_old M_new``."""
+        out = dict(self.mats)
+        with torch.inference_mode(False):
+            for width, m in mats.items():
+                out[width] = out[width] @ m if width in out else m
+        return ContextTransform(out)
+
+
+def _attn2_patches(model: Any) -> list[Any]:
+    options = getattr(model, "model_options", None)
+    if not isinstance(options, dict):
+        return []
+    return options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
+
+
+def context_transform_of(model: Any) -> ContextTransform | None:
+    """This pack's context transform on ``model``, if an earlier erasure put one there."""
+    return next((p for p in _attn2_patches(model) if isinstance(p, ContextTransform)), None)
+
+
+def _wants_context_transform(model: Any, patch: PatchSet) -> bool:
+    """Apply ``patch`` as a context transform when it is one shared multiplier per width over every
+    cross-attention K/V weight of a UNet (attn2 patches reach exactly those), and the weights are
+    stored or computed below float32 (in float32 the weight patch is already exact and stacks
+    with later LoRAs as weights do)."""
+    if not patch.context_multipliers or not hasattr(model, "set_model_attn2_patch"):
+        return False
+    diffusion = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if type(diffusion).__name__ != "UNetModel":
+        return False
+    state = model.model_state_dict(filter_prefix=UNET_PREFIX)
+    kv = {k for k in state if _is_kv(k)}
+    if set(patch.entries) != kv or any(state[k].shape[-1] not in patch.context_multipliers for k in kv):
+        return False
+    inner = model.model
+    compute = getattr(inner, "manual_cast_dtype", None) or inner.get_dtype()
+    return compute != torch.float32 or any(state[k].dtype != torch.float32 for k in kv)
+
+
+def _multiplier(p: torch.Tensor, q: torch.Tensor | None, strength: float) -> torch.Tensor:
+    """``I + strength (M − I)`` [d, d] float32 from ``M − I = P Q`` (or ``P`` when ``Q`` is None)."""
+    with torch.inference_mode(False):  # ordinary tensors: usable where gradients flow (soft prompt)
+        step = (p.double() if q is None else p.double() @ q.double()) * strength
+        return (torch.eye(step.shape[0], dtype=torch.float64) + step).float()
 
 
 
@@ -67,12 +156,27 @@ def apply_patchset(model: Any, patch: PatchSet, strength: float) -> Any:
     unknown keys silently, so any key it did not accept raises PatchError (before the clone is
     returned, so nothing downstream sees a half-applied edit).
     """
+    if _wants_context_transform(model, patch):
+        mats = {w: _multiplier(p, q, strength) for w, (p, q) in patch.context_multipliers.items()}
+        clone = model.clone()
+        earlier = context_transform_of(clone)
+        listed = _attn2_patches(clone)
+        if earlier is not None:
+            listed.remove(earlier)  # the clone's own list (model_options is deep-copied on clone)
+        clone.set_model_attn2_patch(earlier.then(mats) if earlier is not None else ContextTransform(mats))
+        logger.debug("applied %d patch keys as a float32 context transform at strength %s", len(patch), strength)
+        return clone
+    earlier = context_transform_of(model)
+    inverse = {w: torch.linalg.inv(m.double()).float() for w, m in earlier.mats.items()} if earlier else {}
     patches: dict[str, Any] = {}
     for key, entry in patch.entries.items():
+        # After a context transform the weight meets M c: W + ΔM⁻¹ then gives (W M + Δ) c exactly.
+        undo = inverse.get(entry.shape[1]) if _is_kv(key) else None
         if entry.is_low_rank:
-            patches[key] = LoRAAdapter(set(), (entry.up, entry.down, None, None, None, None))
+            down = entry.down if undo is None else entry.down @ undo
+            patches[key] = LoRAAdapter(set(), (entry.up, down, None, None, None, None))
         else:
-            patches[key] = ("diff", (entry.diff,))
+            patches[key] = ("diff", (entry.diff if undo is None else entry.diff @ undo,))
     clone = model.clone()
     added = set(clone.add_patches(patches, strength))
     missing = sorted(set(patches) - added)

@@ -50,3 +50,47 @@ def test_an_unreadable_cache_is_rebuilt(tmp_path, caplog):
     assert "ignoring unreadable encoding cache" in caplog.text
     CachedEncoder(inner, tmp_path, "fp")(["a cat"])
     assert len(inner.calls) == 1
+
+
+def _cache_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def test_the_cache_stays_under_its_cap_and_drops_the_least_recently_used(tmp_path):
+    inner = Counting()
+    one = inner.encoder(["p0"]).hidden[0]
+    per_prompt = one.numel() * 4 + 8 + 4 * one.shape[0] * 2  # hidden + eot + ids (int64 = 8 bytes per id)
+    cap = int(3.5 * per_prompt)
+    for i in range(6):
+        CachedEncoder(inner, tmp_path, "fp", max_bytes=cap)([f"p{i}"])
+        assert _cache_bytes(tmp_path) <= cap + 4096  # the safetensors header on top
+    CachedEncoder(inner, tmp_path, "fp", max_bytes=cap)(["p3"])  # p3 becomes the most recent
+    calls = len(inner.calls)
+    CachedEncoder(inner, tmp_path, "fp", max_bytes=cap)(["p6"])  # evicts the oldest: p4, not p3
+    CachedEncoder(inner, tmp_path, "fp", max_bytes=cap)(["p3"])
+    assert len(inner.calls) == calls + 1, "p3 was evicted although it was used recently"
+    CachedEncoder(inner, tmp_path, "fp", max_bytes=cap)(["p4"])
+    assert len(inner.calls) == calls + 2
+
+
+def test_other_encoders_files_are_dropped_oldest_first_past_the_cap(tmp_path):
+    inner = Counting()
+    CachedEncoder(inner, tmp_path, "old")(["a", "b"])
+    cap = int(1.5 * _cache_bytes(tmp_path))
+    CachedEncoder(inner, tmp_path, "new", max_bytes=cap)(["c", "d"])
+    assert not (tmp_path / "old.safetensors").exists() and (tmp_path / "new.safetensors").exists()
+
+
+def test_a_zero_cap_caches_nothing_and_a_nan_row_is_encoded_again(tmp_path):
+    inner = Counting()
+    CachedEncoder(inner, tmp_path, "fp", max_bytes=0)(["a"])
+    assert not list(tmp_path.glob("*.safetensors"))
+    CachedEncoder(inner, tmp_path, "fp")(["a"])
+    from safetensors.torch import load_file, save_file
+    entries = load_file(tmp_path / "fp.safetensors")
+    for key in entries:
+        if key.endswith(".hidden"):
+            entries[key][0, 0] = float("nan")
+    save_file(entries, tmp_path / "fp.safetensors")
+    out = CachedEncoder(inner, tmp_path, "fp")(["a"])
+    assert len(inner.calls) == 3 and bool(torch.isfinite(out.hidden).all())

@@ -83,7 +83,7 @@ def test_ft_gate_follows_the_prompt_and_the_input_model_is_untouched(pack, tiny_
 
     target, target_report, ui = _apply(model, clip, prompt="snoopy", spm_1="snoopy.safetensors")
     assert _gate(target_report, "snoopy") == pytest.approx(1.0, abs=1e-3)
-    assert ui.as_dict() == {"text": (target_report,)}  # the gates are shown on the node
+    assert ui["text"] == [target_report]  # the gates are shown on the node
     other, other_report, _ = _apply(model, clip, prompt=UNRELATED, spm_1="snoopy.safetensors")
     gate = _gate(other_report, "snoopy")
     # by hand: no shared token, so the gate is the cosine of the flattened 77x768 encodings

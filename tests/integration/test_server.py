@@ -52,6 +52,17 @@ class Server:
     url: str
     base: Path
     log: Path
+    pid: int = 0
+
+    def peak_rss_mib(self) -> float | None:
+        """The server process's peak resident memory (Linux ``VmHWM``), or None where unreadable."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError):
+            return None
+        return None
 
     def log_tail(self, chars: int = 4000) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
@@ -133,6 +144,7 @@ def server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
     with open(srv.log, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
+        srv.pid = proc.pid
         try:
             _wait_until_up(srv, proc)
             yield srv

@@ -87,7 +87,7 @@ def test_refusals_name_the_node_and_change_nothing(stub_env, erasers):
     err = stub_env.core.ErasureError
     with pytest.raises(err, match=r"Apply Eraser LoRA, input 'eraser': eraser file 'evil\.pt' must hold only tensors"):
         run(stub_env, model, "evil.pt")
-    with pytest.raises(err, match="inside models/erasers"):
+    with pytest.raises(err, match="inside models/erasers|one of the listed values"):
         run(stub_env, model, "../outside.safetensors")
     save_file({"vae.decoder.conv.weight": torch.zeros(2, 2)}, str(erasers / "odd.safetensors"))
     with pytest.raises(err, match=r"match none of them\. Found: 1x vae\.decoder\.conv\.weight"):

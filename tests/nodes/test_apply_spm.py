@@ -168,7 +168,7 @@ def test_bad_inputs_name_the_node_and_input_and_leave_the_model_alone(stub_env, 
     with pytest.raises(core.ArchitectureError, match="lora_unet_output_blocks_9_1") as err:
         run(stub_env, model, spm_1="a.safetensors", spm_2="other_arch.safetensors")
     assert err.value.input_name == "spm_2"
-    with pytest.raises(core.PatchError, match="models/spm") as err:
+    with pytest.raises(core.ErasureError, match="models/spm|listed values") as err:
         run(stub_env, model, spm_1="../a.safetensors")
     assert err.value.input_name == "spm_1"
     assert model.patches == {}

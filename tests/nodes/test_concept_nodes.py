@@ -59,7 +59,7 @@ def test_save_refuses_names_with_folders(env, concepts_dir, name):
 
 def test_load_refuses_a_file_outside_the_allowed_folders(env, concepts_dir):
     (concepts_dir.parent / "secret.txt").write_text("Pikachu\n")
-    with pytest.raises(env.core.ConceptError, match="Load Concepts, input 'file'"):
+    with pytest.raises(env.core.ErasureError, match="Load Concepts, input 'file'"):
         _load(env, file="../secret.txt")
 
 
