@@ -1,0 +1,77 @@
+// Shared helpers for the headless-Chromium scripts: launch Debian's chromium through
+// playwright-core, open ComfyUI's page, wait for the app, load a workflow, run it.
+"use strict";
+
+const fs = require("fs");
+const os = require("os");
+const path = require("path");
+const { chromium } = require("playwright-core");
+
+const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+
+async function launch() {
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), "ce-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    args: FLAGS,
+    viewport: { width: 1600, height: 1000 },
+  });
+  const close = async () => {
+    await context.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  };
+  return { context, close };
+}
+
+/** Open ComfyUI and wait until its app has a graph and a canvas. */
+async function openComfy(page, url) {
+  await page.goto(url, { waitUntil: "domcontentloaded" });
+  await page.waitForFunction(() => {
+    const app = window.comfyAPI?.app?.app;
+    return !!(app && app.graph && app.canvas && app.extensionManager);
+  }, null, { timeout: 90000 });
+  await page.waitForTimeout(500);
+}
+
+/** Load a UI-format workflow; `widgets` maps node type -> {widget name: value} to override. */
+async function loadWorkflow(page, workflow, widgets = {}) {
+  await page.evaluate(async ([wf, overrides]) => {
+    const app = window.comfyAPI.app.app;
+    await app.loadGraphData(wf, true, true, "ce_test");
+    for (const node of app.graph.nodes) {
+      for (const [name, value] of Object.entries(overrides[node.type] || {})) {
+        const widget = node.widgets?.find((w) => w.name === name);
+        if (widget) widget.value = value;
+      }
+    }
+    app.graph.setDirtyCanvas(true, true);
+  }, [workflow, widgets]);
+  await page.waitForTimeout(300);
+}
+
+/** Queue the loaded graph as the Run button does, and wait until the server's queue is empty;
+ * returns the history entry's status of the prompt. */
+async function runGraph(page, timeoutMs = 600000) {
+  const before = await page.evaluate(async () => Object.keys(await (await fetch("/api/history")).json()));
+  await page.evaluate(async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); });
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const state = await page.evaluate(async (known) => {
+      const queue = await (await fetch("/api/queue")).json();
+      const history = await (await fetch("/api/history")).json();
+      const fresh = Object.keys(history).filter((id) => !known.includes(id));
+      const busy = queue.queue_running.length + queue.queue_pending.length;
+      return { busy, fresh: fresh.map((id) => history[id].status) };
+    }, before);
+    if (state.fresh.length && !state.busy) {
+      await page.waitForTimeout(800); // the last executed messages, then a redraw
+      return state.fresh[state.fresh.length - 1];
+    }
+    if (Date.now() > deadline) throw new Error(`the run did not finish within ${timeoutMs} ms`);
+    await page.waitForTimeout(1000);
+  }
+}
+
+module.exports = { launch, openComfy, loadWorkflow, runGraph };
