@@ -154,7 +154,7 @@ class ApplySPM(io.ComfyNode):
                                facilitate_factor=facilitate_factor)
                 start = stop
                 multipliers.append(strength * gate.gate)
-                bars.append(Bar(f"{spm.name} gate", gate.gate, limit=max(1.0, facilitate_factor), good="high",
+                bars.append(Bar(f"{spm.name.removesuffix('.safetensors')} gate", gate.gate, limit=max(1.0, facilitate_factor), good="high",
                                 text=f"{gate.gate:.3f} -> x{strength * gate.gate:.3f}"))
                 lines.append(f"{spm.name}: {gate.describe(concepts)}, strength {strength:g} -> "
                              f"multiplier {strength * gate.gate:.3f}")

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,13 +65,13 @@ def frontend_root() -> Path:
 
 
 @pytest.fixture(scope="module")
-def web_server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
+def web_server(request, tmp_path_factory) -> Iterator[Server]:
     """ComfyUI serving its real front-end, with this pack and the tiny checkpoint."""
     reason = browser_skip_reason()
     if reason:
-        pytest.skip(reason)
+        pytest.skip(reason)  # before the checkpoint is built
     base = tmp_path_factory.mktemp("comfy_web")
-    prepare_base(base, tiny_state_dict)
+    prepare_base(base, request.getfixturevalue("tiny_state_dict"))
     with launch(base, frontend_root()) as srv:
         yield srv
 
@@ -113,3 +114,16 @@ def test_reports_are_drawn_on_the_nodes(web_server, tmp_path):
     blocked = out["without_extension"]
     assert "concept_erasure.report" not in blocked["extensions"]
     assert all(not n["drawn"] and n["payload"] is None for n in blocked["nodes"])
+
+
+def test_template_browser_gets_every_thumbnail(web_server):
+    # Frontend 1.27 (useTemplateWorkflows.getTemplateThumbnailUrl) asks for
+    # api/workflow_templates/<pack folder>/<name>.jpg for a custom node's template.
+    templates = web_server.get("/workflow_templates")
+    names = sorted(templates.get("concept_erasure", []))
+    assert names == sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    for name in names:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"{web_server.url}/api/workflow_templates/concept_erasure/{name}.jpg", timeout=30) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg", name
+            assert resp.read()[:3] == b"\xff\xd8\xff"
