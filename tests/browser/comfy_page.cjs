@@ -32,7 +32,7 @@ async function openComfy(page, url) {
     const app = window.comfyAPI?.app?.app;
     return !!(app && app.graph && app.canvas && app.extensionManager);
   }, null, { timeout: 90000 });
-  await page.waitForTimeout(500);
+  await page.waitForTimeout(1500); // node definitions and settings settle
 }
 
 /** Load a UI-format workflow; `widgets` maps node type -> {widget name: value} to override. */
@@ -55,8 +55,22 @@ async function loadWorkflow(page, workflow, widgets = {}) {
  * returns the history entry's status of the prompt. */
 async function runGraph(page, timeoutMs = 600000) {
   const before = await page.evaluate(async () => Object.keys(await (await fetch("/api/history")).json()));
-  await page.evaluate(async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); });
+  const errors = [];
+  let refused = 0;
+  const onConsole = (m) => { if (m.type() === "error") errors.push(m.text()); };
+  page.on("console", onConsole);
+  const onResponse = async (r) => {
+    if (r.url().endsWith("/prompt") && r.request().method() === "POST" && r.status() !== 200) {
+      refused += 1;
+      errors.push(`POST /prompt ${r.status()}: ${await r.text()}`);
+    }
+  };
+  page.on("response", onResponse);
+  const queue = () => page.evaluate(async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); });
+  await queue();
   const deadline = Date.now() + timeoutMs;
+  let idle = 0;
+  let attempts = 1;
   for (;;) {
     const state = await page.evaluate(async (known) => {
       const queue = await (await fetch("/api/queue")).json();
@@ -66,8 +80,24 @@ async function runGraph(page, timeoutMs = 600000) {
       return { busy, fresh: fresh.map((id) => history[id].status) };
     }, before);
     if (state.fresh.length && !state.busy) {
+      page.off("console", onConsole);
+      page.off("response", onResponse);
       await page.waitForTimeout(800); // the last executed messages, then a redraw
       return state.fresh[state.fresh.length - 1];
+    }
+    idle = state.busy ? 0 : idle + 1;
+    // Right after a page load the front-end sometimes sends a prompt without its output nodes
+    // (HTTP 400 prompt_no_outputs); the same click a moment later is accepted.
+    if (!state.fresh.length && !state.busy && refused >= attempts && attempts < 3) {
+      attempts += 1;
+      await page.waitForTimeout(2000);
+      await queue();
+      continue;
+    }
+    if (idle > 20) { // nothing queued or running for 20 s and no history entry: the queue refused it
+      page.off("console", onConsole);
+      page.off("response", onResponse);
+      throw new Error(`the prompt was not queued; console errors: ${errors.join(" | ").slice(0, 3000)}`);
     }
     if (Date.now() > deadline) throw new Error(`the run did not finish within ${timeoutMs} ms`);
     await page.waitForTimeout(1000);

@@ -127,3 +127,17 @@ def test_template_browser_gets_every_thumbnail(web_server):
                 f"{web_server.url}/api/workflow_templates/concept_erasure/{name}.jpg", timeout=30) as resp:
             assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg", name
             assert resp.read()[:3] == b"\xff\xd8\xff"
+
+
+def test_template_browser_shows_titles_and_thumbnails(web_server, tmp_path):
+    # The category is named by locales/en/main.json; each card's title is the file name and its
+    # description the name with spaces (what frontend 1.27 shows for a custom node's template).
+    shot = tmp_path / "templates.png"
+    cards = run_node("check_templates.cjs", web_server.url, "Concept Erasure", str(shot))
+    names = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    ours = sorted((c for c in cards if c["name"] in names), key=lambda c: c["name"])
+    assert [c["name"] for c in ours] == names, cards
+    for card in ours:
+        assert card["src"].endswith(f"/workflow_templates/concept_erasure/{card['name']}.jpg"), card
+        assert card["loaded"], f"thumbnail of {card['name']} did not load: {card}"
+        assert card["title"] == card["name"] and card["description"] == card["name"].replace("_", " ")
