@@ -14,19 +14,33 @@ const { launch, openComfy } = require("./comfy_page.cjs");
     const page = await context.newPage();
     await openComfy(page, url);
     await page.evaluate(() => window.comfyAPI.app.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
-    await page.getByText(label, { exact: true }).first().click({ timeout: 30000 });
-    await page.waitForSelector('img[src*="workflow_templates/"]', { timeout: 30000 });
-    await page.waitForTimeout(1500); // the images load
-    out = await page.evaluate(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')].map((card) => {
-      const img = card.querySelector("img");
-      return {
-        name: card.dataset.testid.replace("template-workflow-", ""),
-        title: card.querySelector("h3")?.textContent.trim() ?? "",
-        description: card.querySelector("p")?.textContent.trim() ?? "",
-        src: img?.getAttribute("src") ?? "",
-        loaded: !!(img && img.complete && img.naturalWidth > 0),
-      };
-    }));
+    const fetched = {};
+    page.on("response", (r) => {
+      if (r.url().includes("/workflow_templates/") && r.url().endsWith(".jpg")) fetched[r.url()] = r.status();
+    });
+    try {
+      await page.getByText(label, { exact: true }).first().click({ timeout: 30000 });
+      await page.waitForSelector('[data-testid^="template-workflow-"] img', { timeout: 30000 });
+    } catch (e) {
+      await page.screenshot({ path: screenshot });
+      throw e;
+    }
+    await page.waitForTimeout(2000); // the images load
+    const cards = await page.evaluate(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+      .map((card) => {
+        const img = card.querySelector("img");
+        return {
+          name: card.dataset.testid.replace("template-workflow-", ""),
+          title: card.querySelector("h3")?.textContent.trim() ?? "",
+          description: card.querySelector("p")?.textContent.trim() ?? "",
+          shown: !!(img && img.complete && img.naturalWidth > 0),
+        };
+      }));
+    // The front-end fetches each thumbnail and shows it from a blob: URL; match them by name.
+    out = cards.map((card) => {
+      const url = Object.keys(fetched).find((u) => u.endsWith(`/${card.name}.jpg`)) ?? "";
+      return { ...card, src: url, status: fetched[url] ?? null };
+    });
     await page.screenshot({ path: screenshot });
   } finally {
     await close();

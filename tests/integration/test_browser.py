@@ -99,7 +99,7 @@ def test_reports_are_drawn_on_the_nodes(web_server, tmp_path):
     for bar in erase["payload"]["bars"]:
         assert f"{bar['label']}: {bar['text']}" in erase["drawn"]
     (concepts,) = _by_type(state, "CE_LoadConcepts")
-    assert "Van Gogh" in " ".join(concepts["drawn"]), concepts
+    assert "Vincent van Gogh" in " ".join(concepts["drawn"]), concepts
     (attack,) = _by_type(state, "CE_AttackPrompt")
     recovery = next(b for b in attack["payload"]["bars"] if b["label"] == "K/V recovery")
     assert recovery["good"] == "low" and recovery["value"] is not None
@@ -139,5 +139,5 @@ def test_template_browser_shows_titles_and_thumbnails(web_server, tmp_path):
     assert [c["name"] for c in ours] == names, cards
     for card in ours:
         assert card["src"].endswith(f"/workflow_templates/concept_erasure/{card['name']}.jpg"), card
-        assert card["loaded"], f"thumbnail of {card['name']} did not load: {card}"
+        assert card["status"] == 200 and card["shown"], f"thumbnail of {card['name']} not shown: {card}"
         assert card["title"] == card["name"] and card["description"] == card["name"].replace("_", " ")
