@@ -35,20 +35,27 @@ async function openComfy(page, url) {
   await page.waitForTimeout(1500); // node definitions and settings settle
 }
 
-/** Load a UI-format workflow; `widgets` maps node type -> {widget name: value} to override. */
+/** Load a UI-format workflow; `widgets` maps node type -> {widget name: value} to override.
+ * A new user's first page may replace the graph once more after start-up (the getting-started
+ * flow), so the load is repeated until the graph holds the workflow's nodes. */
 async function loadWorkflow(page, workflow, widgets = {}) {
-  await page.evaluate(async ([wf, overrides]) => {
-    const app = window.comfyAPI.app.app;
-    await app.loadGraphData(wf, true, true, "ce_test");
-    for (const node of app.graph.nodes) {
-      for (const [name, value] of Object.entries(overrides[node.type] || {})) {
-        const widget = node.widgets?.find((w) => w.name === name);
-        if (widget) widget.value = value;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    await page.evaluate(async ([wf, overrides]) => {
+      const app = window.comfyAPI.app.app;
+      await app.loadGraphData(wf, true, true, "ce_test");
+      for (const node of app.graph.nodes) {
+        for (const [name, value] of Object.entries(overrides[node.type] || {})) {
+          const widget = node.widgets?.find((w) => w.name === name);
+          if (widget) widget.value = value;
+        }
       }
-    }
-    app.graph.setDirtyCanvas(true, true);
-  }, [workflow, widgets]);
-  await page.waitForTimeout(300);
+      app.graph.setDirtyCanvas(true, true);
+    }, [workflow, widgets]);
+    await page.waitForTimeout(1000);
+    const count = await page.evaluate(() => window.comfyAPI.app.app.graph.nodes.length);
+    if (count === workflow.nodes.length) return;
+  }
+  throw new Error("the workflow did not stay loaded");
 }
 
 /** Queue the loaded graph as the Run button does, and wait until the server's queue is empty;

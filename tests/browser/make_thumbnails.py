@@ -117,6 +117,9 @@ def main() -> None:
         shots.mkdir()
         (tmp / "base").mkdir()
         with _start(tmp / "base") as srv:
+            from test_browser import mark_returning_user
+
+            mark_returning_user(srv.url)  # no getting-started flow replacing the loaded graph
             first = _node(srv.url, shots, not opts.no_run, None, files)
             reports = {name: {str(m["id"]): m["report"] for m in entry["after"] if m["report"]}
                        for name, entry in first.items()}

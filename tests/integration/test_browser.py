@@ -59,6 +59,14 @@ def browser_skip_reason() -> str | None:
     return None
 
 
+def mark_returning_user(url: str) -> None:
+    """Settings of a user who has seen the getting-started flow (it would replace a loaded graph)."""
+    req = urllib.request.Request(f"{url}/settings", data=json.dumps({"Comfy.TutorialCompleted": True}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=30) as resp:
+        assert resp.status == 200
+
+
 def frontend_root() -> Path:
     spec = importlib.util.find_spec("comfyui_frontend_package")
     return Path(spec.submodule_search_locations[0]) / "static"
@@ -73,6 +81,8 @@ def web_server(request, tmp_path_factory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("comfy_web")
     prepare_base(base, request.getfixturevalue("tiny_state_dict"))
     with launch(base, frontend_root()) as srv:
+        # A returning user: no getting-started flow replacing the graph the test loads.
+        mark_returning_user(srv.url)
         yield srv
 
 
