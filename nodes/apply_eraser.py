@@ -14,7 +14,7 @@ from ..erasure_core.formats.eraser_files import SAFE_EXTENSIONS, open_eraser
 from ..erasure_core.formats.eraser_formats import EraserFormat, EraserInfo, check_family, describe
 from ..erasure_core.gating.ft_gate import ft_gate
 from . import _comfy
-from ._report import report_ui
+from ._report import Bar, report_ui
 from ._schema import names_node, validation_message
 from .types import io
 
@@ -204,21 +204,29 @@ class ApplyEraserLoRA(io.ComfyNode):
         file = open_eraser(path)
         info = describe(file.shapes, file.metadata, file.config, name=f"eraser '{file.name}'")
         check_family(info, _comfy.model_family_of(model), name=f"eraser '{file.name}'")
-        scale, gate_line = strength, "gate off"
+        scale, gate_line, gate_value = strength, "gate off", None
         if gate == GATE_FT:
             concepts = split_concepts(concept_text) or split_concepts(info.concept_text)
-            value, gate_line = compute_gate(clip, prompt, concepts, facilitate_factor, gate_threshold)
-            scale = strength * value
+            gate_value, gate_line = compute_gate(clip, prompt, concepts, facilitate_factor, gate_threshold)
+            scale = strength * gate_value
         if gate == GATE_FT and scale == 0.0:
             out_model, out_clip, applied = model, clip, "nothing (gate 0: the prompt is unrelated)"
         else:
             out_model, out_clip, applied = apply_eraser(model, clip, info, file, path, scale, difference_from,
                                                         progress)
+        seconds = time.perf_counter() - started
         report = (f"{file.name}: {info.summary()}; applied {applied} at strength {strength:g}"
                   f"{f' x gate = {scale:.3f}' if gate == GATE_FT else ''}; {gate_line}"
-                  f"{'; ' + '; '.join(info.notes) if info.notes else ''} ({time.perf_counter() - started:.2f} s)")
+                  f"{'; ' + '; '.join(info.notes) if info.notes else ''} ({seconds:.2f} s)")
         logger.info("Apply Eraser LoRA: %s", report)
-        return io.NodeOutput(out_model, out_clip, report, ui=report_ui(report, title=cls.DISPLAY_NAME))
+        lines = [f"{file.name}: {info.summary()}", *(f"applied {part}" if i == 0 else part
+                                                       for i, part in enumerate(applied.split("; "))),
+                 f"strength {strength:g}{f' x gate = {scale:.3f}' if gate == GATE_FT else ''}; {gate_line}",
+                 *info.notes, f"{seconds:.2f} s"]
+        bars = [] if gate_value is None else [Bar("gate", gate_value, limit=max(1.0, facilitate_factor), good="high",
+                                                 text=f"{gate_value:.3f} -> x{scale:.3f}")]
+        return io.NodeOutput(out_model, out_clip, report,
+                             ui=report_ui(report, title=cls.DISPLAY_NAME, lines=lines, bars=bars))
 
     @classmethod
     def validate_inputs(cls, eraser=None) -> bool | str:

@@ -14,7 +14,7 @@ from ..erasure_core.formats.spm import (
 from ..erasure_core.gating.ft_gate import ft_gate
 from ..erasure_core.gating.spm_combine import PAPER, REFERENCE, combine
 from . import _comfy
-from ._report import report_ui
+from ._report import Bar, report_ui
 from ._schema import names_node, validation_message
 from .types import io
 
@@ -133,7 +133,7 @@ class ApplySPM(io.ComfyNode):
             targets.append(concepts)
             progress(step + 1, len(picked) + 2)
         strengths = [float(slots.get(f"strength_{k}", 1.0)) for k in picked]
-        lines = []
+        lines, bars = [], []
         if mode == ALWAYS_ON:
             multipliers = strengths
             lines = [f"{spm.name}: always on, strength {s:g}" for spm, s in zip(spms, strengths, strict=True)]
@@ -154,6 +154,8 @@ class ApplySPM(io.ComfyNode):
                                facilitate_factor=facilitate_factor)
                 start = stop
                 multipliers.append(strength * gate.gate)
+                bars.append(Bar(f"{spm.name.removesuffix('.safetensors')} gate", gate.gate, limit=max(1.0, facilitate_factor), good="high",
+                                text=f"{gate.gate:.3f} -> x{strength * gate.gate:.3f}"))
                 lines.append(f"{spm.name}: {gate.describe(concepts)}, strength {strength:g} -> "
                              f"multiplier {strength * gate.gate:.3f}")
         progress(len(picked) + 1, len(picked) + 2)
@@ -170,7 +172,8 @@ class ApplySPM(io.ComfyNode):
             header += f"; {ignored} text-encoder keys ignored (SPM gates the UNet only)"
         report = "\n".join([header, *lines])
         logger.info("%s", report)
-        return io.NodeOutput(patched, report, ui=report_ui(report, title=DISPLAY_NAME))
+        return io.NodeOutput(patched, report, ui=report_ui(report, title=DISPLAY_NAME, lines=[header, *lines],
+                                                           bars=bars))
 
 
 def _no_file_error() -> ConceptError:

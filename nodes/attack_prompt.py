@@ -20,7 +20,7 @@ from ..erasure_core.attacks import (
 from ..erasure_core.attacks.config import AttackConfig, AttackMode, parse_pairs
 from ..erasure_core.attacks.recovery import Recovery, kv_recovery
 from . import _comfy
-from ._report import report_ui
+from ._report import Bar, report_ui
 from ._schema import config_input, names_node, validation_message
 from .types import io
 
@@ -30,6 +30,16 @@ DISPLAY_NAME = "Attack Prompt"
 OPTIONS = ("mode", "random_seed", "reg", "strength", "search_steps", "search_tokens", "search_population",
            "prefix_tokens", "steps", "lr", "noise_samples")
 NO_ORIGINAL = "connect original_model to score recovery"
+
+
+def _recovery_bars(kv: Recovery | None, noise: Recovery | None) -> list[Bar]:
+    """Recovery as bars on the node: 1 = the attack brings the concept fully back (bad for the
+    erasure), 0 = it does not move the erased model toward it."""
+    bars = [Bar("K/V recovery", kv.score if kv is not None else math.nan, good="low",
+                text="" if kv is not None else "n/a (no original_model)")]
+    if noise is not None:
+        bars.append(Bar("noise recovery", noise.score, good="low"))
+    return bars
 
 
 class AttackPrompt(io.ComfyNode):
@@ -152,7 +162,8 @@ class AttackPrompt(io.ComfyNode):
         return io.NodeOutput(_comfy.conditioning(cond, pooled), prompt,
                              kv.score if kv is not None else math.nan,
                              noise.score if noise is not None else math.nan, report,
-                             ui=report_ui(report, title=DISPLAY_NAME))
+                             ui=report_ui(report, title=DISPLAY_NAME, lines=report.split("\n"),
+                                          bars=_recovery_bars(kv, noise)))
 
     @staticmethod
     def _concept_vector(clip, concept, carrier, pairs, config, progress, notes):

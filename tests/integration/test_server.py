@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,20 +111,15 @@ def _wait_until_up(server: Server, proc: subprocess.Popen) -> None:
                 f"log tail:\n{server.log_tail()}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
-    """A headless ComfyUI (--cpu, loopback only) with this pack and the tiny checkpoint."""
+def prepare_base(base: Path, tiny_state_dict) -> None:
+    """A ComfyUI base directory with this pack, the tiny checkpoint and the files the examples pick."""
     from safetensors.torch import save_file
 
-    comfy = comfyui_path()
-    base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "concept_erasure").symlink_to(ROOT, target_is_directory=True)
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tiny_state_dict.items()}, str(checkpoints / CHECKPOINT_NAME))
-    front_end = base / "empty_front_end"
-    front_end.mkdir()
     (base / "models" / "concepts").mkdir()
     (base / "models" / "concepts" / "team_list.csv").write_text(
         "target,anchor,aliases,kind,preserve\nVincent van Gogh,a painter,Van Gogh,artist,Claude Monet\n")
@@ -136,13 +132,18 @@ def server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
     (base / "input").mkdir()
     (base / "input" / "from_input.txt").write_text("Pikachu -> a yellow cartoon creature\n")
 
+
+@contextmanager
+def launch(base: Path, front_end_root: Path) -> Iterator[Server]:
+    """Run ComfyUI (--cpu, loopback only) on ``base`` serving the front-end at ``front_end_root``
+    (an empty folder when no browser is used); stop it on exit."""
     port = _free_port()
     srv = Server(url=f"http://127.0.0.1:{port}", base=base, log=base / "server.log")
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--front-end-root", str(front_end),
+           "--base-directory", str(base), "--front-end-root", str(front_end_root),
            "--disable-api-nodes", "--database-url", f"sqlite:///{base / 'comfy.db'}", "--log-stdout"]
     with open(srv.log, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         srv.pid = proc.pid
         try:
@@ -155,6 +156,17 @@ def server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_state_dict) -> Iterator[Server]:
+    """A headless ComfyUI (--cpu, loopback only) with this pack and the tiny checkpoint."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    prepare_base(base, tiny_state_dict)
+    front_end = base / "empty_front_end"
+    front_end.mkdir()
+    with launch(base, front_end) as srv:
+        yield srv
 
 
 def _input_specs(info: dict) -> dict[str, list]:

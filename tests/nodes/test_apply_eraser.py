@@ -63,9 +63,13 @@ def test_gate_leaves_an_unrelated_prompt_unchanged(stub_env, erasers):
     gate = {"gate": "facilitated transport", "gate_threshold": 0.99, "clip": FakeClip()}
     unrelated, _, report = run(stub_env, model, "gated.safetensors", prompt="a bowl of ramen", **gate).result
     assert unrelated is model and "gate 0.000" in report
-    related, _, report = run(stub_env, model, "gated.safetensors", prompt="snoopy", **gate).result
+    out = run(stub_env, model, "gated.safetensors", prompt="snoopy", **gate)
+    related, _, report = out.result
     torch.testing.assert_close(effective(stub_env, related, K), weights[K] + 0.01)
     assert "gate 1.000" in report
+    payload = out.ui["ce_report"][0]
+    assert payload["bars"] == [{"label": "gate", "value": 1.0, "limit": 1.0, "good": "high", "text": "1.000 -> x1.000"}]
+    assert payload["lines"][1].startswith("applied ") and "gate 1.000" in " ".join(payload["lines"])
 
 
 def test_gate_needs_a_prompt_and_a_concept(stub_env, erasers):

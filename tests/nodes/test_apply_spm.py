@@ -98,6 +98,8 @@ def test_target_prompt_gets_the_full_membrane_and_an_unrelated_one_its_gate(stub
     part, report = out.result
     assert f"gate {gate:.3f}" in report and "tokenuni 0.000" in report
     assert out.ui["text"] == [report]
+    (bar,) = out.ui["ce_report"][0]["bars"]  # the gate, drawn on the node
+    assert bar["label"] == "snoopy gate" and bar["value"] == pytest.approx(gate, abs=5e-4) and bar["good"] == "high"
     for key in site_keys():
         torch.testing.assert_close(delta(stub_env, part, key), gate * full_delta(sd, key), **TOL)
     assert model.patches == {}  # the input model is untouched

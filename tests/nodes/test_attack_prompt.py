@@ -66,6 +66,8 @@ def test_closed_form_recovers_a_uce_erasure(env, models):
     assert recovery == pytest.approx(1.0, abs=1e-3)
     assert "closed_form on Stable Diffusion 1.x" in report
     assert "the prompt output is empty" in report and out.ui["text"] == [report]
+    (bar,) = out.ui["ce_report"][0]["bars"]  # recovery, drawn on the node: high is bad for the erasure
+    assert bar["label"] == "K/V recovery" and bar["value"] == pytest.approx(recovery) and bar["good"] == "low"
     assert erased.patches == patches and not original.patches  # inputs untouched
 
 
