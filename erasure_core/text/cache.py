@@ -5,6 +5,9 @@ later erasure: :class:`CachedEncoder` wraps any ``TextEncoder`` and keeps, per f
 safetensors file of per-prompt rows (float32, so a cached encoding equals a fresh one). The
 fingerprint must change whenever the encoder would encode differently (other weights, another
 CLIP layer, CLIP LoRAs); the caller computes it.
+
+A prompt encoded for ``rows="through_eot"`` is kept as its rows up to its EOT (``.head``); one
+encoded at all rows (``.hidden``) serves both kinds of request.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .encoded import EncodedText, TextEncoder
+from .encoded import EncodedText, TextEncoder, encode
 
 __all__ = ["CachedEncoder"]
 
@@ -34,6 +37,8 @@ def _key(text: str) -> str:
 class CachedEncoder:
     """``TextEncoder`` that reads prompts from ``folder/<fingerprint>.safetensors`` and encodes
     only the ones missing there (then adds them). ``hits`` / ``misses`` count prompts."""
+
+    accepts_rows = True  # forwarded to the wrapped encoder when it accepts them too
 
     def __init__(self, encoder: TextEncoder, folder: str | os.PathLike[str], fingerprint: str):
         self.encoder = encoder
@@ -62,25 +67,48 @@ class CachedEncoder:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
-    def __call__(self, texts: Sequence[str]) -> EncodedText:
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
         texts = list(texts)
         entries = self._read()
-        missing = list(dict.fromkeys(t for t in texts if _key(t) + ".hidden" not in entries))
+        short = rows == "through_eot"
+
+        def cached(text: str) -> bool:
+            key = _key(text)
+            return key + ".hidden" in entries or (short and key + ".head" in entries)
+
+        missing = list(dict.fromkeys(t for t in texts if not cached(t)))
         if missing:
-            fresh = self.encoder(missing)
+            head = short and getattr(self.encoder, "accepts_rows", False)  # else all rows come back
+            fresh = encode(self.encoder, missing, rows)
             for i, text in enumerate(missing):
-                entries[_key(text) + ".hidden"] = fresh.hidden[i].float().cpu().contiguous()
+                stop = int(fresh.eot_index[i]) + 1 if head else fresh.hidden.shape[1]
+                kind = ".head" if head else ".hidden"
+                entries[_key(text) + kind] = fresh.hidden[i, :stop].float().cpu().contiguous()
                 entries[_key(text) + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
                 if fresh.token_ids is not None:
-                    entries[_key(text) + ".ids"] = fresh.token_ids[i].cpu().contiguous()
+                    entries[_key(text) + ".ids"] = fresh.token_ids[i, :stop].cpu().contiguous()
             self._write(entries)
         self.misses += len(missing)
         self.hits += len(set(texts)) - len(missing)
         keys = [_key(t) for t in texts]
+        if not keys:
+            return EncodedText((), torch.zeros(0, 1, 1), torch.zeros(0, dtype=torch.long))
+        eot = torch.cat([entries[k + ".eot"] for k in keys])
+        hidden = [entries.get(k + ".hidden", entries.get(k + ".head")) for k in keys]
         ids = [entries.get(k + ".ids") for k in keys]
+        if short:  # each prompt's rows through its EOT, zero (ids: -1) after it
+            stop = int(eot.max()) + 1
+            hidden = [_fit(h[: int(e) + 1], stop, 0.0) for h, e in zip(hidden, eot, strict=True)]
+            ids = [None if i is None else _fit(i[: int(e) + 1], stop, -1) for i, e in zip(ids, eot, strict=True)]
         return EncodedText(
-            tuple(texts),
-            torch.stack([entries[k + ".hidden"] for k in keys]) if keys else torch.zeros(0, 1, 1),
-            torch.cat([entries[k + ".eot"] for k in keys]) if keys else torch.zeros(0, dtype=torch.long),
-            token_ids=torch.stack(ids) if keys and all(i is not None for i in ids) else None,
+            tuple(texts), torch.stack(hidden), eot,
+            token_ids=torch.stack(ids) if all(i is not None for i in ids) else None,
         )
+
+
+def _fit(rows: torch.Tensor, length: int, fill: float) -> torch.Tensor:
+    """``rows`` padded with ``fill`` along the first axis to ``length``."""
+    if len(rows) == length:
+        return rows
+    pad = rows.new_full((length - len(rows), *rows.shape[1:]), fill)
+    return torch.cat([rows, pad])

@@ -21,7 +21,11 @@ import torch
 
 from ..errors import ConceptError
 
-__all__ = ["EncodedText", "TextEncoder", "TokenPick", "erase_rows", "preserve_rows"]
+__all__ = ["ROWS", "EncodedText", "TextEncoder", "TokenPick", "encode", "erase_rows", "preserve_rows", "rows_for"]
+
+ROWS = ("all", "through_eot")
+"""How many token positions a caller needs: ``"all"`` (the whole context) or ``"through_eot"``
+(each prompt up to and including its first end-of-text token; rows after it are unspecified)."""
 
 
 class TokenPick(str, Enum):
@@ -76,9 +80,28 @@ class EncodedText:
 
 
 class TextEncoder(Protocol):
-    """Anything that turns prompts into :class:`EncodedText` (ComfyUI's CLIP, a test encoder)."""
+    """Anything that turns prompts into :class:`EncodedText` (ComfyUI's CLIP, a test encoder).
+
+    An encoder that can stop early sets ``accepts_rows = True`` and takes ``rows=`` (one of
+    :data:`ROWS`); it may still return more rows than asked (a bidirectional encoder runs its real
+    length). Callers go through :func:`encode`, which asks only encoders that accept it."""
 
     def __call__(self, texts: Sequence[str]) -> EncodedText: ...
+
+
+def encode(encoder: TextEncoder, texts: Sequence[str], rows: str = "all") -> EncodedText:
+    """``encoder(texts)``, asking for only ``rows`` where the encoder accepts the request."""
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+    if rows != "all" and getattr(encoder, "accepts_rows", False):
+        return encoder(texts, rows=rows)  # type: ignore[call-arg]
+    return encoder(texts)
+
+
+def rows_for(pick: TokenPick) -> str:
+    """The rows a token pick reads: single rows at or before the first EOT need no later position
+    (CLIP is causal, so rows up to a prompt's EOT do not depend on what follows)."""
+    return "through_eot" if pick in (TokenPick.LAST_SUBJECT, TokenPick.FIRST_EOT) else "all"
 
 
 def _last_word(enc: EncodedText, i: int) -> int:
