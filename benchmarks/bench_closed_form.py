@@ -34,11 +34,10 @@ import torch  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
 from erasure_core.concepts import normalise  # noqa: E402
-from erasure_core.text.clip import BPETokenizer, ClipTextConfig, ClipTextEncoder, find_merges_file  # noqa: E402
+from erasure_core.text.clip import BPETokenizer, ClipTextEncoder, find_merges_file  # noqa: E402
 from erasure_core.text.encoded import EncodedText, TokenPick  # noqa: E402
 
 ANCHOR = "a painter"
-SINGLE_ROW_PICKS = (TokenPick.LAST_SUBJECT, TokenPick.FIRST_EOT)
 
 # -- synthetic concept names ------------------------------------------------------------------
 # Artist-like names from first names, surname syllables and particles: deterministic, unique,
@@ -96,22 +95,30 @@ def model_sites(arch: str, seed: int) -> list[ec.AttentionSite]:
 
 
 class TimedEncoder:
-    """Calls the CLIP with ``rows`` and adds up the seconds spent inside it."""
+    """Calls the CLIP with the rows the method asks for (or ``forced`` rows) and adds up the
+    seconds spent inside it; ``modes`` records each rows mode used and its longest width."""
 
-    def __init__(self, clip: ClipTextEncoder, rows: str):
-        self.clip, self.rows = clip, rows
+    accepts_rows = True
+
+    def __init__(self, clip: ClipTextEncoder, forced: str | None = None):
+        self.clip, self.forced = clip, forced
         self.reset()
 
     def reset(self) -> None:
         self.seconds, self.prompts, self.length = 0.0, 0, 0
+        self.modes: dict[str, int] = {}
 
-    def __call__(self, texts: Sequence[str]) -> EncodedText:
-        t0 = time.perf_counter()
-        out = self.clip(texts, rows=self.rows)
-        self.seconds += time.perf_counter() - t0
-        self.prompts += len(texts)
+    def _record(self, rows: str, out: EncodedText, started: float, n: int) -> EncodedText:
+        self.seconds += time.perf_counter() - started
+        self.prompts += n
         self.length = max(self.length, int(out.hidden.shape[1]))
+        self.modes[rows] = max(self.modes.get(rows, 0), int(out.hidden.shape[1]))
         return out
+
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
+        t0 = time.perf_counter()
+        rows = self.forced or rows
+        return self._record(rows, self.clip(texts, rows=rows), t0, len(texts))
 
 
 class GivenEncoder(TimedEncoder):
@@ -125,7 +132,7 @@ class GivenEncoder(TimedEncoder):
         self.tokenizer, self.width = tokenizer, width
         self.gen = torch.Generator().manual_seed(seed)
         self.given = {tuple(texts): self._build(texts) for texts in expected}
-        self.rows = "given"
+        self.forced = "given"
         self.reset()
 
     def _build(self, texts: Sequence[str]) -> EncodedText:
@@ -134,19 +141,17 @@ class GivenEncoder(TimedEncoder):
         hidden[:, 0] = hidden[0, 0]  # the start token's row is the same for every prompt (causal)
         return EncodedText(tuple(texts), hidden, eot, token_ids=ids)
 
-    def __call__(self, texts: Sequence[str]) -> EncodedText:
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
         t0 = time.perf_counter()
-        out = self.given.get(tuple(texts)) or self._build(texts)
-        self.seconds += time.perf_counter() - t0
-        self.prompts += len(texts)
-        self.length = max(self.length, int(out.hidden.shape[1]))
-        return out
+        return self._record("given", self.given.get(tuple(texts)) or self._build(texts), t0, len(texts))
 
 
-def expected_prompts(concepts: ec.ConceptSet) -> list[str]:
-    """The prompt list UCE and SPEED encode: erase pairs, preserve prompts, the empty prompt."""
-    return list(dict.fromkeys([p for pair in concepts.erase_pairs() for p in pair]
-                              + concepts.preserve_prompts([""])))
+def expected_prompts(concepts: ec.ConceptSet) -> list[list[str]]:
+    """The prompt lists UCE and SPEED encode: erase pairs, preserve prompts and the empty prompt
+    (UCE); the same without the empty prompt, then the empty prompt alone (SPEED)."""
+    pairs = [p for pair in concepts.erase_pairs() for p in pair]
+    return [list(dict.fromkeys(pairs + concepts.preserve_prompts([""]))),
+            list(dict.fromkeys(pairs + concepts.preserve_prompts([]))), [""]]
 
 
 # -- what runs --------------------------------------------------------------------------------
@@ -166,6 +171,8 @@ def variants(compare_rows: bool) -> list[Variant]:
     out: list[Variant] = []
     for name in ec.methods.names():
         out.append(Variant(name, name, name))
+        if name == "speed":
+            out.append(Variant("speed-multi", "speed (multi-celebrity)", "speed", {"preset": "multi-celebrity"}))
         if name == "uce":
             last = {"token_pick": TokenPick.LAST_SUBJECT}
             out.append(Variant("uce-last", "uce (last subject)", "uce", last))
@@ -183,35 +190,6 @@ def select(all_variants: list[Variant], wanted: str | None) -> list[Variant]:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {[v.key for v in all_variants]}")
     return [v for v in all_variants if v.key in names or v.label in names]
-
-
-def probe_rows(variant: Variant, tokenizer: BPETokenizer, seed: int) -> tuple[str, str]:
-    """Encoder rows for ``variant`` and why. Single-row token picks may stop at the last EOT, but
-    only if the method reads no other row: checked on a small CLIP-width problem by comparing the
-    patch from ``rows="through_eot"`` with the one from all 77 rows."""
-    if variant.rows is not None:
-        return variant.rows, "forced"
-    config = variant.config()
-    if getattr(config, "token_pick", None) not in SINGLE_ROW_PICKS:
-        return "all", "token pick reads rows after EOT"
-    clip = ClipTextEncoder(ClipTextConfig(layers=1), tokenizer, seed=seed)
-    sites = model_sites("sd1", seed)
-    targets, preserve = concept_names(tokenizer, 3, 3, seed)
-    concepts = ec.ConceptSet.simple(targets, (ANCHOR,), preserve)
-    full = ec.erase(variant.method, sites, concepts, TimedEncoder(clip, "all"), config)
-    try:
-        short = ec.erase(variant.method, sites, concepts, TimedEncoder(clip, "through_eot"), config)
-    except (ec.ErasureError, RuntimeError) as err:  # e.g. SPEED's invariants from zeroed rows
-        return "all", f"the method fails on through_eot rows ({type(err).__name__})"
-    if set(full.entries) != set(short.entries):
-        return "all", "through_eot edits other sites"
-    worst = 0.0
-    for key in full.entries:
-        a, b = full[key].dense().double(), short[key].dense().double()
-        worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
-    if worst < 1e-4:
-        return "through_eot", f"patch equals the 77-row one (max rel. diff {worst:.1e})"
-    return "all", f"method reads rows after EOT (through_eot patch differs by {worst:.1e})"
 
 
 # -- one case, in its own process -------------------------------------------------------------
@@ -272,8 +250,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     sites = model_sites(case["arch"], case["seed"])
     if case["rows"] != "given":
         encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]), case["rows"])
+        encoder.forced = case["rows"]
     else:
-        encoder = GivenEncoder(tokenizer, [expected_prompts(concepts), expected_prompts(WARMUP)],
+        encoder = GivenEncoder(tokenizer, expected_prompts(concepts) + expected_prompts(WARMUP),
                                sites[0].in_features, case["seed"])
     if case["warmup"]:  # library start-up off the clock (measured: under 0.1 s on CPU, so off by default)
         ec.erase(variant.method, sites, WARMUP, encoder, config)
@@ -282,6 +261,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     base = _current_kib()
     runs: list[tuple[float, float, float]] = []
     rank = prompts_encoded = length = 0
+    modes: dict[str, int] = {}
     patch_mib = 0.0
     for _ in range(case["repeats"]):
         encoder.reset()
@@ -291,7 +271,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         total = time.perf_counter() - t0
         runs.append((encoder.seconds, total, (time.process_time() - cpu0) / total))
         rank, patch_mib = patch.max_rank, patch.nbytes / 2**20
-        prompts_encoded, length = encoder.prompts, encoder.length
+        prompts_encoded, length, modes = encoder.prompts, encoder.length, dict(encoder.modes)
         del patch
     peak = _peak_kib(how)
     return {
@@ -306,6 +286,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "patch_mib": patch_mib,
         "prompts": prompts_encoded,
         "length": length,
+        "modes": modes,
         "threads": torch.get_num_threads(),
     }
 
@@ -336,7 +317,7 @@ def _row(case: dict[str, Any], result: dict[str, Any]) -> str:
     if "error" in result:
         cells = head + ["-", str(case["targets"]), str(case["preserve"])] + [result["error"]] + [""] * 8
     else:
-        rows = "given" if case["rows"] == "given" else f"{case['rows']} ({result['length']})"
+        rows = "given" if case["rows"] == "given" else " + ".join(f"{m} ({n})" for m, n in result["modes"].items())
         cells = head + [rows, str(case["targets"]), str(case["preserve"]), str(result["prompts"]),
                         f"{result['encode']:.2f}", f"{result['solve']:.2f}", f"{result['total']:.2f}", f"{result['cores']:.1f}",
                         f"{result['peak_mib']:.0f}", f"{result['delta_mib']:.0f}", str(result["rank"]),
@@ -361,7 +342,7 @@ def _cpu() -> str:
     return model or platform.processor() or platform.machine()
 
 
-def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str, str],
+def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str, str | None],
                 args: argparse.Namespace, merges: str) -> None:
     print(f"\n### {title}\n")
     print(_header(), flush=True)
@@ -432,10 +413,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_section("SD1.5: 32 K/V sites (width 768), encodings given (edit only)", "sd1", chosen,
                     {v.key: "given" for v in chosen}, args, merges)
     elif not args.no_sd1:
-        rows_for: dict[str, str] = {}
-        for v in chosen:
-            rows_for[v.key], why = probe_rows(v, tokenizer, args.seed)
-            print(f"encoder rows for {v.label}: {rows_for[v.key]} ({why})")
+        rows_for = {v.key: v.rows for v in chosen}  # None: the rows each method asks for
         run_section("SD1.5: 32 K/V sites (width 768), CLIP-L encoder", "sd1", chosen, rows_for, args, merges)
     if args.sdxl:
         wanted = {"uce", "uce-last", "speed"}

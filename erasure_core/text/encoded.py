@@ -12,6 +12,7 @@ use to pick key rows (``research/algorithms.md`` §0 and §11.1):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -21,7 +22,8 @@ import torch
 
 from ..errors import ConceptError
 
-__all__ = ["ROWS", "EncodedText", "TextEncoder", "TokenPick", "encode", "erase_rows", "preserve_rows", "rows_for"]
+__all__ = ["ROWS", "EncodedText", "TextEncoder", "TimedEncoder", "TokenPick", "encode", "erase_rows", "preserve_rows",
+           "rows_for"]
 
 ROWS = ("all", "through_eot")
 """How many token positions a caller needs: ``"all"`` (the whole context) or ``"through_eot"``
@@ -96,6 +98,22 @@ def encode(encoder: TextEncoder, texts: Sequence[str], rows: str = "all") -> Enc
     if rows != "all" and getattr(encoder, "accepts_rows", False):
         return encoder(texts, rows=rows)  # type: ignore[call-arg]
     return encoder(texts)
+
+
+class TimedEncoder:
+    """Wraps a ``TextEncoder`` and adds up the seconds spent in it (rows requests pass through)."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.encoder = encoder
+        self.accepts_rows = bool(getattr(encoder, "accepts_rows", False))
+        self.seconds = 0.0
+
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
+        started = time.perf_counter()
+        try:
+            return encode(self.encoder, texts, rows)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def rows_for(pick: TokenPick) -> str:
