@@ -87,11 +87,17 @@ def concept_names(tokenizer: BPETokenizer, n_targets: int, n_preserve: int, seed
 
 
 # -- models -----------------------------------------------------------------------------------
-def model_sites(arch: str, seed: int) -> list[ec.AttentionSite]:
+def model_sites(arch: str, seed: int, device: str = "cpu") -> list[ec.AttentionSite]:
     """Every cross-attention K/V site of the full-size ``arch``, seeded, scaled 1/sqrt(d_in)."""
     gen = torch.Generator().manual_seed(seed)
-    return [ec.AttentionSite(k, torch.randn(shape, generator=gen) / shape[1] ** 0.5)
+    return [ec.AttentionSite(k, (torch.randn(shape, generator=gen) / shape[1] ** 0.5).to(device))
             for k, shape in ec.reference_site_shapes(arch).items() if "attn2" in k]
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so that a clock read after it is true."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 class TimedEncoder:
@@ -109,6 +115,7 @@ class TimedEncoder:
         self.modes: dict[str, int] = {}
 
     def _record(self, rows: str, out: EncodedText, started: float, n: int) -> EncodedText:
+        _sync(str(out.hidden.device))
         self.seconds += time.perf_counter() - started
         self.prompts += n
         self.length = max(self.length, int(out.hidden.shape[1]))
@@ -138,7 +145,7 @@ class GivenEncoder(TimedEncoder):
     def _build(self, texts: Sequence[str]) -> EncodedText:
         ids, eot = self.tokenizer(texts)
         hidden = torch.randn(len(texts), self.tokenizer.context_length, self.width, generator=self.gen)
-        hidden[:, 0] = hidden[0, 0]  # the start token's row is the same for every prompt (causal)
+        hidden[:, 0] = hidden[0, 0].clone()  # the start token's row is the same for every prompt (causal)
         return EncodedText(tuple(texts), hidden, eot, token_ids=ids)
 
     def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
@@ -247,10 +254,11 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     targets, preserve = concept_names(tokenizer, case["targets"], case["preserve"], case["seed"])
     concepts = ec.ConceptSet.simple(targets, (ANCHOR,), preserve)
     config = variant.config()
-    sites = model_sites(case["arch"], case["seed"])
+    device = case.get("device", "cpu")
+    sites = model_sites(case["arch"], case["seed"], device)
     if case["rows"] != "given":
-        encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]), case["rows"])
-        encoder.forced = case["rows"]
+        encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]).to(device),
+                                             case["rows"])
     else:
         encoder = GivenEncoder(tokenizer, expected_prompts(concepts) + expected_prompts(WARMUP),
                                sites[0].in_features, case["seed"])
@@ -268,6 +276,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         _trim_heap()
         cpu0, t0 = time.process_time(), time.perf_counter()
         patch = ec.erase(variant.method, sites, concepts, encoder, config)
+        _sync(device)  # (the patch is copied to the CPU, which waits anyway)
         total = time.perf_counter() - t0
         runs.append((encoder.seconds, total, (time.process_time() - cpu0) / total))
         rank, patch_mib = patch.max_rank, patch.nbytes / 2**20
@@ -352,7 +361,8 @@ def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str
             for n_preserve in args.preserve:
                 case = {"variant": asdict(v), "arch": arch, "rows": rows_for[v.key], "targets": n_targets,
                         "preserve": n_preserve, "repeats": args.repeats, "threads": args.threads,
-                        "merges": merges, "seed": args.seed, "warmup": args.warmup}
+                        "merges": merges, "seed": args.seed, "warmup": args.warmup,
+                        "device": args.device}
                 result = run_case(case) if args.inline else run_in_subprocess(case, args.case_timeout, args.stable_memory)
                 print(_row(case, result), flush=True)
                 hows.add(result.get("peak_how"))
@@ -375,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--merges", default=None, help="CLIP merges file (default: open-clip-torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sdxl", action="store_true", help="also run the SDXL section (140 sites, width 2048)")
+    p.add_argument("--device", default="cpu", help="where weights, CLIP and solves live (cuda: benchmarks/gpu.sh)")
+    p.add_argument("--list-sections", action="store_true",
+                   help="print the flags of the optional sections (help text 'also run ...') and exit")
     p.add_argument("--no-sd1", action="store_true", help="skip the SD1.5 table")
     p.add_argument("--edit-only", action="store_true",
                    help="SD1.5 with encodings given (random, built before the clock) instead of the CLIP: "
@@ -390,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="run one untimed erase (one other target) in each worker before the timed runs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.list_sections:  # benchmarks/gpu.sh runs every section the benchmark offers
+        print(" ".join(a.option_strings[0] for a in p._actions if (a.help or "").startswith("also run")))
+        return
     if args.worker is not None:
         print(json.dumps(run_case(json.loads(args.worker))))
         return
@@ -402,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen = select(variants(args.compare_rows), args.methods)
 
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
-          f"({_cpu()}), repeats {args.repeats} (medians)"
+          f"({_cpu()}), device {args.device}"
+          + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
+          + f", repeats {args.repeats} (medians)"
           + (", glibc mmap threshold fixed at 1 MiB (--stable-memory)" if args.stable_memory else ""))
     names = concept_names(tokenizer, max(args.targets), max(args.preserve), args.seed)
     lengths = sorted(len(tokenizer.ids(n)) for n in names[0] + names[1])
