@@ -34,11 +34,10 @@ import torch  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
 from erasure_core.concepts import normalise  # noqa: E402
-from erasure_core.text.clip import BPETokenizer, ClipTextConfig, ClipTextEncoder, find_merges_file  # noqa: E402
+from erasure_core.text.clip import BPETokenizer, ClipTextEncoder, find_merges_file  # noqa: E402
 from erasure_core.text.encoded import EncodedText, TokenPick  # noqa: E402
 
 ANCHOR = "a painter"
-SINGLE_ROW_PICKS = (TokenPick.LAST_SUBJECT, TokenPick.FIRST_EOT)
 
 # -- synthetic concept names ------------------------------------------------------------------
 # Artist-like names from first names, surname syllables and particles: deterministic, unique,
@@ -88,30 +87,45 @@ def concept_names(tokenizer: BPETokenizer, n_targets: int, n_preserve: int, seed
 
 
 # -- models -----------------------------------------------------------------------------------
-def model_sites(arch: str, seed: int) -> list[ec.AttentionSite]:
+def model_sites(arch: str, seed: int, device: str = "cpu") -> list[ec.AttentionSite]:
     """Every cross-attention K/V site of the full-size ``arch``, seeded, scaled 1/sqrt(d_in)."""
     gen = torch.Generator().manual_seed(seed)
-    return [ec.AttentionSite(k, torch.randn(shape, generator=gen) / shape[1] ** 0.5)
+    return [ec.AttentionSite(k, (torch.randn(shape, generator=gen) / shape[1] ** 0.5).to(device))
             for k, shape in ec.reference_site_shapes(arch).items() if "attn2" in k]
 
 
-class TimedEncoder:
-    """Calls the CLIP with ``rows`` and adds up the seconds spent inside it."""
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so that a clock read after it is true."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    def __init__(self, clip: ClipTextEncoder, rows: str):
-        self.clip, self.rows = clip, rows
+
+class TimedEncoder:
+    """Calls the CLIP with the rows the method asks for (or ``forced`` rows) and adds up the
+    seconds spent inside it; ``modes`` records each rows mode used and its longest width."""
+
+    accepts_rows = True
+
+    def __init__(self, clip: ClipTextEncoder, forced: str | None = None):
+        self.clip, self.forced = clip, forced
         self.reset()
 
     def reset(self) -> None:
         self.seconds, self.prompts, self.length = 0.0, 0, 0
+        self.modes: dict[str, int] = {}
 
-    def __call__(self, texts: Sequence[str]) -> EncodedText:
-        t0 = time.perf_counter()
-        out = self.clip(texts, rows=self.rows)
-        self.seconds += time.perf_counter() - t0
-        self.prompts += len(texts)
+    def _record(self, rows: str, out: EncodedText, started: float, n: int) -> EncodedText:
+        _sync(str(out.hidden.device))
+        self.seconds += time.perf_counter() - started
+        self.prompts += n
         self.length = max(self.length, int(out.hidden.shape[1]))
+        self.modes[rows] = max(self.modes.get(rows, 0), int(out.hidden.shape[1]))
         return out
+
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
+        t0 = time.perf_counter()
+        rows = self.forced or rows
+        return self._record(rows, self.clip(texts, rows=rows), t0, len(texts))
 
 
 class GivenEncoder(TimedEncoder):
@@ -125,28 +139,26 @@ class GivenEncoder(TimedEncoder):
         self.tokenizer, self.width = tokenizer, width
         self.gen = torch.Generator().manual_seed(seed)
         self.given = {tuple(texts): self._build(texts) for texts in expected}
-        self.rows = "given"
+        self.forced = "given"
         self.reset()
 
     def _build(self, texts: Sequence[str]) -> EncodedText:
         ids, eot = self.tokenizer(texts)
         hidden = torch.randn(len(texts), self.tokenizer.context_length, self.width, generator=self.gen)
-        hidden[:, 0] = hidden[0, 0]  # the start token's row is the same for every prompt (causal)
+        hidden[:, 0] = hidden[0, 0].clone()  # the start token's row is the same for every prompt (causal)
         return EncodedText(tuple(texts), hidden, eot, token_ids=ids)
 
-    def __call__(self, texts: Sequence[str]) -> EncodedText:
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
         t0 = time.perf_counter()
-        out = self.given.get(tuple(texts)) or self._build(texts)
-        self.seconds += time.perf_counter() - t0
-        self.prompts += len(texts)
-        self.length = max(self.length, int(out.hidden.shape[1]))
-        return out
+        return self._record("given", self.given.get(tuple(texts)) or self._build(texts), t0, len(texts))
 
 
-def expected_prompts(concepts: ec.ConceptSet) -> list[str]:
-    """The prompt list UCE and SPEED encode: erase pairs, preserve prompts, the empty prompt."""
-    return list(dict.fromkeys([p for pair in concepts.erase_pairs() for p in pair]
-                              + concepts.preserve_prompts([""])))
+def expected_prompts(concepts: ec.ConceptSet) -> list[list[str]]:
+    """The prompt lists UCE and SPEED encode: erase pairs, preserve prompts and the empty prompt
+    (UCE); the same without the empty prompt, then the empty prompt alone (SPEED)."""
+    pairs = [p for pair in concepts.erase_pairs() for p in pair]
+    return [list(dict.fromkeys(pairs + concepts.preserve_prompts([""]))),
+            list(dict.fromkeys(pairs + concepts.preserve_prompts([]))), [""]]
 
 
 # -- what runs --------------------------------------------------------------------------------
@@ -166,6 +178,8 @@ def variants(compare_rows: bool) -> list[Variant]:
     out: list[Variant] = []
     for name in ec.methods.names():
         out.append(Variant(name, name, name))
+        if name == "speed":
+            out.append(Variant("speed-multi", "speed (multi-celebrity)", "speed", {"preset": "multi-celebrity"}))
         if name == "uce":
             last = {"token_pick": TokenPick.LAST_SUBJECT}
             out.append(Variant("uce-last", "uce (last subject)", "uce", last))
@@ -183,35 +197,6 @@ def select(all_variants: list[Variant], wanted: str | None) -> list[Variant]:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {[v.key for v in all_variants]}")
     return [v for v in all_variants if v.key in names or v.label in names]
-
-
-def probe_rows(variant: Variant, tokenizer: BPETokenizer, seed: int) -> tuple[str, str]:
-    """Encoder rows for ``variant`` and why. Single-row token picks may stop at the last EOT, but
-    only if the method reads no other row: checked on a small CLIP-width problem by comparing the
-    patch from ``rows="through_eot"`` with the one from all 77 rows."""
-    if variant.rows is not None:
-        return variant.rows, "forced"
-    config = variant.config()
-    if getattr(config, "token_pick", None) not in SINGLE_ROW_PICKS:
-        return "all", "token pick reads rows after EOT"
-    clip = ClipTextEncoder(ClipTextConfig(layers=1), tokenizer, seed=seed)
-    sites = model_sites("sd1", seed)
-    targets, preserve = concept_names(tokenizer, 3, 3, seed)
-    concepts = ec.ConceptSet.simple(targets, (ANCHOR,), preserve)
-    full = ec.erase(variant.method, sites, concepts, TimedEncoder(clip, "all"), config)
-    try:
-        short = ec.erase(variant.method, sites, concepts, TimedEncoder(clip, "through_eot"), config)
-    except (ec.ErasureError, RuntimeError) as err:  # e.g. SPEED's invariants from zeroed rows
-        return "all", f"the method fails on through_eot rows ({type(err).__name__})"
-    if set(full.entries) != set(short.entries):
-        return "all", "through_eot edits other sites"
-    worst = 0.0
-    for key in full.entries:
-        a, b = full[key].dense().double(), short[key].dense().double()
-        worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
-    if worst < 1e-4:
-        return "through_eot", f"patch equals the 77-row one (max rel. diff {worst:.1e})"
-    return "all", f"method reads rows after EOT (through_eot patch differs by {worst:.1e})"
 
 
 # -- one case, in its own process -------------------------------------------------------------
@@ -269,11 +254,13 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     targets, preserve = concept_names(tokenizer, case["targets"], case["preserve"], case["seed"])
     concepts = ec.ConceptSet.simple(targets, (ANCHOR,), preserve)
     config = variant.config()
-    sites = model_sites(case["arch"], case["seed"])
+    device = case.get("device", "cpu")
+    sites = model_sites(case["arch"], case["seed"], device)
     if case["rows"] != "given":
-        encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]), case["rows"])
+        encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]).to(device),
+                                             case["rows"])
     else:
-        encoder = GivenEncoder(tokenizer, [expected_prompts(concepts), expected_prompts(WARMUP)],
+        encoder = GivenEncoder(tokenizer, expected_prompts(concepts) + expected_prompts(WARMUP),
                                sites[0].in_features, case["seed"])
     if case["warmup"]:  # library start-up off the clock (measured: under 0.1 s on CPU, so off by default)
         ec.erase(variant.method, sites, WARMUP, encoder, config)
@@ -282,16 +269,18 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     base = _current_kib()
     runs: list[tuple[float, float, float]] = []
     rank = prompts_encoded = length = 0
+    modes: dict[str, int] = {}
     patch_mib = 0.0
     for _ in range(case["repeats"]):
         encoder.reset()
         _trim_heap()
         cpu0, t0 = time.process_time(), time.perf_counter()
         patch = ec.erase(variant.method, sites, concepts, encoder, config)
+        _sync(device)  # (the patch is copied to the CPU, which waits anyway)
         total = time.perf_counter() - t0
         runs.append((encoder.seconds, total, (time.process_time() - cpu0) / total))
         rank, patch_mib = patch.max_rank, patch.nbytes / 2**20
-        prompts_encoded, length = encoder.prompts, encoder.length
+        prompts_encoded, length, modes = encoder.prompts, encoder.length, dict(encoder.modes)
         del patch
     peak = _peak_kib(how)
     return {
@@ -306,6 +295,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "patch_mib": patch_mib,
         "prompts": prompts_encoded,
         "length": length,
+        "modes": modes,
         "threads": torch.get_num_threads(),
     }
 
@@ -336,7 +326,7 @@ def _row(case: dict[str, Any], result: dict[str, Any]) -> str:
     if "error" in result:
         cells = head + ["-", str(case["targets"]), str(case["preserve"])] + [result["error"]] + [""] * 8
     else:
-        rows = "given" if case["rows"] == "given" else f"{case['rows']} ({result['length']})"
+        rows = "given" if case["rows"] == "given" else " + ".join(f"{m} ({n})" for m, n in result["modes"].items())
         cells = head + [rows, str(case["targets"]), str(case["preserve"]), str(result["prompts"]),
                         f"{result['encode']:.2f}", f"{result['solve']:.2f}", f"{result['total']:.2f}", f"{result['cores']:.1f}",
                         f"{result['peak_mib']:.0f}", f"{result['delta_mib']:.0f}", str(result["rank"]),
@@ -361,7 +351,7 @@ def _cpu() -> str:
     return model or platform.processor() or platform.machine()
 
 
-def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str, str],
+def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str, str | None],
                 args: argparse.Namespace, merges: str) -> None:
     print(f"\n### {title}\n")
     print(_header(), flush=True)
@@ -371,7 +361,8 @@ def run_section(title: str, arch: str, chosen: list[Variant], rows_for: dict[str
             for n_preserve in args.preserve:
                 case = {"variant": asdict(v), "arch": arch, "rows": rows_for[v.key], "targets": n_targets,
                         "preserve": n_preserve, "repeats": args.repeats, "threads": args.threads,
-                        "merges": merges, "seed": args.seed, "warmup": args.warmup}
+                        "merges": merges, "seed": args.seed, "warmup": args.warmup,
+                        "device": args.device}
                 result = run_case(case) if args.inline else run_in_subprocess(case, args.case_timeout, args.stable_memory)
                 print(_row(case, result), flush=True)
                 hows.add(result.get("peak_how"))
@@ -394,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--merges", default=None, help="CLIP merges file (default: open-clip-torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sdxl", action="store_true", help="also run the SDXL section (140 sites, width 2048)")
+    p.add_argument("--device", default="cpu", help="where weights, CLIP and solves live (cuda: benchmarks/gpu.sh)")
+    p.add_argument("--list-sections", action="store_true",
+                   help="print the flags of the optional sections (help text 'also run ...') and exit")
     p.add_argument("--no-sd1", action="store_true", help="skip the SD1.5 table")
     p.add_argument("--edit-only", action="store_true",
                    help="SD1.5 with encodings given (random, built before the clock) instead of the CLIP: "
@@ -409,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="run one untimed erase (one other target) in each worker before the timed runs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.list_sections:  # benchmarks/gpu.sh runs every section the benchmark offers
+        print(" ".join(a.option_strings[0] for a in p._actions if (a.help or "").startswith("also run")))
+        return
     if args.worker is not None:
         print(json.dumps(run_case(json.loads(args.worker))))
         return
@@ -421,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen = select(variants(args.compare_rows), args.methods)
 
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
-          f"({_cpu()}), repeats {args.repeats} (medians)"
+          f"({_cpu()}), device {args.device}"
+          + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
+          + f", repeats {args.repeats} (medians)"
           + (", glibc mmap threshold fixed at 1 MiB (--stable-memory)" if args.stable_memory else ""))
     names = concept_names(tokenizer, max(args.targets), max(args.preserve), args.seed)
     lengths = sorted(len(tokenizer.ids(n)) for n in names[0] + names[1])
@@ -432,10 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_section("SD1.5: 32 K/V sites (width 768), encodings given (edit only)", "sd1", chosen,
                     {v.key: "given" for v in chosen}, args, merges)
     elif not args.no_sd1:
-        rows_for: dict[str, str] = {}
-        for v in chosen:
-            rows_for[v.key], why = probe_rows(v, tokenizer, args.seed)
-            print(f"encoder rows for {v.label}: {rows_for[v.key]} ({why})")
+        rows_for = {v.key: v.rows for v in chosen}  # None: the rows each method asks for
         run_section("SD1.5: 32 K/V sites (width 768), CLIP-L encoder", "sd1", chosen, rows_for, args, merges)
     if args.sdxl:
         wanted = {"uce", "uce-last", "speed"}

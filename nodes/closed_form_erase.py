@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 
-from ..erasure_core import ClosedFormConfig, ConceptSet, erase, methods, node_config
+from ..erasure_core import AttentionSite, ClosedFormConfig, ConceptSet, LazyWeight, erase, methods, node_config
+from ..erasure_core.text.encoded import TimedEncoder
 from . import _comfy
 from ._report import report_ui
 from ._schema import config_input, names_node
@@ -57,12 +59,43 @@ class ClosedFormErase(io.ComfyNode):
         config, source = node_config(method, widgets, options)
         progress = _comfy.progress_bar()
         arch, sites = _comfy.attention_sites(model)
-        encoder = _comfy.cached_encoder(clip, progress=progress)
+        reads = [0.0]  # seconds spent materialising weights (inside the solve)
+        sites = [AttentionSite(s.key, _timed_weight(s.weight, reads), s.stream) for s in sites]
+        cache = _comfy.cached_encoder(clip, progress=progress)
+        encoder = TimedEncoder(cache)
+        started = time.perf_counter()
         patch = erase(method, sites, concepts, encoder, config, device=_comfy.compute_device(),
                       progress=progress)
+        solved = time.perf_counter()
         patched = _comfy.apply_patchset(model, patch, strength)
+        total = time.perf_counter() - started
+        times = {"encode": encoder.seconds, "weights": reads[0],
+                 "solve": solved - started - encoder.seconds - reads[0], "patch": time.perf_counter() - solved}
+        seen = cache.hits + cache.misses
+        hit_rate = f"{cache.hits / seen:.0%}" if seen else "n/a"
         report = (f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, "
-                  f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}; "
-                  f"{encoder.misses} prompts encoded, {encoder.hits} from cache; {source}")
+                  f"rank {patch.meta['rank']}, {total:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in times.items())}), "
+                  f"strength {strength}; {cache.misses} prompts encoded, {cache.hits} from cache "
+                  f"({hit_rate} hit rate); {source}")
         logger.info("Closed-Form Erase: %s", report)
-        return io.NodeOutput(patched, patch, report, ui=report_ui(report, title=DISPLAY_NAME))
+        lines = [f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites, rank {patch.meta['rank']}, "
+                 f"strength {strength}",
+                 f"{total:.2f} s: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()),
+                 f"prompts: {cache.misses} encoded, {cache.hits} from cache ({hit_rate} hit rate)",
+                 source]
+        return io.NodeOutput(patched, patch, report, ui=report_ui(report, title=DISPLAY_NAME, lines=lines))
+
+
+def _timed_weight(weight, reads: list[float]):
+    """``weight`` with its loading time added to ``reads[0]`` (lazy ComfyUI weights only)."""
+    if not isinstance(weight, LazyWeight):
+        return weight
+
+    def load():
+        started = time.perf_counter()
+        try:
+            return weight.load()
+        finally:
+            reads[0] += time.perf_counter() - started
+
+    return LazyWeight(weight.shape, load)

@@ -16,7 +16,7 @@ from ..config import option, validate_ranges
 from ..edit.linalg import RightMultiplier, anchored_right_multiplier, check_finite
 from ..edit.patch import PatchEntry, PatchSet
 from ..errors import ArchitectureError
-from ..text.encoded import EncodedText, TextEncoder, TokenPick, erase_rows, preserve_rows
+from ..text.encoded import EncodedText, TextEncoder, TokenPick, encode, erase_rows, preserve_rows
 from ..version import __version__
 
 __all__ = ["ClosedFormConfig", "anchored_patch", "ConceptKeys", "Progress", "SolveDtype", "encode_concepts", "encode_prompts",
@@ -66,10 +66,11 @@ class ClosedFormConfig:
         validate_ranges(self)
 
 
-def encode_prompts(encoder: TextEncoder, prompts: Sequence[str]) -> EncodedText:
-    """Encode every distinct prompt once, in one call (the encoder batches)."""
+def encode_prompts(encoder: TextEncoder, prompts: Sequence[str], rows: str = "all") -> EncodedText:
+    """Encode every distinct prompt once, in one call (the encoder batches); ``rows``: the
+    positions the caller reads (``text.encoded.ROWS``; see ``rows_for``)."""
     unique = list(dict.fromkeys(prompts))
-    enc = encoder(unique)
+    enc = encode(encoder, unique, rows)
     if tuple(enc.texts) != tuple(unique):
         raise ValueError("the text encoder must return its prompts in the order given")
     return enc
@@ -96,11 +97,12 @@ class ConceptKeys:
 
 
 def encode_concepts(concepts: ConceptSet, encoder: TextEncoder, sites: Sequence[AttentionSite], *,
-                    preserve_empty: bool, also: Sequence[str] = ()) -> ConceptKeys:
-    """Encode the concepts' prompts once (checked against the sites' key width)."""
+                    preserve_empty: bool, also: Sequence[str] = (), rows: str = "all") -> ConceptKeys:
+    """Encode the concepts' prompts once (checked against the sites' key width); ``rows`` as in
+    :func:`encode_prompts`."""
     pairs = concepts.erase_pairs()
     keep = concepts.preserve_prompts([""] if preserve_empty else [])
-    enc = encode_prompts(encoder, [p for pair in pairs for p in pair] + keep + list(also))
+    enc = encode_prompts(encoder, [p for pair in pairs for p in pair] + keep + list(also), rows)
     check_context_width(enc, sites)
     return ConceptKeys(enc, pairs, keep)
 

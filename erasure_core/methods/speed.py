@@ -35,13 +35,11 @@ from ..edit.linalg import (
     compact,
     full_multiplier,
     kmeans,
-    least_amplified_direction,
     low_eigen_projector_of_rows,
-    solve_right,
 )
 from ..edit.patch import PatchSet
 from ..errors import ConceptError, ConfigError, NumericalError
-from ..text.encoded import TextEncoder, TokenPick
+from ..text.encoded import TextEncoder, TokenPick, rows_for
 from . import register
 from .closed_form import (
     ClosedFormConfig,
@@ -49,12 +47,12 @@ from .closed_form import (
     default_device,
     describe_run,
     encode_concepts,
+    encode_prompts,
     patch_from_multipliers,
 )
+from .speed_priors import DPA_CHUNK, PriorBank, prior_bank, refined_projector
 
-__all__ = ["Projections", "SPEEDConfig", "solve"]
-
-DPA_CHUNK = 128  # the reference filters augmentations per chunk of 128 retain keys
+__all__ = ["DPA_CHUNK", "Projections", "SPEEDConfig", "solve"]
 
 
 class Projections(str, Enum):
@@ -127,31 +125,26 @@ def _invariants(null_rows: torch.Tensor, generator: torch.Generator) -> torch.Te
 
 @torch.no_grad()
 def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SPEEDConfig,
-                     generator: torch.Generator, shared_p: torch.Tensor | None) -> RightMultiplier:
+                     generator: torch.Generator, bank: PriorBank | None,
+                     shared_p: torch.Tensor | None) -> RightMultiplier:
     """One layer's ``P_f Q_f`` with ``ΔW = W P_f Q_f`` (legend: module docstring)."""
-    c1tc1, diff, ce, retain, k2, cross = (stats[k] for k in ("c1tc1", "diff", "ce", "retain", "k2", "cross"))
+    c1tc1, diff, ce, k2, cross = (stats[k] for k in ("c1tc1", "diff", "ce", "k2", "cross"))
     d = c1tc1.shape[0]
     eye = torch.eye(d, dtype=c1tc1.dtype, device=c1tc1.device)
-    if shared_p is None:
-        erase = stats["erase"]  # (AᵀC₁ − C₁ᵀC₁)(I + C₁ᵀC₁)⁻¹: the plain erase, the same for every layer
-        influence = ((retain @ erase.T) @ w.T).norm(dim=1)  # ‖ΔW_erase r‖ for every retain key
-        kept = retain if config.disable_filter else retain[influence > influence.mean()]
-        augmented = [kept]
-        v_min = least_amplified_direction(w)  # the reference: last column of V in torch.svd(W)
-        for chunk in kept.split(DPA_CHUNK):
-            z = torch.randn(len(chunk), config.aug_num, 1, generator=generator, dtype=w.dtype)
-            samples = (chunk[:, None, :] + z.to(w.device) * v_min).reshape(-1, d)
-            infl = ((samples @ erase.T) @ w.T).norm(dim=1)
-            augmented.append(samples[infl > infl.mean()])
-        pool = torch.cat(augmented)
-        proj = low_eigen_projector_of_rows(pool, config.threshold)
+    big = None
+    if bank is not None:
+        proj, big = refined_projector(bank, w, aug_num=config.aug_num, disable_filter=config.disable_filter,
+                                      threshold=config.threshold, generator=generator)
     else:
         proj = shared_p
-    m_inv = c1tc1 @ proj + config.preserve_scale * eye  # M⁻¹, factored once for both solves
+    # C₁ᵀC₁ P, with P = I − U Uᵀ when U is known (thin: no d × d × d product)
+    c1p = c1tc1 - (c1tc1 @ big) @ big.T if big is not None else c1tc1 @ proj
+    m_inv = c1p + config.preserve_scale * eye  # M⁻¹, factored once for both solves
     lu, pivots = torch.linalg.lu_factor(m_inv)
     mk2 = torch.linalg.lu_solve(lu, pivots, k2)  # M K₂
-    inner = k2.T @ proj @ mk2 + config.lamb * torch.eye(k2.shape[1], dtype=k2.dtype, device=k2.device)
-    solved, info = torch.linalg.solve_ex(inner, k2.T @ proj)
+    k2p = k2.T @ proj
+    inner = k2p @ mk2 + config.lamb * torch.eye(k2.shape[1], dtype=k2.dtype, device=k2.device)
+    solved, info = torch.linalg.solve_ex(inner, k2p)
     if int(info) != 0:
         blame = "lamb" if config.lamb <= 0 else "solve_dtype"
         raise NumericalError(
@@ -159,15 +152,17 @@ def _site_multiplier(w: torch.Tensor, stats: dict[str, torch.Tensor], config: SP
             f"{config.lamb} (the null prompt's invariant rows lie outside the null space, or coincide). "
             + ("Set 'lamb' above 0 (the nudity preset uses 0.5)." if blame == "lamb" else
                "Use solve_dtype float64."), input_name=blame)
-    q = eye - mk2 @ solved
+
+    def times_q(b: torch.Tensor) -> torch.Tensor:  # b Q = b − (b M K₂) solved
+        return b - (b @ mk2) @ solved
 
     def times_m(b: torch.Tensor) -> torch.Tensor:  # b M = (M⁻ᵀ bᵀ)ᵀ
         return torch.linalg.lu_solve(lu, pivots, b.T, adjoint=True).T
 
     if len(ce) > d:  # more target rows than the width: (AᵀC₁ − C₁ᵀC₁) P Q M as one d × d matrix
-        m = config.erase_scale * times_m(cross @ proj @ q)
+        m = config.erase_scale * times_m(times_q(cross @ proj))
         return full_multiplier(check_finite(m, "the null-space edit", "SPEED"))
-    down = times_m(ce @ proj @ q)  # C₁ P Q M: [R, d]
+    down = times_m(times_q(ce @ proj))  # C₁ P Q M: [R, d]
     return compact(config.erase_scale * diff.T, check_finite(down, "the null-space factor", "SPEED"))
 
 
@@ -188,16 +183,21 @@ def solve(
     if not edited:
         raise ConfigError(f"projections {config.projections.value} must select K/V sites, but none of "
                           f"the {len(sites)} sites match.", input_name="projections")
-    keys = encode_concepts(concepts, encoder, edited, preserve_empty=config.preserve_empty_prompt, also=("",))
+    # Targets and priors are read at single rows up to their EOT (all rows in the nudity setting);
+    # only the null prompt's invariants read every row, so it alone is encoded at full length.
+    rows = rows_for(config.token_pick)
+    keys = encode_concepts(concepts, encoder, edited, preserve_empty=config.preserve_empty_prompt,
+                           also=("",) if rows == "all" else (), rows=rows)
+    null = keys.enc if rows == "all" else encode_prompts(encoder, [""], "all")
     device = torch.device(device) if device is not None else default_device(sites)
     dtype = config.solve_dtype.torch
     ce, ca = (t.to(device, dtype) for t in keys.erase(config.token_pick))
     if config.token_pick is TokenPick.ALL:  # the reference's all-token keys are rows 1..76: no start row
         length = keys.enc.hidden.shape[1]
-        rows = torch.arange(len(ce), device=device) % length != 0
-        ce, ca = ce[rows], ca[rows]
+        body = torch.arange(len(ce), device=device) % length != 0
+        ce, ca = ce[body], ca[body]
     retain_prompts = _retain_prompts(keys.keep, concepts)
-    null_rows = keys.rows("").to(device, dtype)
+    null_rows = null.hidden[null.index("")].to(device, dtype)
     # retain keys are always last-subject rows (also in the all-token nudity setting), or, with no
     # retain set, the null prompt's non-start rows, as in the reference
     retain = keys.preserve(TokenPick.LAST_SUBJECT, retain_prompts).to(device, dtype) if retain_prompts \
@@ -208,22 +208,21 @@ def solve(
     generator = torch.Generator().manual_seed(config.random_seed)
     c1tc1, diff = _mean_stats(ce, ca, len(keys.pairs))
     cross = diff.T @ ce  # AᵀC₁ − C₁ᵀC₁ (averaged), d × d
-    stats = {"c1tc1": c1tc1, "diff": diff, "ce": ce, "retain": retain, "cross": cross,
+    stats = {"c1tc1": c1tc1, "diff": diff, "ce": ce, "cross": cross,
              "k2": _invariants(null_rows.cpu(), generator).to(device, dtype)}
-    shared_p = None
+    shared_p, bank = None, None
     if config.aug_num == 0:  # no per-layer refinement (the reference skips IPF too): one projector
         shared_p = low_eigen_projector_of_rows(retain, config.threshold)
     else:
-        eye = torch.eye(len(c1tc1), dtype=dtype, device=device)
-        stats["erase"] = solve_right(eye + c1tc1, cross)
+        bank = prior_bank(retain, c1tc1, ce, diff, config.threshold)
     shared: dict[int, RightMultiplier] = {}
 
     def multiplier_for(site: AttentionSite, weight: torch.Tensor) -> RightMultiplier:
         if shared_p is not None:
             if site.in_features not in shared:
-                shared[site.in_features] = _site_multiplier(weight, stats, config, generator, shared_p)
+                shared[site.in_features] = _site_multiplier(weight, stats, config, generator, None, shared_p)
             return shared[site.in_features]
-        return _site_multiplier(weight.to(device, dtype), stats, config, generator, None)
+        return _site_multiplier(weight.to(device, dtype), stats, config, generator, bank, None)
 
     meta = describe_run("speed", concepts, config)
     return patch_from_multipliers(edited, multiplier_for, meta, "SPEED", progress, started)

@@ -20,7 +20,7 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..edit.patch import PatchSet
-from ..text.encoded import TextEncoder
+from ..text.encoded import TextEncoder, rows_for
 from . import register
 from .closed_form import (
     ClosedFormConfig,
@@ -56,7 +56,8 @@ def solve(
     """
     config = config or UCEConfig()
     started = time.perf_counter()
-    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt,
+                           rows=rows_for(config.token_pick))
     device = torch.device(device) if device is not None else default_device(sites)
     ce, ca = keys.erase(config.token_pick)
     cp = keys.preserve(config.token_pick)

@@ -12,6 +12,9 @@ variable ``CE_ENCODING_CACHE_MB``) caps the whole folder. Each fingerprint's fil
 prompts are dropped first (never those of the current call), then whole files of other text
 encoders, oldest first. A cached row that is not finite or not of the batch's shape is encoded
 again rather than trusted.
+
+A prompt encoded for ``rows="through_eot"`` is kept as its rows up to its EOT (``.head``); one
+encoded at all rows (``.hidden``) serves both kinds of request.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .encoded import EncodedText, TextEncoder
+from .encoded import EncodedText, TextEncoder, encode
 
 __all__ = ["DEFAULT_MAX_BYTES", "CachedEncoder", "cache_limit_bytes"]
 
@@ -57,6 +60,8 @@ def _key(text: str) -> str:
 class CachedEncoder:
     """``TextEncoder`` that reads prompts from ``folder/<fingerprint>.safetensors`` and encodes
     only the ones missing there (then adds them). ``hits`` / ``misses`` count prompts."""
+
+    accepts_rows = True  # forwarded to the wrapped encoder when it accepts them too
 
     def __init__(self, encoder: TextEncoder, folder: str | os.PathLike[str], fingerprint: str,
                  max_bytes: int | None = None):
@@ -103,10 +108,16 @@ class CachedEncoder:
         os.replace(tmp, self.lru_path)
 
     @staticmethod
-    def _usable(entries: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None) -> bool:
+    def _usable(entries: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None, short: bool) -> bool:
+        """A cached prompt can serve this request: all rows (``.hidden``, of the batch's shape), or,
+        for a through-EOT request, its rows up to EOT (``.head``, of the batch's width); finite."""
+        if key + ".eot" not in entries:
+            return False
         hidden = entries.get(key + ".hidden")
-        return hidden is not None and key + ".eot" in entries and (shape is None or tuple(hidden.shape) == shape) \
-            and bool(torch.isfinite(hidden).all())
+        if hidden is not None and (shape is None or tuple(hidden.shape) == shape):
+            return bool(torch.isfinite(hidden).all())
+        head = entries.get(key + ".head") if short else None
+        return head is not None and (shape is None or head.shape[-1] == shape[-1]) and bool(torch.isfinite(head).all())
 
     def _evict(self, entries: dict[str, torch.Tensor], lru: dict[str, float], keep: set[str]) -> bool:
         """Drop least recently used prompts (not ``keep``) until this file fits its share of the
@@ -120,7 +131,7 @@ class CachedEncoder:
         keys = sorted({k.rsplit(".", 1)[0] for k in entries} - keep, key=lambda k: lru.get(k, 0.0))
         while size() > self.max_bytes and keys:
             old = keys.pop(0)
-            for suffix in (".hidden", ".eot", ".ids"):
+            for suffix in (".hidden", ".head", ".eot", ".ids"):
                 entries.pop(old + suffix, None)
             lru.pop(old, None)
         while others and size() + other_bytes > self.max_bytes:
@@ -130,24 +141,33 @@ class CachedEncoder:
                 path.unlink(missing_ok=True)
         return size() <= self.max_bytes
 
-    def __call__(self, texts: Sequence[str]) -> EncodedText:
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
         texts = list(texts)
         entries = self._read() if self.max_bytes > 0 else {}
+        short = rows == "through_eot"
         keys = [_key(t) for t in texts]
         shapes = [tuple(entries[k + ".hidden"].shape) for k in keys if k + ".hidden" in entries]
         shape = max(set(shapes), key=shapes.count) if shapes else None
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
-                                     if not self._usable(entries, k, shape)))
+                                     if not self._usable(entries, k, shape, short)))
         fresh_entries: dict[str, torch.Tensor] = {}
         if missing:
-            fresh = self.encoder(missing)
+            head = short and getattr(self.encoder, "accepts_rows", False)  # else all rows come back
+            fresh = encode(self.encoder, missing, rows)
             for i, text in enumerate(missing):
-                fresh_entries[_key(text) + ".hidden"] = fresh.hidden[i].float().cpu().contiguous()
+                stop = int(fresh.eot_index[i]) + 1 if head else fresh.hidden.shape[1]
+                kind, other = (".head", ".hidden") if head else (".hidden", ".head")
+                fresh_entries[_key(text) + kind] = fresh.hidden[i, :stop].float().cpu().contiguous()
+                entries.pop(_key(text) + other, None)  # an unusable older entry of the other kind
                 fresh_entries[_key(text) + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
                 if fresh.token_ids is not None:
-                    fresh_entries[_key(text) + ".ids"] = fresh.token_ids[i].cpu().contiguous()
-            if shape is not None and tuple(fresh.hidden.shape[1:]) != shape:
+                    fresh_entries[_key(text) + ".ids"] = fresh.token_ids[i, :stop].cpu().contiguous()
+            if not head and shape is not None and tuple(fresh.hidden.shape[1:]) != shape:
                 entries = {}  # the encoder's shape changed: the old rows cannot be batched with the new
+            elif shape is None or head:
+                width = fresh.hidden.shape[-1]
+                if any(v.shape[-1] != width for k, v in entries.items() if k.endswith((".hidden", ".head"))):
+                    entries = {}  # another width: the old rows belong to another encoder layout
         entries |= fresh_entries
         self.misses += len(missing)
         self.hits += len(set(texts)) - len(missing)
@@ -161,11 +181,25 @@ class CachedEncoder:
                 else:
                     logger.warning("Concept erasure: %d prompts' encodings exceed the cache cap of %d MiB "
                                    "(CE_ENCODING_CACHE_MB); they are not cached.", len(set(keys)), self.max_bytes >> 20)
-            self._write_lru({k: v for k, v in lru.items() if k + ".hidden" in entries})
+            self._write_lru({k: v for k, v in lru.items() if k + ".hidden" in entries or k + ".head" in entries})
+        if not keys:
+            return EncodedText((), torch.zeros(0, 1, 1), torch.zeros(0, dtype=torch.long))
+        eot = torch.cat([entries[k + ".eot"] for k in keys])
+        hidden = [entries.get(k + ".hidden", entries.get(k + ".head")) for k in keys]
         ids = [entries.get(k + ".ids") for k in keys]
+        if short:  # each prompt's rows through its EOT, zero (ids: -1) after it
+            stop = int(eot.max()) + 1
+            hidden = [_fit(h[: int(e) + 1], stop, 0.0) for h, e in zip(hidden, eot, strict=True)]
+            ids = [None if i is None else _fit(i[: int(e) + 1], stop, -1) for i, e in zip(ids, eot, strict=True)]
         return EncodedText(
-            tuple(texts),
-            torch.stack([entries[k + ".hidden"] for k in keys]) if keys else torch.zeros(0, 1, 1),
-            torch.cat([entries[k + ".eot"] for k in keys]) if keys else torch.zeros(0, dtype=torch.long),
-            token_ids=torch.stack(ids) if keys and all(i is not None for i in ids) else None,
+            tuple(texts), torch.stack(hidden), eot,
+            token_ids=torch.stack(ids) if all(i is not None for i in ids) else None,
         )
+
+
+def _fit(rows: torch.Tensor, length: int, fill: float) -> torch.Tensor:
+    """``rows`` padded with ``fill`` along the first axis to ``length``."""
+    if len(rows) == length:
+        return rows
+    pad = rows.new_full((length - len(rows), *rows.shape[1:]), fill)
+    return torch.cat([rows, pad])

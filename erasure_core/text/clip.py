@@ -23,12 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .encoded import EncodedText
+from .encoded import ROWS, EncodedText
 
 __all__ = ["ROWS", "BPETokenizer", "ClipTextConfig", "ClipTextEncoder", "find_merges_file"]
-
-ROWS = ("all", "through_eot")
-"""Values of ``ClipTextEncoder.__call__(..., rows=)``."""
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 _WORDS = re.compile(
@@ -232,6 +229,8 @@ class ClipTextEncoder(nn.Module):
 
     Weights are random from ``seed`` (no downloads); encoding runs ``batch_size`` prompts at a time.
     """
+
+    accepts_rows = True  # __call__(texts, rows=...): see TextEncoder
 
     def __init__(self, config: ClipTextConfig | None = None, tokenizer: BPETokenizer | None = None,
                  *, seed: int = 0, batch_size: int = 256):

@@ -12,6 +12,7 @@ use to pick key rows (``research/algorithms.md`` §0 and §11.1):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -21,7 +22,12 @@ import torch
 
 from ..errors import ConceptError
 
-__all__ = ["EncodedText", "TextEncoder", "TokenPick", "erase_rows", "preserve_rows"]
+__all__ = ["ROWS", "EncodedText", "TextEncoder", "TimedEncoder", "TokenPick", "encode", "erase_rows", "preserve_rows",
+           "rows_for"]
+
+ROWS = ("all", "through_eot")
+"""How many token positions a caller needs: ``"all"`` (the whole context) or ``"through_eot"``
+(each prompt up to and including its first end-of-text token; rows after it are unspecified)."""
 
 
 class TokenPick(str, Enum):
@@ -76,9 +82,44 @@ class EncodedText:
 
 
 class TextEncoder(Protocol):
-    """Anything that turns prompts into :class:`EncodedText` (ComfyUI's CLIP, a test encoder)."""
+    """Anything that turns prompts into :class:`EncodedText` (ComfyUI's CLIP, a test encoder).
+
+    An encoder that can stop early sets ``accepts_rows = True`` and takes ``rows=`` (one of
+    :data:`ROWS`); it may still return more rows than asked (a bidirectional encoder runs its real
+    length). Callers go through :func:`encode`, which asks only encoders that accept it."""
 
     def __call__(self, texts: Sequence[str]) -> EncodedText: ...
+
+
+def encode(encoder: TextEncoder, texts: Sequence[str], rows: str = "all") -> EncodedText:
+    """``encoder(texts)``, asking for only ``rows`` where the encoder accepts the request."""
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+    if rows != "all" and getattr(encoder, "accepts_rows", False):
+        return encoder(texts, rows=rows)  # type: ignore[call-arg]
+    return encoder(texts)
+
+
+class TimedEncoder:
+    """Wraps a ``TextEncoder`` and adds up the seconds spent in it (rows requests pass through)."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.encoder = encoder
+        self.accepts_rows = bool(getattr(encoder, "accepts_rows", False))
+        self.seconds = 0.0
+
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
+        started = time.perf_counter()
+        try:
+            return encode(self.encoder, texts, rows)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def rows_for(pick: TokenPick) -> str:
+    """The rows a token pick reads: single rows at or before the first EOT need no later position
+    (CLIP is causal, so rows up to a prompt's EOT do not depend on what follows)."""
+    return "through_eot" if pick in (TokenPick.LAST_SUBJECT, TokenPick.FIRST_EOT) else "all"
 
 
 def _last_word(enc: EncodedText, i: int) -> int:

@@ -7,10 +7,14 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import comfy.clip_model
+import comfy.ops
 import comfy.sd1_clip
+import comfy.sdxl_clip
 import folder_paths
 import torch
 
@@ -31,14 +35,26 @@ logger = logging.getLogger(__name__)
 
 
 
+ROW_BUDGET = 32 * 77
+"""Token positions per pass through the CLIP (32 prompts of 77 tokens; more prompts when shorter)."""
+
+
 class ComfyClipEncoder:
     """The user's CLIP as a core ``TextEncoder``: same tokenizer, weights syntax, layer choice and
-    CLIP patches as their prompts. Prompts are encoded in batches of 77-token windows."""
+    CLIP patches as their prompts. Prompts are encoded in batches of 77-token windows.
+
+    ``rows="through_eot"`` (token picks that read nothing after a prompt's end of text): where
+    every tower is a causal CLIP (SD1.x, SD2.x, SDXL), each batch stops at its longest prompt's
+    EOT, through ComfyUI's own layers (:func:`encode_causal_prefix`); any other encoder runs its
+    whole window."""
+
+    accepts_rows = True
 
     def __init__(self, clip: Any, batch_size: int = 32, progress: Progress | None = None):
         self.clip = clip
         self.batch_size = batch_size
         self.progress = progress
+        self.seconds = 0.0  # time spent inside the CLIP (tokenising excluded)
 
     def _windows(self, text: str) -> dict[str, list[Any]]:
         tokens = self.clip.tokenize(text)
@@ -51,11 +67,12 @@ class ComfyClipEncoder:
                 )
         return {name: windows[0] for name, windows in tokens.items()}
 
-    def __call__(self, texts: Sequence[str]) -> EncodedText:
+    def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
         texts = list(texts)
         empty = self._windows("")
         stream = next(iter(empty))
         end_id = empty[stream][1][0]  # [start, end, pad...]: the end-of-text id
+        window = len(empty[stream])
         windows = [self._windows(t) for t in texts]
         eot = []
         for text, w in zip(texts, windows, strict=True):
@@ -65,19 +82,119 @@ class ComfyClipEncoder:
                 raise ConceptError(f"'{_short(text)}' has no end-of-text token after tokenising; "
                                    "shorten the concept.", input_name="concepts")
             eot.append(found[0])
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = windows[start : start + self.batch_size]
-            tokens = {name: [w[name] for w in batch] for name in batch[0]}
-            cond = self.clip.encode_from_tokens(tokens)  # [1, 77 * n, D]: windows concatenated
-            chunks.append(cond.reshape(len(batch), -1, cond.shape[-1]).float())
+        eots = torch.tensor(eot, dtype=torch.long)
+        short = rows == "through_eot" and bool(texts) and causal_towers(self.clip) is not None
+        length = int(eots.max()) + 1 if short else window
+        hidden = torch.zeros(len(texts), length, 1)
+        # similar lengths together, so each pass stops near its prompts' own EOT
+        order = torch.argsort(eots, stable=True) if short else torch.arange(len(texts))
+        take = max(self.batch_size, ROW_BUDGET // length)  # more prompts per pass when they are short
+        done = 0
+        started = time.perf_counter()
+        while done < len(texts):
+            part = order[done : done + take].tolist()
+            stop = int(eots[part].max()) + 1 if short else window
+            batch = [windows[i] for i in part]
+            if short:
+                cond = encode_causal_prefix(self.clip, {name: [w[name][:stop] for w in batch] for name in batch[0]})
+            else:
+                cond = self.clip.encode_from_tokens({name: [w[name] for w in batch] for name in batch[0]})
+            cond = cond.reshape(len(batch), -1, cond.shape[-1]).float().cpu()  # windows were concatenated
+            if hidden.shape[-1] != cond.shape[-1]:
+                hidden = torch.zeros(len(texts), length, cond.shape[-1])
+            hidden[torch.tensor(part), :stop] = cond
+            done += len(part)
             if self.progress is not None:
-                self.progress(min(start + self.batch_size, len(texts)), len(texts))
-        hidden = torch.cat(chunks) if chunks else torch.zeros(0, len(empty[stream]), 1)
-        ids = torch.tensor([[tok[0] if isinstance(tok[0], int) else -1 for tok in w[stream]] for w in windows],
+                self.progress(done, len(texts))
+        self.seconds += time.perf_counter() - started
+        ids = torch.tensor([[tok[0] if isinstance(tok[0], int) else -1 for tok in w[stream][:length]] for w in windows],
                            dtype=torch.long).reshape(len(texts), -1)
-        return EncodedText(tuple(texts), hidden, torch.tensor(eot, dtype=torch.long), token_ids=ids)
+        return EncodedText(tuple(texts), hidden, eots, token_ids=ids)
 
+
+def causal_towers(clip: Any) -> list[tuple[str, Any]] | None:
+    """``[(token stream, SDClipModel)]`` in the order their outputs are concatenated, when every
+    tower of ``clip`` is ComfyUI's causal CLIP text model run the standard way (SD1.x, SD2.x,
+    SDXL and its refiner); ``None`` for anything else (T5, LLM encoders, custom subclasses)."""
+    model = getattr(clip, "cond_stage_model", None)
+    if type(model) is comfy.sdxl_clip.SDXLClipModel:
+        towers = [("l", model.clip_l), ("g", model.clip_g)]
+    elif isinstance(model, comfy.sd1_clip.SD1ClipModel) \
+            and type(model).encode_token_weights is comfy.sd1_clip.SD1ClipModel.encode_token_weights:
+        towers = [(model.clip_name, getattr(model, model.clip, None))]
+    else:
+        return None
+    for _, tower in towers:
+        if not (isinstance(tower, comfy.sd1_clip.SDClipModel)
+                and type(tower).forward is comfy.sd1_clip.SDClipModel.forward
+                and type(tower).encode_token_weights is comfy.sd1_clip.ClipTokenWeightEncoder.encode_token_weights
+                and type(getattr(tower, "transformer", None)) is comfy.clip_model.CLIPTextModel
+                and type(tower.transformer.text_model) is comfy.clip_model.CLIPTextModel_
+                and type(tower.transformer.text_model.encoder) is comfy.clip_model.CLIPEncoder
+                and tower.layer in ("last", "hidden")):
+            return None
+    return towers
+
+
+@torch.no_grad()
+def encode_causal_prefix(clip: Any, tokens: dict[str, list[list[Any]]]) -> torch.Tensor:
+    """``clip.encode_from_tokens(tokens)`` for token windows cut to a common length ``L < 77``
+    (``[1, N·L, D]``): what the 77-token encoding gives at those positions, since a causal CLIP's
+    row ``i`` sees only positions ``≤ i``. ComfyUI's own modules compute it (CLIP patches, layer
+    choice, weights syntax, embeddings); only the position table is cut to ``L`` and the layers
+    after the selected one (clip skip) are not run. Needs :func:`causal_towers`."""
+    model = clip.cond_stage_model
+    model.reset_clip_options()
+    if clip.layer_idx is not None:
+        model.set_clip_options({"layer": clip.layer_idx})
+    clip.load_model()
+    parts = [_tower_prefix(tower, tokens[name]) for name, tower in causal_towers(clip)]
+    return torch.cat(parts, dim=-1).reshape(1, -1, sum(p.shape[-1] for p in parts))
+
+
+def _tower_prefix(tower: Any, pairs: list[list[Any]]) -> torch.Tensor:
+    """One tower's ``[N, L, D]`` for windows of ``(token, weight)`` pairs (ComfyUI's
+    ``ClipTokenWeightEncoder.encode_token_weights``: weights pull a row away from the empty
+    prompt's row at that position)."""
+    to_encode = [[tok[0] for tok in x] for x in pairs]
+    weighted = any(tok[1] != 1.0 for x in pairs for tok in x)
+    if weighted:
+        make_empty = getattr(tower, "gen_empty_tokens", comfy.sd1_clip.gen_empty_tokens)
+        to_encode.append(make_empty(tower.special_tokens, max(len(t) for t in to_encode)))
+    out = _tower_forward(tower, to_encode)
+    z = out[: len(pairs)]
+    if weighted:
+        weights = torch.tensor([[tok[1] for tok in x] for x in pairs], dtype=z.dtype, device=z.device)
+        z = (z - out[-1]) * weights[..., None] + out[-1]
+    return z.cpu()
+
+
+def _tower_forward(tower: Any, tokens: list[list[Any]]) -> torch.Tensor:
+    """``SDClipModel.forward(tokens)[0]`` for windows shorter than the context (``[N, L, D]``)."""
+    device = tower.transformer.get_input_embeddings().weight.device
+    embeds, attention_mask, _, _ = tower.process_tokens(tokens, device)
+    text_model = tower.transformer.text_model
+    length = embeds.shape[1]
+    positions = comfy.ops.cast_to(text_model.embeddings.position_embedding.weight, dtype=torch.float32,
+                                  device=embeds.device)
+    x = embeds + positions[:length]
+    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
+    if tower.enable_attention_masks:  # padding keys masked as well (after each EOT: unread rows)
+        pad = 1.0 - attention_mask.to(x.dtype).reshape(len(tokens), 1, 1, length)
+        mask = pad.masked_fill(pad.to(torch.bool), -torch.finfo(x.dtype).max) + mask
+    layers = text_model.encoder.layers
+    last = len(layers) - 1
+    if tower.layer == "hidden":
+        last = tower.layer_idx + len(layers) if tower.layer_idx < 0 else tower.layer_idx
+    attention = comfy.clip_model.optimized_attention_for_device(x.device, mask=True, small_input=True)
+    for layer in layers[: last + 1]:
+        x = layer(x, mask, attention)
+    if tower.layer == "last" or tower.layer_norm_hidden_state:
+        x = text_model.final_layer_norm(x)
+    z = x.float()
+    if tower.zero_out_masked:
+        z = z * attention_mask.unsqueeze(-1).float()
+    return z
 
 
 def clip_fingerprint(clip: Any) -> str:

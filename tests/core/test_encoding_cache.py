@@ -94,3 +94,36 @@ def test_a_zero_cap_caches_nothing_and_a_nan_row_is_encoded_again(tmp_path):
     save_file(entries, tmp_path / "fp.safetensors")
     out = CachedEncoder(inner, tmp_path, "fp")(["a"])
     assert len(inner.calls) == 3 and bool(torch.isfinite(out.hidden).all())
+
+
+class RowsCounting(Counting):
+    accepts_rows = True
+
+    def __call__(self, texts, rows="all"):
+        self.calls.append((list(texts), rows))
+        return self.encoder(texts, rows=rows)
+
+
+def test_through_eot_requests_keep_each_prompt_up_to_its_eot_and_all_rows_serve_them_too(tmp_path):
+    inner = RowsCounting()
+    short = CachedEncoder(inner, tmp_path, "fp")(["a cat", "a big red car"], rows="through_eot")
+    assert short.hidden.shape[1] == int(short.eot_index.max()) + 1
+    full = inner.encoder(["a cat", "a big red car"])
+    for i, eot in enumerate(full.eot_index.tolist()):
+        torch.testing.assert_close(short.hidden[i, : eot + 1], full.hidden[i, : eot + 1], rtol=1e-5, atol=1e-5)
+        assert not short.hidden[i, eot + 1 :].any()  # rows after a prompt's EOT: zero
+    cached = CachedEncoder(inner, tmp_path, "fp")
+    again = cached(["a big red car"], rows="through_eot")  # from the cache, cut to its own length
+    assert (cached.hits, cached.misses) == (1, 0) and again.hidden.shape[1] == int(again.eot_index[0]) + 1
+    whole = cached(["a cat", "a dog"])  # all rows: through-EOT entries do not serve them
+    assert inner.calls[-1] == (["a cat", "a dog"], "all") and whole.hidden.shape[1] == full.hidden.shape[1]
+    cached(["a dog"], rows="through_eot")  # ... but a full entry serves a through-EOT request
+    assert inner.calls[-1] == (["a cat", "a dog"], "all") and cached.hits == 2
+
+
+def test_an_encoder_without_rows_is_asked_for_all_rows_and_cached_whole(tmp_path):
+    inner = Counting()
+    out = CachedEncoder(inner, tmp_path, "fp")(["a cat"], rows="through_eot")
+    assert inner.calls == [["a cat"]] and out.hidden.shape[1] == int(out.eot_index[0]) + 1
+    whole = CachedEncoder(inner, tmp_path, "fp")(["a cat"])
+    assert len(inner.calls) == 1 and whole.hidden.shape[1] == inner.encoder.config.context_length

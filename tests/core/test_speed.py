@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from erasure_core import Concept, ConceptSet, ConfigError, erase, make_config
+from erasure_core.edit.linalg import least_amplified_direction
 from erasure_core.methods.speed import _invariants, _mean_stats, _retain_prompts
 
 TARGETS = ("van gogh", "monet")
@@ -57,6 +58,29 @@ def _reference_delta(w, c1, a, retain, k2, *, threshold, alpha, lamb):
     inner = k2.T @ p @ m @ k2 + lamb * torch.eye(k2.shape[1], dtype=torch.float64)
     q = eye - m @ k2 @ torch.linalg.inv(inner) @ k2.T @ p
     return w @ (atc1 - c1tc1) @ p @ q @ m
+
+
+def _reference_refined_delta(w, c1, a, retain, k2, generator, *, threshold, alpha, lamb, aug_num,
+                             disable_filter):
+    """The reference code's per-layer IPF and DPA, written the slow way: the plain erase as a
+    ``d × d`` matrix, every augmented sample formed, filtered per chunk of 128 kept priors, and the
+    projector from the SVD of the whole refined bank's covariance; then :func:`_reference_delta`."""
+    w = w.double()
+    d, n = w.shape[1], len(c1)
+    eye = torch.eye(d, dtype=torch.float64)
+    c1tc1 = sum(torch.outer(c, c) for c in c1) / n
+    atc1 = sum(torch.outer(ai, ci) for ai, ci in zip(a, c1, strict=True)) / n
+    erase = (atc1 - c1tc1) @ torch.linalg.inv(eye + c1tc1)
+    influence = (retain @ erase.T @ w.T).norm(dim=1)
+    kept = retain if disable_filter else retain[influence > influence.mean()]
+    v_min = least_amplified_direction(w)  # the sign of v is an implementation detail: shared
+    pool = [kept]
+    for chunk in kept.split(128):
+        z = torch.randn(len(chunk), aug_num, 1, generator=generator, dtype=torch.float64)
+        samples = (chunk[:, None, :] + z * v_min).reshape(-1, d)
+        infl = (samples @ erase.T @ w.T).norm(dim=1)
+        pool.append(samples[infl > infl.mean()])
+    return _reference_delta(w, c1, a, torch.cat(pool), k2, threshold=threshold, alpha=alpha, lamb=lamb)
 
 
 def _is_v(site):
@@ -205,3 +229,42 @@ def test_singular_invariants_raise_a_numerical_error_naming_lamb(sites, encoder)
         erase("speed", sites, _concepts(), zero_after_eot, make_config("speed", lamb=0.0))
     assert err.value.input_name == "lamb"
     erase("speed", sites, _concepts(), zero_after_eot, make_config("speed", lamb=0.5))  # the advised fix works
+
+
+@pytest.mark.parametrize(("n_retain", "disable_filter", "threshold"), [
+    (5, False, 0.1), (5, True, 1e-4), (40, False, 0.1), (150, True, 0.1), (300, False, 0.1)])
+def test_filtered_augmented_edit_equals_the_per_layer_reference(sites, encoder, n_retain, disable_filter, threshold):
+    """IPF and DPA vectorised over the whole bank give the reference's edit: fewer priors than the
+    width (the span shortcut), more (the assembled d × d Gram), and more than one 128-prior chunk."""
+    retain = tuple(f"prior {i} x{i * 7 % 13}" for i in range(n_retain))
+    config = make_config("speed", threshold=threshold, preserve_scale=0.05 if disable_filter else 1.0,
+                         disable_filter=disable_filter, aug_num=10)
+    patch = erase("speed", sites, ConceptSet.simple(TARGETS, (ANCHOR,), retain), encoder, config)
+    c1 = _last_subject(encoder, TARGETS)
+    a = _last_subject(encoder, (ANCHOR,) * len(TARGETS))
+    keys = _last_subject(encoder, retain)
+    generator = torch.Generator().manual_seed(config.random_seed)
+    k2 = _invariants(encoder([""]).hidden[0].double(), generator)  # the solve's first draws
+    for site in (s for s in sites if _is_v(s)):  # then each edited layer's noise, in site order
+        ref = _reference_refined_delta(site.weight, c1, a, keys, k2, generator, threshold=threshold,
+                                       alpha=config.preserve_scale, lamb=config.lamb, aug_num=config.aug_num,
+                                       disable_filter=disable_filter)
+        scale = ref.abs().max().item()
+        assert scale > 1e-3
+        torch.testing.assert_close(patch[site.key].dense().double(), ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_targets_and_priors_are_encoded_through_eot_and_only_the_null_prompt_whole(sites, encoder):
+    calls = []
+
+    def recording(texts, rows="all"):
+        calls.append((list(texts), rows))
+        return encoder(texts, rows=rows)
+
+    recording.accepts_rows = True
+    erase("speed", sites, _concepts(), recording, make_config("speed"))
+    assert [rows for _, rows in calls] == ["through_eot", "all"]
+    assert calls[1][0] == [""] and "" not in calls[0][0]
+    calls.clear()
+    erase("speed", sites, _concepts(), recording, make_config("speed", preset="nudity"))  # all-token keys
+    assert [rows for _, rows in calls] == ["all"] and "" in calls[0][0]

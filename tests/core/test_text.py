@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from erasure_core.text.clip import ClipTextConfig, ClipTextEncoder
@@ -21,3 +22,21 @@ def test_encoder_is_causal_so_prefix_rows_do_not_depend_on_later_words(clip_toke
     out = enc(["a photo of a cat", "a photo of a dog"])
     torch.testing.assert_close(out.hidden[0, :5], out.hidden[1, :5])
     assert not torch.allclose(out.hidden[0, 5], out.hidden[1, 5])
+
+
+def test_encode_asks_for_rows_only_where_the_encoder_accepts_them():
+    from fakes import tiny_encoder
+
+    from erasure_core.text.encoded import TimedEncoder, TokenPick, encode, rows_for
+
+    clip = tiny_encoder()
+    assert clip.accepts_rows
+    short = encode(clip, ["a cat", "a big red car"], "through_eot")
+    assert short.hidden.shape[1] == int(short.eot_index.max()) + 1 < clip.config.context_length
+    plain = encode(lambda texts: clip(texts), ["a cat"], "through_eot")  # no accepts_rows: all rows
+    assert plain.hidden.shape[1] == clip.config.context_length
+    timed = TimedEncoder(clip)
+    assert timed.accepts_rows and timed(["a cat"], rows="through_eot").hidden.shape[1] == 4 and timed.seconds > 0
+    assert [rows_for(p) for p in TokenPick] == ["all", "through_eot", "all", "through_eot"]
+    with pytest.raises(ValueError, match="rows"):
+        encode(clip, ["a cat"], "some")

@@ -192,3 +192,28 @@ def test_a_second_erase_reuses_the_cached_encodings(pack, tiny_checkpoint):
     key = next(k for k in lora_clip.patcher.model_state_dict() if k.endswith("self_attn.q_proj.weight"))
     lora_clip.add_patches({key: ("diff", (torch.zeros(lora_clip.patcher.model_state_dict()[key].shape),))}, 1.0)
     assert _comfy.clip_fingerprint(lora_clip) != _comfy.clip_fingerprint(clip)
+
+
+def test_the_report_breaks_the_time_down_and_a_known_preserve_bank_is_not_encoded_again(pack, tiny_checkpoint):
+    from concept_erasure_pack.nodes.closed_form_erase import ClosedFormErase
+    from concept_erasure_pack.nodes.load_concepts import LoadConcepts
+
+    model, clip, _ = tiny_checkpoint
+    preserve = "Caravaggio; Titian; a photo of a horse"
+    counts = []
+    for targets in ("Egon Schiele", "Gustav Klimt"):  # 6 prompts each: target, anchor, 3 preserved, ""
+        (concepts,) = _run(LoadConcepts, targets=targets, anchors="a sculptor", preserve=preserve, kind="generic",
+                           preset="none", file="none", templates="as given", custom_templates="")
+        with torch.inference_mode():
+            out = ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, method="uce", strength=1.0,
+                                          token_pick="last subject token", erase_scale=1.0, preserve_scale=0.1,
+                                          lamb=0.5, preserve_empty_prompt=True, solve_dtype="float64")
+        report, lines = out.result[2], out.ui["ce_report"][0]["lines"]
+        assert all(f"{part} " in report for part in ("encode", "weights", "solve", "patch"))
+        encoded, cached = (int(n) for n in report.split(" prompts encoded, ")[0].rsplit(" ", 1)[1:]
+                           + [report.split(" prompts encoded, ")[1].split()[0]])
+        assert encoded + cached == 6
+        assert f"({cached / 6:.0%} hit rate)" in report
+        assert lines[2] == f"prompts: {encoded} encoded, {cached} from cache ({cached / 6:.0%} hit rate)"
+        counts.append((encoded, cached))
+    assert counts[1] == (1, 5)  # the second erase encodes only its new target

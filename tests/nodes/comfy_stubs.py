@@ -38,7 +38,8 @@ import erasure_core  # noqa: F401
 PACK_NAME = "concept_erasure_stubbed"
 REAL_PACK_NAME = "concept_erasure_pack"  # the name tests/integration imports the pack under
 STUB_NAMES = ("comfy_api", "comfy_api.latest", "comfy", "comfy.lora", "comfy.model_management",
-              "comfy.utils", "comfy.weight_adapter", "comfy.sd1_clip", "folder_paths")
+              "comfy.utils", "comfy.weight_adapter", "comfy.sd1_clip", "comfy.sdxl_clip", "comfy.clip_model",
+              "comfy.ops", "folder_paths")
 PREFIX = "diffusion_model."
 
 
@@ -256,7 +257,9 @@ def _sd1_clip(base: str) -> ModuleType:
         opener = gzip.open if source.endswith(".gz") else open
         with opener(source, "rt", encoding="utf-8") as f, open(os.path.join(folder, "merges.txt"), "w") as out:
             out.write(f.read())
-    return _module("comfy.sd1_clip", __file__=os.path.join(base, "comfy", "sd1_clip.py"))
+    # the CLIP classes are only compared with (a stub CLIP is none of them: its encodings run whole)
+    return _module("comfy.sd1_clip", __file__=os.path.join(base, "comfy", "sd1_clip.py"),
+                   **{n: type(n, (), {}) for n in ("SD1ClipModel", "SDClipModel", "ClipTokenWeightEncoder")})
 
 
 def make_stubs() -> dict[str, ModuleType]:
@@ -268,10 +271,16 @@ def make_stubs() -> dict[str, ModuleType]:
     weight_adapter = _module("comfy.weight_adapter", package=True, LoRAAdapter=_LoRAAdapter)
     lora = _lora(weight_adapter, mm)
     # `import comfy.lora` finds the submodule in sys.modules and then reads it as an attribute.
+    sdxl_clip = _module("comfy.sdxl_clip", SDXLClipModel=type("SDXLClipModel", (), {}))
+    clip_model = _module("comfy.clip_model", **{n: type(n, (), {}) for n in ("CLIPTextModel", "CLIPTextModel_",
+                                                                               "CLIPEncoder")})
+    ops = _module("comfy.ops")
     comfy = _module("comfy", package=True, lora=lora, model_management=mm, utils=utils,
-                    weight_adapter=weight_adapter, sd1_clip=sd1_clip)
+                    weight_adapter=weight_adapter, sd1_clip=sd1_clip, sdxl_clip=sdxl_clip, clip_model=clip_model,
+                    ops=ops)
     stubs = {"comfy": comfy, "comfy.lora": lora, "comfy.model_management": mm, "comfy.utils": utils,
-             "comfy.weight_adapter": weight_adapter, "comfy.sd1_clip": sd1_clip,
+             "comfy.weight_adapter": weight_adapter, "comfy.sd1_clip": sd1_clip, "comfy.sdxl_clip": sdxl_clip,
+             "comfy.clip_model": clip_model, "comfy.ops": ops,
              "folder_paths": _folder_paths(base), **_comfy_api()}
     assert set(stubs) == set(STUB_NAMES)
     return stubs
