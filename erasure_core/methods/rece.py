@@ -100,7 +100,8 @@ def solve(
     """UCE, then ``epochs`` rounds of adversarial-embedding erasure, over all sites at once."""
     config = config or RECEConfig()
     started = time.perf_counter()
-    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt,
+                           bank=config.preserve_bank)
     device = torch.device(device) if device is not None else default_device(sites)
     dtype = config.solve_dtype.torch
     ce, ca = (t.to(device) for t in keys.erase(config.token_pick))  # converted chunk-wise by the solve

@@ -186,7 +186,8 @@ def solve(
     if not edited:
         raise ConfigError(f"projections {config.projections.value} must select K/V sites, but none of "
                           f"the {len(sites)} sites match.", input_name="projections")
-    keys = encode_concepts(concepts, encoder, edited, preserve_empty=config.preserve_empty_prompt, also=("",))
+    keys = encode_concepts(concepts, encoder, edited, preserve_empty=config.preserve_empty_prompt, also=("",),
+                           bank=config.preserve_bank)
     device = torch.device(device) if device is not None else default_device(sites)
     dtype = config.solve_dtype.torch
     ce, ca = (t.to(device, dtype) for t in keys.erase(config.token_pick))

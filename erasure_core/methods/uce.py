@@ -56,7 +56,8 @@ def solve(
     """
     config = config or UCEConfig()
     started = time.perf_counter()
-    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt,
+                           bank=config.preserve_bank)
     device = torch.device(device) if device is not None else default_device(sites)
     ce, ca = keys.erase(config.token_pick)
     cp = keys.preserve(config.token_pick)
