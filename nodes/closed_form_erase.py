@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 
 from ..erasure_core import ClosedFormConfig, ConceptSet, erase, methods, node_config
+from ..erasure_core.methods.check import Check, check_edit
+from ..erasure_core.methods.closed_form import preserve_list
 from . import _comfy
-from ._report import report_ui
+from ._chart import GUIDE, check_chart
+from ._report import Bar, report_ui
 from ._schema import config_input, names_node
 from .types import CONCEPTS, PATCH, io
 from .types import OPTIONS as OPTIONS_SOCKET
@@ -14,7 +17,11 @@ from .types import OPTIONS as OPTIONS_SOCKET
 logger = logging.getLogger(__name__)
 
 DISPLAY_NAME = "Closed-Form Erase"
-OPTIONS = ("token_pick", "erase_scale", "preserve_scale", "lamb", "preserve_empty_prompt", "solve_dtype")
+OPTIONS = ("token_pick", "erase_scale", "preserve_scale", "lamb", "preserve_empty_prompt", "solve_dtype",
+           "preserve_bank")
+CHECK_HELP = ("The check, in K/V space on the encoded prompts (0 is best): per target the share of its "
+              "target-anchor gap left; per preserved prompt and per held-out probe (built-in prompts in no "
+              "list) how far it moved, in units of that gap. Above 0.10 a probe visibly changes.")
 
 
 class ClosedFormErase(io.ComfyNode):
@@ -46,7 +53,10 @@ class ClosedFormErase(io.ComfyNode):
             outputs=[
                 io.Model.Output(display_name="model", tooltip="Patched copy of the model."),
                 PATCH.Output(display_name="patch", tooltip="The weight edit, for saving or re-applying."),
-                io.String.Output(display_name="report", tooltip="Sites edited, rank and time."),
+                io.String.Output(display_name="report", tooltip="Sites edited, rank, time and the check. "
+                                                                 + CHECK_HELP),
+                io.Image.Output(display_name="check", tooltip="The check as a bar chart, for Preview Image or "
+                                                              "Save Image. " + CHECK_HELP),
             ],
         )
 
@@ -61,8 +71,31 @@ class ClosedFormErase(io.ComfyNode):
         patch = erase(method, sites, concepts, encoder, config, device=_comfy.compute_device(),
                       progress=progress)
         patched = _comfy.apply_patchset(model, patch, strength)
-        report = (f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, "
-                  f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}; "
-                  f"{encoder.misses} prompts encoded, {encoder.hits} from cache; {source}")
-        logger.info("Closed-Form Erase: %s", report)
-        return io.NodeOutput(patched, patch, report, ui=report_ui(report, title=DISPLAY_NAME))
+        keep = preserve_list(concepts, preserve_empty=config.preserve_empty_prompt, bank=config.preserve_bank)
+        check = check_edit(sites, patch, concepts, encoder, keep, strength=strength, device=_comfy.compute_device())
+        head = (f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, "
+                f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}; "
+                f"{encoder.misses} prompts encoded, {encoder.hits} from cache; {source}")
+        lines = [head, *check.lines()]
+        logger.info("Closed-Form Erase: %s", " | ".join(lines))
+        return io.NodeOutput(patched, patch, "\n".join(lines), _chart(method, check),
+                             ui=report_ui("\n".join(lines), title=DISPLAY_NAME, lines=lines, bars=_bars(check)))
+
+
+def _bars(check: Check) -> list[Bar]:
+    """Every target's gap left, then the worst preserved prompt and the worst probe."""
+    bars = [Bar(f"gap left: {t or '(empty)'}", v, limit=1.0, text=f"{v:.3f}") for t, v in check.targets[:6]]
+    for name, items in (("preserved drift", check.preserved), ("probe drift", check.probes)):
+        if items:
+            prompt, worst = max(items, key=lambda kv: kv[1])
+            bars.append(Bar(f"{name} (worst: {prompt or '(empty)'})", worst, limit=1.0, text=f"{worst:.3f}"))
+    return bars
+
+
+def _chart(method: str, check: Check):
+    worst = sorted(check.preserved, key=lambda kv: -kv[1])[:8]
+    return check_chart(f"{method.upper()} check (K/V space, 0 is best; line at {GUIDE:g})", [
+        ("target", "targets: share of the target-anchor gap left", check.targets),
+        ("preserved", f"preserved prompts: drift (worst {len(worst)} of {len(check.preserved)})", worst),
+        ("probe", "held-out probes (in no list): drift", check.probes),
+    ])

@@ -25,7 +25,7 @@ def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
     defaults = {"method": "uce", "strength": 1.0, "token_pick": "last word + EOT + padding",
                 "erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.5,
                 "preserve_empty_prompt": True, "solve_dtype": "float64"}
-    return _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, **(defaults | options))
+    return _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, **(defaults | options))[:3]
 
 
 def _live_weight(model, key):
