@@ -121,5 +121,8 @@ def solve(
     return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "MACE", progress, started)
 
 
+PRESETS: dict[str, dict[str, object]] = {"paper": {"preserve_bank": False}}
+
 register("mace", MACEConfig, solve,
-         "MACE closed-form refinement (arXiv 2403.06135): remove the concept from the words around it.")
+         "MACE closed-form refinement (arXiv 2403.06135): remove the concept from the words around it.",
+         presets=PRESETS)

@@ -200,5 +200,11 @@ def solve(
     return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "RealEra", progress, started)
 
 
+PRESETS: dict[str, dict[str, object]] = {
+    # RealEra has no reference code: this is the pack's 0.2 behaviour, the paper's sampler on every row
+    "paper (0.2 behaviour)": {"preserve_bank": False, "neighbour_rows": NeighbourRows.ALL},
+}
+
 register("realera", RealEraConfig, solve,
-         "UCE + RealEra neighbour mining (arXiv 2410.09140): also erase sampled neighbours of each target.")
+         "UCE + RealEra neighbour mining (arXiv 2410.09140): also erase sampled neighbours of each target.",
+         presets=PRESETS)

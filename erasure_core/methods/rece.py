@@ -65,11 +65,11 @@ class RECEConfig(ClosedFormConfig):
 
 
 PRESETS: dict[str, dict[str, object]] = {
-    "artistic style": {"epochs": 1, "reg": 1e-3},
-    "hard object": {"epochs": 1, "reg": 1e-3},
-    "easy object": {"epochs": 1, "reg": 1e-1},
-    "unsafe": {"epochs": 2, "reg": 1e-1},
-    "nudity": {"epochs": 3, "reg": 1e-1},
+    "artistic style": {"epochs": 1, "reg": 1e-3, "preserve_bank": False},
+    "hard object": {"epochs": 1, "reg": 1e-3, "preserve_bank": False},
+    "easy object": {"epochs": 1, "reg": 1e-1, "preserve_bank": False},
+    "unsafe": {"epochs": 2, "reg": 1e-1, "preserve_bank": False},
+    "nudity": {"epochs": 3, "reg": 1e-1, "preserve_bank": False},
 }
 
 
