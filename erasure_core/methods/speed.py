@@ -197,9 +197,13 @@ def solve(
         ce, ca = ce[rows], ca[rows]
     retain_prompts = _retain_prompts(keys.keep, concepts)
     null_rows = keys.rows("").to(device, dtype)
-    # retain keys are always last-subject rows (also in the all-token nudity setting), or, with no
-    # retain set, the null prompt's non-start rows, as in the reference
-    retain = keys.preserve(TokenPick.LAST_SUBJECT, retain_prompts).to(device, dtype) if retain_prompts \
+    # retain keys are last-subject rows (also in the all-token nudity setting), or, with no retain
+    # set, the null prompt's non-start rows, as in the reference. With the bank and multi-row target
+    # keys, the retain prompts keep every row the targets' keys cover (their EOT and padding rows
+    # too), so the null space excludes what unrelated prompts share with the target's padding.
+    retain_pick = config.token_pick if config.preserve_bank and config.token_pick is not TokenPick.LAST_SUBJECT \
+        else TokenPick.LAST_SUBJECT
+    retain = keys.preserve(retain_pick, retain_prompts).to(device, dtype) if retain_prompts \
         else null_rows[1:]
     if len(ce) == 0:
         raise ConceptError("SPEED needs target rows, but the token strategy selected none.",
