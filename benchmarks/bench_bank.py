@@ -49,7 +49,7 @@ def main() -> None:
     clip = ClipTextEncoder(tokenizer=BPETokenizer(find_merges_file()), seed=0)
     gen = torch.Generator().manual_seed(0)
     sites = [ec.AttentionSite(k, torch.randn(shape, generator=gen) / shape[1] ** 0.5)
-             for k, shape in ec.reference_site_shapes("sd15").items() if "attn2" in k]
+             for k, shape in ec.reference_site_shapes("sd1").items() if "attn2" in k]
     concepts = ec.ConceptSet.simple(("cat",), ("dog",))
     bank = bank_prompts(concepts, exclude=[""])
     keep = preserve_list(concepts, preserve_empty=True, bank=True)

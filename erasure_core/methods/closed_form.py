@@ -65,7 +65,7 @@ class ClosedFormConfig:
     preserve_bank: bool = option(
         True, "Also preserve a built-in bank of everyday prompts and neighbours of the concept's kind, "
         "so prompts in no list keep their images. Costs: the first run per text encoder encodes "
-        "about 20 prompts (a few seconds on a CPU, cached after that), and the target is erased "
+        "about 40 prompts (seconds on a CPU, cached after that), and the target is erased "
         "slightly less where it shares directions with the bank. Turn off to reproduce a paper.")
 
     def __post_init__(self) -> None:
