@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erasure_core import Concept, ConceptSet, ConfigError, erase, make_config
-from erasure_core.methods.speed import _invariants, _mean_stats, _retain_prompts
+from erasure_core.methods.speed import PRESETS, _invariants, _mean_stats, _retain_prompts
 
 TARGETS = ("van gogh", "monet")
 ANCHOR = "a painter"
@@ -18,10 +18,15 @@ def _concepts(preserve=RETAIN):
     return ConceptSet.simple(TARGETS, (ANCHOR,), preserve)
 
 
+def _paper(**kw):
+    """The paper's few-concept setting (the defaults now differ: issue #13), then ``kw``."""
+    return make_config("speed", **(dict(PRESETS["few-concept"]) | kw))
+
+
 def _config(**kw):
     # aug_num=0 and disable_filter: neither IPF nor DPA, in the reference code as in ours, so the
     # projector is the null space of the plain retain covariance.
-    return make_config("speed", preserve_bank=False, **({"disable_filter": True, "aug_num": 0} | kw))
+    return _paper(**({"disable_filter": True, "aug_num": 0} | kw))
 
 
 def _last_subject(encoder, prompts):
@@ -82,7 +87,7 @@ def test_unfiltered_edit_equals_the_per_layer_float64_closed_form(sites, encoder
 
 def test_filtered_edit_is_fixed_by_the_seed_and_changes_with_it(sites, encoder):
     def deltas(seed):
-        patch = erase("speed", sites, _concepts(), encoder, make_config("speed", preserve_bank=False, random_seed=seed))
+        patch = erase("speed", sites, _concepts(), encoder, _paper(random_seed=seed))
         return [patch[k].dense().double() for k in sorted(patch.keys())]
 
     first, again, other = deltas(0), deltas(0), deltas(1)
@@ -94,7 +99,7 @@ def test_filtered_edit_is_fixed_by_the_seed_and_changes_with_it(sites, encoder):
 
 def test_disable_filter_skips_only_the_influence_filter_not_the_augmentation(sites, encoder):
     with_aug, without = (erase("speed", sites, _concepts(), encoder,
-                               make_config("speed", preserve_bank=False, disable_filter=True, aug_num=n)) for n in (10, 0))
+                               _paper(disable_filter=True, aug_num=n)) for n in (10, 0))
     gap = max((with_aug[k].dense() - without[k].dense()).abs().max().item() / without[k].dense().abs().max().item()
               for k in without.keys())
     assert gap > 1e-3
@@ -166,14 +171,14 @@ def test_concept_statistics_are_averaged_not_summed():
 
 
 def test_multi_celebrity_preset_matches_the_paper_script():
-    config = make_config("speed", preserve_bank=False, preset="multi-celebrity")
+    config = make_config("speed", preset="multi-celebrity")
     assert (config.threshold, config.preserve_scale, config.disable_filter) == (1e-4, 0.05, True)
     assert config.aug_num == 10 and config.projections.value == "V"  # eval_multi.sh: "V 10 1e-4"
 
 
 def test_unknown_preset_raises_config_error_naming_preset():
     with pytest.raises(ConfigError, match="preset") as err:
-        make_config("speed", preserve_bank=False, preset="celebrities")
+        make_config("speed", preset="celebrities")
     assert err.value.input_name == "preset"
 
 
@@ -202,6 +207,6 @@ def test_singular_invariants_raise_a_numerical_error_naming_lamb(sites, encoder)
         return encoder(texts, rows="through_eot")
 
     with pytest.raises(NumericalError, match="lamb") as err:
-        erase("speed", sites, _concepts(), zero_after_eot, make_config("speed", preserve_bank=False, lamb=0.0))
+        erase("speed", sites, _concepts(), zero_after_eot, _paper(lamb=0.0))
     assert err.value.input_name == "lamb"
-    erase("speed", sites, _concepts(), zero_after_eot, make_config("speed", preserve_bank=False, lamb=0.5))  # the advised fix works
+    erase("speed", sites, _concepts(), zero_after_eot, _paper(lamb=0.5))  # the advised fix works
