@@ -92,31 +92,55 @@ def _sampled(prompts: Sequence[str], limit: int) -> list[str]:
     return [prompts[int(i * step)] for i in range(limit)]
 
 
-@torch.no_grad()
-def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float = 1.0, *,
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G_WW, G_WΔ, G_ΔΔ)``, each ``[d, d]`` float64, summed over the token-stream sites (an
-    unedited site adds to ``G_WW`` only). Low-rank entries are used through their factors."""
+def _deltas(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str):
+    """``(site, W [d_out, d] float32, entry or None)`` for every token-stream site."""
     token_sites = [s for s in sites if s.stream == "tokens"]
     if not token_sites:
         raise ValueError("the check needs token-stream sites")
-    d = token_sites[0].in_features
-    g_ww, g_wd, g_dd = (torch.zeros(d, d, dtype=torch.float64, device=device) for _ in range(3))
     for site in token_sites:
-        w = site.tensor().to(device, torch.float32)
-        g_ww += (w.T @ w).double()
-        entry = patch.entries.get(site.key)
-        if entry is None:
-            continue
-        if entry.is_low_rank:
-            up, down = entry.up.to(device) * strength, entry.down.to(device)  # type: ignore[union-attr]
-            g_wd += ((w.T @ up) @ down).double()
-            g_dd += (down.T @ ((up.T @ up) @ down)).double()
+        yield site, site.tensor().to(device, torch.float32), patch.entries.get(site.key)
+
+
+def _factors(entry, strength: float, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ΔW = up @ down`` at ``strength`` (a dense entry is its own ``up`` with ``down = I``)."""
+    if entry.is_low_rank:
+        return entry.up.to(device).float() * strength, entry.down.to(device).float()
+    delta = entry.diff.to(device).float() * strength
+    return delta, torch.eye(delta.shape[1], device=device)
+
+
+@torch.no_grad()
+def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float = 1.0, *,
+               device: torch.device | str = "cpu",
+               gap_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G_WW, G_WΔ, G_ΔΔ)``, each ``[d, d]`` float64, summed over the token-stream sites (an
+    unedited site adds to ``G_WW`` only). Low-rank entries are used through their factors.
+
+    ``G_WW`` costs ``Σ d_out·d²``; it is only ever read as ``D G_WW Dᵀ`` and ``D G_WΔ Xᵀ`` for
+    the gap rows ``D``. When ``gap_rows [n, d]`` are given with ``n < d``, the first two are
+    returned already projected, ``G_WW → Σ ‖D Wᵀ‖²``-ready ``[n, n]`` Gram ``Σ (D Wᵀ)(D Wᵀ)ᵀ`` and
+    ``G_WΔ → Σ (D Wᵀ) ΔW`` ``[n, d]`` (``Σ d_out·d·n`` work instead)."""
+    projected = gap_rows is not None and len(gap_rows) < gap_rows.shape[1]
+    g_ww = g_wd = g_dd = None
+    d = 0
+    for _site, w, entry in _deltas(sites, patch, strength, device):
+        d = w.shape[1]
+        if projected:
+            y = gap_rows.to(device, torch.float32) @ w.T  # [n, d_out]
+            ww, wd_left = (y @ y.T).double(), y
         else:
-            delta = entry.diff.to(device).float() * strength  # type: ignore[union-attr]
-            g_wd += (w.T @ delta).double()
-            g_dd += (delta.T @ delta).double()
-    return g_ww, g_wd, g_dd
+            ww, wd_left = (w.T @ w).double(), w.T
+        g_ww = ww if g_ww is None else g_ww + ww
+        if entry is not None:
+            up, down = _factors(entry, strength, device)
+            wd = ((wd_left @ up) @ down).double()
+            dd = (down.T @ ((up.T @ up) @ down)).double()
+            g_wd = wd if g_wd is None else g_wd + wd
+            g_dd = dd if g_dd is None else g_dd + dd
+    rows = len(gap_rows) if projected else d
+    zero = torch.zeros(rows, d, dtype=torch.float64, device=device)
+    return g_ww, (zero if g_wd is None else g_wd), (torch.zeros(d, d, dtype=torch.float64, device=device)
+                                                    if g_dd is None else g_dd)
 
 
 def _quad(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor | None = None) -> float:
@@ -149,13 +173,22 @@ def check_edit(
     def rows(prompt: str) -> torch.Tensor:
         return enc.hidden[enc.index(prompt)].to(device, torch.float64)
 
-    g_ww, g_wd, g_dd = edit_grams(sites, patch, strength, device=device)
+    diffs = [rows(t) - rows(a) for t, a in pairs]
+    stacked = torch.cat(diffs) if diffs else torch.zeros(0, enc.width, dtype=torch.float64)
+    g_ww, g_wd, g_dd = edit_grams(sites, patch, strength, device=device, gap_rows=stacked)
+    projected = g_ww.shape[0] == len(stacked) and len(stacked) < enc.width
     gaps, left = [], []
-    for target, anchor in pairs:
-        x_e, diff = rows(target), rows(target) - rows(anchor)
-        gap2 = _quad(diff, g_ww)
+    start = 0
+    for (target, _), diff in zip(pairs, diffs, strict=True):
+        x_e, part = rows(target), slice(start, start + len(diff))
+        start += len(diff)
         # ‖X_e W'ᵀ − X_a Wᵀ‖² = ‖D Wᵀ + X_e ΔWᵀ‖² with D = X_e − X_a
-        after2 = gap2 + 2 * _quad(diff, g_wd, x_e) + _quad(x_e, g_dd)
+        if projected:  # Grams already taken against the stacked D rows
+            gap2 = float(g_ww[part, part].trace())
+            cross = float((g_wd[part] * x_e).sum())
+        else:
+            gap2, cross = _quad(diff, g_ww), _quad(diff, g_wd, x_e)
+        after2 = gap2 + 2 * cross + _quad(x_e, g_dd)
         gaps.append(gap2)
         left.append(math.sqrt(max(after2, 0.0) / gap2) if gap2 > 0 else float("nan"))
     unit = math.sqrt(sum(gaps) / len(gaps)) if gaps else float("nan")

@@ -91,3 +91,13 @@ def test_the_report_lines_name_each_group(sites, encoder):
     check = check_edit(sites, _random_patch(sites, True), CONCEPTS, encoder, ["a red car"], probes=["a house"])
     text = "\n".join(check.lines())
     assert "gap left on targets (1)" in text and "drift of preserved (1)" in text and "probe 'a house'" in text
+
+
+def test_many_targets_use_the_full_gram_and_give_the_same_numbers(sites, encoder):
+    # 5 targets x 8 rows exceed the width (32): G_WW is taken whole instead of against the rows
+    names = ("cat", "horse", "bird", "fish", "cow")
+    concepts = ConceptSet.simple(names, ("dog",))
+    patch = _random_patch(sites, True)
+    check = check_edit(sites, patch, concepts, encoder, [], probes=[])
+    for name, value in check.targets:
+        assert value == pytest.approx(_brute(sites, patch, encoder, name, "dog", "", 1.0)[0], rel=1e-5)
