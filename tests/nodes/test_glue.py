@@ -212,10 +212,11 @@ def test_progress_bar_reports_encoding_then_every_site(stub_env, model):
     concepts = core.ConceptSet.simple(("Van Gogh",), ("a painter",), ("Monet",))
     keep = core.methods.closed_form.preserve_list(concepts, preserve_empty=True, bank=True)
     probes = core.methods.bank.probe_prompts(concepts, keep)
-    # "Van Gogh", "a painter", "Monet", the empty prompt and the bank, encoded in one batch; every
+    # "Van Gogh", "a painter", "Monet", the empty prompt and the bank, encoded in one call; every
     # site; then the check encodes its held-out probes (the other prompts come from the cache).
-    assert bar.updates == [(2 + len(keep), 2 + len(keep)), *((i, n) for i in range(1, n + 1)),
-                           (len(probes), len(probes))]
+    encoded = 2 + len(keep)  # in batches of 32
+    batches = [(min(i + 32, encoded), encoded) for i in range(0, encoded, 32)]
+    assert bar.updates == [*batches, *((i, n) for i in range(1, n + 1)), (len(probes), len(probes))]
 
 
 def test_load_concepts_blames_a_too_long_preserve_concept_on_preserve(env):
