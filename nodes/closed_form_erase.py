@@ -71,11 +71,11 @@ class ClosedFormErase(io.ComfyNode):
         patch = erase(method, sites, concepts, encoder, config, device=_comfy.compute_device(),
                       progress=progress)
         patched = _comfy.apply_patchset(model, patch, strength)
-        keep = preserve_list(concepts, preserve_empty=config.preserve_empty_prompt, bank=config.preserve_bank)
-        check = check_edit(sites, patch, concepts, encoder, keep, strength=strength, device=_comfy.compute_device())
         head = (f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, "
                 f"rank {patch.meta['rank']}, {patch.meta['seconds']:.2f} s, strength {strength}; "
                 f"{encoder.misses} prompts encoded, {encoder.hits} from cache; {source}")
+        keep = preserve_list(concepts, preserve_empty=config.preserve_empty_prompt, bank=config.preserve_bank)
+        check = check_edit(sites, patch, concepts, encoder, keep, strength=strength, device=_comfy.compute_device())
         lines = [head, *check.lines()]
         logger.info("Closed-Form Erase: %s", " | ".join(lines))
         return io.NodeOutput(patched, patch, "\n".join(lines), _chart(method, check),
