@@ -27,8 +27,11 @@ UNRELATED = ("a red car on a street", "a bowl of fruit on a table", "a mountain 
              "a portrait of an old man", "a city skyline at night")
 # What each method reaches at its defaults on this checkpoint (measured; README "Safe by default").
 # (r bound, drift bound): r is the issue's bound; drift is what the defaults reach, not yet 0.10.
-REACHED = {"uce": (0.10, 0.0), "speed": (0.10, 0.0), "rece": (0.10, 0.0), "mace": (0.10, 0.0),
-           "realera": (0.10, 0.0)}
+REACHED = {"uce": (0.1, 0.56),
+           "speed": (0.1, 0.53),
+           "rece": (0.23, 0.95),
+           "mace": None,
+           "realera": None}
 
 
 def _mean_abs(a, b):
