@@ -6,9 +6,12 @@ import logging
 import time
 
 from ..erasure_core import AttentionSite, ClosedFormConfig, ConceptSet, LazyWeight, erase, methods, node_config
+from ..erasure_core.methods.check import Check, check_edit
+from ..erasure_core.methods.closed_form import preserve_list
 from ..erasure_core.text.encoded import TimedEncoder
 from . import _comfy
-from ._report import report_ui
+from ._chart import GUIDE, check_chart
+from ._report import Bar, report_ui
 from ._schema import config_input, names_node
 from .types import CONCEPTS, PATCH, io
 from .types import OPTIONS as OPTIONS_SOCKET
@@ -16,7 +19,11 @@ from .types import OPTIONS as OPTIONS_SOCKET
 logger = logging.getLogger(__name__)
 
 DISPLAY_NAME = "Closed-Form Erase"
-OPTIONS = ("token_pick", "erase_scale", "preserve_scale", "lamb", "preserve_empty_prompt", "solve_dtype")
+OPTIONS = ("token_pick", "erase_scale", "preserve_scale", "lamb", "preserve_empty_prompt", "solve_dtype",
+           "preserve_bank")
+CHECK_HELP = ("The check, in K/V space on the encoded prompts (0 is best): per target the share of its "
+              "target-anchor gap left; per preserved prompt and per held-out probe (built-in prompts in no "
+              "list) how far it moved, in units of that gap. Above 0.10 a probe visibly changes.")
 
 
 class ClosedFormErase(io.ComfyNode):
@@ -48,7 +55,10 @@ class ClosedFormErase(io.ComfyNode):
             outputs=[
                 io.Model.Output(display_name="model", tooltip="Patched copy of the model."),
                 PATCH.Output(display_name="patch", tooltip="The weight edit, for saving or re-applying."),
-                io.String.Output(display_name="report", tooltip="Sites edited, rank and time."),
+                io.String.Output(display_name="report", tooltip="Sites edited, rank, time and the check. "
+                                                                 + CHECK_HELP),
+                io.Image.Output(display_name="check", tooltip="The check as a bar chart, for Preview Image or "
+                                                              "Save Image. " + CHECK_HELP),
             ],
         )
 
@@ -71,19 +81,26 @@ class ClosedFormErase(io.ComfyNode):
         total = time.perf_counter() - started
         times = {"encode": encoder.seconds, "weights": reads[0],
                  "solve": solved - started - encoder.seconds - reads[0], "patch": time.perf_counter() - solved}
-        seen = cache.hits + cache.misses
-        hit_rate = f"{cache.hits / seen:.0%}" if seen else "n/a"
-        report = (f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, "
-                  f"rank {patch.meta['rank']}, {total:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in times.items())}), "
-                  f"strength {strength}; {cache.misses} prompts encoded, {cache.hits} from cache "
-                  f"({hit_rate} hit rate); {source}")
-        logger.info("Closed-Form Erase: %s", report)
+        hits, misses = cache.hits, cache.misses  # the erase's own prompts (the check encodes after it)
+        hit_rate = f"{hits / (hits + misses):.0%}" if hits + misses else "n/a"
+        checked = time.perf_counter()
+        keep = preserve_list(concepts, preserve_empty=config.preserve_empty_prompt, bank=config.preserve_bank)
+        check = check_edit(sites, patch, concepts, cache, keep, strength=strength, device=_comfy.compute_device())
+        check_seconds = time.perf_counter() - checked
+        head = (f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, "
+                f"rank {patch.meta['rank']}, {total:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in times.items())}), "
+                f"strength {strength}; {misses} prompts encoded, {hits} from cache "
+                f"({hit_rate} hit rate); {source}")
         lines = [f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites, rank {patch.meta['rank']}, "
                  f"strength {strength}",
-                 f"{total:.2f} s: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()),
-                 f"prompts: {cache.misses} encoded, {cache.hits} from cache ({hit_rate} hit rate)",
-                 source]
-        return io.NodeOutput(patched, patch, report, ui=report_ui(report, title=DISPLAY_NAME, lines=lines))
+                 f"{total:.2f} s: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
+                 + f" (+ check {check_seconds:.2f} s)",
+                 f"prompts: {misses} encoded, {hits} from cache ({hit_rate} hit rate)",
+                 source, *check.lines()]
+        report = "\n".join([head, *check.lines()])
+        logger.info("Closed-Form Erase: %s", " | ".join([head, *check.lines()]))
+        return io.NodeOutput(patched, patch, report, _chart(method, check),
+                             ui=report_ui(report, title=DISPLAY_NAME, lines=lines, bars=_bars(check)))
 
 
 def _timed_weight(weight, reads: list[float]):
@@ -99,3 +116,22 @@ def _timed_weight(weight, reads: list[float]):
             reads[0] += time.perf_counter() - started
 
     return LazyWeight(weight.shape, load)
+
+
+def _bars(check: Check) -> list[Bar]:
+    """Every target's gap left, then the worst preserved prompt and the worst probe."""
+    bars = [Bar(f"gap left: {t or '(empty)'}", v, limit=1.0, text=f"{v:.3f}") for t, v in check.targets[:6]]
+    for name, items in (("preserved drift", check.preserved), ("probe drift", check.probes)):
+        if items:
+            prompt, worst = max(items, key=lambda kv: kv[1])
+            bars.append(Bar(f"{name} (worst: {prompt or '(empty)'})", worst, limit=1.0, text=f"{worst:.3f}"))
+    return bars
+
+
+def _chart(method: str, check: Check):
+    worst = sorted(check.preserved, key=lambda kv: -kv[1])[:8]
+    return check_chart(f"{method.upper()} check (K/V space, 0 is best; line at {GUIDE:g})", [
+        ("target", "targets: share of the target-anchor gap left", check.targets),
+        ("preserved", f"preserved prompts: drift (worst {len(worst)} of {len(check.preserved)})", worst),
+        ("probe", "held-out probes (in no list): drift", check.probes),
+    ])

@@ -9,6 +9,8 @@ from ..erasure_core import CUSTOM_PRESET, make_config, methods
 from ._schema import config_input, names_node
 from .types import OPTIONS, io
 
+LATER_OPTIONS = ("preserve_bank",)  # shared options added in 0.3 (the widgets list is positional)
+
 
 class MethodOptions(io.ComfyNode):
     """Base: subclasses set METHOD, NODE_ID and DISPLAY_NAME; the schema comes from the config."""
@@ -20,7 +22,9 @@ class MethodOptions(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         spec = methods.get(cls.METHOD)
-        fields = [f.name for f in dataclasses.fields(spec.config_cls)]
+        names = [f.name for f in dataclasses.fields(spec.config_cls)]
+        # options added after release go last, so saved workflows keep their widget positions
+        fields = [n for n in names if n not in LATER_OPTIONS] + [n for n in LATER_OPTIONS if n in names]
         presets = [CUSTOM_PRESET, *spec.presets]
         return io.Schema(
             node_id=cls.NODE_ID,

@@ -85,7 +85,8 @@ def solve(
     started = time.perf_counter()
     if not concepts.templates:  # MACE always erases templated prompts (30 per concept)
         concepts = replace(concepts, templates=dict(BUILTIN_TEMPLATES))
-    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt,
+                           bank=config.preserve_bank)
     device = torch.device(device) if device is not None else default_device(sites)
     aligned = [(old, new, *aligned_rows(keys.enc, old, new)) for old, new in keys.pairs]
     cp = keys.preserve(TokenPick.ALL).to(device)
@@ -120,5 +121,8 @@ def solve(
     return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "MACE", progress, started)
 
 
+PRESETS: dict[str, dict[str, object]] = {"paper": {"preserve_bank": False}}
+
 register("mace", MACEConfig, solve,
-         "MACE closed-form refinement (arXiv 2403.06135): remove the concept from the words around it.")
+         "MACE closed-form refinement (arXiv 2403.06135): remove the concept from the words around it.",
+         presets=PRESETS)

@@ -65,11 +65,11 @@ class RECEConfig(ClosedFormConfig):
 
 
 PRESETS: dict[str, dict[str, object]] = {
-    "artistic style": {"epochs": 1, "reg": 1e-3},
-    "hard object": {"epochs": 1, "reg": 1e-3},
-    "easy object": {"epochs": 1, "reg": 1e-1},
-    "unsafe": {"epochs": 2, "reg": 1e-1},
-    "nudity": {"epochs": 3, "reg": 1e-1},
+    "artistic style": {"epochs": 1, "reg": 1e-3, "preserve_bank": False},
+    "hard object": {"epochs": 1, "reg": 1e-3, "preserve_bank": False},
+    "easy object": {"epochs": 1, "reg": 1e-1, "preserve_bank": False},
+    "unsafe": {"epochs": 2, "reg": 1e-1, "preserve_bank": False},
+    "nudity": {"epochs": 3, "reg": 1e-1, "preserve_bank": False},
 }
 
 
@@ -100,7 +100,8 @@ def solve(
     """UCE, then ``epochs`` rounds of adversarial-embedding erasure, over all sites at once."""
     config = config or RECEConfig()
     started = time.perf_counter()
-    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt,
+                           bank=config.preserve_bank)
     device = torch.device(device) if device is not None else default_device(sites)
     dtype = config.solve_dtype.torch
     ce, ca = (t.to(device) for t in keys.erase(config.token_pick))  # converted chunk-wise by the solve

@@ -20,7 +20,7 @@ import torch
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
 from ..edit.patch import PatchSet
-from ..text.encoded import TextEncoder, rows_for
+from ..text.encoded import TextEncoder, TokenPick, rows_for
 from . import register
 from .closed_form import (
     ClosedFormConfig,
@@ -57,7 +57,7 @@ def solve(
     config = config or UCEConfig()
     started = time.perf_counter()
     keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt,
-                           rows=rows_for(config.token_pick))
+                           rows=rows_for(config.token_pick), bank=config.preserve_bank)
     device = torch.device(device) if device is not None else default_device(sites)
     ce, ca = keys.erase(config.token_pick)
     cp = keys.preserve(config.token_pick)
@@ -66,5 +66,15 @@ def solve(
                           started=started)
 
 
+PRESETS: dict[str, dict[str, object]] = {
+    # the papers' exact settings: no default bank (issue #13)
+    "paper (train_erase.py)": {"token_pick": TokenPick.LAST_WORD_EOT_PADDING, "erase_scale": 1.0,
+                               "preserve_scale": 0.1, "lamb": 0.5, "preserve_empty_prompt": True,
+                               "preserve_bank": False},
+    "current code (uce_sd_erase.py)": {"token_pick": TokenPick.LAST_SUBJECT, "erase_scale": 1.0,
+                                       "preserve_scale": 1.0, "lamb": 0.5, "preserve_empty_prompt": False,
+                                       "preserve_bank": False},
+}
+
 register("uce", UCEConfig, solve,
-         "UCE (arXiv 2308.14761): closed-form K/V edit mapping each target to its anchor.")
+         "UCE (arXiv 2308.14761): closed-form K/V edit mapping each target to its anchor.", presets=PRESETS)

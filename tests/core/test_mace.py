@@ -30,7 +30,7 @@ def test_padding_is_aligned_from_the_end_when_lengths_differ(encoder):
 
 def test_prefix_rows_keep_their_outputs(sites, encoder):
     concepts = ConceptSet.simple(("van gogh",), ("a painter",), templates=("painting by {}",))
-    patch = erase("mace", sites, concepts, encoder, make_config("mace", lamb=1e-6, preserve_empty_prompt=False))
+    patch = erase("mace", sites, concepts, encoder, make_config("mace", preserve_bank=False, lamb=1e-6, preserve_empty_prompt=False))
     enc = encoder(["painting by van gogh"])
     prefix = enc.hidden[0, :3].double()  # start, 'painting', 'by': identical in target and anchor
     for site in sites:
@@ -40,7 +40,7 @@ def test_prefix_rows_keep_their_outputs(sites, encoder):
 
 def test_suffix_rows_map_to_the_anchors(sites, encoder):
     concepts = ConceptSet.simple(("van gogh",), ("a painter",), templates=("{} painting",))
-    patch = erase("mace", sites, concepts, encoder, make_config("mace", lamb=1e-5, preserve_empty_prompt=False))
+    patch = erase("mace", sites, concepts, encoder, make_config("mace", preserve_bank=False, lamb=1e-5, preserve_empty_prompt=False))
     enc = encoder(["van gogh painting", "a painter painting"])
     o, n = aligned_rows(enc, "van gogh painting", "a painter painting")
     old, new = enc.hidden[0, o].double(), enc.hidden[1, n].double()
@@ -50,7 +50,7 @@ def test_suffix_rows_map_to_the_anchors(sites, encoder):
 
 
 def test_without_templates_mace_uses_the_built_in_ones(sites, encoder):
-    patch = erase("mace", sites, ConceptSet.simple(("van gogh",), ("a painter",)), encoder, make_config("mace"))
+    patch = erase("mace", sites, ConceptSet.simple(("van gogh",), ("a painter",)), encoder, make_config("mace", preserve_bank=False))
     assert "a painting of {}" in patch.meta["concepts"]["templates"]["generic"]
 
 
@@ -61,7 +61,7 @@ def test_an_encoder_without_token_ids_is_refused(sites, encoder):
         return dataclasses.replace(encoder(texts), token_ids=None)
 
     with pytest.raises(ConceptError, match="token ids") as err:
-        erase("mace", sites, ConceptSet.simple(("van gogh",), ("a painter",)), no_ids, make_config("mace"))
+        erase("mace", sites, ConceptSet.simple(("van gogh",), ("a painter",)), no_ids, make_config("mace", preserve_bank=False))
     assert err.value.input_name == "clip"
 
 
@@ -76,7 +76,7 @@ def test_matches_a_per_layer_float64_solve_of_the_aligned_rows(sites, encoder, t
     monkeypatch.setattr("erasure_core.methods.mace.GRAM_CHUNK", 10)
     templates = ("{}", "art by {}") if len(targets) == 1 else ("{}", "art by {}", "a painting by {}")
     concepts = ConceptSet.simple(targets, ("a painter",), ("a red car",), templates=templates)
-    config = make_config("mace", lamb=0.3, erase_scale=1.2, preserve_scale=0.4)
+    config = make_config("mace", preserve_bank=False, lamb=0.3, erase_scale=1.2, preserve_scale=0.4)
     patch = erase("mace", sites, concepts, encoder, config)
     pairs = concepts.erase_pairs()
     keep = concepts.preserve_prompts([""])

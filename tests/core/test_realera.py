@@ -59,7 +59,8 @@ def test_the_edit_equals_uce_eq7_over_targets_plus_neighbours(sites, encoder, ne
     concepts = ConceptSet.simple(("van gogh", "monet"), ("a painter",), ("a red car",))
     config = make_config("realera", token_pick="last subject token", neighbours=neighbours, lamb=0.5)
     patch = erase("realera", sites, concepts, encoder, config)
-    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt)
+    keys = encode_concepts(concepts, encoder, sites, preserve_empty=config.preserve_empty_prompt,
+                           bank=config.preserve_bank)
     ce, ca = keys.erase(config.token_pick)
     cp = keys.preserve(config.token_pick).double()
     extra = list(neighbour_rows(keys, config))

@@ -53,8 +53,8 @@ def test_adversarial_rows_equal_the_per_site_float64_closed_form(sites):
 
 def test_zero_epochs_is_uce_with_the_same_options(sites, encoder):
     shared = {"lamb": 0.5, "preserve_scale": 0.3, "erase_scale": 1.2}
-    uce = erase("uce", sites, _concepts(), encoder, make_config("uce", **shared))
-    rece = erase("rece", sites, _concepts(), encoder, make_config("rece", epochs=0, **shared))
+    uce = erase("uce", sites, _concepts(), encoder, make_config("uce", preserve_bank=False, **shared))
+    rece = erase("rece", sites, _concepts(), encoder, make_config("rece", preserve_bank=False, epochs=0, **shared))
     assert sorted(rece.keys()) == sorted(uce.keys()) == sorted(s.key for s in sites)
     for key in uce.keys():
         torch.testing.assert_close(rece[key].dense(), uce[key].dense(), rtol=1e-5, atol=1e-6)
@@ -63,13 +63,13 @@ def test_zero_epochs_is_uce_with_the_same_options(sites, encoder):
 # 2 targets: fewer token rows than the width (row-wise steps); 6: more (steps from Grams, full rank)
 @pytest.mark.parametrize("targets", [TARGETS, ("van gogh", "picasso", "w1", "w2", "w3", "w4")])
 def test_one_epoch_equals_the_per_layer_float64_adversarial_uce_step(sites, encoder, targets):
-    config = make_config("rece", epochs=1)
+    config = make_config("rece", preserve_bank=False, epochs=1)
     uce_options = {k: getattr(config, k) for k in
                    ("token_pick", "erase_scale", "preserve_scale", "lamb", "preserve_empty_prompt", "solve_dtype")}
     concepts = ConceptSet.simple(targets, (ANCHOR,), PRESERVE)
     rows = sum(len(_rows(encoder, t)) for t in targets)
     assert (rows > sites[0].in_features) == (len(targets) > 2)
-    start = erase("uce", sites, concepts, encoder, make_config("uce", **uce_options))
+    start = erase("uce", sites, concepts, encoder, make_config("uce", preserve_bank=False, **uce_options))
     rece = erase("rece", sites, concepts, encoder, config)
     originals, w1s = _weights(sites, start)
     d = sites[0].in_features
@@ -91,7 +91,7 @@ def test_one_epoch_equals_the_per_layer_float64_adversarial_uce_step(sites, enco
 
 def test_adversarial_embedding_recovers_less_of_the_target_with_each_epoch(sites, encoder):
     """Residual Σ_l ‖W'_l c' − W_l c‖ / ‖W_l c‖ of the closed-form attack on the target's rows."""
-    reg = make_config("rece").reg
+    reg = make_config("rece", preserve_bank=False).reg
     c = _rows(encoder, TARGETS[0])
 
     def residual(patch):
@@ -100,20 +100,20 @@ def test_adversarial_embedding_recovers_less_of_the_target_with_each_epoch(sites
         return sum(((we @ adv.T - w @ c.T).norm() / (w @ c.T).norm()).item()
                    for w, we in zip(originals, edited, strict=True))
 
-    uce = residual(erase("uce", sites, _concepts(), encoder, make_config("uce")))
-    by_epoch = [residual(erase("rece", sites, _concepts(), encoder, make_config("rece", epochs=n)))
+    uce = residual(erase("uce", sites, _concepts(), encoder, make_config("uce", preserve_bank=False)))
+    by_epoch = [residual(erase("rece", sites, _concepts(), encoder, make_config("rece", preserve_bank=False, epochs=n)))
                 for n in (1, 2, 3)]
     assert by_epoch[0] > 1.2 * uce and by_epoch[2] > 1.2 * uce
     assert by_epoch == sorted(by_epoch)
 
 
 def test_nudity_preset_uses_the_papers_epochs_and_regularisation():
-    config = make_config("rece", preset="nudity")
+    config = make_config("rece", preserve_bank=False, preset="nudity")
     assert (config.epochs, config.reg) == (3, 0.1)
 
 
 @pytest.mark.parametrize(("preset", "epochs", "reg"), [
     ("artistic style", 1, 1e-3), ("hard object", 1, 1e-3), ("easy object", 1, 1e-1), ("unsafe", 2, 1e-1)])
 def test_other_presets_follow_the_readme_table(preset, epochs, reg):
-    config = make_config("rece", preset=preset)
+    config = make_config("rece", preserve_bank=False, preset=preset)
     assert (config.epochs, config.reg) == (epochs, reg)

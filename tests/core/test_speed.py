@@ -8,7 +8,7 @@ import torch
 
 from erasure_core import Concept, ConceptSet, ConfigError, erase, make_config
 from erasure_core.edit.linalg import least_amplified_direction
-from erasure_core.methods.speed import _invariants, _mean_stats, _retain_prompts
+from erasure_core.methods.speed import PRESETS, _invariants, _mean_stats, _retain_prompts
 
 TARGETS = ("van gogh", "monet")
 ANCHOR = "a painter"
@@ -19,10 +19,15 @@ def _concepts(preserve=RETAIN):
     return ConceptSet.simple(TARGETS, (ANCHOR,), preserve)
 
 
+def _paper(**kw):
+    """The paper's few-concept setting (the defaults now differ: issue #13), then ``kw``."""
+    return make_config("speed", **(dict(PRESETS["few-concept"]) | kw))
+
+
 def _config(**kw):
     # aug_num=0 and disable_filter: neither IPF nor DPA, in the reference code as in ours, so the
     # projector is the null space of the plain retain covariance.
-    return make_config("speed", **({"disable_filter": True, "aug_num": 0} | kw))
+    return _paper(**({"disable_filter": True, "aug_num": 0} | kw))
 
 
 def _last_subject(encoder, prompts):
@@ -106,7 +111,7 @@ def test_unfiltered_edit_equals_the_per_layer_float64_closed_form(sites, encoder
 
 def test_filtered_edit_is_fixed_by_the_seed_and_changes_with_it(sites, encoder):
     def deltas(seed):
-        patch = erase("speed", sites, _concepts(), encoder, make_config("speed", random_seed=seed))
+        patch = erase("speed", sites, _concepts(), encoder, _paper(random_seed=seed))
         return [patch[k].dense().double() for k in sorted(patch.keys())]
 
     first, again, other = deltas(0), deltas(0), deltas(1)
@@ -118,7 +123,7 @@ def test_filtered_edit_is_fixed_by_the_seed_and_changes_with_it(sites, encoder):
 
 def test_disable_filter_skips_only_the_influence_filter_not_the_augmentation(sites, encoder):
     with_aug, without = (erase("speed", sites, _concepts(), encoder,
-                               make_config("speed", disable_filter=True, aug_num=n)) for n in (10, 0))
+                               _paper(disable_filter=True, aug_num=n)) for n in (10, 0))
     gap = max((with_aug[k].dense() - without[k].dense()).abs().max().item() / without[k].dense().abs().max().item()
               for k in without.keys())
     assert gap > 1e-3
@@ -226,9 +231,9 @@ def test_singular_invariants_raise_a_numerical_error_naming_lamb(sites, encoder)
         return encoder(texts, rows="through_eot")
 
     with pytest.raises(NumericalError, match="lamb") as err:
-        erase("speed", sites, _concepts(), zero_after_eot, make_config("speed", lamb=0.0))
+        erase("speed", sites, _concepts(), zero_after_eot, _paper(lamb=0.0))
     assert err.value.input_name == "lamb"
-    erase("speed", sites, _concepts(), zero_after_eot, make_config("speed", lamb=0.5))  # the advised fix works
+    erase("speed", sites, _concepts(), zero_after_eot, _paper(lamb=0.5))  # the advised fix works
 
 
 @pytest.mark.parametrize(("n_retain", "disable_filter", "threshold"), [
@@ -237,8 +242,8 @@ def test_filtered_augmented_edit_equals_the_per_layer_reference(sites, encoder, 
     """IPF and DPA vectorised over the whole bank give the reference's edit: fewer priors than the
     width (the span shortcut), more (the assembled d × d Gram), and more than one 128-prior chunk."""
     retain = tuple(f"prior {i} x{i * 7 % 13}" for i in range(n_retain))
-    config = make_config("speed", threshold=threshold, preserve_scale=0.05 if disable_filter else 1.0,
-                         disable_filter=disable_filter, aug_num=10)
+    config = _paper(threshold=threshold, preserve_scale=0.05 if disable_filter else 1.0,
+                    disable_filter=disable_filter, aug_num=10)
     patch = erase("speed", sites, ConceptSet.simple(TARGETS, (ANCHOR,), retain), encoder, config)
     c1 = _last_subject(encoder, TARGETS)
     a = _last_subject(encoder, (ANCHOR,) * len(TARGETS))
@@ -262,7 +267,7 @@ def test_targets_and_priors_are_encoded_through_eot_and_only_the_null_prompt_who
         return encoder(texts, rows=rows)
 
     recording.accepts_rows = True
-    erase("speed", sites, _concepts(), recording, make_config("speed"))
+    erase("speed", sites, _concepts(), recording, _paper())
     assert [rows for _, rows in calls] == ["through_eot", "all"]
     assert calls[1][0] == [""] and "" not in calls[0][0]
     calls.clear()

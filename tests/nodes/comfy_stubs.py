@@ -132,6 +132,7 @@ def _comfy_api() -> dict[str, ModuleType]:
         Combo=_socket_type("COMBO", _ComboInput),
         Conditioning=_socket_type("CONDITIONING"),
         Latent=_socket_type("LATENT"),
+        Image=_socket_type("IMAGE"),
     )
     ui = SimpleNamespace(PreviewText=_PreviewText)
     latest = _module("comfy_api.latest", package=True, ComfyExtension=_ComfyExtension, io=io, ui=ui)

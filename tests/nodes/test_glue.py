@@ -27,7 +27,7 @@ def _erase(env, model, clip=None, strength=1.0, **concept_text):
     node = env.pack.nodes.closed_form_erase.ClosedFormErase
     out = node.execute(model=model, clip=clip or FakeClip(), concepts=_concepts(env, **concept_text),
                        method="uce", strength=strength, **_widget_defaults(env))
-    return out.result
+    return out.result[:3]  # model, patch, report (the check chart is tested on its own)
 
 
 def _live_weight(env, model, key):
@@ -208,8 +208,15 @@ def test_progress_bar_reports_encoding_then_every_site(stub_env, model):
     _erase(stub_env, model)
     (bar,) = stub_env.comfy["comfy.utils"].bars
     n = len(sd1_site_keys())
-    # "Van Gogh", "a painter", "Monet" and the preserved empty prompt, encoded in one batch.
-    assert bar.updates == [(4, 4), *((i, n) for i in range(1, n + 1))]
+    core = stub_env.pack.erasure_core
+    concepts = core.ConceptSet.simple(("Van Gogh",), ("a painter",), ("Monet",))
+    keep = core.methods.closed_form.preserve_list(concepts, preserve_empty=True, bank=True)
+    probes = core.methods.bank.probe_prompts(concepts, keep)
+    # "Van Gogh", "a painter", "Monet", the empty prompt and the bank, encoded in one call; every
+    # site; then the check encodes its held-out probes (the other prompts come from the cache).
+    encoded = 2 + len(keep)  # in batches of 32
+    batches = [(min(i + 32, encoded), encoded) for i in range(0, encoded, 32)]
+    assert bar.updates == [*batches, *((i, n) for i in range(1, n + 1)), (len(probes), len(probes))]
 
 
 def test_load_concepts_blames_a_too_long_preserve_concept_on_preserve(env):
@@ -225,3 +232,18 @@ def test_erase_blames_a_too_long_concept_from_elsewhere_on_the_concepts_input(en
         node.execute(model=model, clip=FakeClip(), concepts=concepts, method="uce", strength=1.0,
                      **_widget_defaults(env))
     assert str(info.value).startswith("Closed-Form Erase, input 'concepts':")
+
+
+def test_erase_outputs_the_check_as_numbers_bars_and_an_image_last(env, model):
+    node = env.pack.nodes.closed_form_erase.ClosedFormErase
+    out = node.execute(model=model, clip=FakeClip(), concepts=_concepts(env), method="uce", strength=1.0,
+                       **_widget_defaults(env))
+    _, _, report, chart = out.result
+    assert "gap left on targets" in report and "drift of held-out probes" in report
+    assert chart.ndim == 4 and chart.shape[0] == 1 and chart.shape[-1] == 3
+    assert 0.0 <= float(chart.min()) and float(chart.max()) <= 1.0 and float(chart.std()) > 0
+    payload = out.ui[env.pack.nodes._report.UI_KEY][0]
+    labels = [bar["label"] for bar in payload["bars"]]
+    assert labels[0].startswith("gap left: ") and any(lab.startswith("probe drift") for lab in labels)
+    assert all(bar["value"] is not None for bar in payload["bars"])
+    assert [o.display_name for o in node.define_schema().outputs] == ["model", "patch", "report", "check"]

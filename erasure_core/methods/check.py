@@ -1,0 +1,204 @@
+"""What an edit did, measured in K/V space on encoded prompts (issue #12 item 3, issue #13).
+
+Every K/V site ``l`` of the model reads the same token rows. For a prompt with rows ``X [T, d]``
+(all ``T`` positions: the UNet attends to every one) the edit moves the site's output by
+``X ΔW_lᵀ``. Summed over sites, with ``G_WW = Σ W_lᵀW_l``, ``G_WΔ = Σ W_lᵀΔW_l`` and
+``G_ΔΔ = Σ ΔW_lᵀΔW_l`` (``d × d``, taken once):
+
+* the *gap* of a target ``e`` with anchor ``a`` is ``‖(X_e − X_a) Wᵀ‖`` (Frobenius over rows and
+  sites): how far the original model's target is from its anchor;
+* the *share of the gap left* is ``‖X_e W'ᵀ − X_a Wᵀ‖ / gap`` with ``W' = W + ΔW``: 0 means the
+  target now reads exactly as the anchor did, 1 that nothing changed;
+* the *drift* of any other prompt ``p`` is ``‖X_p ΔWᵀ‖ / gap`` with the root-mean-square gap of
+  the targets: 0 is untouched, 1 means it moved as far as a target is from its anchor.
+
+Preserved prompts are the ones the edit was asked to keep; probes (``methods/bank.py``) are
+built-in prompts that were in no list, so their drift is the collateral damage a user would not
+otherwise see. The same ratios in latent space are what the real-ComfyUI tests measure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..architectures import AttentionSite
+from ..concepts import ConceptSet
+from ..edit.patch import PatchSet
+from ..text.encoded import TextEncoder
+from .bank import probe_prompts
+from .closed_form import encode_prompts
+
+__all__ = ["Check", "MAX_PROMPTS", "check_edit", "edit_grams"]
+
+MAX_PROMPTS = 16  # per group: the check costs rows × d², so very long lists are sampled evenly
+
+
+@dataclass(frozen=True)
+class Check:
+    """The check's numbers: ``(prompt, value)`` per target (share of gap left), per preserved
+    prompt and per probe (drift, in units of the targets' gap); ``gap`` is that unit."""
+
+    targets: tuple[tuple[str, float], ...]
+    preserved: tuple[tuple[str, float], ...]
+    probes: tuple[tuple[str, float], ...]
+    gap: float
+    counts: tuple[int, int, int] = (0, 0, 0)  # prompts in each group before sampling
+
+    @staticmethod
+    def _worst(items: Sequence[tuple[str, float]]) -> float:
+        return max((v for _, v in items), default=float("nan"))
+
+    @property
+    def worst_target(self) -> float:
+        return self._worst(self.targets)
+
+    @property
+    def worst_preserved(self) -> float:
+        return self._worst(self.preserved)
+
+    @property
+    def worst_probe(self) -> float:
+        return self._worst(self.probes)
+
+    def summary(self) -> str:
+        def part(name: str, items: Sequence[tuple[str, float]], count: int) -> str:
+            if not items:
+                return f"{name}: none"
+            mean = sum(v for _, v in items) / len(items)
+            sampled = f" of {count}" if count > len(items) else ""
+            return f"{name} ({len(items)}{sampled}): worst {self._worst(items):.3f}, mean {mean:.3f}"
+
+        return ("check (K/V space; 0 is best): " + part("gap left on targets", self.targets, self.counts[0])
+                + "; " + part("drift of preserved", self.preserved, self.counts[1])
+                + "; " + part("drift of held-out probes", self.probes, self.counts[2]))
+
+    def lines(self, first: int = 3) -> list[str]:
+        """The summary, then the worst few of each group, for the report."""
+        out = [self.summary()]
+        for name, items in (("target", self.targets), ("preserved", self.preserved), ("probe", self.probes)):
+            for prompt, value in sorted(items, key=lambda kv: -kv[1])[:first]:
+                out.append(f"  {name} '{prompt or '(empty prompt)'}': {value:.3f}")
+        return out
+
+
+def _sampled(prompts: Sequence[str], limit: int) -> list[str]:
+    if len(prompts) <= limit:
+        return list(prompts)
+    step = len(prompts) / limit
+    return [prompts[int(i * step)] for i in range(limit)]
+
+
+def _deltas(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str):
+    """``(site, W [d_out, d] float32, entry or None)`` for every token-stream site."""
+    token_sites = [s for s in sites if s.stream == "tokens"]
+    if not token_sites:
+        raise ValueError("the check needs token-stream sites")
+    for site in token_sites:
+        yield site, site.tensor().to(device, torch.float32), patch.entries.get(site.key)
+
+
+def _factors(entry, strength: float, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ΔW = up @ down`` at ``strength`` (a dense entry is its own ``up`` with ``down = I``)."""
+    if entry.is_low_rank:
+        return entry.up.to(device).float() * strength, entry.down.to(device).float()
+    delta = entry.diff.to(device).float() * strength
+    return delta, torch.eye(delta.shape[1], device=device)
+
+
+@torch.no_grad()
+def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float = 1.0, *,
+               device: torch.device | str = "cpu",
+               gap_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G_WW, G_WΔ, G_ΔΔ)``, each ``[d, d]`` float64, summed over the token-stream sites (an
+    unedited site adds to ``G_WW`` only). Low-rank entries are used through their factors.
+
+    ``G_WW`` costs ``Σ d_out·d²``; it is only ever read as ``D G_WW Dᵀ`` and ``D G_WΔ Xᵀ`` for
+    the gap rows ``D``. When ``gap_rows [n, d]`` are given with ``n < d``, the first two are
+    returned already projected, ``G_WW → Σ ‖D Wᵀ‖²``-ready ``[n, n]`` Gram ``Σ (D Wᵀ)(D Wᵀ)ᵀ`` and
+    ``G_WΔ → Σ (D Wᵀ) ΔW`` ``[n, d]`` (``Σ d_out·d·n`` work instead)."""
+    projected = gap_rows is not None and len(gap_rows) < gap_rows.shape[1]
+    g_ww = g_wd = g_dd = None
+    d = 0
+    for _site, w, entry in _deltas(sites, patch, strength, device):
+        d = w.shape[1]
+        if projected:
+            y = gap_rows.to(device, torch.float32) @ w.T  # [n, d_out]
+            ww, wd_left = (y @ y.T).double(), y
+        else:
+            ww, wd_left = (w.T @ w).double(), w.T
+        g_ww = ww if g_ww is None else g_ww + ww
+        if entry is not None:
+            up, down = _factors(entry, strength, device)
+            wd = ((wd_left @ up) @ down).double()
+            dd = (down.T @ ((up.T @ up) @ down)).double()
+            g_wd = wd if g_wd is None else g_wd + wd
+            g_dd = dd if g_dd is None else g_dd + dd
+    rows = len(gap_rows) if projected else d
+    zero = torch.zeros(rows, d, dtype=torch.float64, device=device)
+    return g_ww, (zero if g_wd is None else g_wd), (torch.zeros(d, d, dtype=torch.float64, device=device)
+                                                    if g_dd is None else g_dd)
+
+
+def _quad(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor | None = None) -> float:
+    """``tr(X G Yᵀ)`` (``Y = X`` by default)."""
+    return float(((x @ g) * (x if y is None else y)).sum())
+
+
+@torch.no_grad()
+def check_edit(
+    sites: Sequence[AttentionSite],
+    patch: PatchSet,
+    concepts: ConceptSet,
+    encoder: TextEncoder,
+    preserved: Sequence[str],
+    *,
+    strength: float = 1.0,
+    probes: Sequence[str] | None = None,
+    device: torch.device | str = "cpu",
+    limit: int = MAX_PROMPTS,
+) -> Check:
+    """Measure ``patch`` (applied at ``strength``) on the targets, the ``preserved`` prompts and
+    held-out probes (the built-in ones for ``concepts`` unless given). Prompts come from
+    ``encoder``: pass the cached encoder the edit used, so they are not encoded twice."""
+    pairs = _sampled(concepts.erase_pairs(), limit)
+    keep = _sampled(list(dict.fromkeys(preserved)), limit)
+    all_probes = list(probes) if probes is not None else probe_prompts(concepts, preserved)
+    held = _sampled(all_probes, limit)
+    enc = encode_prompts(encoder, [p for pair in pairs for p in pair] + keep + held)
+
+    def rows(prompt: str) -> torch.Tensor:
+        return enc.hidden[enc.index(prompt)].to(device, torch.float64)
+
+    diffs = [rows(t) - rows(a) for t, a in pairs]
+    stacked = torch.cat(diffs) if diffs else torch.zeros(0, enc.width, dtype=torch.float64)
+    g_ww, g_wd, g_dd = edit_grams(sites, patch, strength, device=device, gap_rows=stacked)
+    projected = g_ww.shape[0] == len(stacked) and len(stacked) < enc.width
+    gaps, left = [], []
+    start = 0
+    for (target, _), diff in zip(pairs, diffs, strict=True):
+        x_e, part = rows(target), slice(start, start + len(diff))
+        start += len(diff)
+        # ‖X_e W'ᵀ − X_a Wᵀ‖² = ‖D Wᵀ + X_e ΔWᵀ‖² with D = X_e − X_a
+        if projected:  # Grams already taken against the stacked D rows
+            gap2 = float(g_ww[part, part].trace())
+            cross = float((g_wd[part] * x_e).sum())
+        else:
+            gap2, cross = _quad(diff, g_ww), _quad(diff, g_wd, x_e)
+        after2 = gap2 + 2 * cross + _quad(x_e, g_dd)
+        gaps.append(gap2)
+        left.append(math.sqrt(max(after2, 0.0) / gap2) if gap2 > 0 else float("nan"))
+    unit = math.sqrt(sum(gaps) / len(gaps)) if gaps else float("nan")
+
+    def drift(prompt: str) -> float:
+        moved = math.sqrt(max(_quad(rows(prompt), g_dd), 0.0))
+        return moved / unit if unit > 0 else float("nan")
+
+    return Check(targets=tuple((t, v) for (t, _), v in zip(pairs, left, strict=True)),
+                 preserved=tuple((p, drift(p)) for p in keep),
+                 probes=tuple((p, drift(p)) for p in held),
+                 gap=unit,
+                 counts=(len(concepts.erase_pairs()), len(dict.fromkeys(preserved)), len(all_probes)))
