@@ -55,18 +55,24 @@ def measured(pack, tiny_checkpoint):
     original = {(p, c): run(model, p, c) for c in CFGS
                 for p in ("cat", "dog", "a photo of a cat", "a photo of a dog", *UNRELATED)}
     out = {}
-    for method in METHODS:
-        with torch.inference_mode():
-            erased = ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, method=method,
-                                             **widgets).result[0]
-        for cfg in CFGS:
-            gap = _mean_abs(original["cat", cfg], original["dog", cfg])
-            unit = _mean_abs(original["a photo of a cat", cfg], original["a photo of a dog", cfg])
-            r = _mean_abs(run(erased, "cat", cfg), original["dog", cfg]) / gap
-            drift = [_mean_abs(run(erased, p, cfg), original[p, cfg]) / unit for p in UNRELATED]
-            out[method, cfg] = (r, drift)
-            print(f"{method} cfg {cfg:g}: r {r:.3f}, drift {' '.join(f'{d:.3f}' for d in drift)}")
-    return out
+
+    def measure(method):
+        """(r, drift per unrelated prompt) per CFG for one method, sampled on first use only (a method
+        whose bounds are not recorded skips before it costs ~14 samples)."""
+        if method not in out:
+            with torch.inference_mode():
+                erased = ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, method=method,
+                                                 **widgets).result[0]
+            for cfg in CFGS:
+                gap = _mean_abs(original["cat", cfg], original["dog", cfg])
+                unit = _mean_abs(original["a photo of a cat", cfg], original["a photo of a dog", cfg])
+                r = _mean_abs(run(erased, "cat", cfg), original["dog", cfg]) / gap
+                drift = [_mean_abs(run(erased, p, cfg), original[p, cfg]) / unit for p in UNRELATED]
+                out[method, cfg] = (r, drift)
+                print(f"{method} cfg {cfg:g}: r {r:.3f}, drift {' '.join(f'{d:.3f}' for d in drift)}")
+        return out
+
+    return measure
 
 
 def _bounds(method):
@@ -80,7 +86,7 @@ def _bounds(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_defaults_erase_the_exact_target(measured, method, cfg):
     r_bound, _ = _bounds(method)
-    r, _ = measured[method, cfg]
+    r, _ = measured(method)[method, cfg]
     assert r <= r_bound
 
 
@@ -88,5 +94,5 @@ def test_defaults_erase_the_exact_target(measured, method, cfg):
 @pytest.mark.parametrize("method", METHODS)
 def test_defaults_keep_five_unrelated_prompts_within_what_they_reach(measured, method, cfg):
     _, drift_bound = _bounds(method)
-    _, drift = measured[method, cfg]
+    _, drift = measured(method)[method, cfg]
     assert len(drift) >= 5 and max(drift) <= drift_bound
