@@ -73,14 +73,28 @@ class CachedEncoder:
                 entries[_key(text) + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
                 if fresh.token_ids is not None:
                     entries[_key(text) + ".ids"] = fresh.token_ids[i].cpu().contiguous()
+                if fresh.pooled is not None:
+                    entries[_key(text) + ".pooled"] = fresh.pooled[i].float().cpu().contiguous()
             self._write(entries)
         self.misses += len(missing)
         self.hits += len(set(texts)) - len(missing)
         keys = [_key(t) for t in texts]
         ids = [entries.get(k + ".ids") for k in keys]
+        pooled = [entries.get(k + ".pooled") for k in keys]
         return EncodedText(
             tuple(texts),
-            torch.stack([entries[k + ".hidden"] for k in keys]) if keys else torch.zeros(0, 1, 1),
+            _stack_padded([entries[k + ".hidden"] for k in keys], 0.0) if keys else torch.zeros(0, 1, 1),
             torch.cat([entries[k + ".eot"] for k in keys]) if keys else torch.zeros(0, dtype=torch.long),
-            token_ids=torch.stack(ids) if keys and all(i is not None for i in ids) else None,
+            pooled=torch.stack(pooled) if keys and all(p is not None for p in pooled) else None,  # type: ignore[arg-type]
+            token_ids=_stack_padded(ids, -1) if keys and all(i is not None for i in ids) else None,  # type: ignore[arg-type]
         )
+
+
+def _stack_padded(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """Per-prompt ``[T_i, ...]`` stacked to ``[N, max T_i, ...]`` (DiT encoders without padding
+    give prompts of different lengths; zero rows add nothing to a key Gram, ids -1 mark them)."""
+    length = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), fill)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out

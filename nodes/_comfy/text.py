@@ -24,6 +24,7 @@ from ...erasure_core.attacks import (
 )
 from ...erasure_core.text.cache import CachedEncoder
 from ...erasure_core.text.clip import BPETokenizer
+from .dit_text import DitClipEncoder, is_unet_clip
 from .runtime import _short
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def cached_encoder(clip: Any, progress: Progress | None = None) -> CachedEncoder
     """The user's CLIP as a TextEncoder whose encodings persist in ComfyUI's user folder, so a
     large preserve set is encoded once per text encoder."""
     folder = os.path.join(folder_paths.get_user_directory(), "concept_erasure", "encodings")
-    return CachedEncoder(ComfyClipEncoder(clip, progress=progress), folder, clip_fingerprint(clip))
+    encoder = ComfyClipEncoder(clip, progress=progress) if is_unet_clip(clip) else DitClipEncoder(clip, progress)
+    return CachedEncoder(encoder, folder, clip_fingerprint(clip))
 
 
 
