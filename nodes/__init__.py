@@ -8,9 +8,9 @@ from .attack_prompt import AttackPrompt
 from .closed_form_erase import ClosedFormErase
 from .extract_eraser import ExtractEraser
 from .load_concepts import LoadConcepts, MergeConcepts, SaveConcepts
-from .method_options import RealEraOptions, RECEOptions, SPEEDOptions
+from .method_options import RealEraOptions, RECEOptions, SPEEDOptions, UCEOptions
 
-NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SPEEDOptions, RECEOptions, RealEraOptions,
+NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, UCEOptions, SPEEDOptions, RECEOptions, RealEraOptions,
          ApplySPM, ApplyEraserLoRA, ExtractEraser, AttackPrompt]
 
 __all__ = ["NODES"]

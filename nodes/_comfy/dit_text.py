@@ -62,14 +62,16 @@ class DitClipEncoder:
     ``pooled [N, P]`` the pooled vector when the CLIP returns one (Flux's CLIP-L, SD3's CLIP-L ⊕ G).
     """
 
-    def __init__(self, clip: Any, progress: Progress | None = None):
+    def __init__(self, clip: Any, progress: Progress | None = None, text_length: int = 0):
         self.clip = clip
         self.progress = progress
-        empty = clip.tokenize("")
-        self.stream = self._main_stream(clip, empty)
+        self.stream = self._main_stream(clip, clip.tokenize(""))
+        # ComfyUI's per-stream tokenizer option: pad the main stream to at least ``text_length`` tokens
+        self.options = {"tokenizer_options": {f"{self.stream}_min_length": text_length}} if text_length else {}
+        empty = self._tokenize("")
         e = _ids(empty[self.stream][0])
         self.pad = e[-1] if e else -1
-        e, x = _strip(e, self.pad), _strip(_ids(clip.tokenize(_PROBE)[self.stream][0]), self.pad)
+        e, x = _strip(e, self.pad), _strip(_ids(self._tokenize(_PROBE)[self.stream][0]), self.pad)
         self.after = 0  # template tokens after the words (common suffix of "" and the probe)
         while self.after < len(e) and e[len(e) - 1 - self.after] == x[len(x) - 1 - self.after]:
             self.after += 1
@@ -84,8 +86,11 @@ class DitClipEncoder:
             f"the text encoder must have a token stream the pack knows ({', '.join(MAIN_STREAMS)}), but it has "
             f"{sorted(tokens)}. Connect the CLIP loaded for this model (its CLIPLoader type).", input_name="clip")
 
+    def _tokenize(self, text: str) -> dict[str, Any]:
+        return self.clip.tokenize(text, **self.options)
+
     def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None, int, list[int]]:
-        tokens = self.clip.tokenize(text)
+        tokens = self._tokenize(text)
         windows = tokens[self.stream]
         if len(windows) != 1:
             raise ConceptError(f"each concept must fit in one window of the text encoder, but '{_short(text)}' "

@@ -143,3 +143,29 @@ def test_every_method_runs_on_the_family(family, method):
                                    preserve_scale=0.1)
     assert patch.meta["method"] == method and method.upper() in report
     assert all(torch.isfinite(e.dense()).all() for e in patch.entries.values())
+
+
+def test_the_uce_flux_reference_preset_encodes_t5_at_its_max_sequence_length(family):
+    """UCE's uce_flux_edit.py: T5 last subject token at max_sequence_length 512 (dev), pooled CLIP-L,
+    λ 0.5, erase and preserve scale 1. Tolerance: 5% of the gap (λ 0.5 against keys of squared norm
+    ~ the width 32)."""
+    from concept_erasure_pack.erasure_core import make_config
+    from concept_erasure_pack.erasure_core.methods.streams import StreamView
+    from concept_erasure_pack.erasure_core.text.encoded import TokenPick, erase_rows
+    from concept_erasure_pack.nodes import _comfy
+
+    if family["row"] != "flux":
+        pytest.skip("the reference preset is UCE's Flux setting (T5 + CLIP-L)")
+    model, clip = family["model"], family["clip"]
+    config = make_config("uce", preset="flux-dev reference")
+    erased, patch, _ = _erase(model, clip, options=config)
+    assert patch.meta["config"]["text_length"] == 512 and patch.meta["config"]["token_pick"] == LAST_SUBJECT
+    encoder = _comfy.cached_encoder(clip, text_length=512)
+    assert encoder(["cat"]).hidden.shape[1] == 512 and _comfy.cached_encoder(clip)(["cat"]).hidden.shape[1] == 256
+    _, sites = _comfy.attention_sites(model)
+    for site in sites:
+        enc = StreamView(encoder, site.stream, site.transform)(["cat", "dog"])
+        ce, ca = erase_rows(enc, [("cat", "dog")], TokenPick.LAST_SUBJECT)
+        w0, w = site.tensor(), _live_weight(erased, site.key)
+        assert (w @ ce.T - w0 @ ca.T).norm() <= 0.05 * (w0 @ (ca - ce).T).norm(), site.key
+    _live_weight(model, sites[0].key)

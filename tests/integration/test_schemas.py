@@ -6,7 +6,7 @@ import pytest
 
 pytestmark = pytest.mark.comfyui
 
-ALL_IDS = ["CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SPEEDOptions",
+ALL_IDS = ["CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_UCEOptions", "CE_SPEEDOptions",
            "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM", "CE_ApplyEraserLoRA", "CE_ExtractEraser",
            "CE_AttackPrompt"]
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOW = Path(ROOT) / "example_workflows" / "closed_form_erase_uce.json"
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
-OUR_NODES = ("CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SPEEDOptions",
+OUR_NODES = ("CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_UCEOptions", "CE_SPEEDOptions",
              "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM", "CE_AttackPrompt",
              "CE_ApplyEraserLoRA", "CE_ExtractEraser")
 EXAMPLES = sorted((Path(ROOT) / "example_workflows").glob("*.json"))
