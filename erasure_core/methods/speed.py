@@ -203,6 +203,7 @@ def solve(
         ce, ca = ce[rows], ca[rows]
     retain_prompts = _retain_prompts(keys.keep, concepts)
     null_rows = keys.rows("").to(device, dtype)
+    null_rows = null_rows[null_rows.abs().amax(-1) > 0]  # DiT encoders pad short prompts with zero rows: absent
     # retain keys are always last-subject rows (also in the all-token nudity setting), or, with no
     # retain set, the null prompt's non-start rows, as in the reference
     retain = keys.preserve(TokenPick.LAST_SUBJECT, retain_prompts).to(device, dtype) if retain_prompts \

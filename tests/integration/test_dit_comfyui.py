@@ -1,5 +1,6 @@
-"""Closed-Form Erase on DiT families inside a real ComfyUI (in-process, --cpu): tiny seeded Flux, SD3 and
-Qwen-Image models that ComfyUI's own model_detection names, with ComfyUI's own text-encoder classes."""
+"""Closed-Form Erase on DiT families inside a real ComfyUI (in-process, --cpu): tiny seeded Flux, SD3,
+Qwen-Image, Chroma and Lumina 2 models that ComfyUI's own model_detection names, with ComfyUI's own
+text-encoder classes (tests/integration/tiny_dits.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ FAMILIES = {  # our row, ComfyUI's config class, model builder, CLIP builder, la
     "flux": ("flux", "Flux", tiny_dits.flux, tiny_dits.flux_clip, (1, 16, 8, 8)),
     "sd3": ("sd3", "SD3", tiny_dits.sd3, tiny_dits.sd3_clip, (1, 16, 8, 8)),
     "qwen_image": ("qwen_image", "QwenImage", tiny_dits.qwen_image, tiny_dits.qwen_clip, (1, 16, 1, 8, 8)),
+    "chroma": ("chroma", "Chroma", tiny_dits.chroma, tiny_dits.chroma_clip, (1, 16, 8, 8)),
+    "lumina2": ("lumina2", "Lumina2", tiny_dits.lumina2, tiny_dits.lumina_clip, (1, 16, 8, 8)),
 }
 LAST_SUBJECT = "last subject token"
 

@@ -63,7 +63,7 @@ def tiny_clip(num_layers: int = 2, **kw: Any):
     return comfy.sd1_clip.SDClipModel(textmodel_json_config=config, dtype=torch.float32, **kw)
 
 
-def make_clip(te_class: type, tokenizer_class: type, seed: int = SEED):
+def make_clip(te_class: type, tokenizer_class: type, seed: int = SEED, tokenizer_data: dict | None = None):
     """A ComfyUI ``CLIP`` around ``te_class`` (built tiny) with ComfyUI's ``tokenizer_class``."""
     import comfy.sd
 
@@ -72,7 +72,7 @@ def make_clip(te_class: type, tokenizer_class: type, seed: int = SEED):
         clip = te_class
         tokenizer = tokenizer_class
 
-    clip = comfy.sd.CLIP(target=Target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=Target, model_options={"dtype": torch.float32}, tokenizer_data=tokenizer_data or {})
     _seeded(clip.cond_stage_model, seed)
     return clip
 
@@ -139,6 +139,76 @@ def qwen_clip(seed: int = SEED):
     return make_clip(TinyQwenImageTE, qi.QwenImageTokenizer, seed)
 
 
+def chroma_clip(seed: int = SEED):
+    """Chroma's text encoder: ComfyUI's PixArt T5-XXL wrapper (T5 alone, all-pad negative)."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.pixart_t5 as pixart
+
+    class TinyT5(pixart.T5XXLModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, textmodel_json_config=_json("t5_config_xxl.json", **T5), dtype=torch.float32,
+                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=False, return_attention_masks=False, model_options={"model_name": "t5xxl"})
+
+    class TinyChromaTE(pixart.PixArtT5XXL):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="t5xxl",
+                                                 clip_model=TinyT5)
+
+    import comfy.text_encoders.t5
+
+    return make_clip(TinyChromaTE, pixart.PixArtTokenizer, seed)
+
+
+def gemma_tokenizer_model() -> bytes:
+    """A small SentencePiece model trained here (Gemma's ids: pad 0, eos 1, bos 2, unk 3): ComfyUI reads
+    Gemma's tokenizer from the text-encoder file, which a test cannot download."""
+    import io
+
+    import sentencepiece
+
+    words = ("a photo of the cat dog red car van gogh painter monet zebra house tree in on with and "
+             "painting by style portrait landscape city night blue green small large old new").split()
+    sentences = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(300)]
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=out, vocab_size=50, model_type="unigram", hard_vocab_limit=False,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+    return out.getvalue()
+
+
+def lumina_clip(seed: int = SEED):
+    import comfy.sd1_clip
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.lumina2 as lumina
+
+    class TinyGemma(llama.Gemma2_2B):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = llama.Gemma2_2B_Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2)
+            config.head_dim = 8
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+
+    class TinyGemmaModel(lumina.Gemma2_2BModel):
+        def __init__(self, device="cpu", layer="hidden", layer_idx=-2, dtype=None, attention_mask=True,
+                     model_options=None):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=torch.float32,
+                special_tokens={"start": 2, "pad": 0}, layer_norm_hidden_state=False, model_class=TinyGemma,
+                enable_attention_masks=attention_mask, return_attention_masks=attention_mask)
+
+    class TinyLuminaTE(lumina.LuminaModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            lumina.LuminaModel.__init__(self, device=device, dtype=torch.float32, clip_model=TinyGemmaModel)
+
+    return make_clip(TinyLuminaTE, lumina.LuminaTokenizer, seed,
+                     {"spiece_model": torch.ByteTensor(list(gemma_tokenizer_model()))})
+
+
 def load_dit(module: torch.nn.Module, widths: dict[str, Any], seed: int = SEED):
     """(ModelPatcher, detected config class name): ``module``'s seeded weights detected by ComfyUI and
     built by it at the tiny ``widths``."""
@@ -189,4 +259,27 @@ def qwen_image(seed: int = SEED):
               "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (4, 6, 6)}
     with torch.device("meta"):
         module = qm.QwenImageTransformer2DModel(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
+
+
+def chroma(seed: int = SEED):
+    import comfy.ldm.chroma.model
+    import comfy.ops
+
+    widths = {"in_channels": 64, "out_channels": 64, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0,
+              "num_heads": 4, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000,
+              "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 1}
+    with torch.device("meta"):
+        module = comfy.ldm.chroma.model.Chroma(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
+
+
+def lumina2(seed: int = SEED):
+    import comfy.ldm.lumina.model
+    import comfy.ops
+
+    widths = {"patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1, "n_refiner_layers": 1, "n_heads": 4,
+              "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [4, 6, 6], "axes_lens": [300, 64, 64]}
+    with torch.device("meta"):
+        module = comfy.ldm.lumina.model.NextDiT(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)
