@@ -13,6 +13,7 @@ from .erasers import (  # noqa: F401
     _patch_key,
     add_attn2_output_patch,
     add_lora_patches,
+    lora_module_names,
     lora_patches,
     receler_blocks,
     text_encoder_differences,
