@@ -6,6 +6,13 @@ tokenizer. Each case runs ``erasure_core.erase(method, sites, concepts, encoder,
 fresh subprocess, so its peak memory is its own. ``--sdxl`` adds the 140 SDXL K/V sites (width
 2048), edit only: the encodings are given (random, built before the clock starts).
 
+``--dit`` adds full-size DiT text projections (Flux-dev ``txt_in`` 3072×4096 + ``vector_in`` 3072×768,
+SD3.5-large ``context_embedder`` 2432×4096 + ``y_embedder`` 2432×2048, Qwen-Image ``txt_in`` 3072×3584 behind
+its RMSNorm), edit only, with the reference's last-subject pick (UCE-Flux) and SPEED: the encodings are given
+as each prompt's own rows through its end token (at most 8; a one-row pick reads nothing else) plus a
+pooled vector. ``--t5-estimate`` times one full-size T5-XXL encoder block on 100 prompts × 256 tokens and
+extrapolates to the 24 blocks (the whole random T5-XXL does not fit here: see benchmarks/README.md).
+
 Run ``python benchmarks/bench_closed_form.py --help``; benchmarks/README.md explains the columns.
 """
 
@@ -153,6 +160,46 @@ class GivenEncoder(TimedEncoder):
         return self._record("given", self.given.get(tuple(texts)) or self._build(texts), t0, len(texts))
 
 
+class DitGivenEncoder(GivenEncoder):
+    """Given DiT encodings: a T5-like encoder's rows of each prompt through its end token (no start
+    token: the end sits at the prompt's token count, from the CLIP tokenizer as a stand-in), and a
+    pooled vector when the model reads one."""
+
+    LENGTH = 8
+
+    def __init__(self, tokenizer: BPETokenizer, expected: Sequence[Sequence[str]], width: int, pooled: int,
+                 seed: int):
+        self.pooled_width = pooled
+        super().__init__(tokenizer, expected, width, seed)
+
+    def _build(self, texts: Sequence[str]) -> EncodedText:
+        eot = torch.tensor([min(len(self.tokenizer.ids(t)), self.LENGTH - 1) for t in texts], dtype=torch.long)
+        hidden = torch.randn(len(texts), self.LENGTH, self.width, generator=self.gen)
+        pooled = torch.randn(len(texts), self.pooled_width, generator=self.gen) if self.pooled_width else None
+        return EncodedText(tuple(texts), hidden, eot, pooled=pooled)
+
+
+def dit_sites(arch: str, seed: int) -> list[ec.AttentionSite]:
+    """The text inputs of the full-size DiT ``arch`` (as ``detect`` reads them), seeded; a row norm gets
+    a random scale around 1."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ec.reference_site_shapes(arch)
+    spec = ec.detect(shapes)
+    sites = []
+    for key, inp in spec.site_inputs(shapes):
+        weight = torch.randn(shapes[key], generator=gen) / shapes[key][1] ** 0.5
+        transform = None
+        if inp.norm is not None:
+            scale = 1 + 0.1 * torch.randn(shapes[key][1], generator=gen)
+            transform = ec.RowTransform(spec.norm_key(shapes, inp.norm), inp.norm.eps, scale)
+        sites.append(ec.AttentionSite(key, weight, inp.stream, transform))
+    return sites
+
+
+DIT_ARCHS = {"flux": "Flux-dev", "sd35_large": "SD3.5-large", "qwen_image": "Qwen-Image"}
+
+
+
 def expected_prompts(concepts: ec.ConceptSet) -> list[list[str]]:
     """The prompt lists UCE and SPEED encode: erase pairs, preserve prompts and the empty prompt
     (UCE); the same without the empty prompt, then the empty prompt alone (SPEED)."""
@@ -255,8 +302,14 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     concepts = ec.ConceptSet.simple(targets, (ANCHOR,), preserve)
     config = variant.config()
     device = case.get("device", "cpu")
-    sites = model_sites(case["arch"], case["seed"], device)
-    if case["rows"] != "given":
+    dit = case["arch"] in DIT_ARCHS
+    sites = dit_sites(case["arch"], case["seed"]) if dit else model_sites(case["arch"], case["seed"], device)
+    if dit:
+        token = next(s for s in sites if s.stream == "tokens")
+        pooled = next((s.in_features for s in sites if s.stream == "pooled"), 0)
+        encoder = DitGivenEncoder(tokenizer, expected_prompts(concepts) + expected_prompts(WARMUP),
+                                  token.in_features, pooled, case["seed"])
+    elif case["rows"] != "given":
         encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]).to(device),
                                              case["rows"])
     else:
@@ -389,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--list-sections", action="store_true",
                    help="print the flags of the optional sections (help text 'also run ...') and exit")
     p.add_argument("--no-sd1", action="store_true", help="skip the SD1.5 table")
+    p.add_argument("--dit", action="store_true", help="also run the DiT sections (Flux-dev, SD3.5-large, "
+                   "Qwen-Image text projections), edit only, last-subject picks")
+    p.add_argument("--t5-estimate", action="store_true",
+                   help="time one full-size T5-XXL block on 100 prompts x 256 tokens and extrapolate")
     p.add_argument("--edit-only", action="store_true",
                    help="SD1.5 with encodings given (random, built before the clock) instead of the CLIP: "
                         "the edit alone")
@@ -438,6 +495,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         sdxl = [v for v in chosen if v.key in wanted]
         run_section("SDXL: 140 K/V sites (width 2048), encodings given", "sdxl", sdxl,
                     {v.key: "given" for v in sdxl}, args, merges)
+    if args.dit:
+        dit = [v for v in chosen if v.key in ("uce-last", "speed")]
+        for arch, name in DIT_ARCHS.items():
+            shapes = ", ".join(f"{k.split('.', 1)[1]} {s[0]}x{s[1]}" for k, s in ec.reference_site_shapes(arch).items()
+                               if k in {x.key for x in dit_sites(arch, 0)})
+            run_section(f"{name}: {shapes}, encodings given", arch, dit, {v.key: "given" for v in dit}, args, merges)
+    if args.t5_estimate:
+        t5_estimate(args.seed)
+
+
+def t5_estimate(seed: int, prompts: int = 100, tokens: int = 256, batch: int = 5, timed: int = 10) -> None:
+    """One T5-XXL encoder block (d_model 4096, d_ff 10240 gated-GELU, 64 heads of 64), fp32, timed on
+    ``timed`` prompts of ``tokens`` tokens, scaled to ``prompts`` and to 24 blocks (embedding lookup and
+    final norm are negligible). The whole encoder is 4.76 G parameters: 19 GB in fp32, 9.5 GB in bf16."""
+    torch.manual_seed(seed)
+    d, ff, heads = 4096, 10240, 64
+    lin = {n: torch.nn.Linear(i, o, bias=False) for n, (i, o) in
+           {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "wi0": (d, ff), "wi1": (d, ff), "wo": (ff, d)}.items()}
+    x = torch.randn(batch, tokens, d)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(timed // batch):
+            q, k, v = (lin[n](x).view(batch, tokens, heads, -1).transpose(1, 2) for n in "qkv")
+            h = x + lin["o"](torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape))
+            h = h + lin["wo"](torch.nn.functional.gelu(lin["wi0"](h), approximate="tanh") * lin["wi1"](h))
+    block = (time.perf_counter() - started) * prompts / timed
+    print(f"\n### T5-XXL encoding estimate\n\none block, {prompts} prompts x {tokens} tokens (timed on {timed}), fp32, "
+          f"{torch.get_num_threads()} threads: {block:.1f} s -> 24 blocks ~ {24 * block:.0f} s "
+          f"({24 * block / prompts:.1f} s per prompt)", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ from .architectures import (  # noqa: E402
     ArchSpec,
     AttentionSite,
     LazyWeight,
+    RowNorm,
+    RowTransform,
+    TextInput,
     detect,
     reference_site_shapes,
+    supported_families,
 )
 from .concepts import Concept, ConceptKind, ConceptSet, parse_anchor_list, parse_concept_list  # noqa: E402
 from .edit.patch import PatchEntry, PatchSet  # noqa: E402
@@ -31,6 +35,7 @@ from .errors import (  # noqa: E402
     PatchError,
 )
 from .methods.closed_form import ClosedFormConfig, Progress, SolveDtype  # noqa: E402
+from .methods.streams import solve_by_stream  # noqa: E402
 from .text.encoded import EncodedText, TextEncoder, TokenPick  # noqa: E402
 from .version import __version__  # noqa: E402
 
@@ -66,6 +71,10 @@ __all__ = [
     "parse_anchor_list",
     "parse_concept_list",
     "reference_site_shapes",
+    "RowNorm",
+    "RowTransform",
+    "TextInput",
+    "supported_families",
 ]
 
 
@@ -130,4 +139,5 @@ def erase(
             f"{method} needs a {spec.config_cls.__name__}, but got {type(config).__name__}.",
             input_name="method",
         )
-    return spec.solve(sites, concepts.require_targets(), encoder, config, device=device, progress=progress)
+    return solve_by_stream(spec.solve, sites, concepts.require_targets(), encoder, config, device=device,
+                           progress=progress)

@@ -10,11 +10,11 @@ from .attack_prompt import AttackPrompt
 from .closed_form_erase import ClosedFormErase
 from .extract_eraser import ExtractEraser
 from .load_concepts import LoadConcepts, MergeConcepts, SaveConcepts
-from .method_options import RealEraOptions, RECEOptions, SPEEDOptions
+from .method_options import RealEraOptions, RECEOptions, SPEEDOptions, UCEOptions
 from .save_erasure import SaveErasure
 
-NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SaveErasure, SPEEDOptions, RECEOptions,
-         RealEraOptions, ApplySPM, ApplyEraserLoRA, ExtractEraser, AttackPrompt]
+NODES = [LoadConcepts, MergeConcepts, SaveConcepts, ClosedFormErase, SaveErasure, UCEOptions, SPEEDOptions,
+         RECEOptions, RealEraOptions, ApplySPM, ApplyEraserLoRA, ExtractEraser, AttackPrompt]
 for _node in NODES:
     guard_node(_node)
 

@@ -18,7 +18,7 @@ from ..erasure_core.attacks import (
     recovery_from_distances,
 )
 from ..erasure_core.attacks.config import AttackConfig, AttackMode, parse_pairs
-from ..erasure_core.attacks.recovery import Recovery, kv_recovery
+from ..erasure_core.attacks.recovery import Recovery, kv_recovery, token_sites
 from . import _comfy
 from ._report import Bar, report_ui
 from ._schema import config_input, names_node, validation_message
@@ -123,8 +123,15 @@ class AttackPrompt(io.ComfyNode):
         progress = _comfy.progress_bar()
         concept_cond, concept_pooled = _comfy.encode_text(clip, concept)
         grams = arch = None
+        read = lambda rows: rows  # noqa: E731  (conditioning rows -> what the sites read)
         if original_model is not None:
             arch, sites_e, sites_o = _comfy.kv_sites_pair(model, original_model)
+            if mode is AttackMode.SOFT_PROMPT and arch.inputs:
+                raise ConfigError(
+                    f"soft_prompt optimises a prompt prefix through a differentiable CLIP and a UNet, but the model "
+                    f"is {arch.display_name}, whose text encoder and transformer it cannot differentiate. Use "
+                    "closed_form or concept_vector on DiT models.", input_name="mode")
+            (sites_e, read), (sites_o, _) = token_sites(sites_e), token_sites(sites_o)
             grams = kv_grams(sites_e, sites_o, device=_comfy.compute_device(), progress=progress)
             if concept_cond.shape[-1] != grams.width:
                 raise ConfigError(f"clip must produce the width the model reads ({grams.width}), but it "
@@ -133,7 +140,10 @@ class AttackPrompt(io.ComfyNode):
         noise: Recovery | None = None
         prompt = ""
         if mode is AttackMode.CLOSED_FORM:
-            cond, pooled = closed_form_attack(concept_cond, grams, config.reg), concept_pooled
+            cond, pooled = closed_form_attack(read(concept_cond), grams, config.reg), concept_pooled
+            if arch is not None and any(i.norm is not None for i in arch.inputs):
+                notes.append(f"{arch.display_name} normalises each text row before its projection: the attack's "
+                             "rows are read after that normalisation, so recovery is below the UNet case")
             notes.append("closed_form gives an embedding, not tokens: the prompt output is empty")
         elif mode is AttackMode.CONCEPT_VECTOR:
             cond, pooled, prompt = cls._concept_vector(clip, concept, carrier, pairs, config, progress, notes)
@@ -153,7 +163,7 @@ class AttackPrompt(io.ComfyNode):
                                       {"concept": concept, "mode": mode.value, "seed": str(config.random_seed)})
                 name = os.path.splitext(os.path.basename(embedding_file))[0]
                 notes.append(f"saved embedding:{name}")
-        kv = kv_recovery(grams, cond, concept_cond) if grams is not None else None
+        kv = kv_recovery(grams, read(cond), read(concept_cond)) if grams is not None else None
         if grams is not None and grams.identical_weights:
             notes.append("the two models' cross-attention K/V weights are identical: nothing was erased there "
                          "(an erasure of other layers is not seen by this score or by closed_form)")
@@ -168,12 +178,20 @@ class AttackPrompt(io.ComfyNode):
     @staticmethod
     def _concept_vector(clip, concept, carrier, pairs, config, progress, notes):
         pair_list = parse_pairs(pairs, concept)
-        with_c = torch.stack([_comfy.encode_text(clip, p, "pairs")[0] for p, _ in pair_list])
-        without = torch.stack([_comfy.encode_text(clip, q, "pairs")[0] for _, q in pair_list])
-        direction = concept_direction(with_c, without)
+        if config.search_steps > 0 and not _comfy.is_unet_clip(clip):
+            raise ConfigError("concept_vector's token search needs one CLIP vocabulary shared by every text "
+                              "stream (SD1.x, SD2.x, SDXL), but this text encoder has others (T5, an LLM). Set "
+                              "search_steps to 0: the conditioning is then the continuous target.",
+                              input_name="search_steps")
+        with_c = [_comfy.encode_text(clip, p, "pairs")[0] for p, _ in pair_list]
+        without = [_comfy.encode_text(clip, q, "pairs")[0] for _, q in pair_list]
         carrier_cond, carrier_pooled = _comfy.encode_text(clip, carrier, "carrier")
-        if carrier_cond.shape != direction.shape:
-            raise ConceptError("carrier must fit one 75-token window like the pairs.", input_name="carrier")
+        if len({tuple(c.shape) for c in [*with_c, *without, carrier_cond]}) > 1:
+            raise ConceptError("concept_vector adds a direction row by row, so the pairs and the carrier must "
+                               "encode to one length, but they do not (a CLIP window is 77 tokens; T5 pads to "
+                               "its minimum length; LLM encoders such as Qwen's or Gemma's do not pad). Use "
+                               "prompts of one token length, or closed_form.", input_name="carrier")
+        direction = concept_direction(torch.stack(with_c), torch.stack(without))
         target = carrier_cond + config.strength * direction
         notes.append(f"concept direction from {len(pair_list)} pair(s), strength {config.strength}")
         if config.search_steps == 0:

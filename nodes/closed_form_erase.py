@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
-from ..erasure_core import AttentionSite, ClosedFormConfig, ConceptSet, LazyWeight, erase, methods, node_config
+from ..erasure_core import ClosedFormConfig, ConceptSet, LazyWeight, erase, methods, node_config
 from ..erasure_core.methods.check import Check, check_edit
 from ..erasure_core.methods.closed_form import preserve_list
 from ..erasure_core.text.encoded import TimedEncoder
@@ -37,10 +38,13 @@ class ClosedFormErase(io.ComfyNode):
             description="Erase concepts by solving new cross-attention K/V weights in closed form. "
                         "Outputs a patched copy of the model; the input model is not changed.",
             inputs=[
-                io.Model.Input("model", tooltip="Model to edit (SD1.x, SD2.x or SDXL). It is not "
-                                                "changed; LoRAs applied before this node are kept."),
-                io.Clip.Input("clip", tooltip="The text encoder of this model, used to encode the "
-                                              "concepts exactly as your prompts are encoded."),
+                io.Model.Input("model", tooltip="Model to edit: SD1.x, SD2.x, SDXL, or a DiT (Flux, SD3/3.5, "
+                                                "Chroma, Qwen-Image, Lumina 2, AuraFlow, PixArt, LTXV, WAN), "
+                                                "whose text projection is edited. It is not changed; LoRAs "
+                                                "applied before this node are kept."),
+                io.Clip.Input("clip", tooltip="The text encoder of this model (CLIP, T5, CLIP-L + T5, Qwen2.5-VL, "
+                                              "Gemma...), used to encode the concepts exactly as your prompts "
+                                              "are encoded."),
                 CONCEPTS.Input("concepts", tooltip="From Load Concepts."),
                 io.Combo.Input("method", options=methods.names(), default="uce", tooltip=method_help),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
@@ -48,7 +52,7 @@ class ClosedFormErase(io.ComfyNode):
                                        "edit, 0 the original model; lower it to soften the erasure."),
                 *(config_input(ClosedFormConfig, name) for name in OPTIONS),
                 OPTIONS_SOCKET.Input("options", optional=True,
-                                     tooltip="From SPEED/RECE Options: every option of that method; replaces "
+                                     tooltip="From UCE/SPEED/RECE/RealEra Options: every option of that method; replaces "
                                              "the options above. Without it, UCE, RECE and MACE use the options "
                                              "above and SPEED its paper defaults."),
             ],
@@ -70,8 +74,8 @@ class ClosedFormErase(io.ComfyNode):
         progress = _comfy.progress_bar()
         arch, sites = _comfy.attention_sites(model)
         reads = [0.0]  # seconds spent materialising weights (inside the solve)
-        sites = [AttentionSite(s.key, _timed_weight(s.weight, reads), s.stream) for s in sites]
-        cache = _comfy.cached_encoder(clip, progress=progress)
+        sites = [dataclasses.replace(s, weight=_timed_weight(s.weight, reads)) for s in sites]
+        cache = _comfy.cached_encoder(clip, progress=progress, text_length=getattr(config, "text_length", 0))
         encoder = TimedEncoder(cache)
         started = time.perf_counter()
         patch = erase(method, sites, concepts, encoder, config, device=_comfy.compute_device(),

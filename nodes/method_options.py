@@ -48,6 +48,10 @@ class MethodOptions(io.ComfyNode):
         return io.NodeOutput(make_config(cls.METHOD, preset=preset, **values))
 
 
+class UCEOptions(MethodOptions):
+    METHOD, NODE_ID, DISPLAY_NAME = "uce", "CE_UCEOptions", "UCE Options"
+
+
 class SPEEDOptions(MethodOptions):
     METHOD, NODE_ID, DISPLAY_NAME = "speed", "CE_SPEEDOptions", "SPEED Options"
 

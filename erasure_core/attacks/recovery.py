@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import AttentionSite
+from ..architectures import AttentionSite, LazyWeight, RowTransform
 from ..errors import ArchitectureError
 
 __all__ = ["IDENTICAL_TOLERANCE", "KVGrams", "Recovery", "kv_distance", "kv_grams", "kv_recovery",
-           "recovery_from_distances"]
+           "recovery_from_distances", "token_sites"]
 
 IDENTICAL_TOLERANCE = 1e-10
 """A gap below this share of ``‖f(original, c)‖²`` means the erased model answers the concept as
@@ -88,6 +88,29 @@ def kv_grams(erased: Sequence[AttentionSite], original: Sequence[AttentionSite],
         if progress is not None:
             progress(i + 1, len(erased))
     return KVGrams(ge, gx, go, len(erased), identical)
+
+
+def token_sites(sites: Sequence[AttentionSite]) -> tuple[list[AttentionSite], Callable[[torch.Tensor], torch.Tensor]]:
+    """The sites that read the conditioning's token rows (a DiT's pooled input is left out), and the
+    map from conditioning rows to what they read. A per-row RMSNorm (Qwen-Image, Lumina 2) is split:
+    its scale ``g`` is folded into each weight (``W diag(g)``) and the map is the bare normalisation
+    ``x / rms(x)``, so the attacks and the score work in one space for both models (each model's own
+    ``g`` in its weights). UNets: every site, and the identity."""
+    tokens = [s for s in sites if s.stream == "tokens"]
+    transform = next((s.transform for s in tokens if s.transform is not None), None)
+    if transform is None:
+        return tokens, lambda rows: rows
+    folded = []
+    for site in tokens:
+        scale = site.transform.scale if site.transform is not None else None
+
+        def load(site: AttentionSite = site, scale: torch.Tensor | None = scale) -> torch.Tensor:
+            weight = site.tensor()
+            return weight * scale.to(weight) if scale is not None else weight
+
+        folded.append(AttentionSite(site.key, LazyWeight(tuple(site.weight.shape), load), "tokens"))
+    unit = RowTransform(transform.key, transform.eps, torch.ones_like(transform.scale))
+    return folded, unit
 
 
 def kv_distance(grams: KVGrams, erased_rows: torch.Tensor | None, original_rows: torch.Tensor | None) -> float:

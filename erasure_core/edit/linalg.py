@@ -137,7 +137,10 @@ def anchored_right_multiplier(
     """
     ce, ca, cp = target_keys, anchor_keys.to(target_keys.device), preserve_keys.to(target_keys.device)
     d = ce.shape[1]
-    g_ee, g_pp = gram(ce, dtype), gram(cp, dtype)
+    # few rows against a wide key (a DiT's 4096-wide T5 keys): the R × R (Woodbury) form, no d × d Grams
+    woodbury = lamb > 0 and erase_scale >= 0 and preserve_scale >= 0 and 2 * (len(ce) + len(cp)) < d
+    if not woodbury:
+        g_ee, g_pp = gram(ce, dtype), gram(cp, dtype)
     # Rows whose target and anchor keys coincide (the shared start token, identical padding)
     # contribute nothing to P; drop them from P and Q but keep them in A, where they still act.
     moving = (ca - ce).abs().amax(dim=1) > 0
@@ -145,6 +148,10 @@ def anchored_right_multiplier(
         return anchored_multiplier_from_grams(g_ee, cross_gram(ca, ce, dtype), g_pp, erase_scale=erase_scale,
                                               preserve_scale=preserve_scale, lamb=lamb, method=method,
                                               rows=(len(ce), len(cp)))
+    if woodbury:
+        q = _woodbury_key_factor(ce, cp, ce[moving], erase_scale, preserve_scale, lamb, dtype, method)
+        ce, ca = ce[moving].to(dtype), ca[moving].to(dtype)
+        return RightMultiplier(P=erase_scale * (ca - ce).T, Q=q)
     chol = _ridge_cholesky(g_ee, g_pp, erase_scale, preserve_scale, lamb, method, (len(ce), len(cp)))
     ce, ca = ce[moving].to(dtype), ca[moving].to(dtype)
     q = torch.cholesky_solve(ce.T, chol).T  # C_e A⁻¹: [r, d] (A is symmetric)
@@ -174,6 +181,22 @@ def anchored_multiplier_from_grams(
     cross = g_ae - g_ee
     m = erase_scale * torch.cholesky_solve(cross.T, chol).T  # (cross A⁻¹)ᵀ = A⁻¹ crossᵀ
     return full_multiplier(check_finite(m, "the solved multiplier", method))
+
+
+def _woodbury_key_factor(ce: torch.Tensor, cp: torch.Tensor, moving: torch.Tensor, erase_scale: float,
+                         preserve_scale: float, lamb: float, dtype: torch.dtype, method: str) -> torch.Tensor:
+    """``C_m A⁻¹`` (``[r, d]``) for ``A = λI + UᵀU``, ``U = [√s C_e; √s_p C_p]`` (``R × d``, R < d/2),
+    through the ``R × R`` system (Woodbury): ``A⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U)/λ``. Costs ``R²d`` instead
+    of the ``d × d`` Grams' ``Rd²`` and ``d³/3`` (d = 4096 for a DiT's T5 keys)."""
+    u = torch.cat([ce.to(dtype) * erase_scale ** 0.5, cp.to(dtype) * preserve_scale ** 0.5])
+    k = u @ u.T
+    k.diagonal().add_(lamb)
+    chol, info = torch.linalg.cholesky_ex(k)
+    if int(info) != 0:  # pragma: no cover - λ > 0 makes K positive definite
+        raise NumericalError(f"{method}: the key system must be positive definite (lamb={lamb}).", input_name="lamb")
+    cm = moving.to(dtype)
+    q = (cm - torch.cholesky_solve(u @ cm.T, chol).T @ u) / lamb
+    return check_finite(q, "the solved key factor", method)
 
 
 def _ridge_cholesky(g_ee: torch.Tensor, g_pp: torch.Tensor, erase_scale: float, preserve_scale: float,

@@ -162,7 +162,10 @@ def _family(keys: list[str], shapes: Mapping[str, tuple[int, ...]]) -> str | Non
     dit = [k for k in keys if re.search(r"transformer_blocks\.\d+\.(attn\.add_[qkv]_proj|ff_context)", k)]
     if dit:
         widths = {s for k in dit for s in shapes[k] if len(shapes[k]) == 2}
-        return "Flux" if FLUX_HIDDEN in widths else "SD3"
+        if FLUX_HIDDEN in widths:
+            return "Flux"  # (Qwen-Image is 3072 wide too; check_family does not refuse on Qwen-Image models)
+        # SD3 medium / 3.5 medium 1536, SD3.5 large 2432; other widths: let the LoRA key map decide
+        return "SD3" if widths & {1536, 2432} else None
     if any(m in joined for m in ("add_embedding.", "label_emb.", "lora_te2_", "text_encoder_2.", "conditioner.")):
         return "SDXL"
     width = _context_width(keys, shapes)

@@ -122,12 +122,13 @@ def encode_concepts(concepts: ConceptSet, encoder: TextEncoder, sites: Sequence[
 
 
 def check_context_width(enc: EncodedText, sites: Sequence[AttentionSite]) -> None:
-    widths = sorted({s.in_features for s in sites if s.stream == "tokens"})
+    widths = sorted({s.in_features for s in sites})  # one stream per call (methods/streams.py)
     if widths and widths != [enc.width]:
+        stream = sites[0].stream
         raise ArchitectureError(
-            f"the text encoder must produce the width the model's cross-attention reads "
-            f"({widths}), but it produces {enc.width}. Connect the CLIP that came with this "
-            "checkpoint.",
+            f"the text encoder must produce the width the model's text layers read "
+            f"({widths}{'' if stream == 'tokens' else ', ' + stream + ' vector'}), but it produces "
+            f"{enc.width}. Connect the CLIP that came with this checkpoint.",
             input_name="clip",
         )
 

@@ -39,7 +39,7 @@ from ..edit.linalg import (
 )
 from ..edit.patch import PatchSet
 from ..errors import ConceptError, ConfigError, NumericalError
-from ..text.encoded import TextEncoder, TokenPick, rows_for
+from ..text.encoded import EncodedText, TextEncoder, TokenPick, rows_for
 from . import register
 from .closed_form import (
     ClosedFormConfig,
@@ -61,6 +61,8 @@ class Projections(str, Enum):
     KV = "KV"
 
     def edits(self, key: str) -> bool:
+        if not key.endswith(("to_k.weight", "to_v.weight")):
+            return True  # a DiT's text projection feeds K and V alike: always edited
         return (self is not Projections.K and key.endswith("to_v.weight")) or \
             (self is not Projections.V and key.endswith("to_k.weight"))
 
@@ -129,8 +131,12 @@ def _retain_prompts(keep: Sequence[str], concepts: ConceptSet) -> list[str]:
 
 
 def _invariants(null_rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``K₂ [d, 4]``: the null prompt's start row and 3 k-means centres of its other rows."""
-    return torch.cat([null_rows[:1], kmeans(null_rows[1:], 3, generator)]).T
+    """``K₂ [d, 4]``: the null prompt's start row and 3 k-means centres of its other rows (fewer when
+    it has fewer rows: a pooled vector is one row)."""
+    rest = null_rows[1:]
+    if len(rest) == 0:
+        return null_rows[:1].T
+    return torch.cat([null_rows[:1], kmeans(rest, min(3, len(rest)), generator)]).T
 
 
 @torch.no_grad()
@@ -203,12 +209,14 @@ def solve(
     device = torch.device(device) if device is not None else default_device(sites)
     dtype = config.solve_dtype.torch
     ce, ca = (t.to(device, dtype) for t in keys.erase(config.token_pick))
-    if config.token_pick is TokenPick.ALL:  # the reference's all-token keys are rows 1..76: no start row
+    start = _start_rows(keys.enc)
+    if config.token_pick is TokenPick.ALL and start:  # the reference's all-token keys are rows 1..76: no start row
         length = keys.enc.hidden.shape[1]
         body = torch.arange(len(ce), device=device) % length != 0
         ce, ca = ce[body], ca[body]
     retain_prompts = _retain_prompts(keys.keep, concepts)
     null_rows = null.hidden[null.index("")].to(device, dtype)
+    null_rows = null_rows[null_rows.abs().amax(-1) > 0]  # DiT encoders pad short prompts with zero rows: absent
     # retain keys are last-subject rows (also in the all-token nudity setting), or, with no retain
     # set, the null prompt's non-start rows, as in the reference. With the bank and multi-row target
     # keys, the retain prompts keep every row the targets' keys cover (their EOT and padding rows
@@ -216,7 +224,7 @@ def solve(
     retain_pick = config.token_pick if config.preserve_bank and config.token_pick is not TokenPick.LAST_SUBJECT \
         else TokenPick.LAST_SUBJECT
     retain = keys.preserve(retain_pick, retain_prompts).to(device, dtype) if retain_prompts \
-        else null_rows[1:]
+        else null_rows[start:]
     if len(ce) == 0:
         raise ConceptError("SPEED needs target rows, but the token strategy selected none.",
                            input_name="concepts")
@@ -241,6 +249,16 @@ def solve(
 
     meta = describe_run("speed", concepts, config)
     return patch_from_multipliers(edited, multiplier_for, meta, "SPEED", progress, started)
+
+
+def _start_rows(enc: EncodedText) -> int:
+    """1 when row 0 is a start token (CLIP's: the same id in every prompt, the empty one included),
+    else 0 (T5 and LLM rows begin with the words; a pooled vector is its only row)."""
+    ids = enc.token_ids
+    if ids is None or enc.hidden.shape[1] < 2:
+        return int(enc.hidden.shape[1] > 1)
+    first = ids[:, 0]
+    return int(bool((first >= 0).all() and (first == first[0]).all()))
 
 
 register("speed", SPEEDConfig, solve,

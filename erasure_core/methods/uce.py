@@ -7,6 +7,11 @@ system, as in the paper. Defaults follow the paper-era code (``train_erase.py``)
 erase scale 1, preserve scale 0.1, last word + EOT + padding rows, and the empty prompt preserved.
 UCE's current code (``uce_sd_erase.py``) corresponds to ``token_pick = last subject token`` with
 ``preserve_scale = 1``.
+
+UCE's Flux code (``uce_flux_edit.py``) edits the text projection (``txt_in``) with the T5 last-subject
+token and the pooled-CLIP input (``vector_in.in_layer``) with the pooled vector, λ = 0.5, erase and
+preserve scale 1, T5 prompts padded to ``max_sequence_length`` (512 for dev, 256 for schnell): the
+presets ``flux-dev reference`` and ``flux-schnell reference``.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import torch
 
 from ..architectures import AttentionSite
 from ..concepts import ConceptSet
+from ..config import option
 from ..edit.patch import PatchSet
 from ..text.encoded import TextEncoder, TokenPick, rows_for
 from . import register
 from .closed_form import (
     ClosedFormConfig,
     Progress,
+    SolveDtype,
     anchored_patch,
     default_device,
     describe_run,
@@ -36,7 +43,19 @@ __all__ = ["UCEConfig", "solve"]
 
 @dataclass(frozen=True)
 class UCEConfig(ClosedFormConfig):
-    """UCE uses exactly the shared closed-form options (see :class:`ClosedFormConfig`)."""
+    """UCE uses the shared closed-form options (see :class:`ClosedFormConfig`) and the length the
+    concepts' text is padded to (``text_length``), which the caller's encoder applies."""
+
+    text_length: int = option(
+        0, "Pad each concept's T5 (or other DiT text) tokens to this many before encoding. 0 pads as ComfyUI "
+        "pads your prompts (Flux: 256). Flux's T5 reads its padding without a mask, so every row depends on "
+        "it; UCE's Flux code uses max_sequence_length 512 (dev) or 256 (schnell). Ignored by SD1.x/SDXL CLIP.",
+        min=0, max=4096, step=1)
+
+
+_FLUX_REFERENCE = {"token_pick": TokenPick.LAST_SUBJECT, "erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5,
+                   "preserve_empty_prompt": False, "solve_dtype": SolveDtype.FLOAT32,
+                   "preserve_bank": False}  # no default preserve set, no bank; fp32
 
 
 @torch.no_grad()
@@ -74,6 +93,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "current code (uce_sd_erase.py)": {"token_pick": TokenPick.LAST_SUBJECT, "erase_scale": 1.0,
                                        "preserve_scale": 1.0, "lamb": 0.5, "preserve_empty_prompt": False,
                                        "preserve_bank": False},
+    "flux-dev reference": _FLUX_REFERENCE | {"text_length": 512},
+    "flux-schnell reference": _FLUX_REFERENCE | {"text_length": 256},
 }
 
 register("uce", UCEConfig, solve,

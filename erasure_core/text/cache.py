@@ -108,16 +108,16 @@ class CachedEncoder:
         os.replace(tmp, self.lru_path)
 
     @staticmethod
-    def _usable(entries: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None, short: bool) -> bool:
-        """A cached prompt can serve this request: all rows (``.hidden``, of the batch's shape), or,
-        for a through-EOT request, its rows up to EOT (``.head``, of the batch's width); finite."""
+    def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, short: bool) -> bool:
+        """A cached prompt can serve this request: all its rows (``.hidden``), or, for a through-EOT
+        request, its rows up to EOT (``.head``); of the cache's width and finite. Lengths may differ
+        (DiT encoders do not pad)."""
         if key + ".eot" not in entries:
             return False
-        hidden = entries.get(key + ".hidden")
-        if hidden is not None and (shape is None or tuple(hidden.shape) == shape):
-            return bool(torch.isfinite(hidden).all())
-        head = entries.get(key + ".head") if short else None
-        return head is not None and (shape is None or head.shape[-1] == shape[-1]) and bool(torch.isfinite(head).all())
+        rows = entries.get(key + ".hidden")
+        if rows is None and short:
+            rows = entries.get(key + ".head")
+        return rows is not None and (width is None or rows.shape[-1] == width) and bool(torch.isfinite(rows).all())
 
     def _evict(self, entries: dict[str, torch.Tensor], lru: dict[str, float], keep: set[str]) -> bool:
         """Drop least recently used prompts (not ``keep``) until this file fits its share of the
@@ -131,7 +131,7 @@ class CachedEncoder:
         keys = sorted({k.rsplit(".", 1)[0] for k in entries} - keep, key=lambda k: lru.get(k, 0.0))
         while size() > self.max_bytes and keys:
             old = keys.pop(0)
-            for suffix in (".hidden", ".head", ".eot", ".ids"):
+            for suffix in (".hidden", ".head", ".eot", ".ids", ".pooled"):
                 entries.pop(old + suffix, None)
             lru.pop(old, None)
         while others and size() + other_bytes > self.max_bytes:
@@ -146,28 +146,29 @@ class CachedEncoder:
         entries = self._read() if self.max_bytes > 0 else {}
         short = rows == "through_eot"
         keys = [_key(t) for t in texts]
-        shapes = [tuple(entries[k + ".hidden"].shape) for k in keys if k + ".hidden" in entries]
-        shape = max(set(shapes), key=shapes.count) if shapes else None
+        widths = {v.shape[-1] for k, v in entries.items() if k.endswith((".hidden", ".head"))}
+        width = next(iter(widths)) if len(widths) == 1 else None
+        if len(widths) > 1:  # more than one width: a damaged file; start again
+            entries = {}
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
-                                     if not self._usable(entries, k, shape, short)))
+                                     if not self._usable(entries, k, width, short)))
         fresh_entries: dict[str, torch.Tensor] = {}
         if missing:
             head = short and getattr(self.encoder, "accepts_rows", False)  # else all rows come back
             fresh = encode(self.encoder, missing, rows)
             for i, text in enumerate(missing):
+                key = _key(text)
                 stop = int(fresh.eot_index[i]) + 1 if head else fresh.hidden.shape[1]
                 kind, other = (".head", ".hidden") if head else (".hidden", ".head")
-                fresh_entries[_key(text) + kind] = fresh.hidden[i, :stop].float().cpu().contiguous()
-                entries.pop(_key(text) + other, None)  # an unusable older entry of the other kind
-                fresh_entries[_key(text) + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
+                fresh_entries[key + kind] = fresh.hidden[i, :stop].float().cpu().contiguous()
+                entries.pop(key + other, None)  # an unusable older entry of the other kind
+                fresh_entries[key + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
                 if fresh.token_ids is not None:
-                    fresh_entries[_key(text) + ".ids"] = fresh.token_ids[i, :stop].cpu().contiguous()
-            if not head and shape is not None and tuple(fresh.hidden.shape[1:]) != shape:
-                entries = {}  # the encoder's shape changed: the old rows cannot be batched with the new
-            elif shape is None or head:
-                width = fresh.hidden.shape[-1]
-                if any(v.shape[-1] != width for k, v in entries.items() if k.endswith((".hidden", ".head"))):
-                    entries = {}  # another width: the old rows belong to another encoder layout
+                    fresh_entries[key + ".ids"] = fresh.token_ids[i, :stop].cpu().contiguous()
+                if fresh.pooled is not None:
+                    fresh_entries[key + ".pooled"] = fresh.pooled[i].float().cpu().contiguous()
+            if width is not None and fresh.hidden.shape[-1] != width:
+                entries = {}  # another width: the old rows belong to another encoder layout
         entries |= fresh_entries
         self.misses += len(missing)
         self.hits += len(set(texts)) - len(missing)
@@ -187,19 +188,23 @@ class CachedEncoder:
         eot = torch.cat([entries[k + ".eot"] for k in keys])
         hidden = [entries.get(k + ".hidden", entries.get(k + ".head")) for k in keys]
         ids = [entries.get(k + ".ids") for k in keys]
+        pooled = [entries.get(k + ".pooled") for k in keys]
         if short:  # each prompt's rows through its EOT, zero (ids: -1) after it
-            stop = int(eot.max()) + 1
-            hidden = [_fit(h[: int(e) + 1], stop, 0.0) for h, e in zip(hidden, eot, strict=True)]
-            ids = [None if i is None else _fit(i[: int(e) + 1], stop, -1) for i, e in zip(ids, eot, strict=True)]
+            hidden = [h[: int(e) + 1] for h, e in zip(hidden, eot, strict=True)]
+            ids = [None if i is None else i[: int(e) + 1] for i, e in zip(ids, eot, strict=True)]
         return EncodedText(
-            tuple(texts), torch.stack(hidden), eot,
-            token_ids=torch.stack(ids) if all(i is not None for i in ids) else None,
+            tuple(texts), _stack_padded(hidden, 0.0), eot,
+            pooled=torch.stack(pooled) if all(p is not None for p in pooled) else None,  # type: ignore[arg-type]
+            token_ids=_stack_padded(ids, -1) if all(i is not None for i in ids) else None,  # type: ignore[arg-type]
         )
 
 
-def _fit(rows: torch.Tensor, length: int, fill: float) -> torch.Tensor:
-    """``rows`` padded with ``fill`` along the first axis to ``length``."""
-    if len(rows) == length:
-        return rows
-    pad = rows.new_full((length - len(rows), *rows.shape[1:]), fill)
-    return torch.cat([rows, pad])
+def _stack_padded(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """Per-prompt ``[T_i, ...]`` stacked to ``[N, max T_i, ...]``: through-EOT heads, and DiT
+    encoders without padding, give prompts of different lengths; zero rows add nothing to a key
+    Gram, ids -1 mark them."""
+    length = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), fill)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out

@@ -45,7 +45,8 @@ class EncodedText:
 
     ``hidden``: ``[N, T, D]`` float32; ``eot_index``: ``[N]`` position of each prompt's first
     end-of-text token (so the last word is at ``eot_index - 1``, and at 0, the start token, for the
-    empty prompt); ``pooled``: optional ``[N, P]``; ``token_ids``: optional ``[N, T]`` (-1 for
+    empty prompt of a CLIP; encoders without a start token, such as T5, put the empty prompt's
+    end-of-text at 0, and its "last word" is that row); ``pooled``: optional ``[N, P]``; ``token_ids``: optional ``[N, T]`` (-1 for
     positions that hold an embedding rather than a vocabulary token).
     """
 
@@ -61,8 +62,8 @@ class EncodedText:
             raise ValueError(f"hidden must be [{n}, T, D], got {tuple(self.hidden.shape)}")
         if self.eot_index.shape != (n,):
             raise ValueError(f"eot_index must be [{n}], got {tuple(self.eot_index.shape)}")
-        if n and (self.eot_index.min() < 1 or self.eot_index.max() >= self.hidden.shape[1]):
-            raise ValueError("eot_index must lie in [1, T)")
+        if n and (self.eot_index.min() < 0 or self.eot_index.max() >= self.hidden.shape[1]):
+            raise ValueError("eot_index must lie in [0, T)")
 
     @property
     def width(self) -> int:
@@ -123,7 +124,7 @@ def rows_for(pick: TokenPick) -> str:
 
 
 def _last_word(enc: EncodedText, i: int) -> int:
-    return int(enc.eot_index[i]) - 1
+    return max(int(enc.eot_index[i]) - 1, 0)
 
 
 def erase_rows(

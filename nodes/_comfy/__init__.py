@@ -3,6 +3,7 @@ comfy.* or folder_paths; the core never does. Node modules use ``from . import _
 re-exported here."""
 
 from .attack import DifferentiableClip, _predict_eps, soft_prompt_attack  # noqa: F401
+from .dit_text import DitClipEncoder, is_unet_clip  # noqa: F401
 from .erasers import (  # noqa: F401
     _LDM_BLOCK,
     _LORA_MODULE,
@@ -13,6 +14,7 @@ from .erasers import (  # noqa: F401
     _patch_key,
     add_attn2_output_patch,
     add_lora_patches,
+    lora_module_names,
     lora_patches,
     receler_blocks,
     text_encoder_differences,

@@ -230,3 +230,29 @@ def add_attn2_output_patch(model: Any, patch: Callable[..., Any]) -> Any:
 def unet_lora_key_map(model: Any) -> dict[str, str]:
     """kohya/diffusers LoRA names -> this model's UNet weight keys (ComfyUI's own LoRA mapping)."""
     return comfy.lora.model_lora_keys_unet(model.model, {})
+
+
+LORA_NAMINGS = ("kohya", "diffusers")
+
+
+def lora_module_names(model: Any, naming: str = "kohya") -> dict[str, str]:
+    """This model's weight key -> the LoRA module name that ComfyUI's LoRA loader maps back onto that
+    whole weight, for any family (the inverse of ``_lora_key_map``): ``kohya`` gives
+    ``lora_unet_<ComfyUI key with _>``; ``diffusers`` the family's diffusers name (``transformer.*`` for
+    DiTs, ``unet.*`` for SD1.x/SDXL) where ComfyUI knows one, else the kohya name. Names ComfyUI maps
+    onto a slice of a fused weight (Flux's ``add_k_proj`` in ``txt_attn.qkv``) are not whole weights
+    and are left out. Writers of LoRA files (Save Erasure) use this so every loader reads them."""
+    if naming not in LORA_NAMINGS:
+        raise ErasureError(f"naming must be one of {LORA_NAMINGS}, but got {naming!r}.", input_name="naming")
+    by_key: dict[str, list[str]] = {}
+    for name, target in _lora_key_map(model, None).items():
+        if isinstance(target, str):
+            by_key.setdefault(target, []).append(name)
+    out = {}
+    for key, names in by_key.items():
+        kohya = [n for n in names if n.startswith("lora_unet_")]
+        diffusers = [n for n in names if n.startswith(("transformer.", "unet."))]
+        pick = (diffusers or kohya) if naming == "diffusers" else kohya
+        if pick:
+            out[key] = sorted(pick, key=len)[0]
+    return out

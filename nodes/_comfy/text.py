@@ -28,6 +28,7 @@ from ...erasure_core.attacks import (
 )
 from ...erasure_core.text.cache import CachedEncoder
 from ...erasure_core.text.clip import BPETokenizer
+from .dit_text import DitClipEncoder, is_unet_clip
 from .runtime import _short
 
 logger = logging.getLogger(__name__)
@@ -227,11 +228,16 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 
-def cached_encoder(clip: Any, progress: Progress | None = None) -> CachedEncoder:
+def cached_encoder(clip: Any, progress: Progress | None = None, text_length: int = 0) -> CachedEncoder:
     """The user's CLIP as a TextEncoder whose encodings persist in ComfyUI's user folder, so a
-    large preserve set is encoded once per text encoder."""
+    large preserve set is encoded once per text encoder. SD1.x/SD2.x/SDXL CLIPs are encoded in
+    77-token windows; every other text encoder (T5, Qwen, Gemma... of a DiT) by ``DitClipEncoder``,
+    its main stream padded to ``text_length`` tokens when that is above 0 (UCE's Flux setting)."""
     folder = os.path.join(folder_paths.get_user_directory(), "concept_erasure", "encodings")
-    return CachedEncoder(ComfyClipEncoder(clip, progress=progress), folder, clip_fingerprint(clip))
+    if is_unet_clip(clip):
+        return CachedEncoder(ComfyClipEncoder(clip, progress=progress), folder, clip_fingerprint(clip))
+    fingerprint = clip_fingerprint(clip) + (f"-len{text_length}" if text_length else "")
+    return CachedEncoder(DitClipEncoder(clip, progress, text_length), folder, fingerprint)
 
 
 

@@ -19,6 +19,7 @@ from ...erasure_core import (
     LazyWeight,
     PatchError,
     PatchSet,
+    RowTransform,
     detect,
 )
 from .runtime import UNET_PREFIX, compute_device
@@ -39,11 +40,20 @@ def attention_sites(model: Any, device: torch.device | None = None) -> tuple[Arc
     device = device or compute_device()
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
     spec = detect(shapes)
-    keys = spec.site_keys(shapes)
     key_patches = model.get_key_patches(UNET_PREFIX)
-    transform = context_transform_of(model)
-    sites = [AttentionSite(key, LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device, transform)))
-             for key in keys]
+    context = context_transform_of(model)  # a float32 attn2 context transform already on this clone
+    sites = []
+    for key, text_input in spec.site_inputs(shapes):
+        weight = LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device, context))
+        if text_input is None:
+            sites.append(AttentionSite(key, weight))
+            continue
+        transform = None
+        if text_input.norm is not None:  # the norm's scale as this clone uses it (LoRAs on it included)
+            norm_key = spec.norm_key(shapes, text_input.norm)
+            scale = _effective_weight(key_patches[norm_key], norm_key, device)()
+            transform = RowTransform(norm_key, text_input.norm.eps, scale)
+        sites.append(AttentionSite(key, weight, text_input.stream, transform))
     return spec, sites
 
 

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from erasure_core import ArchitectureError, detect, reference_site_shapes
+from erasure_core import ArchitectureError, RowTransform, detect, reference_site_shapes
 
 
 @pytest.mark.parametrize(("name", "sites", "width"), [("sd1", 32, 768), ("sd2", 32, 1024), ("sdxl", 140, 2048)])
@@ -18,14 +19,73 @@ def test_detection_ignores_the_key_prefix():
     assert detect(shapes).name == "sd1"
 
 
-@pytest.mark.parametrize(("keys", "name"), [
-    ({"context_embedder.weight": (1536, 4096), "x_embedder.proj.weight": (1536, 16, 2, 2)}, "Stable Diffusion 3"),
-    ({"txt_in.weight": (3072, 4096), "double_blocks.0.txt_attn.qkv.weight": (9216, 3072)}, "Flux"),
+FLUX_BLOCK = "double_blocks.0.img_attn.norm.key_norm.scale"
+
+
+@pytest.mark.parametrize(("keys", "name", "sites"), [
+    ({"context_embedder.weight": (1536, 4096), "x_embedder.proj.weight": (1536, 16, 2, 2),
+      "joint_blocks.0.context_block.attn.qkv.weight": (4608, 1536), "y_embedder.mlp.0.weight": (1536, 2048)},
+     "sd3", {"context_embedder.weight": "tokens", "y_embedder.mlp.0.weight": "pooled"}),
+    ({"txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768), "img_in.weight": (3072, 64),
+      FLUX_BLOCK: (128,)}, "flux", {"txt_in.weight": "tokens", "vector_in.in_layer.weight": "pooled"}),
+    ({"txt_in.weight": (3072, 4096), "img_in.weight": (3072, 64), FLUX_BLOCK: (128,),
+      "distilled_guidance_layer.in_proj.weight": (5120, 64)}, "chroma", {"txt_in.weight": "tokens"}),
+    ({"txt_in.weight": (3072, 4096), FLUX_BLOCK: (128,), "nerf_blocks.0.norm.scale": (64,),
+      "distilled_guidance_layer.in_proj.weight": (5120, 64)}, "chroma_radiance", {"txt_in.weight": "tokens"}),
+    ({"txt_in.weight": (3072, 3584), "txt_norm.weight": (3584,), "img_in.weight": (3072, 64)},
+     "qwen_image", {"txt_in.weight": "tokens"}),
+    ({"cap_embedder.0.weight": (2304,), "cap_embedder.1.weight": (2304, 2304)}, "lumina2",
+     {"cap_embedder.1.weight": "tokens"}),
+    ({"cond_seq_linear.weight": (3072, 2048)}, "auraflow", {"cond_seq_linear.weight": "tokens"}),
+    ({"y_embedder.y_proj.fc1.weight": (1152, 4096), "t_block.1.weight": (6912, 1152)}, "pixart",
+     {"y_embedder.y_proj.fc1.weight": "tokens"}),
+    ({"caption_projection.linear_1.weight": (2048, 4096), "adaln_single.emb.timestep_embedder.linear_1.bias": (2048,),
+      "transformer_blocks.0.attn2.to_k.weight": (2048, 2048)}, "ltxv", {"caption_projection.linear_1.weight": "tokens"}),
+    ({"head.modulation": (1, 2, 1536), "text_embedding.0.weight": (1536, 4096)}, "wan",
+     {"text_embedding.0.weight": "tokens"}),
 ])
-def test_dit_families_are_refused_as_not_supported_yet(keys, name):
-    with pytest.raises(ArchitectureError, match=f"{name} models are not supported yet") as err:
+def test_dit_families_are_rows_with_their_text_inputs(keys, name, sites):
+    shapes = {"diffusion_model." + k: v for k, v in keys.items()}
+    spec = detect(shapes)
+    assert spec.name == name and spec.supported
+    found = {k.removeprefix("diffusion_model."): inp.stream for k, inp in spec.site_inputs(shapes)}
+    assert found == sites
+
+
+def test_row_norms_name_the_layer_in_front_of_the_projection():
+    shapes = {"diffusion_model.txt_in.weight": (64, 32), "diffusion_model.txt_norm.weight": (32,),
+              "diffusion_model.img_in.weight": (64, 64)}
+    spec = detect(shapes)
+    (key, inp), = spec.site_inputs(shapes)
+    assert inp.norm is not None and spec.norm_key(shapes, inp.norm) == "diffusion_model.txt_norm.weight"
+
+
+def test_row_transform_is_comfyuis_rms_norm():
+    g = torch.rand(8) + 0.5
+    x = torch.randn(3, 5, 8)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g
+    torch.testing.assert_close(RowTransform("n", 1e-6, g)(x), expected)
+    assert torch.equal(RowTransform("n", 1e-6, g)(torch.zeros(2, 8)), torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize(("keys", "name"), [
+    ({"txt_in.individual_token_refiner.blocks.0.norm1.weight": (3072,), "txt_in.input_embedder.weight": (3072, 4096)},
+     "HunyuanVideo"),
+    ({"caption_projection.0.linear.weight": (2560, 4096)}, "HiDream"),
+])
+def test_refused_families_are_named_with_the_reason_and_what_is_supported(keys, name):
+    with pytest.raises(ArchitectureError, match=f"{name} models are not supported: its ") as err:
         detect(keys)
-    assert err.value.input_name == "model"
+    assert err.value.input_name == "model" and "Flux" in str(err.value) and "Qwen-Image" in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "widths"), [("flux", {4096, 768}), ("sd35_large", {4096, 2048}),
+                                               ("qwen_image", {3584})])
+def test_full_size_dit_layouts_are_recognised(name, widths):
+    shapes = reference_site_shapes(name)
+    spec = detect(shapes)
+    assert spec.name == name.split("_large")[0].replace("sd35", "sd3")
+    assert {shapes[k][1] for k in spec.site_keys(shapes)} == widths
 
 
 def test_unknown_models_list_what_was_tried():

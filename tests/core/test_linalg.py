@@ -95,3 +95,15 @@ def test_gram_equals_the_plain_product(width):
 
     rows = _keys(50, width, 9)
     torch.testing.assert_close(gram(rows, torch.float64), rows.double().T @ rows.double(), rtol=1e-12, atol=1e-12)
+
+
+def test_few_rows_against_a_wide_key_solve_through_woodbury_and_agree_with_the_d_by_d_form():
+    from erasure_core.edit import linalg
+
+    gen = torch.Generator().manual_seed(3)
+    ce, ca, cp = (torch.randn(n, 64, generator=gen, dtype=torch.float64) for n in (5, 5, 9))
+    kw = {"erase_scale": 1.0, "preserve_scale": 0.3, "lamb": 0.5}
+    fast = linalg.anchored_right_multiplier(ce, ca, cp, **kw)  # 14 rows < 64 / 2: Woodbury
+    a = 0.5 * torch.eye(64, dtype=torch.float64) + ce.T @ ce + 0.3 * cp.T @ cp
+    torch.testing.assert_close(fast.Q, torch.linalg.solve(a, ce.T).T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.P, (ca - ce).T)

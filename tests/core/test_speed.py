@@ -227,8 +227,14 @@ def test_more_target_rows_than_the_width_give_a_dense_edit_equal_to_the_closed_f
 def test_singular_invariants_raise_a_numerical_error_naming_lamb(sites, encoder):
     from erasure_core import NumericalError
 
-    def zero_after_eot(texts):  # the null prompt's padding rows all 0: two k-means centres coincide at 0
-        return encoder(texts, rows="through_eot")
+    def zero_after_eot(texts):  # the null prompt's padding rows all equal its EOT row: k-means centres coincide
+        from erasure_core import EncodedText
+
+        enc = encoder(texts)
+        hidden = enc.hidden.clone()
+        for i, eot in enumerate(enc.eot_index.tolist()):
+            hidden[i, eot + 1 :] = hidden[i, eot]
+        return EncodedText(enc.texts, hidden, enc.eot_index, enc.pooled, enc.token_ids)
 
     with pytest.raises(NumericalError, match="lamb") as err:
         erase("speed", sites, _concepts(), zero_after_eot, _paper(lamb=0.0))

@@ -158,9 +158,11 @@ def test_a_patch_for_another_model_is_refused_before_anything_changes(pack, tiny
 def test_unsupported_architecture_is_refused_by_name(pack):
     from concept_erasure_pack.erasure_core import ArchitectureError, detect
 
-    with pytest.raises(ArchitectureError, match="Flux models are not supported yet"):
-        detect({"diffusion_model.txt_in.weight": (3072, 4096),
-                "diffusion_model.double_blocks.0.txt_attn.qkv.weight": (9216, 3072)})
+    with pytest.raises(ArchitectureError, match="HunyuanVideo models are not supported: its text enters through "
+                                                "a token refiner") as err:
+        detect({"diffusion_model.txt_in.individual_token_refiner.blocks.0.norm1.weight": (3072,),
+                "diffusion_model.txt_in.input_embedder.weight": (3072, 4096)})
+    assert "Supported families: Stable Diffusion 1.x" in str(err.value) and "Flux" in str(err.value)
 
 
 @pytest.mark.parametrize("method", ["uce", "speed", "rece", "mace", "realera"])

@@ -7,8 +7,8 @@ import pytest
 pytestmark = pytest.mark.comfyui
 
 ALL_IDS = ["CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SaveErasure",
-           "CE_SPEEDOptions", "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM", "CE_ApplyEraserLoRA",
-           "CE_ExtractEraser", "CE_AttackPrompt"]
+           "CE_UCEOptions", "CE_SPEEDOptions", "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM",
+           "CE_ApplyEraserLoRA", "CE_ExtractEraser", "CE_AttackPrompt"]
 
 
 def _schemas(pack):

@@ -34,9 +34,12 @@ pytestmark = pytest.mark.comfyui
 WORKFLOW = Path(ROOT) / "example_workflows" / "closed_form_erase_uce.json"
 CHECKPOINT_NAME = "v1-5-pruned-emaonly.safetensors"
 OUR_NODES = ("CE_LoadConcepts", "CE_MergeConcepts", "CE_SaveConcepts", "CE_ClosedFormErase", "CE_SaveErasure",
-             "CE_SPEEDOptions", "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM", "CE_AttackPrompt",
+             "CE_UCEOptions", "CE_SPEEDOptions", "CE_RECEOptions", "CE_RealEraOptions", "CE_ApplySPM", "CE_AttackPrompt",
              "CE_ApplyEraserLoRA", "CE_ExtractEraser")
 EXAMPLES = sorted((Path(ROOT) / "example_workflows").glob("*.json"))
+# Examples whose model files the test server cannot have (full-size DiTs): converted, not run
+NEEDS_FULL_MODELS = {"closed_form_erase_flux"}
+RUNNABLE = [p for p in EXAMPLES if p.stem not in NEEDS_FULL_MODELS]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}
 STARTUP_TIMEOUT_S = 90.0
@@ -300,7 +303,13 @@ def _run_fast(server: Server, graph: dict[str, dict]) -> dict:
     return entry
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if p.stem in NEEDS_FULL_MODELS])
+def test_examples_for_full_size_dits_convert_with_registered_nodes(server, path):
+    graph = _example_graph(server, path)  # every node registered, every widget value placed
+    assert any(v["class_type"] == "CE_ClosedFormErase" for v in graph.values())
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=[p.stem for p in RUNNABLE])
 def test_every_example_workflow_runs(server, path):
     entry = _run_fast(server, _example_graph(server, path))
     graph = _example_graph(server, path)

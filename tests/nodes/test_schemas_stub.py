@@ -26,7 +26,7 @@ def _closed_form_inputs(env):
 
 def test_node_ids_are_prefixed_and_unique(env):
     ids = [s.node_id for s in _schemas(env)]
-    assert all(i.startswith("CE_") for i in ids) and len(set(ids)) == len(ids) == 12
+    assert all(i.startswith("CE_") for i in ids) and len(set(ids)) == len(ids) == 13
 
 
 def test_every_node_has_a_description_and_the_pack_category(env):

@@ -1,0 +1,130 @@
+"""Text through a DiT's text encoders (T5, CLIP-L + T5, Qwen2.5-VL, Gemma, Llama...): the user's CLIP as
+the core's ``TextEncoder`` for Flux, SD3, Qwen-Image, Lumina 2 and the other DiT families.
+
+ComfyUI's UNet CLIPs (SD1.x, SD2.x, SDXL) go through ``text.ComfyClipEncoder``; every other CLIP comes
+here. Prompts are encoded one at a time with ``encode_from_tokens`` (the same call CLIPTextEncode
+makes), so every family's own assembly of its streams (SD3's CLIP rows before T5's, Qwen-Image's
+template prefix dropped) is what the keys see.
+
+Which rows hold the prompt's words is read from the tokens of the *main* stream (the one whose
+tokens become the conditioning's rows): a probe prompt and the empty prompt give, once per encoder,
+how many template tokens come before the words and how many after them (T5's ``</s>``,
+Qwen's ``<|im_end|>...assistant``), after trailing padding is dropped. The conditioning's rows are
+aligned with the stream's tokens at their ends (SD3's CLIP rows precede the T5 rows; Qwen-Image
+drops leading template rows). Prompts of different lengths are padded with zero rows, which add
+nothing to any key Gram.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...erasure_core import ArchitectureError, ConceptError, EncodedText, Progress
+from .runtime import _short
+
+# Tokenizer streams that become the conditioning's rows, most specific first; the CLIP streams come
+# last (SD3 without its T5 reads only the CLIP rows).
+MAIN_STREAMS = ("t5xxl", "umt5xxl", "pile_t5xl", "t5base", "qwen25_7b", "qwen25_3b", "gemma2_2b", "gemma3_4b",
+                "llama", "l", "g")
+# The CLIP object's encoder attribute of a stream, where it differs from the stream's name.
+_ENCODER_ATTR = {"l": "clip_l", "g": "clip_g"}
+_PROBE = "zebra"
+
+
+def is_unet_clip(clip: Any) -> bool:
+    """Whether ``clip`` is an SD1.x/SD2.x/SDXL CLIP (only 77-token CLIP windows), which the UNet
+    encoder serves."""
+    streams = set(clip.tokenize(""))
+    return bool(streams) and streams <= {"l", "g", "h"} and all(
+        len(w[0]) == 77 for w in clip.tokenize("").values())
+
+
+def _ids(window: Sequence[Any]) -> list[int]:
+    return [int(tok[0]) if isinstance(tok[0], int) else -1 for tok in window]
+
+
+def _strip(ids: list[int], pad: int) -> list[int]:
+    end = len(ids)
+    while end > 0 and ids[end - 1] == pad:
+        end -= 1
+    return ids[:end]
+
+
+class DitClipEncoder:
+    """The user's CLIP (any ComfyUI text encoder with a token-level conditioning) as a core
+    ``TextEncoder``: same tokenizer, weights syntax, templates and patches as their prompts.
+
+    ``hidden [N, T, D]`` are the conditioning rows, ``eot_index`` the row right after each
+    prompt's words (T5's ``</s>``, Qwen's ``<|im_end|>``; a zero row when nothing follows them), and
+    ``pooled [N, P]`` the pooled vector when the CLIP returns one (Flux's CLIP-L, SD3's CLIP-L ⊕ G).
+    """
+
+    def __init__(self, clip: Any, progress: Progress | None = None, text_length: int = 0):
+        self.clip = clip
+        self.progress = progress
+        self.stream = self._main_stream(clip, clip.tokenize(""))
+        # ComfyUI's per-stream tokenizer option: pad the main stream to at least ``text_length`` tokens
+        self.options = {"tokenizer_options": {f"{self.stream}_min_length": text_length}} if text_length else {}
+        empty = self._tokenize("")
+        e = _ids(empty[self.stream][0])
+        self.pad = e[-1] if e else -1
+        e, x = _strip(e, self.pad), _strip(_ids(self._tokenize(_PROBE)[self.stream][0]), self.pad)
+        self.after = 0  # template tokens after the words (common suffix of "" and the probe)
+        while self.after < len(e) and e[len(e) - 1 - self.after] == x[len(x) - 1 - self.after]:
+            self.after += 1
+
+    @staticmethod
+    def _main_stream(clip: Any, tokens: dict[str, Any]) -> str:
+        model = clip.cond_stage_model
+        for name in MAIN_STREAMS:
+            if name in tokens and getattr(model, _ENCODER_ATTR.get(name, name), model) is not None:
+                return name
+        raise ArchitectureError(
+            f"the text encoder must have a token stream the pack knows ({', '.join(MAIN_STREAMS)}), but it has "
+            f"{sorted(tokens)}. Connect the CLIP loaded for this model (its CLIPLoader type).", input_name="clip")
+
+    def _tokenize(self, text: str) -> dict[str, Any]:
+        return self.clip.tokenize(text, **self.options)
+
+    def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None, int, list[int]]:
+        tokens = self._tokenize(text)
+        windows = tokens[self.stream]
+        if len(windows) != 1:
+            raise ConceptError(f"each concept must fit in one window of the text encoder, but '{_short(text)}' "
+                               f"needs {len(windows)}. Shorten the concept (or its template).", input_name="concepts")
+        ids = _ids(windows[0])
+        out = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        cond, pooled = out if isinstance(out, tuple) else (out, None)
+        rows = cond[0].float().cpu()
+        offset = rows.shape[0] - len(ids)  # > 0: rows before the stream's (SD3's CLIP); < 0: tokens dropped
+        eot = len(_strip(ids, self.pad)) - self.after + offset
+        if eot < 0:
+            raise ConceptError(f"'{_short(text)}' has no rows in the conditioning after tokenising; shorten "
+                               "the concept.", input_name="concepts")
+        row_ids = [-1] * max(offset, 0) + ids[max(-offset, 0):]
+        pooled = pooled.float().cpu().reshape(-1) if isinstance(pooled, torch.Tensor) else None
+        return rows, pooled, eot, row_ids
+
+    def __call__(self, texts: Sequence[str]) -> EncodedText:
+        texts = list(texts)
+        done = []
+        for i, text in enumerate(texts):
+            done.append(self._encode_one(text))
+            if self.progress is not None:
+                self.progress(i + 1, len(texts))
+        if not done:
+            return EncodedText((), torch.zeros(0, 1, 1), torch.zeros(0, dtype=torch.long))
+        length = max(max(r.shape[0], eot + 1) for r, _, eot, _ in done)
+        width = done[0][0].shape[1]
+        hidden = torch.zeros(len(done), length, width)
+        ids = torch.full((len(done), length), -1, dtype=torch.long)
+        for i, (rows, _, _, row_ids) in enumerate(done):
+            hidden[i, : rows.shape[0]] = rows
+            ids[i, : len(row_ids)] = torch.tensor(row_ids[: rows.shape[0]], dtype=torch.long)
+        pooled = [p for _, p, _, _ in done]
+        stacked = torch.stack(pooled) if all(p is not None for p in pooled) else None  # type: ignore[arg-type]
+        eot = torch.tensor([e for _, _, e, _ in done], dtype=torch.long)
+        return EncodedText(tuple(texts), hidden, eot, pooled=stacked, token_ids=ids)

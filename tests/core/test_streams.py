@@ -1,0 +1,85 @@
+"""DiT text streams: sites grouped by what they read (tokens through a row norm, the pooled vector),
+each solved by the method unchanged with keys equal to what the layer reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fakes import edited_weight
+
+from erasure_core import AttentionSite, ConceptSet, EncodedText, RowTransform, TokenPick, erase, make_config
+from erasure_core.methods import names
+from erasure_core.methods.streams import StreamView
+from erasure_core.text.encoded import erase_rows
+
+
+class PooledEncoder:
+    """A tiny encoder with a pooled vector (its mean row projected to 12 wide), like Flux's CLIP-L."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.proj = torch.randn(32, 12, generator=torch.Generator().manual_seed(5))
+        self.calls = 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        enc = self.encoder(texts)
+        return EncodedText(enc.texts, enc.hidden, enc.eot_index, enc.hidden.mean(1) @ self.proj, enc.token_ids)
+
+
+def _dit_sites(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    norm = RowTransform("diffusion_model.txt_norm.weight", 1e-6, torch.rand(32, generator=gen) + 0.5)
+    return [AttentionSite("diffusion_model.txt_in.weight", torch.randn(48, 32, generator=gen) / 32**0.5,
+                          "tokens", norm),
+            AttentionSite("diffusion_model.vector_in.in_layer.weight", torch.randn(48, 12, generator=gen) / 12**0.5,
+                          "pooled")]
+
+
+def test_each_stream_maps_the_targets_keys_as_its_layer_reads_them(encoder):
+    sites = _dit_sites()
+    pooled = PooledEncoder(encoder)
+    concepts = ConceptSet.simple(("cat",), ("dog",))
+    config = make_config("uce", lamb=1e-5, preserve_empty_prompt=False, token_pick=TokenPick.LAST_SUBJECT,
+                         preserve_bank=False)  # the exact map: nothing else preserved
+    patch = erase("uce", sites, concepts, pooled, config)
+    assert set(patch.keys()) == {s.key for s in sites} and patch.meta["sites"] == 2
+    assert pooled.calls == 1  # one encoding serves both streams
+    assert {s["stream"] for s in patch.meta["streams"]} == {"tokens", "pooled"}
+    for site in sites:
+        enc = StreamView(pooled, site.stream, site.transform)(["cat", "dog"])
+        ce, ca = erase_rows(enc, [("cat", "dog")], TokenPick.LAST_SUBJECT)
+        w0 = site.weight.double()
+        err = (edited_weight(site, patch) @ ce.double().T - w0 @ ca.double().T).abs().max()
+        assert err < 1e-4 * (w0 @ (ca - ce).double().T).abs().max()
+
+
+def test_the_row_norm_is_folded_into_the_keys_not_skipped(encoder):
+    site = _dit_sites()[0]
+    concepts = ConceptSet.simple(("cat",), ("dog",))
+    config = make_config("uce", lamb=1e-5, preserve_empty_prompt=False, token_pick=TokenPick.LAST_SUBJECT,
+                         preserve_bank=False)  # the exact map: nothing else preserved
+    patch = erase("uce", [site], concepts, encoder, config)
+    raw = encoder(["cat", "dog"])
+    ce, ca = erase_rows(raw, [("cat", "dog")], TokenPick.LAST_SUBJECT)
+    w0, w = site.weight.double(), edited_weight(site, patch)
+    normed = site.transform(ce).double()
+    assert (w @ normed.T - w0 @ site.transform(ca).double().T).abs().max() < 1e-4
+    assert (w @ ce.double().T - w0 @ ca.double().T).abs().max() > 1e-2  # raw rows are not what txt_in reads
+
+
+def test_a_pooled_site_without_a_pooled_encoder_names_the_clip(encoder):
+    from erasure_core import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match="pooled") as err:
+        erase("uce", _dit_sites(), ConceptSet.simple(("cat",), ("dog",)), encoder)
+    assert err.value.input_name == "clip"
+
+
+@pytest.mark.parametrize("method", names())
+def test_every_method_runs_on_a_two_stream_dit(encoder, method):
+    sites = _dit_sites()
+    concepts = ConceptSet.simple(("cat", "van gogh"), ("dog", "a painter"), ("a red car",))
+    patch = erase(method, sites, concepts, PooledEncoder(encoder), make_config(method))
+    assert set(patch.keys()) == {s.key for s in sites} and patch.meta["method"] == method
+    assert all(torch.isfinite(patch[s.key].dense()).all() for s in sites)
