@@ -95,7 +95,7 @@ class ClosedFormErase(io.ComfyNode):
                 f"rank {patch.meta['rank']}, {total:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in times.items())}), "
                 f"strength {strength}; {misses} prompts encoded, {hits} from cache "
                 f"({hit_rate} hit rate); {source}")
-        lines = [f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites, rank {patch.meta['rank']}, "
+        lines = [f"{method.upper()} on {arch.display_name}: {patch.meta['sites']} sites edited, rank {patch.meta['rank']}, "
                  f"strength {strength}",
                  f"{total:.2f} s: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
                  + f" (+ check {check_seconds:.2f} s)",

@@ -24,7 +24,7 @@ def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
                        preset="none", file="none", templates="as given", custom_templates="")
     defaults = {"method": "uce", "strength": 1.0, "token_pick": "last word + EOT + padding",
                 "erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.5,
-                "preserve_empty_prompt": True, "solve_dtype": "float64"}
+                "preserve_empty_prompt": True, "solve_dtype": "float64", "preserve_bank": False}
     return _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, **(defaults | options))[:3]
 
 
@@ -214,7 +214,8 @@ def test_the_report_breaks_the_time_down_and_a_known_preserve_bank_is_not_encode
         with torch.inference_mode():
             out = ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, method="uce", strength=1.0,
                                           token_pick="last subject token", erase_scale=1.0, preserve_scale=0.1,
-                                          lamb=0.5, preserve_empty_prompt=True, solve_dtype="float64")
+                                          lamb=0.5, preserve_empty_prompt=True, solve_dtype="float64",
+                                          preserve_bank=False)
         report, lines = out.result[2], out.ui["ce_report"][0]["lines"]
         assert all(f"{part} " in report for part in ("encode", "weights", "solve", "patch"))
         encoded, cached = (int(n) for n in report.split(" prompts encoded, ")[0].rsplit(" ", 1)[1:]
