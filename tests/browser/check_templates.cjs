@@ -26,7 +26,20 @@ const { launch, openComfy } = require("./comfy_page.cjs");
       throw e;
     }
     await page.waitForTimeout(2000); // the images load
-    const cards = await page.evaluate(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+    // Cards below the fold load their thumbnail only when scrolled into view: show each once.
+    const count = await page.locator('[data-testid^="template-workflow-"]').count();
+    const seen = {}; // name -> its thumbnail was drawn while the card was in view
+    for (let i = 0; i < count; i++) {
+      const card = page.locator('[data-testid^="template-workflow-"]').nth(i);
+      await card.scrollIntoViewIfNeeded();
+      await page.waitForTimeout(500);
+      const [name, drawn] = await card.evaluate((el) => {
+        const img = el.querySelector("img");
+        return [el.dataset.testid.replace("template-workflow-", ""), !!(img && img.complete && img.naturalWidth > 0)];
+      });
+      seen[name] = drawn;
+    }
+    const cards = (await page.evaluate(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
       .map((card) => {
         const img = card.querySelector("img");
         return {
@@ -35,7 +48,8 @@ const { launch, openComfy } = require("./comfy_page.cjs");
           description: card.querySelector("p")?.textContent.trim() ?? "",
           shown: !!(img && img.complete && img.naturalWidth > 0),
         };
-      }));
+      })))
+      .map((card) => ({ ...card, shown: card.shown || !!seen[card.name] }));
     // The front-end fetches each thumbnail and shows it from a blob: URL; match them by name.
     out = cards.map((card) => {
       const url = Object.keys(fetched).find((u) => u.endsWith(`/${card.name}.jpg`)) ?? "";
