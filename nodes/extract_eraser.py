@@ -40,9 +40,7 @@ def _check_target(target: str, source: str | None, overwrite: bool) -> None:
     if source is not None and os.path.exists(target) and os.path.samefile(target, source):
         raise ErasureError(f"filename must differ from erased_file, but both are '{os.path.basename(target)}'. "
                            "Type a new name: the node never replaces its own input.", input_name="filename")
-    if os.path.exists(target) and not overwrite:
-        raise ErasureError(f"filename must be new unless overwrite is on, but '{os.path.basename(target)}' "
-                           "exists in models/erasers. Pick another name or turn overwrite on.", input_name="filename")
+    _comfy.refuse_existing(target, overwrite, ErasureError)
 
 
 class ExtractEraser(io.ComfyNode):

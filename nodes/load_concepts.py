@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from ..erasure_core import ConceptError, ConceptKind, ConceptSet
 from ..erasure_core.concepts import check_prompt_lengths
 from ..erasure_core.formats.concept_files import TemplateMode, assemble, list_preserve_sets, list_presets, save_json
@@ -177,8 +175,6 @@ class SaveConcepts(io.ComfyNode):
     @names_node(DISPLAY_NAME)
     def execute(cls, concepts: ConceptSet, filename: str, overwrite: bool) -> io.NodeOutput:
         path = _comfy.concepts_save_path(filename)
-        if os.path.exists(path) and not overwrite:
-            raise ConceptError(f"filename must be new unless overwrite is on, but '{os.path.basename(path)}' "
-                                      "exists. Pick another name or turn overwrite on.", input_name="filename")
+        _comfy.refuse_existing(path, overwrite, ConceptError)
         save_json(concepts, path)
         return io.NodeOutput(path, ui=report_ui(f"saved {len(concepts.targets)} targets to {path}", title=cls.DISPLAY_NAME))

@@ -63,9 +63,7 @@ class SaveErasure(io.ComfyNode):
     def execute(cls, patch: PatchSet, filename: str, overwrite: bool, dense_as: str = DenseAs.DIFFERENCE.value,
                 max_rank: int = 64, max_error: float = 0.01, precision: str = Precision.FLOAT16.value) -> io.NodeOutput:
         path = _comfy.loras_save_path(filename)
-        if os.path.exists(path) and not overwrite:
-            raise PatchError(f"filename must be new unless overwrite is on, but '{os.path.basename(path)}' exists "
-                             "in models/loras. Pick another name or turn overwrite on.", input_name="filename")
+        _comfy.refuse_existing(path, overwrite, PatchError)
         if not isinstance(patch, PatchSet):
             raise PatchError(f"patch must be a CE_PATCH from Closed-Form Erase, but got {type(patch).__name__}.",
                              input_name="patch")

@@ -49,6 +49,7 @@ from .files import (  # noqa: F401
     missing_embeddings,
     model_folder,
     plain_save_path,
+    refuse_existing,
     resolve_concept_file,
     resolve_eraser,
     resolve_spm_file,

@@ -101,6 +101,15 @@ def check_file_name(filename: str, suffix: str, example: str, error: type[Erasur
     return name
 
 
+def refuse_existing(path: str, overwrite: bool, error: type[ErasureError], input_name: str = "filename") -> None:
+    """Every saving node's overwrite rule: an existing ``path`` is refused unless ``overwrite``,
+    naming ``input_name`` (checked before any work, so nothing is written on the way to the error)."""
+    if os.path.exists(path) and not overwrite:
+        raise error(f"{input_name} must name a new file unless overwrite is on, but '{os.path.basename(path)}' "
+                    f"exists in {os.path.basename(os.path.dirname(path)) or 'its folder'}. Pick another name or "
+                    "turn overwrite on.", input_name=input_name)
+
+
 def plain_save_path(folder: str, filename: str, suffix: str, example: str, error: type[ErasureError],
                     input_name: str = "filename") -> str:
     """``folder/filename`` (``suffix`` added when missing) for a node that writes a file, the name
@@ -286,9 +295,7 @@ def embedding_path(name: str, overwrite: bool) -> str:
                           f"'{name}'. Type a name such as 'vangogh_attack'.", input_name="save_embedding")
     folder = model_folder(EMBEDDINGS_FOLDER, (".safetensors", ".pt", ".bin"))[0]  # ComfyUI registers it
     path = os.path.join(folder, stem + ".safetensors")
-    if os.path.exists(path) and not overwrite:
-        raise ConfigError(f"save_embedding must name a new file unless overwrite is on, but '{stem}.safetensors' "
-                          "exists. Pick another name or turn overwrite on.", input_name="save_embedding")
+    refuse_existing(path, overwrite, ConfigError, "save_embedding")
     return path
 
 
