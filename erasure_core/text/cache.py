@@ -71,6 +71,7 @@ class CachedEncoder:
         self.max_bytes = cache_limit_bytes() if max_bytes is None else max_bytes
         self.hits = 0
         self.misses = 0
+        self._entries: dict[str, torch.Tensor] | None = None  # the file as this instance last read or wrote it
 
     def _read(self) -> dict[str, torch.Tensor]:
         if not self.path.exists():
@@ -143,7 +144,8 @@ class CachedEncoder:
 
     def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
         texts = list(texts)
-        entries = self._read() if self.max_bytes > 0 else {}
+        # one read per instance (a node's erase, its check and SPEED's null prompt share it), not one per call
+        entries = (self._entries if self._entries is not None else self._read()) if self.max_bytes > 0 else {}
         short = rows == "through_eot"
         keys = [_key(t) for t in texts]
         widths = {v.shape[-1] for k, v in entries.items() if k.endswith((".hidden", ".head"))}
@@ -183,6 +185,7 @@ class CachedEncoder:
                     logger.warning("Concept erasure: %d prompts' encodings exceed the cache cap of %d MiB "
                                    "(CE_ENCODING_CACHE_MB); they are not cached.", len(set(keys)), self.max_bytes >> 20)
             self._write_lru({k: v for k, v in lru.items() if k + ".hidden" in entries or k + ".head" in entries})
+            self._entries = entries
         if not keys:
             return EncodedText((), torch.zeros(0, 1, 1), torch.zeros(0, dtype=torch.long))
         eot = torch.cat([entries[k + ".eot"] for k in keys])
