@@ -34,23 +34,6 @@ def config_input(config_cls: type, name: str, **overrides: Any) -> Any:
                           step=meta.get("step"), tooltip=tooltip)
 
 
-def names_node(display_name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Make ErasureErrors raised inside a node method name the node: ``display_name``, or the
-    calling class's ``DISPLAY_NAME`` (for a method shared by node variants)."""
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except ErasureError as err:
-                raise err.for_node(display_name or args[0].DISPLAY_NAME) from err
-
-        return inner
-
-    return wrap
-
-
 def validation_message(display_name: str, check: Callable[[], object]) -> bool | str:
     """Run ``check``; return True, or the error text naming the node (for validate_inputs)."""
     try:

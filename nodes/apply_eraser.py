@@ -15,7 +15,7 @@ from ..erasure_core.formats.eraser_formats import EraserFormat, EraserInfo, chec
 from ..erasure_core.gating.ft_gate import ft_gate
 from . import _comfy
 from ._report import Bar, report_ui
-from ._schema import names_node, validation_message
+from ._schema import validation_message
 from .types import io
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,6 @@ class ApplyEraserLoRA(io.ComfyNode):
         )
 
     @classmethod
-    @names_node(DISPLAY_NAME)
     def execute(cls, model, eraser: str, strength: float, difference_from: str = _comfy.DIFF_FROM_BASE,
                 gate: str = GATE_OFF, prompt: str = "", concept_text: str = "", facilitate_factor: float = 1.0,
                 gate_threshold: float = 0.0, clip=None) -> io.NodeOutput:

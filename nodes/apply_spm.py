@@ -15,7 +15,7 @@ from ..erasure_core.gating.ft_gate import ft_gate
 from ..erasure_core.gating.spm_combine import PAPER, REFERENCE, combine
 from . import _comfy
 from ._report import Bar, report_ui
-from ._schema import names_node, validation_message
+from ._schema import validation_message
 from .types import io
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,6 @@ class ApplySPM(io.ComfyNode):
                      for k, choice in enumerate((spm_1, spm_2, spm_3, spm_4), 1))
 
     @classmethod
-    @names_node(DISPLAY_NAME)
     def execute(cls, model, clip, prompt: str, mode: str, facilitate_factor: float, **slots) -> io.NodeOutput:
         if mode not in MODES:
             raise ConceptError(f"mode must be one of {MODES}, but got {mode!r}.", input_name="mode")

@@ -21,7 +21,7 @@ from ..erasure_core.attacks.config import AttackConfig, AttackMode, parse_pairs
 from ..erasure_core.attacks.recovery import Recovery, kv_recovery, token_sites
 from . import _comfy
 from ._report import Bar, report_ui
-from ._schema import config_input, names_node, validation_message
+from ._schema import config_input, validation_message
 from .types import io
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,6 @@ class AttackPrompt(io.ComfyNode):
             save_embedding, ".safetensors", "vangogh_attack", ConfigError, "save_embedding"))
 
     @classmethod
-    @names_node(DISPLAY_NAME)
     def execute(cls, model, clip, concept: str, carrier: str, pairs: str, save_embedding: str, overwrite: bool,
                 original_model=None, latent=None, **widgets) -> io.NodeOutput:
         started = time.perf_counter()

@@ -13,7 +13,7 @@ from ..erasure_core.text.encoded import TimedEncoder
 from . import _comfy
 from ._chart import GUIDE, check_chart
 from ._report import Bar, report_ui
-from ._schema import config_input, names_node
+from ._schema import config_input
 from .types import CONCEPTS, PATCH, io
 from .types import OPTIONS as OPTIONS_SOCKET
 
@@ -67,7 +67,6 @@ class ClosedFormErase(io.ComfyNode):
         )
 
     @classmethod
-    @names_node(DISPLAY_NAME)
     def execute(cls, model, clip, concepts: ConceptSet, method: str, strength: float, options=None,
                 **widgets) -> io.NodeOutput:
         config, source = node_config(method, widgets, options)

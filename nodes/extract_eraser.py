@@ -16,7 +16,7 @@ from ..erasure_core.formats.eraser_files import open_eraser
 from ..erasure_core.formats.eraser_formats import EraserFormat, check_family, describe
 from . import _comfy
 from ._report import report_ui
-from ._schema import names_node, validation_message
+from ._schema import validation_message
 from .apply_eraser import _is_unet_key
 from .types import io
 
@@ -95,7 +95,6 @@ class ExtractEraser(io.ComfyNode):
             filename, ".safetensors", "esd_vangogh.safetensors", ErasureError))
 
     @classmethod
-    @names_node(DISPLAY_NAME)
     def execute(cls, model, erased_file: str, max_rank: int, max_error: float, filename: str,
                 concept_text: str = "", erased_model=None, overwrite: bool = False) -> io.NodeOutput:
         started = time.perf_counter()

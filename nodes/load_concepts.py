@@ -7,7 +7,7 @@ from ..erasure_core.concepts import check_prompt_lengths
 from ..erasure_core.formats.concept_files import TemplateMode, assemble, list_preserve_sets, list_presets, save_json
 from . import _comfy
 from ._report import report_ui
-from ._schema import names_node, validation_message
+from ._schema import validation_message
 from .types import CONCEPTS, io
 
 NO_PRESET = "none"
@@ -105,7 +105,6 @@ class LoadConcepts(io.ComfyNode):
             preset != NO_PRESET or file != _comfy.NO_FILE else True
 
     @classmethod
-    @names_node(DISPLAY_NAME)
     def execute(cls, targets, anchors, preserve, kind="generic", preset=NO_PRESET, file=_comfy.NO_FILE,
                 templates="as given", custom_templates="", preserve_set=NO_PRESET,
                 concepts: ConceptSet | None = None) -> io.NodeOutput:
@@ -137,7 +136,6 @@ class MergeConcepts(io.ComfyNode):
         )
 
     @classmethod
-    @names_node(DISPLAY_NAME)
     def execute(cls, concepts_a: ConceptSet, concepts_b: ConceptSet) -> io.NodeOutput:
         merged = concepts_a.merged(concepts_b).require_targets()
         return io.NodeOutput(merged, ui=report_ui(merged.summary(), title=cls.DISPLAY_NAME))
@@ -172,7 +170,6 @@ class SaveConcepts(io.ComfyNode):
             filename, ".json", "my_artists.json", ConceptError))
 
     @classmethod
-    @names_node(DISPLAY_NAME)
     def execute(cls, concepts: ConceptSet, filename: str, overwrite: bool) -> io.NodeOutput:
         path = _comfy.concepts_save_path(filename)
         _comfy.refuse_existing(path, overwrite, ConceptError)

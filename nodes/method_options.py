@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..erasure_core import CUSTOM_PRESET, make_config, methods
-from ._schema import config_input, names_node
+from ._schema import config_input
 from .types import OPTIONS, io
 
 LATER_OPTIONS = ("preserve_bank",)  # shared options added in 0.3 (the widgets list is positional)
@@ -43,7 +43,6 @@ class MethodOptions(io.ComfyNode):
         )
 
     @classmethod
-    @names_node()
     def execute(cls, preset: str, **values) -> io.NodeOutput:
         return io.NodeOutput(make_config(cls.METHOD, preset=preset, **values))
 

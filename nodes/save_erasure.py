@@ -11,7 +11,6 @@ from ..erasure_core.formats.lora_out import DenseAs, Precision, lora_bytes
 from ..erasure_core.formats.safetensors_out import write_atomic
 from . import _comfy
 from ._report import Bar, report_ui
-from ._schema import names_node
 from .types import PATCH, io
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,6 @@ class SaveErasure(io.ComfyNode):
         )
 
     @classmethod
-    @names_node()
     def execute(cls, patch: PatchSet, filename: str, overwrite: bool, dense_as: str = DenseAs.DIFFERENCE.value,
                 max_rank: int = 64, max_error: float = 0.01, precision: str = Precision.FLOAT16.value) -> io.NodeOutput:
         path = _comfy.loras_save_path(filename)
