@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .encoded import ROWS, EncodedText
+from .prefix_tree import PrefixTree, tree_attention
 
 __all__ = ["ROWS", "BPETokenizer", "ClipTextConfig", "ClipTextEncoder", "find_merges_file"]
 
@@ -161,6 +162,11 @@ class ClipTextConfig:
     final_norm: bool = True
 
 
+TREE_MAX_LENGTH = 32
+"""Through-EOT requests up to this many positions run as a prefix tree (``prefix_tree``); the
+gather of each node's path costs ``R × L`` rows, so longer prompts go through ``forward_groups``."""
+
+
 class _Block(nn.Module):
     def __init__(self, width: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
@@ -222,6 +228,12 @@ class _Block(nn.Module):
                 heads(q[rows]), heads(k[rows], prefix[0]), heads(v[rows], prefix[1]), attn_mask=mask)
             out.append(a.transpose(1, 2).reshape(n * t, d))
         return self._mlp(x + self.attn.out_proj(torch.cat(out)))
+
+    def forward_tree(self, x: torch.Tensor, tree: PrefixTree) -> torch.Tensor:
+        """The block over the nodes ``x [R, D]`` of a prefix tree (each attends to its path)."""
+        q, k, v = nn.functional.linear(self.ln_1(x), self.attn.in_proj_weight,
+                                       self.attn.in_proj_bias).chunk(3, dim=-1)
+        return self._mlp(x + self.attn.out_proj(tree_attention(q, k, v, tree, self.heads)))
 
 
 class ClipTextEncoder(nn.Module):
@@ -298,6 +310,15 @@ class ClipTextEncoder(nn.Module):
             out.append(torch.cat([x0.expand(n, -1, -1), body], dim=1))
         return out
 
+    def forward_tree(self, tree: PrefixTree) -> torch.Tensor:
+        """Final hidden states ``[R, D]`` of the nodes of a prefix tree (one row per distinct
+        prefix; ``tree.gather`` gives each prompt's rows)."""
+        device = self.position_embedding.device
+        x = self.token_embedding(tree.tokens.to(device)) + self.position_embedding[tree.positions.to(device)]
+        for block in self.blocks:
+            x = block.forward_tree(x, tree)
+        return self.final_ln(x) if self.config.final_norm else x
+
     def _passes(self, eot: torch.Tensor) -> list[torch.Tensor]:
         """Index sets of at most ``batch_size`` prompts, similar lengths together."""
         return list(torch.argsort(eot, stable=True).split(self.batch_size))
@@ -329,6 +350,15 @@ class ClipTextEncoder(nn.Module):
         length = ids.shape[1] if rows == "all" else int(eot.max()) + 1
         ids = ids[:, :length].to(device)
         hidden = torch.zeros(len(texts), length, self.config.width, device=device)
+        if rows == "through_eot" and length <= TREE_MAX_LENGTH:
+            # passes of prompts in token order, so prompts that share a prefix share a pass
+            order = sorted(range(len(texts)), key=lambda i: ids[i, : int(eot[i]) + 1].tolist())
+            for first in range(0, len(texts), self.batch_size):
+                part = order[first : first + self.batch_size]
+                tree = PrefixTree.build([ids[i, : int(eot[i]) + 1].tolist() for i in part])
+                out = tree.gather(self.forward_tree(tree))
+                hidden[torch.tensor(part, device=device), : out.shape[1]] = out
+            return EncodedText(tuple(texts), hidden.float(), eot, token_ids=ids.cpu())
         for chunk in self._passes(eot):
             if rows == "all":
                 parts = [chunk]
