@@ -112,6 +112,7 @@ class TimedEncoder:
     seconds spent inside it; ``modes`` records each rows mode used and its longest width."""
 
     accepts_rows = True
+    accepts_last_word = True
 
     def __init__(self, clip: ClipTextEncoder, forced: str | None = None):
         self.clip, self.forced = clip, forced

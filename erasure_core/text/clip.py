@@ -243,6 +243,7 @@ class ClipTextEncoder(nn.Module):
     """
 
     accepts_rows = True  # __call__(texts, rows=...): see TextEncoder
+    accepts_last_word = True
 
     def __init__(self, config: ClipTextConfig | None = None, tokenizer: BPETokenizer | None = None,
                  *, seed: int = 0, batch_size: int = 256):
@@ -333,7 +334,10 @@ class ClipTextEncoder(nn.Module):
         prompt's EOT equals the full encoding's (the model is causal); rows after it are zero,
         because prompts of each length stop at their own EOT. Prompts are sorted by length and
         encoded ``batch_size`` at a time (one pass per layer for all lengths in a pass, see
-        :meth:`forward_groups`), and returned in the order given.
+        :meth:`forward_groups`; up to ``TREE_MAX_LENGTH`` positions, one prefix tree per pass,
+        prompts in token order: :meth:`forward_tree`), and returned in the order given.
+        ``"through_last_word"``: as ``"through_eot"`` without the EOT row (zero; the start token
+        for the empty prompt), where the prompts fit a prefix tree.
         """
         if self.tokenizer is None:
             raise ConfigError("this encoder has no tokenizer; pass one or call forward(ids).",
@@ -350,12 +354,14 @@ class ClipTextEncoder(nn.Module):
         length = ids.shape[1] if rows == "all" else int(eot.max()) + 1
         ids = ids[:, :length].to(device)
         hidden = torch.zeros(len(texts), length, self.config.width, device=device)
-        if rows == "through_eot" and length <= TREE_MAX_LENGTH:
-            # passes of prompts in token order, so prompts that share a prefix share a pass
-            order = sorted(range(len(texts)), key=lambda i: ids[i, : int(eot[i]) + 1].tolist())
+        if rows != "all" and length <= TREE_MAX_LENGTH:
+            # each prompt through its EOT, or through its last word (the start token for ""); passes
+            # of prompts in token order, so prompts that share a prefix share a pass
+            stop = (eot + 1) if rows == "through_eot" else eot.clamp_min(1)
+            order = sorted(range(len(texts)), key=lambda i: ids[i, : int(stop[i])].tolist())
             for first in range(0, len(texts), self.batch_size):
                 part = order[first : first + self.batch_size]
-                tree = PrefixTree.build([ids[i, : int(eot[i]) + 1].tolist() for i in part])
+                tree = PrefixTree.build([ids[i, : int(stop[i])].tolist() for i in part])
                 out = tree.gather(self.forward_tree(tree))
                 hidden[torch.tensor(part, device=device), : out.shape[1]] = out
             return EncodedText(tuple(texts), hidden.float(), eot, token_ids=ids.cpu())

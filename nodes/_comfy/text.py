@@ -45,12 +45,14 @@ class ComfyClipEncoder:
     """The user's CLIP as a core ``TextEncoder``: same tokenizer, weights syntax, layer choice and
     CLIP patches as their prompts. Prompts are encoded in batches of 77-token windows.
 
-    ``rows="through_eot"`` (token picks that read nothing after a prompt's end of text): where
+    ``rows="through_eot"`` (token picks that read nothing after a prompt's end of text; also
+    ``"through_last_word"``, which a prefix tree stops one row earlier): where
     every tower is a causal CLIP (SD1.x, SD2.x, SDXL), each batch stops at its longest prompt's
     EOT, through ComfyUI's own layers (:func:`encode_causal_prefix`); any other encoder runs its
     whole window."""
 
     accepts_rows = True
+    accepts_last_word = True  # through a prefix tree; otherwise answered as "through_eot"
 
     def __init__(self, clip: Any, batch_size: int = 32, progress: Progress | None = None):
         self.clip = clip
@@ -85,14 +87,16 @@ class ComfyClipEncoder:
                                    "shorten the concept.", input_name="concepts")
             eot.append(found[0])
         eots = torch.tensor(eot, dtype=torch.long)
-        short = rows == "through_eot" and bool(texts) and causal_towers(self.clip) is not None
+        short = rows != "all" and bool(texts) and causal_towers(self.clip) is not None
+        # each prompt's own stop: its EOT, or its last word (the start token for "")
+        ends = [e + 1 if rows == "through_eot" else max(e, 1) for e in eot]
         length = int(eots.max()) + 1 if short else window
         hidden = torch.zeros(len(texts), length, 1)
         # a prefix tree needs plain token ids at weight 1 (no embeddings or weights syntax)
         tree = short and length <= TREE_MAX_LENGTH and all(
             isinstance(tok[0], int) and tok[1] == 1.0 for w in windows for ws in w.values() for tok in ws[:length])
         if tree:  # prompts that share a prefix share a pass
-            order = torch.tensor(sorted(range(len(texts)), key=lambda i: [t[0] for t in windows[i][stream][: eot[i] + 1]]),
+            order = torch.tensor(sorted(range(len(texts)), key=lambda i: [t[0] for t in windows[i][stream][: ends[i]]]),
                                  dtype=torch.long)
         else:  # similar lengths together, so each pass stops near its prompts' own EOT
             order = torch.argsort(eots, stable=True) if short else torch.arange(len(texts))
@@ -104,7 +108,7 @@ class ComfyClipEncoder:
             stop = int(eots[part].max()) + 1 if short else window
             batch = [windows[i] for i in part]
             if tree:
-                cond = encode_causal_tree(self.clip, {name: [w[name][: eot[i] + 1] for w, i in zip(batch, part, strict=True)]
+                cond = encode_causal_tree(self.clip, {name: [w[name][: ends[i]] for w, i in zip(batch, part, strict=True)]
                                                       for name in batch[0]})
                 stop = cond.shape[1]
             elif short:

@@ -195,3 +195,17 @@ def test_the_prefix_tree_pass_equals_the_per_length_batches_and_the_full_encodin
     _close(tree.hidden, groups.hidden)
     _close_through_eot(tree, enc(texts))
     assert torch.equal(tree.token_ids, groups.token_ids)
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_through_last_word_rows_equal_the_full_encoding_up_to_each_last_word(batch_size):
+    enc = tiny_encoder()
+    enc.batch_size = batch_size
+    lead, full = enc(MIXED, rows="through_last_word"), enc(MIXED)
+    assert lead.hidden.shape[1] == int(full.eot_index.max()) + 1
+    for i, eot in enumerate(full.eot_index.tolist()):
+        stop = max(eot, 1)  # the empty prompt's "last word" is its start token
+        _close(lead.hidden[i, :stop], full.hidden[i, :stop])
+        assert not lead.hidden[i, stop:].any()  # the EOT row is not computed
+    for pick in (TokenPick.LAST_SUBJECT,):
+        _close(preserve_rows(lead, MIXED, pick), preserve_rows(full, MIXED, pick))

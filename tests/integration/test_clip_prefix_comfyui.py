@@ -114,3 +114,19 @@ def test_an_encoder_that_is_not_a_causal_clip_runs_its_whole_window(pack, tiny_c
     wrapped.encode_from_tokens = tiny_checkpoint[1].encode_from_tokens
     out = text.ComfyClipEncoder(wrapped)(["van gogh"], rows="through_eot")
     assert out.hidden.shape[1] == 77
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, PLAIN], ids=["weighted", "plain"])
+def test_last_word_rows_equal_the_full_window_up_to_each_last_word(pack, tiny_checkpoint, prompts, monkeypatch):
+    encoder, text = _encoders(pack, tiny_checkpoint[1])
+    assert encoder.accepts_last_word
+    tree_passes = _count_tree_passes(monkeypatch, text)
+    lead, full = encoder(prompts, rows="through_last_word"), encoder(prompts, rows="all")
+    assert lead.hidden.shape[1] == int(full.eot_index.max()) + 1
+    for i, eot in enumerate(full.eot_index.tolist()):
+        stop = max(eot, 1)  # "": its start token
+        want = full.hidden[i, :stop]
+        torch.testing.assert_close(lead.hidden[i, :stop], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        if prompts is PLAIN:  # the tree stops before the EOT; weighted prompts run through it
+            assert not lead.hidden[i, stop:].any()
+    assert tree_passes == ([len(PLAIN)] if prompts is PLAIN else [])
