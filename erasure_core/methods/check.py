@@ -112,7 +112,8 @@ def _factors(entry, strength: float, device: torch.device | str) -> tuple[torch.
 @dataclass(frozen=True)
 class _ByDown:
     """``G_WΔ = Σ_k A_k D_k`` and ``G_ΔΔ = Σ_k D_kᵀ C_k D_k`` kept per shared ``down`` factor
-    ``D_k [r, d]`` (the UCE family's sites of one width share one): ``A_k = Σ_l Lᵀ up_l``
+    ``D_k [r, d]`` (the UCE family's sites of one width share one; dense entries form one term
+    with ``D = I``, stored as ``None``): ``A_k = Σ_l Lᵀ up_l``
     (``[rows, r]``, ``L = W_lᵀ`` or its projection), ``C_k = Σ_l up_lᵀ up_l`` (``[r, r]``), all
     float64. Products with prompt rows then cost ``rows × d × r`` instead of ``rows × d²``."""
 
@@ -123,20 +124,29 @@ class _ByDown:
     def wd(self) -> torch.Tensor:
         out = torch.zeros(self.rows, self.d, dtype=torch.float64)
         for down, a, _ in self.terms:
-            out = out.to(down.device) + a @ down
+            out = out.to(a.device) + (a if down is None else a @ down)
         return out
 
     def dd(self) -> torch.Tensor:
         out = torch.zeros(self.d, self.d, dtype=torch.float64)
         for down, _, c in self.terms:
-            out = out.to(down.device) + down.T @ c @ down
+            out = out.to(c.device) + (c if down is None else down.T @ c @ down)
         return out
+
+    def dense_if_wide(self) -> _ByDown:
+        """One dense term (``D = I``) when the factors are not thinner than half the width: then
+        the factored products would cost more than the dense ones."""
+        if len(self.terms) < 2 and all(down is None for down, _, _ in self.terms):
+            return self  # nothing, or one dense term already
+        if sum(self.d if down is None else down.shape[0] for down, _, _ in self.terms) < self.d // 2:
+            return self
+        return _ByDown(((None, self.wd(), self.dd()),), self.rows, self.d)  # type: ignore[arg-type]
 
     def moved(self, x: torch.Tensor) -> float:
         """``tr(X G_ΔΔ Xᵀ) = Σ_l ‖X ΔW_lᵀ‖²``."""
         total = 0.0
         for down, _, c in self.terms:
-            y = x @ down.T
+            y = x if down is None else x @ down.T
             total += float(((y @ c) * y).sum())
         return total
 
@@ -146,7 +156,7 @@ class _ByDown:
         def lead(a: torch.Tensor) -> torch.Tensor:
             return a[left] if isinstance(left, slice) else left @ a
 
-        return sum(float((lead(a) * (x @ down.T)).sum()) for down, a, _ in self.terms)
+        return sum(float((lead(a) * (x if down is None else x @ down.T)).sum()) for down, a, _ in self.terms)
 
 
 def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str,
@@ -165,12 +175,12 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
             ww, wd_left = (w.T @ w).double(), w.T
         g_ww = ww if g_ww is None else g_ww + ww
         if entry is not None:
-            key = id(entry.down) if entry.is_low_rank else id(entry)
+            key = id(entry.down) if entry.is_low_rank else 0  # dense entries: one term, D = I
             if key not in terms:
                 up, down = _factors(entry, strength, device)
-                terms[key] = [down.double(), 0, 0]
+                terms[key] = [down.double() if entry.is_low_rank else None, 0, 0]
             else:
-                up = entry.up.to(device).float() * strength
+                up = (entry.up if entry.is_low_rank else entry.diff).to(device).float() * strength
             slot = terms[key]
             slot[1] = slot[1] + (wd_left @ up).double()
             slot[2] = slot[2] + (up.T @ up).double()
@@ -229,6 +239,7 @@ def check_edit(
     diffs = [rows(t) - rows(a) for t, a in pairs]
     stacked = torch.cat(diffs) if diffs else torch.zeros(0, enc.width, dtype=torch.float64)
     g_ww, by_down, projected = _edit_grams(sites, patch, strength, device, stacked)
+    by_down = by_down.dense_if_wide()
     gaps, left = [], []
     start = 0
     for (target, _), diff in zip(pairs, diffs, strict=True):
