@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
 from erasure_core.concepts import normalise  # noqa: E402
+from erasure_core.methods.closed_form import preserve_list  # noqa: E402
 from erasure_core.text.clip import BPETokenizer, ClipTextEncoder, find_merges_file  # noqa: E402
 from erasure_core.text.encoded import EncodedText, TokenPick  # noqa: E402
 
@@ -112,6 +113,7 @@ class TimedEncoder:
     seconds spent inside it; ``modes`` records each rows mode used and its longest width."""
 
     accepts_rows = True
+    accepts_last_word = True
 
     def __init__(self, clip: ClipTextEncoder, forced: str | None = None):
         self.clip, self.forced = clip, forced
@@ -200,12 +202,14 @@ DIT_ARCHS = {"flux": "Flux-dev", "sd35_large": "SD3.5-large", "qwen_image": "Qwe
 
 
 
-def expected_prompts(concepts: ec.ConceptSet) -> list[list[str]]:
+def expected_prompts(concepts: ec.ConceptSet, config: Any = None) -> list[list[str]]:
     """The prompt lists UCE and SPEED encode: erase pairs, preserve prompts and the empty prompt
-    (UCE); the same without the empty prompt, then the empty prompt alone (SPEED)."""
+    (UCE); the same without the empty prompt, then the empty prompt alone (SPEED); each with the
+    default preserve bank where ``config`` turns it on (else the lists are built on the clock)."""
     pairs = [p for pair in concepts.erase_pairs() for p in pair]
-    return [list(dict.fromkeys(pairs + concepts.preserve_prompts([""]))),
-            list(dict.fromkeys(pairs + concepts.preserve_prompts([]))), [""]]
+    bank = bool(getattr(config, "preserve_bank", False))
+    return [list(dict.fromkeys(pairs + preserve_list(concepts, preserve_empty=True, bank=bank))),
+            list(dict.fromkeys(pairs + preserve_list(concepts, preserve_empty=False, bank=bank))), [""]]
 
 
 # -- what runs --------------------------------------------------------------------------------
@@ -307,13 +311,13 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if dit:
         token = next(s for s in sites if s.stream == "tokens")
         pooled = next((s.in_features for s in sites if s.stream == "pooled"), 0)
-        encoder = DitGivenEncoder(tokenizer, expected_prompts(concepts) + expected_prompts(WARMUP),
+        encoder = DitGivenEncoder(tokenizer, expected_prompts(concepts, config) + expected_prompts(WARMUP, config),
                                   token.in_features, pooled, case["seed"])
     elif case["rows"] != "given":
         encoder: TimedEncoder = TimedEncoder(ClipTextEncoder(tokenizer=tokenizer, seed=case["seed"]).to(device),
                                              case["rows"])
     else:
-        encoder = GivenEncoder(tokenizer, expected_prompts(concepts) + expected_prompts(WARMUP),
+        encoder = GivenEncoder(tokenizer, expected_prompts(concepts, config) + expected_prompts(WARMUP, config),
                                sites[0].in_features, case["seed"])
     if case["warmup"]:  # library start-up off the clock (measured: under 0.1 s on CPU, so off by default)
         ec.erase(variant.method, sites, WARMUP, encoder, config)

@@ -31,7 +31,7 @@ PACK = "concept_erasure_pack"
 PICKS = {"default": "last word + EOT + padding", "last": "last subject token"}
 
 
-def _setup_comfy() -> str:
+def _setup_comfy(unet_dtype: str = "auto") -> str:
     path = os.environ.get("COMFYUI_PATH")
     if not path or not os.path.exists(os.path.join(path, "comfy", "model_patcher.py")):
         raise SystemExit("COMFYUI_PATH must point at a ComfyUI tree (this benchmark runs inside ComfyUI).")
@@ -40,6 +40,8 @@ def _setup_comfy() -> str:
     from comfy.cli_args import args
 
     args.cpu = True
+    if unet_dtype != "auto":  # ComfyUI's --fp16-unet / --bf16-unet / --fp32-unet: how the UNet is held
+        setattr(args, f"{unet_dtype}_unet", True)
     return path
 
 
@@ -126,11 +128,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--picks", default="default,last", help="token picks: default (last word + EOT + padding), last")
     p.add_argument("--repeats", type=int, default=3, help="cold/cached runs per case (medians)")
     p.add_argument("--unet", choices=("full", "tiny"), default="full", help="UNet size of the random checkpoint")
+    p.add_argument("--unet-dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="how ComfyUI holds the UNet (its --fp16-unet etc.); auto: ComfyUI's choice (fp32 on a "
+                        "CPU, ~3.4 GB for the full UNet); fp16 halves it (the node reads K/V weights in the solve dtype)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _setup_comfy()
+    _setup_comfy(args.unet_dtype)
     import comfy.sd
     import comfy.sd1_clip
     import folder_paths
@@ -143,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     model, clip = comfy.sd.load_state_dict_guess_config(checkpoint_state_dict(args.unet))[:2]
-    print(f"checkpoint: random SD1.5 layout, {args.unet} UNet, full CLIP-L; built and loaded in "
+    print(f"checkpoint: random SD1.5 layout, {args.unet} UNet ({model.model.get_dtype()}), full CLIP-L; built and loaded in "
           f"{time.perf_counter() - t0:.0f} s; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.1f}")
     tokenizer = BPETokenizer(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer", "merges.txt"))

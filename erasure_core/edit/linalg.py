@@ -189,7 +189,7 @@ def _woodbury_key_factor(ce: torch.Tensor, cp: torch.Tensor, moving: torch.Tenso
     through the ``R × R`` system (Woodbury): ``A⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U)/λ``. Costs ``R²d`` instead
     of the ``d × d`` Grams' ``Rd²`` and ``d³/3`` (d = 4096 for a DiT's T5 keys)."""
     u = torch.cat([ce.to(dtype) * erase_scale ** 0.5, cp.to(dtype) * preserve_scale ** 0.5])
-    k = u @ u.T
+    k = _self_gram(u.T)  # U Uᵀ from three of its four blocks
     k.diagonal().add_(lamb)
     chol, info = torch.linalg.cholesky_ex(k)
     if int(info) != 0:  # pragma: no cover - λ > 0 makes K positive definite

@@ -109,20 +109,63 @@ def _factors(entry, strength: float, device: torch.device | str) -> tuple[torch.
     return delta, torch.eye(delta.shape[1], device=device)
 
 
-@torch.no_grad()
-def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float = 1.0, *,
-               device: torch.device | str = "cpu",
-               gap_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G_WW, G_WΔ, G_ΔΔ)``, each ``[d, d]`` float64, summed over the token-stream sites (an
-    unedited site adds to ``G_WW`` only). Low-rank entries are used through their factors.
+@dataclass(frozen=True)
+class _ByDown:
+    """``G_WΔ = Σ_k A_k D_k`` and ``G_ΔΔ = Σ_k D_kᵀ C_k D_k`` kept per shared ``down`` factor
+    ``D_k [r, d]`` (the UCE family's sites of one width share one; dense entries form one term
+    with ``D = I``, stored as ``None``): ``A_k = Σ_l Lᵀ up_l``
+    (``[rows, r]``, ``L = W_lᵀ`` or its projection), ``C_k = Σ_l up_lᵀ up_l`` (``[r, r]``), all
+    float64. Products with prompt rows then cost ``rows × d × r`` instead of ``rows × d²``."""
 
-    ``G_WW`` costs ``Σ d_out·d²``; it is only ever read as ``D G_WW Dᵀ`` and ``D G_WΔ Xᵀ`` for
-    the gap rows ``D``. When ``gap_rows [n, d]`` are given with ``n < d``, the first two are
-    returned already projected, ``G_WW → Σ ‖D Wᵀ‖²``-ready ``[n, n]`` Gram ``Σ (D Wᵀ)(D Wᵀ)ᵀ`` and
-    ``G_WΔ → Σ (D Wᵀ) ΔW`` ``[n, d]`` (``Σ d_out·d·n`` work instead)."""
+    terms: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]  # (D_k, A_k, C_k)
+    rows: int
+    d: int
+
+    def wd(self) -> torch.Tensor:
+        out = torch.zeros(self.rows, self.d, dtype=torch.float64)
+        for down, a, _ in self.terms:
+            out = out.to(a.device) + (a if down is None else a @ down)
+        return out
+
+    def dd(self) -> torch.Tensor:
+        out = torch.zeros(self.d, self.d, dtype=torch.float64)
+        for down, _, c in self.terms:
+            out = out.to(c.device) + (c if down is None else down.T @ c @ down)
+        return out
+
+    def dense_if_wide(self) -> _ByDown:
+        """One dense term (``D = I``) when the factors are not thinner than half the width: then
+        the factored products would cost more than the dense ones."""
+        if len(self.terms) < 2 and all(down is None for down, _, _ in self.terms):
+            return self  # nothing, or one dense term already
+        if sum(self.d if down is None else down.shape[0] for down, _, _ in self.terms) < self.d // 2:
+            return self
+        return _ByDown(((None, self.wd(), self.dd()),), self.rows, self.d)  # type: ignore[arg-type]
+
+    def moved(self, x: torch.Tensor) -> float:
+        """``tr(X G_ΔΔ Xᵀ) = Σ_l ‖X ΔW_lᵀ‖²``."""
+        total = 0.0
+        for down, _, c in self.terms:
+            y = x if down is None else x @ down.T
+            total += float(((y @ c) * y).sum())
+        return total
+
+    def cross(self, left: torch.Tensor | slice, x: torch.Tensor) -> float:
+        """``tr(left G_WΔ Xᵀ)`` for rows ``left [m, d]``; with projected Grams (``A`` taken against
+        the gap rows) ``left`` is the slice of those rows: ``Σ (G_WΔ)[left] ⊙ X``."""
+        def lead(a: torch.Tensor) -> torch.Tensor:
+            return a[left] if isinstance(left, slice) else left @ a
+
+        return sum(float((lead(a) * (x if down is None else x @ down.T)).sum()) for down, a, _ in self.terms)
+
+
+def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str,
+                gap_rows: torch.Tensor | None) -> tuple[torch.Tensor, _ByDown, bool]:
+    """``(G_WW or its projection, the edit's Grams by shared down factor, projected?)``."""
     projected = gap_rows is not None and len(gap_rows) < gap_rows.shape[1]
-    g_ww = g_wd = g_dd = None
+    g_ww = None
     d = 0
+    terms: dict[int, list] = {}
     for _site, w, entry in _deltas(sites, patch, strength, device):
         d = w.shape[1]
         if projected:
@@ -132,15 +175,35 @@ def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float 
             ww, wd_left = (w.T @ w).double(), w.T
         g_ww = ww if g_ww is None else g_ww + ww
         if entry is not None:
-            up, down = _factors(entry, strength, device)
-            wd = ((wd_left @ up) @ down).double()
-            dd = (down.T @ ((up.T @ up) @ down)).double()
-            g_wd = wd if g_wd is None else g_wd + wd
-            g_dd = dd if g_dd is None else g_dd + dd
+            key = id(entry.down) if entry.is_low_rank else 0  # dense entries: one term, D = I
+            if key not in terms:
+                up, down = _factors(entry, strength, device)
+                terms[key] = [down.double() if entry.is_low_rank else None, 0, 0]
+            else:
+                up = (entry.up if entry.is_low_rank else entry.diff).to(device).float() * strength
+            slot = terms[key]
+            slot[1] = slot[1] + (wd_left @ up).double()
+            slot[2] = slot[2] + (up.T @ up).double()
     rows = len(gap_rows) if projected else d
-    zero = torch.zeros(rows, d, dtype=torch.float64, device=device)
-    return g_ww, (zero if g_wd is None else g_wd), (torch.zeros(d, d, dtype=torch.float64, device=device)
-                                                    if g_dd is None else g_dd)
+    if g_ww is None:
+        g_ww = torch.zeros(rows if projected else d, rows if projected else d, dtype=torch.float64, device=device)
+    return g_ww, _ByDown(tuple((dn, a, c) for dn, a, c in terms.values()), rows, d), projected
+
+
+@torch.no_grad()
+def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float = 1.0, *,
+               device: torch.device | str = "cpu",
+               gap_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G_WW, G_WΔ, G_ΔΔ)``, each ``[d, d]`` float64, summed over the token-stream sites (an
+    unedited site adds to ``G_WW`` only). Low-rank entries are used through their factors, and
+    sites that share a ``down`` factor are summed before it is applied.
+
+    ``G_WW`` costs ``Σ d_out·d²``; it is only ever read as ``D G_WW Dᵀ`` and ``D G_WΔ Xᵀ`` for
+    the gap rows ``D``. When ``gap_rows [n, d]`` are given with ``n < d``, the first two are
+    returned already projected, ``G_WW → Σ ‖D Wᵀ‖²``-ready ``[n, n]`` Gram ``Σ (D Wᵀ)(D Wᵀ)ᵀ`` and
+    ``G_WΔ → Σ (D Wᵀ) ΔW`` ``[n, d]`` (``Σ d_out·d·n`` work instead)."""
+    g_ww, by_down, _ = _edit_grams(sites, patch, strength, device, gap_rows)
+    return g_ww, by_down.wd().to(g_ww.device), by_down.dd().to(g_ww.device)
 
 
 def _quad(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor | None = None) -> float:
@@ -175,8 +238,8 @@ def check_edit(
 
     diffs = [rows(t) - rows(a) for t, a in pairs]
     stacked = torch.cat(diffs) if diffs else torch.zeros(0, enc.width, dtype=torch.float64)
-    g_ww, g_wd, g_dd = edit_grams(sites, patch, strength, device=device, gap_rows=stacked)
-    projected = g_ww.shape[0] == len(stacked) and len(stacked) < enc.width
+    g_ww, by_down, projected = _edit_grams(sites, patch, strength, device, stacked)
+    by_down = by_down.dense_if_wide()
     gaps, left = [], []
     start = 0
     for (target, _), diff in zip(pairs, diffs, strict=True):
@@ -185,16 +248,16 @@ def check_edit(
         # ‖X_e W'ᵀ − X_a Wᵀ‖² = ‖D Wᵀ + X_e ΔWᵀ‖² with D = X_e − X_a
         if projected:  # Grams already taken against the stacked D rows
             gap2 = float(g_ww[part, part].trace())
-            cross = float((g_wd[part] * x_e).sum())
+            cross = by_down.cross(part, x_e)
         else:
-            gap2, cross = _quad(diff, g_ww), _quad(diff, g_wd, x_e)
-        after2 = gap2 + 2 * cross + _quad(x_e, g_dd)
+            gap2, cross = _quad(diff, g_ww), by_down.cross(diff, x_e)
+        after2 = gap2 + 2 * cross + by_down.moved(x_e)
         gaps.append(gap2)
         left.append(math.sqrt(max(after2, 0.0) / gap2) if gap2 > 0 else float("nan"))
     unit = math.sqrt(sum(gaps) / len(gaps)) if gaps else float("nan")
 
     def drift(prompt: str) -> float:
-        moved = math.sqrt(max(_quad(rows(prompt), g_dd), 0.0))
+        moved = math.sqrt(max(by_down.moved(rows(prompt)), 0.0))
         return moved / unit if unit > 0 else float("nan")
 
     return Check(targets=tuple((t, v) for (t, _), v in zip(pairs, left, strict=True)),

@@ -13,8 +13,9 @@ prompts are dropped first (never those of the current call), then whole files of
 encoders, oldest first. A cached row that is not finite or not of the batch's shape is encoded
 again rather than trusted.
 
-A prompt encoded for ``rows="through_eot"`` is kept as its rows up to its EOT (``.head``); one
-encoded at all rows (``.hidden``) serves both kinds of request.
+A prompt encoded for ``rows="through_eot"`` is kept as its rows up to its EOT (``.head``), one
+encoded for ``"through_last_word"`` as its rows up to its last word (``.lead``); an entry serves
+its own kind of request and the narrower ones (``.hidden``, all rows, serves every request).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class CachedEncoder:
     only the ones missing there (then adds them). ``hits`` / ``misses`` count prompts."""
 
     accepts_rows = True  # forwarded to the wrapped encoder when it accepts them too
+    accepts_last_word = True
 
     def __init__(self, encoder: TextEncoder, folder: str | os.PathLike[str], fingerprint: str,
                  max_bytes: int | None = None):
@@ -109,16 +111,14 @@ class CachedEncoder:
         os.replace(tmp, self.lru_path)
 
     @staticmethod
-    def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, short: bool) -> bool:
-        """A cached prompt can serve this request: all its rows (``.hidden``), or, for a through-EOT
-        request, its rows up to EOT (``.head``); of the cache's width and finite. Lengths may differ
-        (DiT encoders do not pad)."""
+    def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, rows: str) -> bool:
+        """A cached prompt can serve this ``rows`` request (an entry of its kind or a wider one,
+        see :data:`_KINDS`), of the cache's width and finite. Lengths may differ (DiT encoders do
+        not pad)."""
         if key + ".eot" not in entries:
             return False
-        rows = entries.get(key + ".hidden")
-        if rows is None and short:
-            rows = entries.get(key + ".head")
-        return rows is not None and (width is None or rows.shape[-1] == width) and bool(torch.isfinite(rows).all())
+        found = _entry(entries, key, rows)
+        return found is not None and (width is None or found.shape[-1] == width) and bool(torch.isfinite(found).all())
 
     def _evict(self, entries: dict[str, torch.Tensor], lru: dict[str, float], keep: set[str]) -> bool:
         """Drop least recently used prompts (not ``keep``) until this file fits its share of the
@@ -132,7 +132,7 @@ class CachedEncoder:
         keys = sorted({k.rsplit(".", 1)[0] for k in entries} - keep, key=lambda k: lru.get(k, 0.0))
         while size() > self.max_bytes and keys:
             old = keys.pop(0)
-            for suffix in (".hidden", ".head", ".eot", ".ids", ".pooled"):
+            for suffix in (*_KINDS.values(), ".eot", ".ids", ".pooled"):
                 entries.pop(old + suffix, None)
             lru.pop(old, None)
         while others and size() + other_bytes > self.max_bytes:
@@ -146,24 +146,24 @@ class CachedEncoder:
         texts = list(texts)
         # one read per instance (a node's erase, its check and SPEED's null prompt share it), not one per call
         entries = (self._entries if self._entries is not None else self._read()) if self.max_bytes > 0 else {}
-        short = rows == "through_eot"
+        short = rows != "all"
         keys = [_key(t) for t in texts]
-        widths = {v.shape[-1] for k, v in entries.items() if k.endswith((".hidden", ".head"))}
+        widths = {v.shape[-1] for k, v in entries.items() if k.endswith(tuple(_KINDS.values()))}
         width = next(iter(widths)) if len(widths) == 1 else None
         if len(widths) > 1:  # more than one width: a damaged file; start again
             entries = {}
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
-                                     if not self._usable(entries, k, width, short)))
+                                     if not self._usable(entries, k, width, rows)))
         fresh_entries: dict[str, torch.Tensor] = {}
         if missing:
-            head = short and getattr(self.encoder, "accepts_rows", False)  # else all rows come back
+            got = _rows_returned(self.encoder, rows)
             fresh = encode(self.encoder, missing, rows)
             for i, text in enumerate(missing):
                 key = _key(text)
-                stop = int(fresh.eot_index[i]) + 1 if head else fresh.hidden.shape[1]
-                kind, other = (".head", ".hidden") if head else (".hidden", ".head")
-                fresh_entries[key + kind] = fresh.hidden[i, :stop].float().cpu().contiguous()
-                entries.pop(key + other, None)  # an unusable older entry of the other kind
+                stop = _stop(got, int(fresh.eot_index[i]), fresh.hidden.shape[1])
+                for other in _KINDS.values():  # unusable older entries of the other kinds
+                    entries.pop(key + other, None)
+                fresh_entries[key + _KINDS[got]] = fresh.hidden[i, :stop].float().cpu().contiguous()
                 fresh_entries[key + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
                 if fresh.token_ids is not None:
                     fresh_entries[key + ".ids"] = fresh.token_ids[i, :stop].cpu().contiguous()
@@ -184,29 +184,58 @@ class CachedEncoder:
                 else:
                     logger.warning("Concept erasure: %d prompts' encodings exceed the cache cap of %d MiB "
                                    "(CE_ENCODING_CACHE_MB); they are not cached.", len(set(keys)), self.max_bytes >> 20)
-            self._write_lru({k: v for k, v in lru.items() if k + ".hidden" in entries or k + ".head" in entries})
+            self._write_lru({k: v for k, v in lru.items() if any(k + kind in entries for kind in _KINDS.values())})
             self._entries = entries
         if not keys:
             return EncodedText((), torch.zeros(0, 1, 1), torch.zeros(0, dtype=torch.long))
         eot = torch.cat([entries[k + ".eot"] for k in keys])
-        hidden = [entries.get(k + ".hidden", entries.get(k + ".head")) for k in keys]
+        hidden = [_entry(entries, k, rows) for k in keys]
         ids = [entries.get(k + ".ids") for k in keys]
         pooled = [entries.get(k + ".pooled") for k in keys]
-        if short:  # each prompt's rows through its EOT, zero (ids: -1) after it
-            hidden = [h[: int(e) + 1] for h, e in zip(hidden, eot, strict=True)]
-            ids = [None if i is None else i[: int(e) + 1] for i, e in zip(ids, eot, strict=True)]
+        least = int(eot.max()) + 1  # EncodedText's rows must hold every EOT position
+        if short:  # each prompt's rows through its EOT (or last word), zero (ids: -1) after it
+            hidden = [h[: _stop(rows, int(e), len(h))] for h, e in zip(hidden, eot, strict=True)]
+            ids = [None if i is None else i[: _stop(rows, int(e), len(i))] for i, e in zip(ids, eot, strict=True)]
         return EncodedText(
-            tuple(texts), _stack_padded(hidden, 0.0), eot,
+            tuple(texts), _stack_padded(hidden, 0.0, least), eot,
             pooled=torch.stack(pooled) if all(p is not None for p in pooled) else None,  # type: ignore[arg-type]
-            token_ids=_stack_padded(ids, -1) if all(i is not None for i in ids) else None,  # type: ignore[arg-type]
+            token_ids=_stack_padded(ids, -1, least) if all(i is not None for i in ids) else None,  # type: ignore[arg-type]
         )
 
 
-def _stack_padded(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
-    """Per-prompt ``[T_i, ...]`` stacked to ``[N, max T_i, ...]``: through-EOT heads, and DiT
-    encoders without padding, give prompts of different lengths; zero rows add nothing to a key
-    Gram, ids -1 mark them."""
-    length = max(r.shape[0] for r in rows)
+_KINDS = {"all": ".hidden", "through_eot": ".head", "through_last_word": ".lead"}
+"""The entry each rows mode stores, widest first: an entry serves its own mode and those after it."""
+
+
+def _entry(entries: dict[str, torch.Tensor], key: str, rows: str) -> torch.Tensor | None:
+    """The cached rows of ``key`` that serve a ``rows`` request (the first kind at least as wide)."""
+    modes = list(_KINDS)
+    for mode in modes[: modes.index(rows) + 1]:
+        found = entries.get(key + _KINDS[mode])
+        if found is not None:
+            return found
+    return None
+
+
+def _rows_returned(encoder: TextEncoder, rows: str) -> str:
+    """The rows mode ``encode(encoder, ..., rows)`` returns (all rows where the encoder cannot stop early)."""
+    if rows == "all" or not getattr(encoder, "accepts_rows", False):
+        return "all"
+    return rows if rows == "through_eot" or getattr(encoder, "accepts_last_word", False) else "through_eot"
+
+
+def _stop(rows: str, eot: int, length: int) -> int:
+    """How many leading rows of a prompt a ``rows`` mode holds (its last word is at ``eot - 1``, or 0)."""
+    if rows == "all":
+        return length
+    return min(length, eot + 1 if rows == "through_eot" else max(eot, 1))
+
+
+def _stack_padded(rows: list[torch.Tensor], fill: float, at_least: int = 0) -> torch.Tensor:
+    """Per-prompt ``[T_i, ...]`` stacked to ``[N, max T_i, ...]`` (at least ``at_least`` rows):
+    through-EOT heads, and DiT encoders without padding, give prompts of different lengths; zero
+    rows add nothing to a key Gram, ids -1 mark them."""
+    length = max(at_least, *(r.shape[0] for r in rows))
     out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), fill)
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .encoded import ROWS, EncodedText
+from .prefix_tree import PrefixTree, tree_attention
 
 __all__ = ["ROWS", "BPETokenizer", "ClipTextConfig", "ClipTextEncoder", "find_merges_file"]
 
@@ -161,6 +162,11 @@ class ClipTextConfig:
     final_norm: bool = True
 
 
+TREE_MAX_LENGTH = 32
+"""Through-EOT requests up to this many positions run as a prefix tree (``prefix_tree``); the
+gather of each node's path costs ``R × L`` rows, so longer prompts go through ``forward_groups``."""
+
+
 class _Block(nn.Module):
     def __init__(self, width: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
@@ -223,6 +229,12 @@ class _Block(nn.Module):
             out.append(a.transpose(1, 2).reshape(n * t, d))
         return self._mlp(x + self.attn.out_proj(torch.cat(out)))
 
+    def forward_tree(self, x: torch.Tensor, tree: PrefixTree) -> torch.Tensor:
+        """The block over the nodes ``x [R, D]`` of a prefix tree (each attends to its path)."""
+        q, k, v = nn.functional.linear(self.ln_1(x), self.attn.in_proj_weight,
+                                       self.attn.in_proj_bias).chunk(3, dim=-1)
+        return self._mlp(x + self.attn.out_proj(tree_attention(q, k, v, tree, self.heads)))
+
 
 class ClipTextEncoder(nn.Module):
     """Causal CLIP text transformer; ``encoder(texts)`` returns :class:`EncodedText`.
@@ -231,6 +243,7 @@ class ClipTextEncoder(nn.Module):
     """
 
     accepts_rows = True  # __call__(texts, rows=...): see TextEncoder
+    accepts_last_word = True
 
     def __init__(self, config: ClipTextConfig | None = None, tokenizer: BPETokenizer | None = None,
                  *, seed: int = 0, batch_size: int = 256):
@@ -298,6 +311,15 @@ class ClipTextEncoder(nn.Module):
             out.append(torch.cat([x0.expand(n, -1, -1), body], dim=1))
         return out
 
+    def forward_tree(self, tree: PrefixTree) -> torch.Tensor:
+        """Final hidden states ``[R, D]`` of the nodes of a prefix tree (one row per distinct
+        prefix; ``tree.gather`` gives each prompt's rows)."""
+        device = self.position_embedding.device
+        x = self.token_embedding(tree.tokens.to(device)) + self.position_embedding[tree.positions.to(device)]
+        for block in self.blocks:
+            x = block.forward_tree(x, tree)
+        return self.final_ln(x) if self.config.final_norm else x
+
     def _passes(self, eot: torch.Tensor) -> list[torch.Tensor]:
         """Index sets of at most ``batch_size`` prompts, similar lengths together."""
         return list(torch.argsort(eot, stable=True).split(self.batch_size))
@@ -312,7 +334,10 @@ class ClipTextEncoder(nn.Module):
         prompt's EOT equals the full encoding's (the model is causal); rows after it are zero,
         because prompts of each length stop at their own EOT. Prompts are sorted by length and
         encoded ``batch_size`` at a time (one pass per layer for all lengths in a pass, see
-        :meth:`forward_groups`), and returned in the order given.
+        :meth:`forward_groups`; up to ``TREE_MAX_LENGTH`` positions, one prefix tree per pass,
+        prompts in token order: :meth:`forward_tree`), and returned in the order given.
+        ``"through_last_word"``: as ``"through_eot"`` without the EOT row (zero; the start token
+        for the empty prompt), where the prompts fit a prefix tree.
         """
         if self.tokenizer is None:
             raise ConfigError("this encoder has no tokenizer; pass one or call forward(ids).",
@@ -329,6 +354,17 @@ class ClipTextEncoder(nn.Module):
         length = ids.shape[1] if rows == "all" else int(eot.max()) + 1
         ids = ids[:, :length].to(device)
         hidden = torch.zeros(len(texts), length, self.config.width, device=device)
+        if rows != "all" and length <= TREE_MAX_LENGTH:
+            # each prompt through its EOT, or through its last word (the start token for ""); passes
+            # of prompts in token order, so prompts that share a prefix share a pass
+            stop = (eot + 1) if rows == "through_eot" else eot.clamp_min(1)
+            order = sorted(range(len(texts)), key=lambda i: ids[i, : int(stop[i])].tolist())
+            for first in range(0, len(texts), self.batch_size):
+                part = order[first : first + self.batch_size]
+                tree = PrefixTree.build([ids[i, : int(stop[i])].tolist() for i in part])
+                out = tree.gather(self.forward_tree(tree))
+                hidden[torch.tensor(part, device=device), : out.shape[1]] = out
+            return EncodedText(tuple(texts), hidden.float(), eot, token_ids=ids.cpu())
         for chunk in self._passes(eot):
             if rows == "all":
                 parts = [chunk]

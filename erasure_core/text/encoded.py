@@ -25,9 +25,11 @@ from ..errors import ConceptError
 __all__ = ["ROWS", "EncodedText", "TextEncoder", "TimedEncoder", "TokenPick", "encode", "erase_rows", "preserve_rows",
            "rows_for"]
 
-ROWS = ("all", "through_eot")
-"""How many token positions a caller needs: ``"all"`` (the whole context) or ``"through_eot"``
-(each prompt up to and including its first end-of-text token; rows after it are unspecified)."""
+ROWS = ("all", "through_eot", "through_last_word")
+"""How many token positions a caller needs: ``"all"`` (the whole context), ``"through_eot"``
+(each prompt up to and including its first end-of-text token; rows after it are unspecified) or
+``"through_last_word"`` (each prompt up to its last word, ``eot_index - 1``, or its start token
+for the empty prompt; the EOT row and later ones are unspecified). Each mode covers the next."""
 
 
 class TokenPick(str, Enum):
@@ -85,9 +87,9 @@ class EncodedText:
 class TextEncoder(Protocol):
     """Anything that turns prompts into :class:`EncodedText` (ComfyUI's CLIP, a test encoder).
 
-    An encoder that can stop early sets ``accepts_rows = True`` and takes ``rows=`` (one of
-    :data:`ROWS`); it may still return more rows than asked (a bidirectional encoder runs its real
-    length). Callers go through :func:`encode`, which asks only encoders that accept it."""
+    An encoder that can stop early sets ``accepts_rows = True`` and takes ``rows=`` (``"all"`` or
+    ``"through_eot"``; also ``"through_last_word"`` where it sets ``accepts_last_word = True``); it
+    may still return more rows than asked (a bidirectional encoder runs its real length). Callers go through :func:`encode`, which asks only encoders that accept it."""
 
     def __call__(self, texts: Sequence[str]) -> EncodedText: ...
 
@@ -96,6 +98,8 @@ def encode(encoder: TextEncoder, texts: Sequence[str], rows: str = "all") -> Enc
     """``encoder(texts)``, asking for only ``rows`` where the encoder accepts the request."""
     if rows not in ROWS:
         raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+    if rows == "through_last_word" and not getattr(encoder, "accepts_last_word", False):
+        rows = "through_eot"  # an encoder that stops only at the EOT: one row more, same values
     if rows != "all" and getattr(encoder, "accepts_rows", False):
         return encoder(texts, rows=rows)  # type: ignore[call-arg]
     return encoder(texts)
@@ -107,6 +111,7 @@ class TimedEncoder:
     def __init__(self, encoder: TextEncoder):
         self.encoder = encoder
         self.accepts_rows = bool(getattr(encoder, "accepts_rows", False))
+        self.accepts_last_word = bool(getattr(encoder, "accepts_last_word", False))
         self.seconds = 0.0
 
     def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
@@ -119,8 +124,11 @@ class TimedEncoder:
 
 def rows_for(pick: TokenPick) -> str:
     """The rows a token pick reads: single rows at or before the first EOT need no later position
-    (CLIP is causal, so rows up to a prompt's EOT do not depend on what follows)."""
-    return "through_eot" if pick in (TokenPick.LAST_SUBJECT, TokenPick.FIRST_EOT) else "all"
+    (CLIP is causal, so rows up to a prompt's EOT do not depend on what follows); the last subject
+    token does not even need the EOT row."""
+    if pick is TokenPick.LAST_SUBJECT:
+        return "through_last_word"
+    return "through_eot" if pick is TokenPick.FIRST_EOT else "all"
 
 
 def _last_word(enc: EncodedText, i: int) -> int:

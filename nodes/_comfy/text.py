@@ -27,7 +27,8 @@ from ...erasure_core.attacks import (
     decode_bpe_tokens,
 )
 from ...erasure_core.text.cache import CachedEncoder
-from ...erasure_core.text.clip import BPETokenizer
+from ...erasure_core.text.clip import TREE_MAX_LENGTH, BPETokenizer
+from ...erasure_core.text.prefix_tree import PrefixTree, tree_attention
 from .dit_text import DitClipEncoder, is_unet_clip
 from .runtime import _short
 
@@ -44,12 +45,14 @@ class ComfyClipEncoder:
     """The user's CLIP as a core ``TextEncoder``: same tokenizer, weights syntax, layer choice and
     CLIP patches as their prompts. Prompts are encoded in batches of 77-token windows.
 
-    ``rows="through_eot"`` (token picks that read nothing after a prompt's end of text): where
+    ``rows="through_eot"`` (token picks that read nothing after a prompt's end of text; also
+    ``"through_last_word"``, which a prefix tree stops one row earlier): where
     every tower is a causal CLIP (SD1.x, SD2.x, SDXL), each batch stops at its longest prompt's
     EOT, through ComfyUI's own layers (:func:`encode_causal_prefix`); any other encoder runs its
     whole window."""
 
     accepts_rows = True
+    accepts_last_word = True  # through a prefix tree; otherwise answered as "through_eot"
 
     def __init__(self, clip: Any, batch_size: int = 32, progress: Progress | None = None):
         self.clip = clip
@@ -84,11 +87,19 @@ class ComfyClipEncoder:
                                    "shorten the concept.", input_name="concepts")
             eot.append(found[0])
         eots = torch.tensor(eot, dtype=torch.long)
-        short = rows == "through_eot" and bool(texts) and causal_towers(self.clip) is not None
+        short = rows != "all" and bool(texts) and causal_towers(self.clip) is not None
+        # each prompt's own stop: its EOT, or its last word (the start token for "")
+        ends = [e + 1 if rows == "through_eot" else max(e, 1) for e in eot]
         length = int(eots.max()) + 1 if short else window
         hidden = torch.zeros(len(texts), length, 1)
-        # similar lengths together, so each pass stops near its prompts' own EOT
-        order = torch.argsort(eots, stable=True) if short else torch.arange(len(texts))
+        # a prefix tree needs plain token ids at weight 1 (no embeddings or weights syntax)
+        tree = short and length <= TREE_MAX_LENGTH and all(
+            isinstance(tok[0], int) and tok[1] == 1.0 for w in windows for ws in w.values() for tok in ws[:length])
+        if tree:  # prompts that share a prefix share a pass
+            order = torch.tensor(sorted(range(len(texts)), key=lambda i: [t[0] for t in windows[i][stream][: ends[i]]]),
+                                 dtype=torch.long)
+        else:  # similar lengths together, so each pass stops near its prompts' own EOT
+            order = torch.argsort(eots, stable=True) if short else torch.arange(len(texts))
         take = max(self.batch_size, ROW_BUDGET // length)  # more prompts per pass when they are short
         done = 0
         started = time.perf_counter()
@@ -96,7 +107,11 @@ class ComfyClipEncoder:
             part = order[done : done + take].tolist()
             stop = int(eots[part].max()) + 1 if short else window
             batch = [windows[i] for i in part]
-            if short:
+            if tree:
+                cond = encode_causal_tree(self.clip, {name: [w[name][: ends[i]] for w, i in zip(batch, part, strict=True)]
+                                                      for name in batch[0]})
+                stop = cond.shape[1]
+            elif short:
                 cond = encode_causal_prefix(self.clip, {name: [w[name][:stop] for w in batch] for name in batch[0]})
             else:
                 cond = self.clip.encode_from_tokens({name: [w[name] for w in batch] for name in batch[0]})
@@ -151,6 +166,43 @@ def encode_causal_prefix(clip: Any, tokens: dict[str, list[list[Any]]]) -> torch
     clip.load_model()
     parts = [_tower_prefix(tower, tokens[name]) for name, tower in causal_towers(clip)]
     return torch.cat(parts, dim=-1).reshape(1, -1, sum(p.shape[-1] for p in parts))
+
+
+@torch.no_grad()
+def encode_causal_tree(clip: Any, tokens: dict[str, list[list[Any]]]) -> torch.Tensor:
+    """:func:`encode_causal_prefix` for windows of plain token ids at weight 1, each cut at its own
+    EOT (lengths differ), ``[N, L, D]`` zero after each prompt's end: each distinct prefix is
+    computed once (``erasure_core.text.prefix_tree``) through ComfyUI's own layer modules (its
+    projections, norms and MLP, CLIP patches included); only attention runs per node over its path."""
+    model = clip.cond_stage_model
+    model.reset_clip_options()
+    if clip.layer_idx is not None:
+        model.set_clip_options({"layer": clip.layer_idx})
+    clip.load_model()
+    parts = [_tower_tree(tower, PrefixTree.build([[tok[0] for tok in x] for x in tokens[name]]))
+             for name, tower in causal_towers(clip)]
+    return torch.cat(parts, dim=-1)
+
+
+def _tower_tree(tower: Any, tree: PrefixTree) -> torch.Tensor:
+    """One tower over a prefix tree: what :func:`_tower_forward` gives at each prompt's rows."""
+    embeddings = tower.transformer.get_input_embeddings()
+    device = embeddings.weight.device
+    x = embeddings(tree.tokens.to(device)[None], out_dtype=torch.float32)[0]
+    text_model = tower.transformer.text_model
+    positions = comfy.ops.cast_to(text_model.embeddings.position_embedding.weight, dtype=torch.float32, device=x.device)
+    x = x + positions[tree.positions.to(x.device)]
+    layers = text_model.encoder.layers
+    last = len(layers) - 1
+    if tower.layer == "hidden":
+        last = tower.layer_idx + len(layers) if tower.layer_idx < 0 else tower.layer_idx
+    for layer in layers[: last + 1]:
+        attn, h = layer.self_attn, layer.layer_norm1(x)
+        x = x + attn.out_proj(tree_attention(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), tree, attn.heads))
+        x = x + layer.mlp(layer.layer_norm2(x))
+    if tower.layer == "last" or tower.layer_norm_hidden_state:
+        x = text_model.final_layer_norm(x)
+    return tree.gather(x.float()).cpu()
 
 
 def _tower_prefix(tower: Any, pairs: list[list[Any]]) -> torch.Tensor:

@@ -17,14 +17,15 @@ from erasure_core.methods.closed_form import preserve_list
 CONCEPTS = ConceptSet.simple(("cat",), ("dog",))
 
 
-def _random_patch(sites, low_rank: bool) -> PatchSet:
+def _random_patch(sites, low_rank: bool | str) -> PatchSet:
     gen = torch.Generator().manual_seed(3)
     entries = {}
+    shared = torch.randn(2, sites[0].weight.shape[1], generator=gen) * 0.1
     for site in sites[:2]:  # the last site is left unedited: it adds to the gap only
         d_out, d_in = site.weight.shape
-        if low_rank:
-            entries[site.key] = PatchEntry(up=torch.randn(d_out, 2, generator=gen) * 0.1,
-                                           down=torch.randn(2, d_in, generator=gen) * 0.1)
+        if low_rank:  # "shared": one down factor for both sites, as the UCE family's solves give
+            down = shared if low_rank == "shared" else torch.randn(2, d_in, generator=gen) * 0.1
+            entries[site.key] = PatchEntry(up=torch.randn(d_out, 2, generator=gen) * 0.1, down=down)
         else:
             entries[site.key] = PatchEntry(diff=torch.randn(d_out, d_in, generator=gen) * 0.01)
     return PatchSet(entries, {})
@@ -41,7 +42,7 @@ def _brute(sites, patch, encoder, target, anchor, prompt, strength):
     return left / gap, drift / gap
 
 
-@pytest.mark.parametrize("low_rank", [True, False])
+@pytest.mark.parametrize("low_rank", [True, "shared", False])
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_gap_left_and_drift_equal_the_per_site_sums(sites, encoder, low_rank, strength):
     patch = _random_patch(sites, low_rank)

@@ -8,8 +8,10 @@ import torch
 from fakes import tiny_encoder, tiny_sites
 
 from erasure_core import ConceptSet, ConfigError, TokenPick, erase, make_config
+from erasure_core.text import clip as clip_module
 from erasure_core.text.clip import ClipTextConfig, ClipTextEncoder
 from erasure_core.text.encoded import erase_rows, preserve_rows
+from erasure_core.text.prefix_tree import PrefixTree
 
 # 1 to 6 words: with the word tokenizer (context 8) the EOT lands at positions 2..7.
 MIXED = ["a b c d e f", "cat", "", "a photo of a cat", "dog", "van gogh", "x y z w v", "tree"]
@@ -59,7 +61,8 @@ def test_mixed_lengths_come_back_in_the_order_given(rows):
         assert int(batch.eot_index[i]) == int(alone.eot_index[0])
 
 
-def test_passes_group_prompts_of_similar_length_and_batches_stop_at_their_eot():
+def test_passes_group_prompts_of_similar_length_and_batches_stop_at_their_eot(monkeypatch):
+    monkeypatch.setattr(clip_module, "TREE_MAX_LENGTH", 0)  # prompts longer than the tree takes
     enc = tiny_encoder()
     enc.batch_size = 3
     seen: list[list[list[int]]] = []
@@ -154,3 +157,55 @@ def test_an_empty_batch_encodes_to_an_empty_result(rows):
     out = enc([], rows=rows)
     assert out.texts == () and out.hidden.shape[0] == 0 and out.hidden.shape[2] == 32
     assert out.eot_index.shape == (0,)
+
+
+def test_prefix_tree_holds_each_distinct_prefix_once():
+    tree = PrefixTree.build([[0, 5, 6, 1], [0, 5, 7, 1], [0, 1], [0, 5, 6, 1]])
+    assert len(tree) == 7  # 0 | 0 5 | 0 5 6 | 0 5 6 1 | 0 5 7 | 0 5 7 1 | 0 1
+    assert tree.rows[0].tolist() == tree.rows[3].tolist()  # the same prompt: the same nodes
+    assert tree.rows[2].tolist()[2:] == [-1, -1]
+    for n, seq in enumerate([[0, 5, 6, 1], [0, 5, 7, 1], [0, 1], [0, 5, 6, 1]]):
+        nodes = tree.rows[n, : len(seq)]
+        assert tree.tokens[nodes].tolist() == seq
+        assert tree.positions[nodes].tolist() == list(range(len(seq)))
+        last = int(nodes[-1])  # a node's path is its prompt's nodes up to it
+        assert tree.paths[last][tree.mask[last]].tolist() == nodes.tolist()
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_the_prefix_tree_pass_equals_the_per_length_batches_and_the_full_encoding(monkeypatch, batch_size):
+    enc = tiny_encoder()
+    enc.batch_size = batch_size
+    texts = [*MIXED, "a photo of a dog", "a photo of", "a b c", "cat"]
+    seen = []
+    forward_tree = enc.forward_tree
+
+    def spy(tree):
+        seen.append(len(tree))
+        return forward_tree(tree)
+
+    enc.forward_tree = spy  # type: ignore[method-assign]
+    tree = enc(texts, rows="through_eot")
+    ids, eot = enc.tokenizer(texts)
+    distinct = {tuple(ids[i, : k + 1].tolist()) for i in range(len(texts)) for k in range(int(eot[i]) + 1)}
+    if batch_size == 64:  # one pass: every distinct prefix computed once
+        assert seen == [len(distinct)]
+    monkeypatch.setattr(clip_module, "TREE_MAX_LENGTH", 0)
+    groups = enc(texts, rows="through_eot")
+    _close(tree.hidden, groups.hidden)
+    _close_through_eot(tree, enc(texts))
+    assert torch.equal(tree.token_ids, groups.token_ids)
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_through_last_word_rows_equal_the_full_encoding_up_to_each_last_word(batch_size):
+    enc = tiny_encoder()
+    enc.batch_size = batch_size
+    lead, full = enc(MIXED, rows="through_last_word"), enc(MIXED)
+    assert lead.hidden.shape[1] == int(full.eot_index.max()) + 1
+    for i, eot in enumerate(full.eot_index.tolist()):
+        stop = max(eot, 1)  # the empty prompt's "last word" is its start token
+        _close(lead.hidden[i, :stop], full.hidden[i, :stop])
+        assert not lead.hidden[i, stop:].any()  # the EOT row is not computed
+    for pick in (TokenPick.LAST_SUBJECT,):
+        _close(preserve_rows(lead, MIXED, pick), preserve_rows(full, MIXED, pick))

@@ -127,3 +127,37 @@ def test_an_encoder_without_rows_is_asked_for_all_rows_and_cached_whole(tmp_path
     assert inner.calls == [["a cat"]] and out.hidden.shape[1] == int(out.eot_index[0]) + 1
     whole = CachedEncoder(inner, tmp_path, "fp")(["a cat"])
     assert len(inner.calls) == 1 and whole.hidden.shape[1] == inner.encoder.config.context_length
+
+
+class LastWordCounting(RowsCounting):
+    accepts_last_word = True
+
+
+def test_through_last_word_requests_keep_each_prompt_up_to_its_last_word_and_wider_entries_serve_them(tmp_path):
+    inner = LastWordCounting()
+    lead = CachedEncoder(inner, tmp_path, "fp")(["a cat", "a big red car", ""], rows="through_last_word")
+    assert inner.calls == [(["a cat", "a big red car", ""], "through_last_word")]
+    full = inner.encoder(["a cat", "a big red car", ""])
+    assert lead.hidden.shape[1] == int(full.eot_index.max()) + 1
+    for i, eot in enumerate(full.eot_index.tolist()):
+        stop = max(eot, 1)  # "": its start token
+        torch.testing.assert_close(lead.hidden[i, :stop], full.hidden[i, :stop], rtol=1e-5, atol=1e-5)
+        assert not lead.hidden[i, stop:].any()
+    cached = CachedEncoder(inner, tmp_path, "fp")
+    again = cached(["a big red car"], rows="through_last_word")
+    assert (cached.hits, cached.misses) == (1, 0) and again.hidden.shape[1] == int(again.eot_index[0]) + 1
+    head = cached(["a cat", "a dog"], rows="through_eot")  # last-word entries lack the EOT row
+    assert inner.calls[-1] == (["a cat", "a dog"], "through_eot")
+    torch.testing.assert_close(head.hidden[0, : int(head.eot_index[0]) + 1],
+                               full.hidden[0, : int(full.eot_index[0]) + 1], rtol=1e-5, atol=1e-5)
+    cached(["a cat", "a dog"], rows="through_last_word")  # ... and a through-EOT entry serves a last-word one
+    assert inner.calls[-1] == (["a cat", "a dog"], "through_eot") and cached.misses == 2
+
+
+def test_an_encoder_that_stops_only_at_the_eot_is_cached_through_the_eot(tmp_path):
+    inner = RowsCounting()
+    CachedEncoder(inner, tmp_path, "fp")(["a cat"], rows="through_last_word")
+    assert inner.calls == [(["a cat"], "through_eot")]
+    cached = CachedEncoder(inner, tmp_path, "fp")
+    cached(["a cat"], rows="through_eot")  # stored as a through-EOT entry: serves this too
+    assert (cached.hits, cached.misses) == (1, 0)

@@ -37,6 +37,19 @@ def test_encode_asks_for_rows_only_where_the_encoder_accepts_them():
     assert plain.hidden.shape[1] == clip.config.context_length
     timed = TimedEncoder(clip)
     assert timed.accepts_rows and timed(["a cat"], rows="through_eot").hidden.shape[1] == 4 and timed.seconds > 0
-    assert [rows_for(p) for p in TokenPick] == ["all", "through_eot", "all", "through_eot"]
+    assert [rows_for(p) for p in TokenPick] == ["all", "through_last_word", "all", "through_eot"]
+    lead = encode(clip, ["a cat", ""], "through_last_word")  # stops at the last word ("" at its start token)
+    assert lead.hidden.shape[1] == int(lead.eot_index.max()) + 1
+    assert not lead.hidden[0, int(lead.eot_index[0])].any() and lead.hidden[1, 0].any()
+
+    class EotOnly:  # stops early, but only at the EOT: asked for the EOT instead
+        accepts_rows = True
+
+        def __call__(self, texts, rows="all"):
+            self.rows = rows
+            return clip(texts, rows=rows)
+
+    eot_only = EotOnly()
+    assert encode(eot_only, ["a cat"], "through_last_word").hidden[0, 3].any() and eot_only.rows == "through_eot"
     with pytest.raises(ValueError, match="rows"):
         encode(clip, ["a cat"], "some")

@@ -13,6 +13,21 @@ pytestmark = pytest.mark.comfyui
 
 PROMPTS = ["van gogh", "a painting by claude monet", "", "(an oil painting:1.3) of a [cat]",
            "Felix Broel", "a photo of a dog sitting on a red sofa in the garden"]
+# plain token ids at weight 1, sharing prefixes: these go through the prefix tree
+PLAIN = [p for p in PROMPTS if "(" not in p] + ["a painting by claude", "a photo of a dog", "Felix Brown"]
+
+
+def _count_tree_passes(monkeypatch, text) -> list[int]:
+    """Spy on the prefix-tree pass; returns the list it appends each pass's prompt count to."""
+    calls: list[int] = []
+    real = text.encode_causal_tree
+
+    def spy(clip, tokens):
+        calls.append(len(next(iter(tokens.values()))))
+        return real(clip, tokens)
+
+    monkeypatch.setattr(text, "encode_causal_tree", spy)
+    return calls
 
 
 def _assert_same_rows(short, full):
@@ -31,15 +46,19 @@ def _encoders(pack, clip):
     return text.ComfyClipEncoder(clip), text
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, PLAIN], ids=["weighted", "plain"])
 @pytest.mark.parametrize("skip", [None, -2, -5])
-def test_sd1_short_rows_equal_the_full_window(pack, tiny_checkpoint, skip):
+def test_sd1_short_rows_equal_the_full_window(pack, tiny_checkpoint, skip, prompts, monkeypatch):
     clip = tiny_checkpoint[1]
     if skip is not None:
         clip = clip.clone()
         clip.clip_layer(skip)
     encoder, text = _encoders(pack, clip)
     assert text.causal_towers(clip) is not None
-    _assert_same_rows(encoder(PROMPTS, rows="through_eot"), encoder(PROMPTS, rows="all"))
+    tree_passes = _count_tree_passes(monkeypatch, text)
+    _assert_same_rows(encoder(prompts, rows="through_eot"), encoder(prompts, rows="all"))
+    # the weights syntax needs ComfyUI's empty-prompt blend: no tree then
+    assert tree_passes == ([len(PLAIN)] if prompts is PLAIN else [])
 
 
 def test_sd1_short_rows_equal_encode_from_tokens_of_each_prompt(pack, tiny_checkpoint):
@@ -74,13 +93,16 @@ def _tiny_sdxl_clip(seed: int = 0):
     return clip
 
 
-def test_sdxl_short_rows_equal_the_full_window(pack):
+@pytest.mark.parametrize("prompts", [PROMPTS, PLAIN], ids=["weighted", "plain"])
+def test_sdxl_short_rows_equal_the_full_window(pack, prompts, monkeypatch):
     clip = _tiny_sdxl_clip()
     encoder, text = _encoders(pack, clip)
     assert [name for name, _ in text.causal_towers(clip)] == ["l", "g"]
-    full = encoder(PROMPTS, rows="all")
+    full = encoder(prompts, rows="all")
     assert full.width == 64 + 96
-    _assert_same_rows(encoder(PROMPTS, rows="through_eot"), full)
+    tree_passes = _count_tree_passes(monkeypatch, text)
+    _assert_same_rows(encoder(prompts, rows="through_eot"), full)
+    assert tree_passes == ([len(PLAIN)] if prompts is PLAIN else [])
 
 
 def test_an_encoder_that_is_not_a_causal_clip_runs_its_whole_window(pack, tiny_checkpoint):
@@ -92,3 +114,19 @@ def test_an_encoder_that_is_not_a_causal_clip_runs_its_whole_window(pack, tiny_c
     wrapped.encode_from_tokens = tiny_checkpoint[1].encode_from_tokens
     out = text.ComfyClipEncoder(wrapped)(["van gogh"], rows="through_eot")
     assert out.hidden.shape[1] == 77
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, PLAIN], ids=["weighted", "plain"])
+def test_last_word_rows_equal_the_full_window_up_to_each_last_word(pack, tiny_checkpoint, prompts, monkeypatch):
+    encoder, text = _encoders(pack, tiny_checkpoint[1])
+    assert encoder.accepts_last_word
+    tree_passes = _count_tree_passes(monkeypatch, text)
+    lead, full = encoder(prompts, rows="through_last_word"), encoder(prompts, rows="all")
+    assert lead.hidden.shape[1] == int(full.eot_index.max()) + 1
+    for i, eot in enumerate(full.eot_index.tolist()):
+        stop = max(eot, 1)  # "": its start token
+        want = full.hidden[i, :stop]
+        torch.testing.assert_close(lead.hidden[i, :stop], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        if prompts is PLAIN:  # the tree stops before the EOT; weighted prompts run through it
+            assert not lead.hidden[i, stop:].any()
+    assert tree_passes == ([len(PLAIN)] if prompts is PLAIN else [])
