@@ -3,7 +3,7 @@ comfy.* or folder_paths; the core never does. Node modules use ``from . import _
 re-exported here."""
 
 from .attack import DifferentiableClip, _predict_eps, soft_prompt_attack  # noqa: F401
-from .dit_text import DitClipEncoder, is_unet_clip  # noqa: F401
+from .dit_text import LAYERED_OUTPUTS, DitClipEncoder, is_unet_clip  # noqa: F401
 from .erasers import (  # noqa: F401
     _LDM_BLOCK,
     _LORA_MODULE,
@@ -69,6 +69,7 @@ from .text import (  # noqa: F401
     conditioning,
     encode_first_windows,
     encode_text,
+    encode_text_layers,
 )
 from .weights import (  # noqa: F401
     _arriving_loader,
