@@ -233,7 +233,6 @@ def test_hidream_llama_layers_are_encoded_aligned_with_llamas_tokens_and_cached(
     own tokens (start token, the words, then <|eot_id|> padding to 128), its EOT the first padding row; a
     second encoder over the same CLIP reads it all from the cache, whose file is keyed by the streams."""
     import folder_paths
-
     from concept_erasure_pack.nodes import _comfy
 
     monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))

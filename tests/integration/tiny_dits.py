@@ -226,13 +226,13 @@ def load_dit(module: torch.nn.Module, widths: dict[str, Any], seed: int = SEED):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), type(config).__name__
 
 
-def flux(seed: int = SEED):
+def flux(seed: int = SEED, **overrides: Any):
     import comfy.ldm.flux.model
     import comfy.ops
 
     widths = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64,
               "mlp_ratio": 2.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
-              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True} | overrides
     with torch.device("meta"):
         module = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)
