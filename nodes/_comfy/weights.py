@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -42,8 +43,10 @@ def attention_sites(model: Any, device: torch.device | None = None) -> tuple[Arc
     spec = detect(shapes)
     key_patches = model.get_key_patches(UNET_PREFIX)
     context = context_transform_of(model)  # a float32 attn2 context transform already on this clone
-    # the model's own config resolves per-layer streams (HiDream's llama_layers)
-    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    # per-layer streams (HiDream's llama_layers) are resolved from what the module's forward reads, else
+    # from the config ComfyUI built it from
+    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    config = collections.ChainMap(getattr(getattr(model.model, "diffusion_model", None), "__dict__", {}), unet_config)
     sites = []
     for key, text_input, stream in spec.site_streams(shapes, config):
         weight = LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device, context))
