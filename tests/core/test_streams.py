@@ -108,7 +108,7 @@ class LayeredEncoder:
         enc = self.encoder(texts)
         hidden = torch.einsum("ntd,lde->nlte", enc.hidden, self.mix)
         states = LayerStates(hidden, (enc.eot_index + 1).clamp(max=hidden.shape[2] - 1), enc.token_ids)
-        return EncodedText(enc.texts, enc.hidden, enc.eot_index, None, enc.token_ids, {"llama": states})
+        return EncodedText(enc.texts, enc.hidden, enc.eot_index, enc.pooled, enc.token_ids, {"llama": states})
 
 
 def test_each_llama_layer_stream_is_solved_on_that_layers_rows(encoder):
@@ -139,3 +139,27 @@ def test_a_layer_stream_the_encoder_does_not_return_is_refused_with_the_fix(enco
     assert err.value.input_name == "clip"
     with pytest.raises(ArchitectureError, match="returns 3 layers"):
         StreamView(LayeredEncoder(encoder), "llama:3")(["cat"])
+
+
+def test_the_check_sums_every_token_stream_and_leaves_out_the_pooled_one(encoder):
+    """HiDream-like sites (two Llama layers, T5, a pooled input): the check's squared gaps and drifts are the
+    sums of each token stream's, each measured on that stream's own rows."""
+    from erasure_core.methods.check import check_edit
+
+    gen = torch.Generator().manual_seed(3)
+    sites = [AttentionSite(f"caption_projection.{i}.linear.weight", torch.randn(24, 20, generator=gen) / 20**0.5,
+                           f"llama:{k}") for i, k in enumerate((0, 2, 2))]
+    sites.append(AttentionSite("caption_projection.3.linear.weight", torch.randn(24, 32, generator=gen) / 32**0.5))
+    sites.append(AttentionSite("p_embedder.weight", torch.randn(24, 12, generator=gen) / 12**0.5, "pooled"))
+    layered = LayeredEncoder(PooledEncoder(encoder))
+    concepts = ConceptSet.simple(("cat",), ("dog",))
+    config = make_config("uce", lamb=0.1, token_pick=TokenPick.LAST_SUBJECT, preserve_bank=False)
+    patch = erase("uce", sites, concepts, layered, config)
+    both = check_edit(sites, patch, concepts, layered, [""], probes=["a red car"])
+    per = [check_edit([s for s in sites if s.stream == stream], patch, concepts, layered, [""], probes=["a red car"])
+           for stream in ("llama:0", "llama:2", "tokens")]
+    assert all(c.gap > 0 for c in per)
+    assert both.gap**2 == pytest.approx(sum(c.gap**2 for c in per), rel=1e-9)
+    for attr in ("targets", "probes"):
+        total = getattr(both, attr)[0][1] ** 2 * both.gap**2
+        assert total == pytest.approx(sum(getattr(c, attr)[0][1] ** 2 * c.gap**2 for c in per), rel=1e-9)
