@@ -188,13 +188,13 @@ def dit_sites(arch: str, seed: int) -> list[ec.AttentionSite]:
     shapes = ec.reference_site_shapes(arch)
     spec = ec.detect(shapes)
     sites = []
-    for key, inp in spec.site_inputs(shapes):
+    for key, inp, stream in spec.site_streams(shapes):
         weight = torch.randn(shapes[key], generator=gen) / shapes[key][1] ** 0.5
         transform = None
         if inp.norm is not None:
             scale = 1 + 0.1 * torch.randn(shapes[key][1], generator=gen)
             transform = ec.RowTransform(spec.norm_key(shapes, inp.norm), inp.norm.eps, scale)
-        sites.append(ec.AttentionSite(key, weight, inp.stream, transform))
+        sites.append(ec.AttentionSite(key, weight, stream, transform))
     return sites
 
 

@@ -8,8 +8,9 @@ Adding an architecture means adding a row to ``ARCHITECTURES``, not a branch in 
 UNets (SD1.x, SD2.x, SDXL) read the raw text at every ``attn2``; DiTs (Flux, SD3, Qwen-Image...)
 read it through one linear layer where text enters the model (``txt_in``, ``context_embedder``),
 after which text and image mix. A DiT row lists those layers as :class:`TextInput` s: the text
-stream each reads (``tokens``: the per-token conditioning; ``pooled``: the pooled vector) and any
-per-row transform in front of it (:class:`RowNorm`), so that keys are what the layer really reads.
+stream each reads (``tokens``: the per-token conditioning; ``pooled``: the pooled vector; one layer
+of an encoder's per-layer states, :class:`LayerStreams`) and any per-row transform in front of it
+(:class:`RowNorm`), so that keys are what the layer really reads.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .errors import ArchitectureError
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "AttentionSite", "LazyWeight", "RowNorm", "RowTransform", "TextInput",
-           "detect", "reference_site_shapes", "supported_families"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "AttentionSite", "LayerStreams", "LazyWeight", "RowNorm", "RowTransform",
+           "TextInput", "detect", "layer_stream", "parse_layer_stream", "reference_site_shapes", "supported_families"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,41 @@ class RowNorm:
 
     scale: str
     eps: float
+
+
+def layer_stream(source: str, layer: int) -> str:
+    """The stream name of layer ``layer`` of an encoder's per-layer states (``"llama:31"``)."""
+    return f"{source}:{layer}"
+
+
+def parse_layer_stream(stream: str) -> tuple[str, int] | None:
+    """``(source, layer)`` of a :func:`layer_stream` name; ``None`` for ``tokens``/``pooled``."""
+    source, sep, layer = stream.rpartition(":")
+    return (source, int(layer)) if sep and source and layer.isdigit() else None
+
+
+@dataclass(frozen=True)
+class LayerStreams:
+    """The streams of an indexed text input (a ``TextInput`` key with ``{i}``) whose site ``i`` reads
+    layer ``table[i]`` of the encoder's per-layer states ``source``; ``table`` names the list in the
+    model's config (HiDream: ``caption_projection.{i}`` reads Llama layer ``llama_layers[i]``). The
+    input with the highest index reads ``last`` instead (HiDream's T5 projection); an index past the
+    table that is not the last is read by nothing and is no site."""
+
+    source: str
+    table: str
+    last: str = "tokens"
+
+    def stream(self, index: int, highest: int, config: Mapping[str, Any]) -> str | None:
+        if index == highest:
+            return self.last
+        table = config.get(self.table)
+        if not isinstance(table, Sequence) or not table:
+            raise ArchitectureError(
+                f"the model's text inputs read the layers listed in its config's '{self.table}', but the model "
+                "has no such list. Load the model with ComfyUI's own loader (it writes that config).",
+                input_name="model")
+        return layer_stream(self.source, int(table[index])) if index < len(table) else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,8 +103,8 @@ class AttentionSite:
     """One edit point: the caller's weight key, the text stream it reads, and its current weight.
 
     ``weight`` is ``[d_out, d_in]`` as the model uses it now (upstream patches included), either
-    a tensor or a :class:`LazyWeight`. ``stream`` is ``"tokens"`` (per-token context) or
-    ``"pooled"``. ``transform`` is what the model applies to every text row before this weight
+    a tensor or a :class:`LazyWeight`. ``stream`` is ``"tokens"`` (per-token context),
+    ``"pooled"`` or one layer of an encoder's per-layer states (:func:`layer_stream`). ``transform`` is what the model applies to every text row before this weight
     (``None``: it reads the encoder's rows as they are).
     """
 
@@ -93,11 +130,20 @@ class AttentionSite:
 @dataclass(frozen=True)
 class TextInput:
     """A linear layer where text enters a DiT: the key suffix of its weight ``[d_out, d_in]``,
-    the text stream it reads and the per-row transform in front of it."""
+    the text stream it reads and the per-row transform in front of it. A key with ``{i}`` names a
+    list of layers (one per block); ``stream`` is then a :class:`LayerStreams` saying what each reads."""
 
     key: str
-    stream: str = "tokens"
+    stream: str | LayerStreams = "tokens"
     norm: RowNorm | None = None
+
+    def index_of(self, key: str) -> int | None:
+        """The ``{i}`` of ``key`` if it is one of this input's weights (``-1`` for a plain key)."""
+        if "{i}" not in self.key:
+            return -1 if _is_suffix(key, self.key) else None
+        head, tail = (re.escape(part) for part in self.key.split("{i}", 1))
+        found = re.search(rf"(?:^|\.){head}(\d+){tail}$", key)
+        return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)
@@ -142,10 +188,26 @@ class ArchSpec:
     def site_inputs(self, shapes: Mapping[str, Sequence[int]]) -> list[tuple[str, TextInput | None]]:
         """Every site key with its text input (``None`` for a UNet's K/V sites), sorted by key."""
         if self.inputs:
-            found = [(k, inp) for inp in self.inputs for k in shapes if _is_suffix(k, inp.key)]
+            found = [(k, inp) for inp in self.inputs for k in shapes if inp.index_of(k) is not None]
             return sorted(found, key=lambda pair: pair[0])
         pattern = re.compile(self.site_pattern)
         return [(k, None) for k in sorted(k for k in shapes if pattern.search(k))]
+
+    def site_streams(self, shapes: Mapping[str, Sequence[int]],
+                     config: Mapping[str, Any] | None = None) -> list[tuple[str, TextInput | None, str]]:
+        """Every site the model reads: key, text input and the stream it reads, resolved against the
+        model's ``config`` where a :class:`LayerStreams` needs it (sites read by nothing left out)."""
+        pairs = self.site_inputs(shapes)
+        highest = {inp: max(int(inp.index_of(k)) for k, i in pairs if i is inp)  # type: ignore[arg-type]
+                   for _, inp in pairs if inp is not None and isinstance(inp.stream, LayerStreams)}
+        out: list[tuple[str, TextInput | None, str]] = []
+        for key, inp in pairs:
+            stream: str | None = "tokens" if inp is None else inp.stream  # type: ignore[assignment]
+            if inp is not None and isinstance(inp.stream, LayerStreams):
+                stream = inp.stream.stream(int(inp.index_of(key)), highest[inp], config or {})  # type: ignore[arg-type]
+            if stream is not None:
+                out.append((key, inp, stream))
+        return out
 
     def site_keys(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
         return [k for k, _ in self.site_inputs(shapes)]
@@ -192,11 +254,11 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              inputs=(TextInput("txt_in.weight"), TextInput("vector_in.in_layer.weight", "pooled"))),
     ArchSpec("lumina2", "Lumina 2", "cap_embedder.1.weight", None,
              inputs=(TextInput("cap_embedder.1.weight", norm=RowNorm("cap_embedder.0.weight", 1e-5)),)),
+    # HiDream: caption_projection.i reads Llama layer llama_layers[i] (ComfyUI's conditioning_llama3), the
+    # last one T5's rows (the conditioning); p_embedder reads the pooled CLIP-L ⊕ G vector
     ArchSpec("hidream", "HiDream", "caption_projection.0.linear.weight", None,
-             reason="its Llama-3.1 text enters through 48 per-layer projections that read the Llama "
-                    "encoder's per-layer hidden states, which ComfyUI's CLIP does not return through "
-                    "encode_from_tokens; erasing only its T5 projection would leave the concept in the "
-                    "Llama stream"),
+             inputs=(TextInput("caption_projection.{i}.linear.weight", LayerStreams("llama", "llama_layers")),
+                     TextInput("p_embedder.pooled_embedder.linear_1.weight", "pooled"))),
     ArchSpec("auraflow", "AuraFlow", "cond_seq_linear.weight", None, inputs=(TextInput("cond_seq_linear.weight"),)),
     ArchSpec("pixart", "PixArt", "y_embedder.y_proj.fc1.weight", None, requires=("t_block.1.weight",),
              inputs=(TextInput("y_embedder.y_proj.fc1.weight"),)),

@@ -91,8 +91,7 @@ def apply_eraser(model, clip, info: EraserInfo, file, path: str, scale: float, r
         return patched, clip, f"{len(blocks)} attention-output adapters"
     if fmt == EraserFormat.UNET_WEIGHTS:
         keys = [k for k in file if _is_unet_key(k, info)]
-        pairs = _comfy.unet_key_pairs(model, keys, info.naming)
-        diff = _comfy.unet_weight_differences(model, file, pairs, reference, progress)
+        diff = _comfy.unet_file_differences(model, file, keys, info.naming, reference, progress)
         _, _, dtype_of = _comfy.unet_weight_reader(model)
         patched = _comfy.add_diff_patches(model, diff.deltas, scale, dtype_of) if diff.deltas else model
         note = f"{diff.changed} of {diff.compared} UNet weights differ from the model (diff patches)"
@@ -127,6 +126,8 @@ def _is_text_module(name: str) -> bool:
 
 def _is_unet_key(key: str, info: EraserInfo) -> bool:
     if info.naming is not None and info.naming.value == "diffusers":
+        if "transformer" in info.targets:  # a DiT's own state dict (Flux's transformer in diffusers names)
+            return _comfy.is_dit_diffusers_key(key)
         return key.removeprefix("unet.").split(".")[0] in ("down_blocks", "mid_block", "up_blocks", "conv_in",
                                                            "conv_out", "conv_norm_out", "time_embedding",
                                                            "add_embedding")

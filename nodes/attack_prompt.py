@@ -10,11 +10,13 @@ import time
 import torch
 
 from ..erasure_core import ConceptError, ConfigError
+from ..erasure_core.architectures import parse_layer_stream
 from ..erasure_core.attacks import (
     closed_form_attack,
     concept_direction,
     genetic_search,
     kv_grams,
+    layer_site_groups,
     recovery_from_distances,
 )
 from ..erasure_core.attacks.config import AttackConfig, AttackMode, parse_pairs
@@ -120,8 +122,9 @@ class AttackPrompt(io.ComfyNode):
             else:
                 notes.append(f"save_embedding is used by soft_prompt only; nothing saved in {mode.value}")
         progress = _comfy.progress_bar()
-        concept_cond, concept_pooled = _comfy.encode_text(clip, concept)
+        concept_cond, concept_pooled, concept_layers, extra = _comfy.encode_text_layers(clip, concept)
         grams = arch = None
+        layer_grams = {}  # "llama:k" -> grams of the sites reading that layer (HiDream)
         read = lambda rows: rows  # noqa: E731  (conditioning rows -> what the sites read)
         if original_model is not None:
             arch, sites_e, sites_o = _comfy.kv_sites_pair(model, original_model)
@@ -130,6 +133,14 @@ class AttackPrompt(io.ComfyNode):
                     f"soft_prompt optimises a prompt prefix through a differentiable CLIP and a UNet, but the model "
                     f"is {arch.display_name}, whose text encoder and transformer it cannot differentiate. Use "
                     "closed_form or concept_vector on DiT models.", input_name="mode")
+            originals = layer_site_groups(sites_o)
+            for stream, group in layer_site_groups(sites_e).items():
+                layer_grams[stream] = kv_grams(group, originals.get(stream, []), device=_comfy.compute_device())
+                source, _ = parse_layer_stream(stream)  # type: ignore[misc]
+                if source not in concept_layers:
+                    raise ConfigError(f"the model reads the '{source}' text encoder's per-layer states, but the clip "
+                                      f"returns none. Connect the CLIP loaded for this model (with its {source}).",
+                                      input_name="clip")
             (sites_e, read), (sites_o, _) = token_sites(sites_e), token_sites(sites_o)
             grams = kv_grams(sites_e, sites_o, device=_comfy.compute_device(), progress=progress)
             if concept_cond.shape[-1] != grams.width:
@@ -138,20 +149,28 @@ class AttackPrompt(io.ComfyNode):
                                   input_name="clip")
         noise: Recovery | None = None
         prompt = ""
+        layers = concept_layers
         if mode is AttackMode.CLOSED_FORM:
             cond, pooled = closed_form_attack(read(concept_cond), grams, config.reg), concept_pooled
+            layers = {name: states.clone() for name, states in concept_layers.items()}
+            for stream, g in layer_grams.items():  # each Llama layer its own preimage (HiDream)
+                source, k = parse_layer_stream(stream)  # type: ignore[misc]
+                layers[source][k] = closed_form_attack(concept_layers[source][k], g, config.reg)
+            if layer_grams:
+                notes.append(f"{len(layer_grams)} per-layer text streams attacked each on its own rows")
             if arch is not None and any(i.norm is not None for i in arch.inputs):
                 notes.append(f"{arch.display_name} normalises each text row before its projection: the attack's "
                              "rows are read after that normalisation, so recovery is below the UNet case")
             notes.append("closed_form gives an embedding, not tokens: the prompt output is empty")
         elif mode is AttackMode.CONCEPT_VECTOR:
-            cond, pooled, prompt = cls._concept_vector(clip, concept, carrier, pairs, config, progress, notes)
+            cond, pooled, prompt, layers, extra = cls._concept_vector(clip, concept, carrier, pairs, config, progress,
+                                                                      notes)
         else:
             out = _comfy.soft_prompt_attack(
                 model, original_model, clip, concept, prefix_tokens=config.prefix_tokens, steps=config.steps,
                 lr=config.lr, seed=config.random_seed, noise_samples=config.noise_samples, latent=latent,
                 progress=progress)
-            cond, pooled, prompt = out["cond"], out["pooled"], out["text"]
+            cond, pooled, prompt, layers, extra = out["cond"], out["pooled"], out["text"], {}, {}
             noise = recovery_from_distances(*out["eps"], "noise prediction")
             losses = out["losses"]
             notes.append(f"soft_prompt loss {losses[0]:.4g} -> {losses[out['best_step']]:.4g} (best of "
@@ -162,13 +181,15 @@ class AttackPrompt(io.ComfyNode):
                                       {"concept": concept, "mode": mode.value, "seed": str(config.random_seed)})
                 name = os.path.splitext(os.path.basename(embedding_file))[0]
                 notes.append(f"saved embedding:{name}")
-        kv = kv_recovery(grams, read(cond), read(concept_cond)) if grams is not None else None
+        more = [(g, layers[src][k], concept_layers[src][k])
+                for g, (src, k) in ((g, parse_layer_stream(s)) for s, g in layer_grams.items())]  # type: ignore[misc]
+        kv = kv_recovery(grams, read(cond), read(concept_cond), more) if grams is not None else None
         if grams is not None and grams.identical_weights:
             notes.append("the two models' cross-attention K/V weights are identical: nothing was erased there "
                          "(an erasure of other layers is not seen by this score or by closed_form)")
         report = cls._report(mode, arch, kv, noise, notes, time.perf_counter() - started)
         logger.info("Attack Prompt: %s", report)
-        return io.NodeOutput(_comfy.conditioning(cond, pooled), prompt,
+        return io.NodeOutput(_comfy.conditioning(cond, pooled, layers, extra), prompt,
                              kv.score if kv is not None else math.nan,
                              noise.score if noise is not None else math.nan, report,
                              ui=report_ui(report, title=DISPLAY_NAME, lines=report.split("\n"),
@@ -182,21 +203,28 @@ class AttackPrompt(io.ComfyNode):
                               "stream (SD1.x, SD2.x, SDXL), but this text encoder has others (T5, an LLM). Set "
                               "search_steps to 0: the conditioning is then the continuous target.",
                               input_name="search_steps")
-        with_c = [_comfy.encode_text(clip, p, "pairs")[0] for p, _ in pair_list]
-        without = [_comfy.encode_text(clip, q, "pairs")[0] for _, q in pair_list]
-        carrier_cond, carrier_pooled = _comfy.encode_text(clip, carrier, "carrier")
-        if len({tuple(c.shape) for c in [*with_c, *without, carrier_cond]}) > 1:
+        with_c = [_comfy.encode_text_layers(clip, p, "pairs") for p, _ in pair_list]
+        without = [_comfy.encode_text_layers(clip, q, "pairs") for _, q in pair_list]
+        carrier_cond, carrier_pooled, carrier_layers, carrier_extra = _comfy.encode_text_layers(clip, carrier, "carrier")
+        encodings = [*with_c, *without, (carrier_cond, None, carrier_layers, {})]
+        shapes = {(tuple(c.shape), *((n, tuple(t.shape)) for n, t in sorted(ls.items()))) for c, _, ls, _ in encodings}
+        if len(shapes) > 1:
             raise ConceptError("concept_vector adds a direction row by row, so the pairs and the carrier must "
                                "encode to one length, but they do not (a CLIP window is 77 tokens; T5 pads to "
                                "its minimum length; LLM encoders such as Qwen's or Gemma's do not pad). Use "
                                "prompts of one token length, or closed_form.", input_name="carrier")
-        direction = concept_direction(torch.stack(with_c), torch.stack(without))
+        direction = concept_direction(torch.stack([e[0] for e in with_c]), torch.stack([e[0] for e in without]))
         target = carrier_cond + config.strength * direction
+        layers = {}  # per-layer states (HiDream's Llama) moved along their own direction, every layer at once
+        for name, states in carrier_layers.items():
+            shape = states.shape
+            flat = [torch.stack([e[2][name].reshape(-1, shape[-1]) for e in part]) for part in (with_c, without)]
+            layers[name] = states + config.strength * concept_direction(*flat).reshape(shape)
         notes.append(f"concept direction from {len(pair_list)} pair(s), strength {config.strength}")
         if config.search_steps == 0:
             notes.append("no token search (search_steps 0): the conditioning is the continuous target and "
                          "the prompt output is empty")
-            return target, carrier_pooled, ""
+            return target, carrier_pooled, "", layers, carrier_extra
         space = _comfy.ClipTokenSpace(clip)
         length = min(config.search_tokens, space.max_length)
         result = genetic_search(target, space.encode_ids, space.vocabulary, length=length,
@@ -207,11 +235,11 @@ class AttackPrompt(io.ComfyNode):
                      f"objective {result.history[0]:.4g} -> {result.objective:.4g}")
         if not prompt:
             notes.append("this CLIP has no readable vocabulary: the conditioning is the searched tokens'")
-            return space.encode_ids(result.ids[None])[0], carrier_pooled, ""
+            return space.encode_ids(result.ids[None])[0], carrier_pooled, "", {}, {}
         cond, pooled = _comfy.encode_text(clip, prompt, "concept")
         typed = float(((cond - target) ** 2).sum())
         notes.append(f"the prompt, typed, scores {typed:.4g} (tokenising its text may merge tokens)")
-        return cond, pooled, prompt
+        return cond, pooled, prompt, {}, {}
 
     @staticmethod
     def _report(mode, arch, kv, noise, notes, seconds) -> str:

@@ -112,9 +112,8 @@ class ExtractEraser(io.ComfyNode):
                                        f"{info.format.value} ({info.summary()}). Apply it with Apply Eraser LoRA.",
                                        input_name="erased_file")
                 check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'")
-                pairs = _comfy.unet_key_pairs(model, [k for k in file if _is_unet_key(k, info)], info.naming)
-                diff = _comfy.unet_weight_differences(model, file, pairs, _comfy.DIFF_FROM_BASE, progress,
-                                                      for_patching=False)
+                diff = _comfy.unet_file_differences(model, file, [k for k in file if _is_unet_key(k, info)],
+                                                    info.naming, _comfy.DIFF_FROM_BASE, progress, for_patching=False)
             source = file.name
         elif erased_model is not None:
             read_erased, erased_shapes, _ = _comfy.unet_weight_reader(erased_model)

@@ -16,7 +16,16 @@ from __future__ import annotations
 
 from .closed_form import closed_form_attack
 from .concept_vector import SearchResult, concept_direction, decode_bpe_tokens, genetic_search
-from .recovery import KVGrams, Recovery, kv_distance, kv_grams, kv_recovery, recovery_from_distances, token_sites
+from .recovery import (
+    KVGrams,
+    Recovery,
+    kv_distance,
+    kv_grams,
+    kv_recovery,
+    layer_site_groups,
+    recovery_from_distances,
+    token_sites,
+)
 from .soft_prompt import (
     SoftPromptResult,
     draw_noise_samples,
@@ -39,6 +48,7 @@ __all__ = [
     "kv_distance",
     "kv_grams",
     "kv_recovery",
+    "layer_site_groups",
     "token_sites",
     "nearest_tokens",
     "optimise_prefix",

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import AttentionSite, LazyWeight, RowTransform
+from ..architectures import AttentionSite, LazyWeight, RowTransform, parse_layer_stream
 from ..errors import ArchitectureError
 
 __all__ = ["IDENTICAL_TOLERANCE", "KVGrams", "Recovery", "kv_distance", "kv_grams", "kv_recovery",
-           "recovery_from_distances", "token_sites"]
+           "layer_site_groups", "recovery_from_distances", "token_sites"]
 
 IDENTICAL_TOLERANCE = 1e-10
 """A gap below this share of ``‖f(original, c)‖²`` means the erased model answers the concept as
@@ -113,6 +113,16 @@ def token_sites(sites: Sequence[AttentionSite]) -> tuple[list[AttentionSite], Ca
     return folded, unit
 
 
+def layer_site_groups(sites: Sequence[AttentionSite]) -> dict[str, list[AttentionSite]]:
+    """The sites that read one layer of a second encoder's per-layer states (HiDream's Llama), by
+    stream (``"llama:k"``): each group is a K/V space of its own, scored and attacked on its own rows."""
+    groups: dict[str, list[AttentionSite]] = {}
+    for site in sites:
+        if parse_layer_stream(site.stream) is not None:
+            groups.setdefault(site.stream, []).append(site)
+    return groups
+
+
 def kv_distance(grams: KVGrams, erased_rows: torch.Tensor | None, original_rows: torch.Tensor | None) -> float:
     """``Σ_sites ‖W_e aᵀ − W_o cᵀ‖²_F`` for token rows ``a`` (through the erased weights) and ``c``
     (through the original ones), both ``[T, d]``; either may be None (taken as zero rows).
@@ -168,9 +178,13 @@ def recovery_from_distances(residual: float, gap: float, scale: float, space: st
     return Recovery(1.0 - residual / gap, gap, residual, scale, space)
 
 
-def kv_recovery(grams: KVGrams, attack_rows: torch.Tensor, concept_rows: torch.Tensor) -> Recovery:
-    """The K/V-space recovery of ``attack_rows`` for the concept's ``concept_rows`` (both ``[T, d]``)."""
-    return recovery_from_distances(kv_distance(grams, attack_rows, concept_rows),
-                                   kv_distance(grams, concept_rows, concept_rows),
-                                   kv_distance(grams, None, concept_rows), "cross-attention K/V")
+def kv_recovery(grams: KVGrams, attack_rows: torch.Tensor, concept_rows: torch.Tensor,
+                more: Sequence[tuple[KVGrams, torch.Tensor, torch.Tensor]] = ()) -> Recovery:
+    """The K/V-space recovery of ``attack_rows`` for the concept's ``concept_rows`` (both ``[T, d]``);
+    ``more`` adds further streams' ``(grams, attack rows, concept rows)`` (HiDream's Llama layers), each
+    distance summed over every stream as over every site."""
+    parts = [(grams, attack_rows, concept_rows), *more]
+    return recovery_from_distances(sum(kv_distance(g, a, c) for g, a, c in parts),
+                                   sum(kv_distance(g, c, c) for g, _, c in parts),
+                                   sum(kv_distance(g, None, c) for g, _, c in parts), "cross-attention K/V")
 

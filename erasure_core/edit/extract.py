@@ -13,6 +13,11 @@ relative error ``‖ΔW − up·down‖_F / ‖ΔW‖_F`` is at most ``max_error
 the error reported is measured on the stored factors. Convolution kernels are flattened to ``[d_out, d_in·kh·kw]`` and biases
 to ``[d, 1]``; ComfyUI's LoRA patch reshapes the product back to the weight's shape. The result
 is a PatchSet, saved in our safetensors patch format.
+
+A file in another naming may split what the model fuses (diffusers' Flux ``attn.to_q``/``to_k``/``to_v``
+are row blocks of ComfyUI's ``img_attn.qkv``): :class:`KeyPart` says where each file tensor lands,
+and :func:`fused_pairs` gives pairs and a file reader that assemble each model weight from its parts
+(rows the file lacks keep the model's own values, so they do not differ).
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import torch
 from ..errors import ConfigError, ErasureError, NumericalError
 from .patch import PatchEntry, PatchSet
 
-__all__ = ["ExtractionReport", "KeyFit", "WeightDiff", "extract_low_rank", "rounding_tolerance",
-           "weight_differences"]
+__all__ = ["ExtractionReport", "KeyFit", "KeyPart", "WeightDiff", "extract_low_rank", "fused_pairs",
+           "rounding_tolerance", "weight_differences"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,61 @@ class WeightDiff:
     @property
     def changed(self) -> int:
         return len(self.deltas)
+
+
+@dataclass(frozen=True)
+class KeyPart:
+    """Where one file tensor lands in a model weight ``target``: the whole weight (``dim`` None) or the
+    slice ``[offset, offset + size)`` along ``dim``, after ``transform`` (a reordering such as Flux's
+    final-layer scale/shift swap)."""
+
+    target: str
+    dim: int | None = None
+    offset: int = 0
+    size: int = 0
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def fused_pairs(parts: Mapping[str, KeyPart], read_file: Callable[[str], torch.Tensor],
+                read_model: Callable[[str], torch.Tensor],
+                model_shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[tuple[str, str]], Callable[[str], torch.Tensor]]:
+    """``(pairs, reader)`` for :func:`weight_differences` over a file whose tensors are ``parts`` of
+    the model's weights: one pair per model weight (its own key on both sides) and a reader that
+    assembles it in float32 from the model's weight with the file's parts written in. A part whose
+    slice does not fit the weight raises ErasureError naming it."""
+    by_target: dict[str, list[tuple[str, KeyPart]]] = {}
+    for file_key, part in parts.items():
+        by_target.setdefault(part.target, []).append((file_key, part))
+    for target, group in by_target.items():
+        shape = tuple(model_shapes[target])
+        for file_key, part in group:
+            if part.dim is not None and (part.dim >= len(shape) or part.offset + part.size > shape[part.dim]):
+                raise ErasureError(
+                    f"eraser weights must fit the connected model, but '{file_key}' goes to rows "
+                    f"{part.offset}-{part.offset + part.size} of '{target}', which is {shape}. The eraser was made "
+                    "for another model size; pick the one for this model.", input_name="eraser")
+
+    def read(target: str) -> torch.Tensor:
+        group = by_target[target]
+        whole = [fk for fk, part in group if part.dim is None]
+        out = None if whole and len(group) == 1 else read_model(target).float().clone()
+        for file_key, part in group:
+            tensor = read_file(file_key)
+            if not tensor.is_floating_point():
+                return tensor  # skipped by weight_differences
+            tensor = part.transform(tensor) if part.transform is not None else tensor
+            if part.dim is None and out is None:
+                return tensor  # its shape is checked by weight_differences
+            place = out if part.dim is None else out.narrow(part.dim, part.offset, part.size)
+            if tuple(tensor.shape) != tuple(place.shape):
+                raise ErasureError(
+                    f"eraser weights must have the connected model's shapes, but '{file_key}' is {tuple(tensor.shape)} "
+                    f"where '{target}' holds {tuple(place.shape)}. The eraser was made for another model size; pick "
+                    "the one for this model.", input_name="eraser")
+            place.copy_(tensor.float())
+        return out  # type: ignore[return-value]
+
+    return [(target, target) for target in by_target], read
 
 
 def rounding_tolerance(*dtypes: torch.dtype) -> float:

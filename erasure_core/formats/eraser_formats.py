@@ -62,6 +62,9 @@ _LORA_DOWN = re.compile(r"(\.lora_down\.weight|\.lora_A(\.default)?\.weight|\.lo
                         r"\.lora_linear_layer\.down\.weight|\.lora_A)$")
 _UNET_DIFFUSERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.",
                    "time_embedding.", "add_embedding.")
+# a DiT transformer's own state dict in diffusers names (Flux's ``transformer/diffusion_pytorch_model``)
+DIT_DIFFUSERS = ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.", "x_embedder.",
+                 "time_text_embed.", "norm_out.", "proj_out.")
 _UNET_LDM = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.", "label_emb.")
 _LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _TEXT_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", "text_encoder.",
@@ -259,6 +262,12 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
 
     unet_diffusers = [k for k in keys if k.removeprefix("unet.").startswith(_UNET_DIFFUSERS)]
     unet_ldm = [k for k in keys if k.startswith(_LDM_PREFIXES) or k.startswith(_UNET_LDM)]
+    dit_diffusers = [k for k in keys if k.removeprefix("transformer.").startswith(DIT_DIFFUSERS)]
+    if dit_diffusers and len(dit_diffusers) > max(len(unet_diffusers), len(unet_ldm)):
+        notes = (f"{len(keys) - len(dit_diffusers)} non-transformer tensors ignored",) \
+            if len(dit_diffusers) < len(keys) else ()
+        return EraserInfo(EraserFormat.UNET_WEIGHTS, family, ("transformer",), len(dit_diffusers), Naming.DIFFUSERS,
+                          None, concept, notes)
     if unet_diffusers and len(unet_diffusers) >= len(unet_ldm):
         notes = ()
         if len(unet_diffusers) < len(keys):
@@ -276,7 +285,7 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
 
     raise ErasureError(
         f"{name} must be an eraser in a known format (kohya/A1111 LoRA, diffusers/PEFT LoRA, Receler "
-        f"adapters, UNet weights with diffusers or LDM names, a CLIPTextModel state dict, or a "
+        f"adapters, UNet or DiT weights with diffusers or LDM/ComfyUI names, a CLIPTextModel state dict, or a "
         f"concept-erasure patch), but its {len(keys)} keys match none of them. Found: "
         f"{key_patterns(keys)}."
         + (f" The keys look like {family}." if family else ""),

@@ -15,6 +15,10 @@ Every K/V site ``l`` of the model reads the same token rows. For a prompt with r
 Preserved prompts are the ones the edit was asked to keep; probes (``methods/bank.py``) are
 built-in prompts that were in no list, so their drift is the collateral damage a user would not
 otherwise see. The same ratios in latent space are what the real-ComfyUI tests measure.
+
+A DiT with several token streams (HiDream: T5 and one Llama layer per projection) has one such K/V
+space per stream, each with its own rows; the squared distances are summed over the streams as over
+the sites. Pooled inputs are not measured.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import AttentionSite
+from ..architectures import AttentionSite, parse_layer_stream
 from ..concepts import ConceptSet
 from ..edit.patch import PatchSet
-from ..text.encoded import TextEncoder
+from ..text.encoded import EncodedText, TextEncoder
 from .bank import probe_prompts
 from .closed_form import encode_prompts
+from .streams import StreamView
 
 __all__ = ["Check", "MAX_PROMPTS", "check_edit", "edit_grams"]
 
@@ -93,11 +98,8 @@ def _sampled(prompts: Sequence[str], limit: int) -> list[str]:
 
 
 def _deltas(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str):
-    """``(site, W [d_out, d] float32, entry or None)`` for every token-stream site."""
-    token_sites = [s for s in sites if s.stream == "tokens"]
-    if not token_sites:
-        raise ValueError("the check needs token-stream sites")
-    for site in token_sites:
+    """``(site, W [d_out, d] float32, entry or None)`` for every site of one token stream."""
+    for site in sites:
         yield site, site.tensor().to(device, torch.float32), patch.entries.get(site.key)
 
 
@@ -194,8 +196,8 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
 def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float = 1.0, *,
                device: torch.device | str = "cpu",
                gap_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G_WW, G_WΔ, G_ΔΔ)``, each ``[d, d]`` float64, summed over the token-stream sites (an
-    unedited site adds to ``G_WW`` only). Low-rank entries are used through their factors, and
+    """``(G_WW, G_WΔ, G_ΔΔ)``, each ``[d, d]`` float64, summed over ``sites``, which read one token
+    stream (:func:`check_edit` groups them; an unedited site adds to ``G_WW`` only). Low-rank entries are used through their factors, and
     sites that share a ``down`` factor are summed before it is applied.
 
     ``G_WW`` costs ``Σ d_out·d²``; it is only ever read as ``D G_WW Dᵀ`` and ``D G_WΔ Xᵀ`` for
@@ -209,6 +211,46 @@ def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float 
 def _quad(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor | None = None) -> float:
     """``tr(X G Yᵀ)`` (``Y = X`` by default)."""
     return float(((x @ g) * (x if y is None else y)).sum())
+
+
+def _token_streams(sites: Sequence[AttentionSite]) -> dict[str, list[AttentionSite]]:
+    """The sites that read token rows, by stream (``tokens``; a per-layer stream such as ``llama:k``)."""
+    groups: dict[str, list[AttentionSite]] = {}
+    for site in sites:
+        if site.stream == "tokens" or parse_layer_stream(site.stream) is not None:
+            groups.setdefault(site.stream, []).append(site)
+    if not groups:
+        raise ValueError("the check needs token-stream sites")
+    return groups
+
+
+def _measure(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, enc: EncodedText,
+             pairs: Sequence[tuple[str, str]], prompts: Sequence[str],
+             device: torch.device | str) -> tuple[list[float], list[float], dict[str, float]]:
+    """One stream's squared terms: per target ``‖D Wᵀ‖²`` and ``‖X_e W'ᵀ − X_a Wᵀ‖²``, per other prompt
+    ``‖X ΔWᵀ‖²`` (legend: module docstring)."""
+
+    def rows(prompt: str) -> torch.Tensor:
+        return enc.hidden[enc.index(prompt)].to(device, torch.float64)
+
+    diffs = [rows(t) - rows(a) for t, a in pairs]
+    stacked = torch.cat(diffs) if diffs else torch.zeros(0, enc.width, dtype=torch.float64)
+    g_ww, by_down, projected = _edit_grams(sites, patch, strength, device, stacked)
+    by_down = by_down.dense_if_wide()
+    gaps, afters = [], []
+    start = 0
+    for (target, _), diff in zip(pairs, diffs, strict=True):
+        x_e, part = rows(target), slice(start, start + len(diff))
+        start += len(diff)
+        # ‖X_e W'ᵀ − X_a Wᵀ‖² = ‖D Wᵀ + X_e ΔWᵀ‖² with D = X_e − X_a
+        if projected:  # Grams already taken against the stacked D rows
+            gap2 = float(g_ww[part, part].trace())
+            cross = by_down.cross(part, x_e)
+        else:
+            gap2, cross = _quad(diff, g_ww), by_down.cross(diff, x_e)
+        gaps.append(gap2)
+        afters.append(gap2 + 2 * cross + by_down.moved(x_e))
+    return gaps, afters, {p: by_down.moved(rows(p)) for p in prompts}
 
 
 @torch.no_grad()
@@ -231,34 +273,24 @@ def check_edit(
     keep = _sampled(list(dict.fromkeys(preserved)), limit)
     all_probes = list(probes) if probes is not None else probe_prompts(concepts, preserved)
     held = _sampled(all_probes, limit)
-    enc = encode_prompts(encoder, [p for pair in pairs for p in pair] + keep + held)
-
-    def rows(prompt: str) -> torch.Tensor:
-        return enc.hidden[enc.index(prompt)].to(device, torch.float64)
-
-    diffs = [rows(t) - rows(a) for t, a in pairs]
-    stacked = torch.cat(diffs) if diffs else torch.zeros(0, enc.width, dtype=torch.float64)
-    g_ww, by_down, projected = _edit_grams(sites, patch, strength, device, stacked)
-    by_down = by_down.dense_if_wide()
-    gaps, left = [], []
-    start = 0
-    for (target, _), diff in zip(pairs, diffs, strict=True):
-        x_e, part = rows(target), slice(start, start + len(diff))
-        start += len(diff)
-        # ‖X_e W'ᵀ − X_a Wᵀ‖² = ‖D Wᵀ + X_e ΔWᵀ‖² with D = X_e − X_a
-        if projected:  # Grams already taken against the stacked D rows
-            gap2 = float(g_ww[part, part].trace())
-            cross = by_down.cross(part, x_e)
-        else:
-            gap2, cross = _quad(diff, g_ww), by_down.cross(diff, x_e)
-        after2 = gap2 + 2 * cross + by_down.moved(x_e)
-        gaps.append(gap2)
-        left.append(math.sqrt(max(after2, 0.0) / gap2) if gap2 > 0 else float("nan"))
+    prompts = [p for pair in pairs for p in pair] + keep + held
+    enc = encode_prompts(encoder, prompts)
+    gaps = [0.0] * len(pairs)
+    afters = [0.0] * len(pairs)
+    moved: dict[str, float] = dict.fromkeys(keep + held, 0.0)
+    # one K/V space per token stream (HiDream: T5 and each Llama layer its projections read), summed
+    for stream, group in _token_streams(sites).items():
+        view = enc if stream == "tokens" else StreamView(lambda texts: enc, stream)(prompts)
+        g, a, m = _measure(group, patch, strength, view, pairs, moved, device)
+        gaps = [x + y for x, y in zip(gaps, g, strict=True)]
+        afters = [x + y for x, y in zip(afters, a, strict=True)]
+        moved = {p: moved[p] + m[p] for p in moved}
+    left = [math.sqrt(max(after2, 0.0) / gap2) if gap2 > 0 else float("nan")
+            for gap2, after2 in zip(gaps, afters, strict=True)]
     unit = math.sqrt(sum(gaps) / len(gaps)) if gaps else float("nan")
 
     def drift(prompt: str) -> float:
-        moved = math.sqrt(max(by_down.moved(rows(prompt)), 0.0))
-        return moved / unit if unit > 0 else float("nan")
+        return math.sqrt(max(moved[prompt], 0.0)) / unit if unit > 0 else float("nan")
 
     return Check(targets=tuple((t, v) for (t, _), v in zip(pairs, left, strict=True)),
                  preserved=tuple((p, drift(p)) for p in keep),

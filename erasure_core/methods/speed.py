@@ -132,8 +132,14 @@ def _retain_prompts(keep: Sequence[str], concepts: ConceptSet) -> list[str]:
 
 def _invariants(null_rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``K₂ [d, 4]``: the null prompt's start row and 3 k-means centres of its other rows (fewer when
-    it has fewer rows: a pooled vector is one row)."""
+    it has fewer distinct rows: a pooled vector is one row; a causal LLM with masked padding, such as
+    HiDream's Llama, repeats one padding row, whose copies would make K₂ singular)."""
     rest = null_rows[1:]
+    distinct, inverse = torch.unique(rest, dim=0, return_inverse=True)
+    if len(distinct) < len(rest):  # keep each row's first copy, in order (k-means' seeded start is unchanged)
+        first = torch.full((len(distinct),), len(rest), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(len(rest)), "amin")
+        rest = rest[first.sort().values]
     if len(rest) == 0:
         return null_rows[:1].T
     return torch.cat([null_rows[:1], kmeans(rest, min(3, len(rest)), generator)]).T

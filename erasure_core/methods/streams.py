@@ -1,9 +1,11 @@
 """One method, several text streams: DiTs read text in more than one place (Flux's ``txt_in`` reads T5
-tokens, its ``vector_in`` the pooled CLIP-L vector; Qwen-Image's ``txt_in`` reads RMS-normed rows).
+tokens, its ``vector_in`` the pooled CLIP-L vector; Qwen-Image's ``txt_in`` reads RMS-normed rows;
+HiDream's ``caption_projection.i`` each read one layer of Llama's per-layer states).
 
 Sites are grouped by what they read (:attr:`AttentionSite.reads`); each group is solved by the
 method as it is, with an encoder *view* whose rows are that group's keys: the pooled vector as a
-one-row prompt, or every token row passed through the group's per-row transform. So every
+one-row prompt, one layer of a second encoder's per-layer states (with that encoder's own token
+rows and end-of-text), or every token row passed through the group's per-row transform. So every
 registered method runs unchanged on every family, and the keys are what each layer really reads.
 A UNet (one stream, no transform) is solved exactly as before.
 """
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..architectures import AttentionSite, RowTransform
+from ..architectures import AttentionSite, RowTransform, parse_layer_stream
 from ..concepts import ConceptSet
 from ..edit.patch import PatchSet
 from ..errors import ArchitectureError
@@ -39,8 +41,9 @@ class _Memo:
 
 
 class StreamView:
-    """The encoder seen from one group of sites: ``tokens`` rows (through ``transform``) or the
-    ``pooled`` vector as a prompt of one row (every token pick then picks that row)."""
+    """The encoder seen from one group of sites: ``tokens`` rows (through ``transform``), the
+    ``pooled`` vector as a prompt of one row (every token pick then picks that row), or layer ``k``
+    of the per-layer states ``source`` (stream ``"source:k"``, ``EncodedText.layered``)."""
 
     def __init__(self, encoder: TextEncoder, stream: str, transform: RowTransform | None = None):
         self.encoder, self.stream, self.transform = encoder, stream, transform
@@ -56,12 +59,29 @@ class StreamView:
             n = len(enc.texts)
             return EncodedText(enc.texts, enc.pooled.float()[:, None, :], torch.zeros(n, dtype=torch.long),
                                token_ids=torch.zeros(n, 1, dtype=torch.long))
-        if self.stream != "tokens":
-            raise ArchitectureError(f"the pack knows the text streams 'tokens' and 'pooled', but a site reads "
-                                    f"'{self.stream}'.", input_name="model")
+        layer = parse_layer_stream(self.stream)
+        if layer is not None:
+            enc = self._layer(enc, *layer)
+        elif self.stream != "tokens":
+            raise ArchitectureError(f"the pack knows the text streams 'tokens', 'pooled' and '<encoder>:<layer>', "
+                                    f"but a site reads '{self.stream}'.", input_name="model")
         if self.transform is None:
             return enc
         return EncodedText(enc.texts, self.transform(enc.hidden), enc.eot_index, enc.pooled, enc.token_ids)
+
+    @staticmethod
+    def _layer(enc: EncodedText, source: str, k: int) -> EncodedText:
+        states = enc.layered.get(source)
+        if states is None:
+            raise ArchitectureError(
+                f"the model reads layer {k} of the '{source}' text encoder's per-layer states (HiDream's Llama), but "
+                f"the text encoder returns {sorted(enc.layered) or 'none'}. Connect the CLIP loaded for this model "
+                f"(with its {source}).", input_name="clip")
+        if not 0 <= k < states.layers:
+            raise ArchitectureError(
+                f"the model reads layer {k} of '{source}', but the text encoder returns {states.layers} layers. "
+                "Connect the text encoder this model was made for.", input_name="clip")
+        return states.layer(enc.texts, k)
 
 
 def solve_by_stream(solve: Callable[..., PatchSet], sites: Sequence[AttentionSite], concepts: ConceptSet,

@@ -15,7 +15,11 @@ again rather than trusted.
 
 A prompt encoded for ``rows="through_eot"`` is kept as its rows up to its EOT (``.head``), one
 encoded for ``"through_last_word"`` as its rows up to its last word (``.lead``); an entry serves
-its own kind of request and the narrower ones (``.hidden``, all rows, serves every request).
+its own kind of request and the narrower ones (``.hidden``, all rows, serves every request). An
+encoder's per-layer states of a second encoder (``EncodedText.layered``: HiDream's Llama) are kept
+beside them as ``.layers-<name>`` ``[L, T, D]`` with their own ``-eot`` and ``-ids``; a prompt is
+served from the file only if it has every such stream the file holds (32 Llama layers make a HiDream
+prompt about 32 times larger than its T5 rows, so the cap holds fewer of them).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .encoded import EncodedText, TextEncoder, encode
+from .encoded import EncodedText, LayerStates, TextEncoder, encode
 
 __all__ = ["DEFAULT_MAX_BYTES", "CachedEncoder", "cache_limit_bytes"]
 
@@ -56,6 +61,13 @@ logger = logging.getLogger(__name__)
 
 def _key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+_LAYERS = ".layers-"  # entry suffix of per-layer states: <key>.layers-<name>[-eot|-ids]
+
+
+def _layered_names(entries: dict[str, torch.Tensor]) -> set[str]:
+    return {k.split(_LAYERS, 1)[1] for k in entries if _LAYERS in k and not k.endswith(("-eot", "-ids"))}
 
 
 class CachedEncoder:
@@ -111,14 +123,16 @@ class CachedEncoder:
         os.replace(tmp, self.lru_path)
 
     @staticmethod
-    def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, rows: str) -> bool:
+    def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, rows: str,
+                layered: AbstractSet[str] = frozenset()) -> bool:
         """A cached prompt can serve this ``rows`` request (an entry of its kind or a wider one,
-        see :data:`_KINDS`), of the cache's width and finite. Lengths may differ (DiT encoders do
-        not pad)."""
-        if key + ".eot" not in entries:
+        see :data:`_KINDS`), of the cache's width, finite, with every per-layer stream in
+        ``layered``. Lengths may differ (DiT encoders do not pad)."""
+        if key + ".eot" not in entries or any(key + _LAYERS + n not in entries for n in layered):
             return False
         found = _entry(entries, key, rows)
-        return found is not None and (width is None or found.shape[-1] == width) and bool(torch.isfinite(found).all())
+        return (found is not None and (width is None or found.shape[-1] == width) and bool(torch.isfinite(found).all())
+                and all(bool(torch.isfinite(entries[key + _LAYERS + n]).all()) for n in layered))
 
     def _evict(self, entries: dict[str, torch.Tensor], lru: dict[str, float], keep: set[str]) -> bool:
         """Drop least recently used prompts (not ``keep``) until this file fits its share of the
@@ -129,11 +143,14 @@ class CachedEncoder:
         others = sorted((f for f in self.path.parent.glob("*.safetensors") if f != self.path),
                         key=lambda f: f.stat().st_mtime)
         other_bytes = sum(f.stat().st_size for f in others)
-        keys = sorted({k.rsplit(".", 1)[0] for k in entries} - keep, key=lambda k: lru.get(k, 0.0))
+        by_prompt: dict[str, list[str]] = {}
+        for name in entries:
+            by_prompt.setdefault(name.rsplit(".", 1)[0], []).append(name)
+        keys = sorted(set(by_prompt) - keep, key=lambda k: lru.get(k, 0.0))
         while size() > self.max_bytes and keys:
             old = keys.pop(0)
-            for suffix in (*_KINDS.values(), ".eot", ".ids", ".pooled"):
-                entries.pop(old + suffix, None)
+            for name in by_prompt[old]:
+                entries.pop(name)
             lru.pop(old, None)
         while others and size() + other_bytes > self.max_bytes:
             victim = others.pop(0)
@@ -141,6 +158,34 @@ class CachedEncoder:
             for path in (victim, victim.with_suffix(".lru.json")):
                 path.unlink(missing_ok=True)
         return size() <= self.max_bytes
+
+    def _encode(self, texts: list[str], rows: str,
+                entries: dict[str, torch.Tensor]) -> tuple[EncodedText, dict[str, torch.Tensor]]:
+        """Encode ``texts`` and give their cache entries (older entries of the other kinds dropped)."""
+        got = _rows_returned(self.encoder, rows)
+        fresh = encode(self.encoder, texts, rows)
+        out: dict[str, torch.Tensor] = {}
+        for i, text in enumerate(texts):
+            key = _key(text)
+            stop = _stop(got, int(fresh.eot_index[i]), fresh.hidden.shape[1])
+            for other in _KINDS.values():  # unusable older entries of the other kinds
+                entries.pop(key + other, None)
+            out[key + _KINDS[got]] = fresh.hidden[i, :stop].float().cpu().contiguous()
+            out[key + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
+            if fresh.token_ids is not None:
+                out[key + ".ids"] = fresh.token_ids[i, :stop].cpu().contiguous()
+            if fresh.pooled is not None:
+                out[key + ".pooled"] = fresh.pooled[i].float().cpu().contiguous()
+            for name, states in fresh.layered.items():
+                # through its own EOT at the widest (a per-layer stream is only read whole or to its EOT)
+                end = states.hidden.shape[2] if got == "all" else int(states.eot_index[i]) + 1
+                base = key + _LAYERS + name
+                out[base] = states.hidden[i, :, :end].float().cpu().contiguous()
+                # clones: they may share the main stream's tensors, which safetensors refuses to save twice
+                out[base + "-eot"] = states.eot_index[i : i + 1].cpu().clone()
+                if states.token_ids is not None:
+                    out[base + "-ids"] = states.token_ids[i, :end].cpu().clone()
+        return fresh, out
 
     def __call__(self, texts: Sequence[str], rows: str = "all") -> EncodedText:
         texts = list(texts)
@@ -152,25 +197,18 @@ class CachedEncoder:
         width = next(iter(widths)) if len(widths) == 1 else None
         if len(widths) > 1:  # more than one width: a damaged file; start again
             entries = {}
+        layered = _layered_names(entries)
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
-                                     if not self._usable(entries, k, width, rows)))
+                                     if not self._usable(entries, k, width, rows, layered)))
         fresh_entries: dict[str, torch.Tensor] = {}
         if missing:
-            got = _rows_returned(self.encoder, rows)
-            fresh = encode(self.encoder, missing, rows)
-            for i, text in enumerate(missing):
-                key = _key(text)
-                stop = _stop(got, int(fresh.eot_index[i]), fresh.hidden.shape[1])
-                for other in _KINDS.values():  # unusable older entries of the other kinds
-                    entries.pop(key + other, None)
-                fresh_entries[key + _KINDS[got]] = fresh.hidden[i, :stop].float().cpu().contiguous()
-                fresh_entries[key + ".eot"] = fresh.eot_index[i : i + 1].cpu().contiguous()
-                if fresh.token_ids is not None:
-                    fresh_entries[key + ".ids"] = fresh.token_ids[i, :stop].cpu().contiguous()
-                if fresh.pooled is not None:
-                    fresh_entries[key + ".pooled"] = fresh.pooled[i].float().cpu().contiguous()
-            if width is not None and fresh.hidden.shape[-1] != width:
-                entries = {}  # another width: the old rows belong to another encoder layout
+            fresh, fresh_entries = self._encode(missing, rows, entries)
+            if (width is not None and fresh.hidden.shape[-1] != width) or (entries and set(fresh.layered) != layered):
+                entries = {}  # another width or other per-layer streams: another encoder layout
+                rest = [t for t in dict.fromkeys(texts) if t not in missing]  # served from that layout
+                if rest:
+                    fresh_entries |= self._encode(rest, rows, entries)[1]
+                    missing += rest
         entries |= fresh_entries
         self.misses += len(missing)
         self.hits += len(set(texts)) - len(missing)
@@ -200,7 +238,23 @@ class CachedEncoder:
             tuple(texts), _stack_padded(hidden, 0.0, least), eot,
             pooled=torch.stack(pooled) if all(p is not None for p in pooled) else None,  # type: ignore[arg-type]
             token_ids=_stack_padded(ids, -1, least) if all(i is not None for i in ids) else None,  # type: ignore[arg-type]
+            layered={name: _layer_states(entries, keys, name, short) for name in _layered_names(entries)
+                     if all(k + _LAYERS + name in entries for k in keys)},
         )
+
+
+def _layer_states(entries: dict[str, torch.Tensor], keys: list[str], name: str, short: bool) -> LayerStates:
+    """One per-layer stream of ``keys`` stacked to ``[N, L, T, D]`` (shorter prompts padded with zero rows)."""
+    base = [k + _LAYERS + name for k in keys]
+    eot = torch.cat([entries[b + "-eot"] for b in base])
+    rows = [entries[b].transpose(0, 1) for b in base]  # [T_i, L, D]: padded along T
+    ids = [entries.get(b + "-ids") for b in base]
+    if short:
+        rows = [r[: int(e) + 1] for r, e in zip(rows, eot, strict=True)]
+        ids = [None if i is None else i[: int(e) + 1] for i, e in zip(ids, eot, strict=True)]
+    least = int(eot.max()) + 1
+    return LayerStates(_stack_padded(rows, 0.0, least).transpose(1, 2), eot,
+                       _stack_padded(ids, -1, least) if all(i is not None for i in ids) else None)  # type: ignore[arg-type]
 
 
 _KINDS = {"all": ".hidden", "through_eot": ".head", "through_last_word": ".lead"}

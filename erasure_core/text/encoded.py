@@ -13,8 +13,8 @@ use to pick key rows (``research/algorithms.md`` §0 and §11.1):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConceptError
 
-__all__ = ["ROWS", "EncodedText", "TextEncoder", "TimedEncoder", "TokenPick", "encode", "erase_rows", "preserve_rows",
+__all__ = ["ROWS", "EncodedText", "LayerStates", "TextEncoder", "TimedEncoder", "TokenPick", "encode", "erase_rows", "preserve_rows",
            "rows_for"]
 
 ROWS = ("all", "through_eot", "through_last_word")
@@ -42,6 +42,30 @@ class TokenPick(str, Enum):
 
 
 @dataclass(frozen=True)
+class LayerStates:
+    """Every layer's rows of a second encoder whose layers a model reads one by one (HiDream's Llama,
+    ComfyUI's ``conditioning_llama3``): ``hidden [N, L, T, D]`` float32, with that encoder's own
+    ``eot_index [N]`` and ``token_ids [N, T]`` (its tokens are not the main stream's)."""
+
+    hidden: torch.Tensor
+    eot_index: torch.Tensor
+    token_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.hidden.ndim != 4 or self.eot_index.shape != (self.hidden.shape[0],):
+            raise ValueError(f"hidden must be [N, L, T, D] with eot_index [N], got {tuple(self.hidden.shape)} "
+                             f"and {tuple(self.eot_index.shape)}")
+
+    @property
+    def layers(self) -> int:
+        return int(self.hidden.shape[1])
+
+    def layer(self, texts: tuple[str, ...], k: int) -> EncodedText:
+        """Layer ``k`` as an :class:`EncodedText` (token picks then work on it as on any encoder)."""
+        return EncodedText(texts, self.hidden[:, k], self.eot_index, token_ids=self.token_ids)
+
+
+@dataclass(frozen=True)
 class EncodedText:
     """Per-token hidden states of a batch of prompts.
 
@@ -49,7 +73,8 @@ class EncodedText:
     end-of-text token (so the last word is at ``eot_index - 1``, and at 0, the start token, for the
     empty prompt of a CLIP; encoders without a start token, such as T5, put the empty prompt's
     end-of-text at 0, and its "last word" is that row); ``pooled``: optional ``[N, P]``; ``token_ids``: optional ``[N, T]`` (-1 for
-    positions that hold an embedding rather than a vocabulary token).
+    positions that hold an embedding rather than a vocabulary token); ``layered``: per-layer states of
+    further encoders by name (``"llama"``), read by models whose text inputs each read one layer.
     """
 
     texts: tuple[str, ...]
@@ -57,6 +82,7 @@ class EncodedText:
     eot_index: torch.Tensor
     pooled: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
+    layered: Mapping[str, LayerStates] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.texts)

@@ -3,7 +3,7 @@ comfy.* or folder_paths; the core never does. Node modules use ``from . import _
 re-exported here."""
 
 from .attack import DifferentiableClip, _predict_eps, soft_prompt_attack  # noqa: F401
-from .dit_text import DitClipEncoder, is_unet_clip  # noqa: F401
+from .dit_text import LAYERED_OUTPUTS, DitClipEncoder, is_unet_clip  # noqa: F401
 from .erasers import (  # noqa: F401
     _LDM_BLOCK,
     _LORA_MODULE,
@@ -14,11 +14,13 @@ from .erasers import (  # noqa: F401
     _patch_key,
     add_attn2_output_patch,
     add_lora_patches,
+    is_dit_diffusers_key,
     lora_module_names,
     lora_patches,
     receler_blocks,
     text_encoder_differences,
     text_encoder_pairs,
+    unet_file_differences,
     unet_key_pairs,
     unet_lora_key_map,
     unet_weight_differences,
@@ -69,6 +71,7 @@ from .text import (  # noqa: F401
     conditioning,
     encode_first_windows,
     encode_text,
+    encode_text_layers,
 )
 from .weights import (  # noqa: F401
     _arriving_loader,

@@ -13,6 +13,10 @@ Qwen's ``<|im_end|>...assistant``), after trailing padding is dropped. The condi
 aligned with the stream's tokens at their ends (SD3's CLIP rows precede the T5 rows; Qwen-Image
 drops leading template rows). Prompts of different lengths are padded with zero rows, which add
 nothing to any key Gram.
+
+Some encoders also return every layer of a second encoder beside the conditioning (HiDream's Llama
+as ``conditioning_llama3`` ``[1, L, T, D]``, each DiT text input reading one layer): those come back
+as ``EncodedText.layered``, their rows aligned with that encoder's own tokens in the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from ...erasure_core import ArchitectureError, ConceptError, EncodedText, Progress
+from ...erasure_core.text.encoded import LayerStates
 from .runtime import _short
 
 # Tokenizer streams that become the conditioning's rows, most specific first; the CLIP streams come
@@ -31,6 +36,9 @@ MAIN_STREAMS = ("t5xxl", "umt5xxl", "pile_t5xl", "t5base", "qwen25_7b", "qwen25_
                 "llama", "l", "g")
 # The CLIP object's encoder attribute of a stream, where it differs from the stream's name.
 _ENCODER_ATTR = {"l": "clip_l", "g": "clip_g"}
+# Per-layer states an encoder returns beside its conditioning: ComfyUI's conditioning key -> the tokenizer
+# stream whose tokens are its rows (also the name the architecture rows read them by, ``"llama:k"``).
+LAYERED_OUTPUTS = {"conditioning_llama3": "llama"}
 _PROBE = "zebra"
 
 
@@ -65,16 +73,42 @@ class DitClipEncoder:
     def __init__(self, clip: Any, progress: Progress | None = None, text_length: int = 0):
         self.clip = clip
         self.progress = progress
-        self.stream = self._main_stream(clip, clip.tokenize(""))
+        tokens = clip.tokenize("")
+        self.stream = self._main_stream(clip, tokens)
+        model = clip.cond_stage_model
+        # {conditioning key: tokenizer stream} of the per-layer states this CLIP returns
+        self.layered = {key: name for key, name in LAYERED_OUTPUTS.items()
+                        if name in tokens and getattr(model, name, None) is not None}
         # ComfyUI's per-stream tokenizer option: pad the main stream to at least ``text_length`` tokens
         self.options = {"tokenizer_options": {f"{self.stream}_min_length": text_length}} if text_length else {}
-        empty = self._tokenize("")
-        e = _ids(empty[self.stream][0])
-        self.pad = e[-1] if e else -1
-        e, x = _strip(e, self.pad), _strip(_ids(self._tokenize(_PROBE)[self.stream][0]), self.pad)
-        self.after = 0  # template tokens after the words (common suffix of "" and the probe)
-        while self.after < len(e) and e[len(e) - 1 - self.after] == x[len(x) - 1 - self.after]:
-            self.after += 1
+        empty, probe = self._tokenize(""), self._tokenize(_PROBE)
+        self.layout = {name: self._layout(empty[name][0], probe[name][0])
+                       for name in {self.stream, *self.layered.values()}}
+        self.pad, self.after = self.layout[self.stream]
+
+    @staticmethod
+    def _layout(empty: Sequence[Any], probe: Sequence[Any]) -> tuple[int, int]:
+        """``(pad id, template tokens after the words)`` of one tokenizer stream: the empty prompt's last
+        id, and the common suffix of the empty prompt and a probe once padding is dropped."""
+        e = _ids(empty)
+        pad = e[-1] if e else -1
+        e, x = _strip(e, pad), _strip(_ids(probe), pad)
+        after = 0
+        while after < len(e) and e[len(e) - 1 - after] == x[len(x) - 1 - after]:
+            after += 1
+        return pad, after
+
+    def _align(self, text: str, rows: int, window: Sequence[Any], stream: str) -> tuple[int, list[int]]:
+        """The EOT row and per-row token ids of ``rows`` conditioning rows made from ``window`` (one
+        tokenizer stream's tokens), aligned at their ends."""
+        ids = _ids(window)
+        pad, after = self.layout[stream]
+        offset = rows - len(ids)  # > 0: rows before the stream's (SD3's CLIP); < 0: tokens dropped
+        eot = len(_strip(ids, pad)) - after + offset
+        if eot < 0:
+            raise ConceptError(f"'{_short(text)}' has no rows in the conditioning after tokenising; shorten "
+                               "the concept.", input_name="concepts")
+        return eot, [-1] * max(offset, 0) + ids[max(-offset, 0):]
 
     @staticmethod
     def _main_stream(clip: Any, tokens: dict[str, Any]) -> str:
@@ -89,24 +123,25 @@ class DitClipEncoder:
     def _tokenize(self, text: str) -> dict[str, Any]:
         return self.clip.tokenize(text, **self.options)
 
-    def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None, int, list[int]]:
+    def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None, int, list[int], dict[str, Any]]:
         tokens = self._tokenize(text)
-        windows = tokens[self.stream]
-        if len(windows) != 1:
-            raise ConceptError(f"each concept must fit in one window of the text encoder, but '{_short(text)}' "
-                               f"needs {len(windows)}. Shorten the concept (or its template).", input_name="concepts")
-        ids = _ids(windows[0])
-        out = self.clip.encode_from_tokens(tokens, return_pooled=True)
-        cond, pooled = out if isinstance(out, tuple) else (out, None)
+        for name in (self.stream, *self.layered.values()):
+            if len(tokens[name]) != 1:
+                raise ConceptError(f"each concept must fit in one window of the text encoder, but '{_short(text)}' "
+                                   f"needs {len(tokens[name])}. Shorten the concept (or its template).",
+                                   input_name="concepts")
+        out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        cond, pooled = out["cond"], out.get("pooled_output")
         rows = cond[0].float().cpu()
-        offset = rows.shape[0] - len(ids)  # > 0: rows before the stream's (SD3's CLIP); < 0: tokens dropped
-        eot = len(_strip(ids, self.pad)) - self.after + offset
-        if eot < 0:
-            raise ConceptError(f"'{_short(text)}' has no rows in the conditioning after tokenising; shorten "
-                               "the concept.", input_name="concepts")
-        row_ids = [-1] * max(offset, 0) + ids[max(-offset, 0):]
+        eot, row_ids = self._align(text, rows.shape[0], tokens[self.stream][0], self.stream)
         pooled = pooled.float().cpu().reshape(-1) if isinstance(pooled, torch.Tensor) else None
-        return rows, pooled, eot, row_ids
+        layered = {}
+        for key, name in self.layered.items():
+            states = out.get(key)
+            if isinstance(states, torch.Tensor) and states.ndim == 4:
+                layer_rows = states[0].float().cpu()  # [L, T, D]
+                layered[name] = (layer_rows, *self._align(text, layer_rows.shape[1], tokens[name][0], name))
+        return rows, pooled, eot, row_ids, layered
 
     def __call__(self, texts: Sequence[str]) -> EncodedText:
         texts = list(texts)
@@ -117,14 +152,24 @@ class DitClipEncoder:
                 self.progress(i + 1, len(texts))
         if not done:
             return EncodedText((), torch.zeros(0, 1, 1), torch.zeros(0, dtype=torch.long))
-        length = max(max(r.shape[0], eot + 1) for r, _, eot, _ in done)
-        width = done[0][0].shape[1]
-        hidden = torch.zeros(len(done), length, width)
-        ids = torch.full((len(done), length), -1, dtype=torch.long)
-        for i, (rows, _, _, row_ids) in enumerate(done):
-            hidden[i, : rows.shape[0]] = rows
-            ids[i, : len(row_ids)] = torch.tensor(row_ids[: rows.shape[0]], dtype=torch.long)
-        pooled = [p for _, p, _, _ in done]
+        hidden, eot, ids = _stack([(r, e, i) for r, _, e, i, _ in done])
+        pooled = [p for _, p, _, _, _ in done]
         stacked = torch.stack(pooled) if all(p is not None for p in pooled) else None  # type: ignore[arg-type]
-        eot = torch.tensor([e for _, _, e, _ in done], dtype=torch.long)
-        return EncodedText(tuple(texts), hidden, eot, pooled=stacked, token_ids=ids)
+        names = set.intersection(*(set(x[4]) for x in done))
+        layered = {}
+        for name in sorted(names):  # [N, T, L, D] padded along T, then [N, L, T, D]
+            states, l_eot, l_ids = _stack([(x[4][name][0].transpose(0, 1), *x[4][name][1:]) for x in done])
+            layered[name] = LayerStates(states.transpose(1, 2).contiguous(), l_eot, l_ids)
+        return EncodedText(tuple(texts), hidden, eot, pooled=stacked, token_ids=ids, layered=layered)
+
+
+def _stack(items: list[tuple[torch.Tensor, int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-prompt ``(rows [T_i, ...], eot, row ids)`` as ``[N, T, ...]`` (zero rows after each prompt's
+    own), ``eot [N]`` and ``ids [N, T]`` (-1 there)."""
+    length = max(max(r.shape[0], eot + 1) for r, eot, _ in items)
+    hidden = items[0][0].new_zeros((len(items), length, *items[0][0].shape[1:]))
+    ids = torch.full((len(items), length), -1, dtype=torch.long)
+    for i, (rows, _, row_ids) in enumerate(items):
+        hidden[i, : rows.shape[0]] = rows
+        ids[i, : len(row_ids)] = torch.tensor(row_ids[: rows.shape[0]], dtype=torch.long)
+    return hidden, torch.tensor([e for _, e, _ in items], dtype=torch.long), ids

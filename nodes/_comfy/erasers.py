@@ -18,10 +18,10 @@ from ...erasure_core import (
     Progress,
 )
 from ...erasure_core.edit.adapters import Adapter
-from ...erasure_core.edit.extract import WeightDiff, weight_differences
+from ...erasure_core.edit.extract import KeyPart, WeightDiff, fused_pairs, weight_differences
 from ...erasure_core.errors import ErasureError
 from ...erasure_core.formats.eraser_files import EraserFile
-from ...erasure_core.formats.eraser_formats import Naming, strip_text_encoder_prefix
+from ...erasure_core.formats.eraser_formats import DIT_DIFFUSERS, Naming, strip_text_encoder_prefix
 from .runtime import UNET_PREFIX, model_family_of
 from .weights import _arriving_loader, _base_loader, _store_dtype
 
@@ -68,16 +68,74 @@ DIFF_FROM_ARRIVING = "model as it arrives"
 
 
 
-def unet_weight_differences(model: Any, file: EraserFile, pairs: Sequence[tuple[str, str]], reference: str,
-                            progress: Progress | None = None, for_patching: bool = True) -> WeightDiff:
+def unet_weight_differences(model: Any, file: EraserFile, pairs: Sequence[tuple[str, str]] | None, reference: str,
+                            progress: Progress | None = None, for_patching: bool = True,
+                            parts: dict[str, KeyPart] | None = None) -> WeightDiff:
     """The UNet weights of ``file`` that differ from the model's; as patch tensors (the model's
-    dtype) or, for extraction (``for_patching=False``), in float32."""
+    dtype) or, for extraction (``for_patching=False``), in float32. ``parts`` instead of ``pairs``:
+    file tensors that are slices of the model's fused weights, assembled per weight first."""
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
     read_base, dtype_of = _base_loader(model, UNET_PREFIX)
     read = _arriving_loader(model, UNET_PREFIX) if reference == DIFF_FROM_ARRIVING else read_base
     keep = (lambda key: _store_dtype(dtype_of(key))) if for_patching else None
-    return weight_differences(pairs, file.__getitem__, read, shapes, model_dtype=dtype_of, delta_dtype=keep,
+    read_file = file.__getitem__
+    if parts is not None:
+        pairs, read_file = fused_pairs(parts, file.__getitem__, read, shapes)
+    return weight_differences(pairs or [], read_file, read, shapes, model_dtype=dtype_of, delta_dtype=keep,
                               progress=progress)
+
+
+_UNET_FAMILIES = ("SD1", "SD2", "SDXL")
+
+
+def dit_diffusers_parts(model: Any, keys: Sequence[str]) -> dict[str, KeyPart]:
+    """Where each tensor of a full DiT file in diffusers names lands in this model, from ComfyUI's own
+    map (Flux: ``comfy.utils.flux_to_diffusers``; ``attn.to_q``/``to_k``/``to_v`` are row blocks of the
+    fused ``qkv``, ``norm_out.linear`` has scale and shift swapped). Other DiT families are refused by
+    name; an unknown key raises, naming the first one."""
+    family = model_family_of(model)
+    if family != "Flux":
+        raise ErasureError(
+            f"a full transformer file in diffusers names is mapped onto Flux models only, but the connected model is "
+            f"{family}. Save the erased model in ComfyUI's names (e.g. with ComfyUI's model save) and apply that.",
+            input_name="eraser")
+    config = getattr(model.model, "model_config", None)
+    key_map = comfy.utils.flux_to_diffusers(getattr(config, "unet_config", {}), output_prefix=UNET_PREFIX)
+    model_keys = set(model.model_state_dict(filter_prefix=UNET_PREFIX))
+    parts, unknown = {}, []
+    for key in keys:
+        target = key_map.get(key.removeprefix("transformer."))
+        if isinstance(target, str):
+            part = KeyPart(target)
+        elif target is not None:  # (ComfyUI key, (dim, offset, size) or None[, transform])
+            where = target[1]
+            part = KeyPart(target[0], *(where if where is not None else (None, 0, 0)),
+                           transform=target[2] if len(target) > 2 else None)
+        if target is None or part.target not in model_keys:
+            unknown.append(key)
+        else:
+            parts[key] = part
+    if unknown:
+        raise ErasureError(
+            f"every transformer weight in the eraser must exist in the connected {family} model, but {len(unknown)} of "
+            f"{len(keys)} do not (first: '{unknown[0]}'). The eraser was made for another architecture or size; pick "
+            "the one for this model.", input_name="eraser")
+    return parts
+
+
+def is_dit_diffusers_key(key: str) -> bool:
+    return key.removeprefix("transformer.").startswith(DIT_DIFFUSERS)
+
+
+def unet_file_differences(model: Any, file: EraserFile, keys: Sequence[str], naming: Naming | None, reference: str,
+                          progress: Progress | None = None, for_patching: bool = True) -> WeightDiff:
+    """:func:`unet_weight_differences` for the model weights of a full or partial erased file, whatever its
+    naming: ComfyUI/LDM or diffusers names of a UNet, or a DiT's diffusers names (split q/k/v assembled)."""
+    if naming == Naming.DIFFUSERS and model_family_of(model) not in _UNET_FAMILIES and \
+            all(is_dit_diffusers_key(k) for k in keys):
+        return unet_weight_differences(model, file, None, reference, progress, for_patching,
+                                       parts=dit_diffusers_parts(model, keys))
+    return unet_weight_differences(model, file, unet_key_pairs(model, keys, naming), reference, progress, for_patching)
 
 
 

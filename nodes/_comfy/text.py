@@ -29,7 +29,7 @@ from ...erasure_core.attacks import (
 from ...erasure_core.text.cache import CachedEncoder
 from ...erasure_core.text.clip import TREE_MAX_LENGTH, BPETokenizer
 from ...erasure_core.text.prefix_tree import PrefixTree, tree_attention
-from .dit_text import DitClipEncoder, is_unet_clip
+from .dit_text import LAYERED_OUTPUTS, DitClipEncoder, is_unet_clip
 from .runtime import _short
 
 logger = logging.getLogger(__name__)
@@ -288,8 +288,11 @@ def cached_encoder(clip: Any, progress: Progress | None = None, text_length: int
     folder = os.path.join(folder_paths.get_user_directory(), "concept_erasure", "encodings")
     if is_unet_clip(clip):
         return CachedEncoder(ComfyClipEncoder(clip, progress=progress), folder, clip_fingerprint(clip))
-    fingerprint = clip_fingerprint(clip) + (f"-len{text_length}" if text_length else "")
-    return CachedEncoder(DitClipEncoder(clip, progress, text_length), folder, fingerprint)
+    encoder = DitClipEncoder(clip, progress, text_length)
+    # the per-layer streams it returns are part of what a cached prompt holds (HiDream's Llama layers)
+    fingerprint = (clip_fingerprint(clip) + (f"-len{text_length}" if text_length else "")
+                   + "".join(f"-layers-{name}" for name in sorted(encoder.layered.values())))
+    return CachedEncoder(encoder, folder, fingerprint)
 
 
 
@@ -347,10 +350,31 @@ def encode_text(clip: Any, text: str, input_name: str = "concept") -> tuple[torc
 
 
 
-def conditioning(cond: torch.Tensor, pooled: torch.Tensor | None) -> list[list[Any]]:
-    """A CONDITIONING (``[[cond [1, T, D], {"pooled_output": ...}]]``) for KSampler."""
-    extra = {} if pooled is None else {"pooled_output": pooled.detach().cpu().float()}
-    return [[cond.detach().reshape(1, -1, cond.shape[-1]).cpu().float(), extra]]
+def encode_text_layers(clip: Any, text: str, input_name: str = "concept") -> tuple[
+        torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`encode_text` plus the per-layer states the CLIP returns beside the conditioning, by the
+    name the architecture rows read them by (HiDream: ``{"llama": [L, T, D]}``; empty for others), and
+    every other entry of its conditioning (Lumina 2's ``attention_mask``) to pass on as it is."""
+    out = clip.encode_from_tokens(_one_window(clip, text, input_name), return_pooled=True, return_dict=True)
+    pooled = out.pop("pooled_output", None)
+    cond = out.pop("cond")
+    layers = {name: out.pop(key)[0].float() for key, name in LAYERED_OUTPUTS.items()
+              if isinstance(out.get(key), torch.Tensor) and out[key].ndim == 4}
+    return cond[0].float(), (pooled.float() if isinstance(pooled, torch.Tensor) else None), layers, out
+
+
+def conditioning(cond: torch.Tensor, pooled: torch.Tensor | None, layers: dict[str, torch.Tensor] | None = None,
+                 extra: dict[str, Any] | None = None) -> list[list[Any]]:
+    """A CONDITIONING (``[[cond [1, T, D], {"pooled_output": ..., per-layer states, extra}]]``) for
+    KSampler; ``layers`` and ``extra`` as :func:`encode_text_layers` gives them (HiDream's
+    ``conditioning_llama3``). ``pooled_output`` is there even when None, as CLIP Text Encode puts it
+    (Chroma's model reads the key)."""
+    out: dict[str, Any] = dict(extra or {})
+    out["pooled_output"] = None if pooled is None else pooled.detach().cpu().float()
+    keys = {name: key for key, name in LAYERED_OUTPUTS.items()}
+    for name, states in (layers or {}).items():
+        out[keys[name]] = states.detach().cpu().float()[None]
+    return [[cond.detach().reshape(1, -1, cond.shape[-1]).cpu().float(), out]]
 
 
 

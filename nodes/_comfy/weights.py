@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -42,8 +43,12 @@ def attention_sites(model: Any, device: torch.device | None = None) -> tuple[Arc
     spec = detect(shapes)
     key_patches = model.get_key_patches(UNET_PREFIX)
     context = context_transform_of(model)  # a float32 attn2 context transform already on this clone
+    # per-layer streams (HiDream's llama_layers) are resolved from what the module's forward reads, else
+    # from the config ComfyUI built it from
+    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    config = collections.ChainMap(getattr(getattr(model.model, "diffusion_model", None), "__dict__", {}), unet_config)
     sites = []
-    for key, text_input in spec.site_inputs(shapes):
+    for key, text_input, stream in spec.site_streams(shapes, config):
         weight = LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device, context))
         if text_input is None:
             sites.append(AttentionSite(key, weight))
@@ -53,7 +58,7 @@ def attention_sites(model: Any, device: torch.device | None = None) -> tuple[Arc
             norm_key = spec.norm_key(shapes, text_input.norm)
             scale = _effective_weight(key_patches[norm_key], norm_key, device)()
             transform = RowTransform(norm_key, text_input.norm.eps, scale)
-        sites.append(AttentionSite(key, weight, text_input.stream, transform))
+        sites.append(AttentionSite(key, weight, stream, transform))
     return spec, sites
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from erasure_core import ArchitectureError, RowTransform, detect, reference_site_shapes
+from erasure_core.architectures import layer_stream, parse_layer_stream
 
 
 @pytest.mark.parametrize(("name", "sites", "width"), [("sd1", 32, 768), ("sd2", 32, 1024), ("sdxl", 140, 2048)])
@@ -71,7 +72,6 @@ def test_row_transform_is_comfyuis_rms_norm():
 @pytest.mark.parametrize(("keys", "name"), [
     ({"txt_in.individual_token_refiner.blocks.0.norm1.weight": (3072,), "txt_in.input_embedder.weight": (3072, 4096)},
      "HunyuanVideo"),
-    ({"caption_projection.0.linear.weight": (2560, 4096)}, "HiDream"),
 ])
 def test_refused_families_are_named_with_the_reason_and_what_is_supported(keys, name):
     with pytest.raises(ArchitectureError, match=f"{name} models are not supported: its ") as err:
@@ -97,3 +97,40 @@ def test_a_cross_attention_width_no_spec_knows_is_unknown():
     shapes = {"input_blocks.0.0.weight": (320, 4), "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1280)}
     with pytest.raises(ArchitectureError, match="unknown architecture"):
         detect(shapes)
+
+
+HIDREAM = {**{f"caption_projection.{i}.linear.weight": (2560, 4096) for i in range(5)},
+           "p_embedder.pooled_embedder.linear_1.weight": (2560, 2048)}
+
+
+def test_hidream_projections_read_their_llama_layer_and_the_last_reads_t5():
+    shapes = {"diffusion_model." + k: v for k, v in HIDREAM.items()}
+    spec = detect(shapes)
+    assert spec.name == "hidream" and spec.supported
+    found = {k.removeprefix("diffusion_model."): s for k, _, s in spec.site_streams(shapes, {"llama_layers": [0, 3, 3, 7]})}
+    assert found == {"caption_projection.0.linear.weight": "llama:0", "caption_projection.1.linear.weight": "llama:3",
+                     "caption_projection.2.linear.weight": "llama:3", "caption_projection.3.linear.weight": "llama:7",
+                     "caption_projection.4.linear.weight": "tokens",
+                     "p_embedder.pooled_embedder.linear_1.weight": "pooled"}
+
+
+def test_a_hidream_projection_past_the_layer_table_is_read_by_nothing_and_the_table_is_required():
+    shapes = dict(HIDREAM)
+    found = {k: s for k, _, s in detect(shapes).site_streams(shapes, {"llama_layers": [5, 6]})}
+    assert "caption_projection.2.linear.weight" not in found and "caption_projection.3.linear.weight" not in found
+    assert found["caption_projection.1.linear.weight"] == "llama:6" and found["caption_projection.4.linear.weight"] == "tokens"
+    with pytest.raises(ArchitectureError, match="llama_layers") as err:
+        detect(shapes).site_streams(shapes, {})
+    assert err.value.input_name == "model"
+
+
+def test_indexed_keys_match_whole_indices_only():
+    spec = detect(dict(HIDREAM))
+    keys = [k for k, _ in spec.site_inputs({**HIDREAM, "caption_projection.linear_1.weight": (1, 1),
+                                            "x.caption_projection.12.linear.weight": (1, 1)})]
+    assert "caption_projection.linear_1.weight" not in keys and "x.caption_projection.12.linear.weight" in keys
+
+
+def test_layer_stream_names_round_trip():
+    assert parse_layer_stream(layer_stream("llama", 31)) == ("llama", 31)
+    assert parse_layer_stream("tokens") is None and parse_layer_stream("pooled") is None

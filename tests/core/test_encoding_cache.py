@@ -4,6 +4,7 @@ import torch
 from fakes import tiny_encoder
 
 from erasure_core.text.cache import CachedEncoder
+from erasure_core.text.encoded import EncodedText, LayerStates
 
 
 class Counting:
@@ -161,3 +162,57 @@ def test_an_encoder_that_stops_only_at_the_eot_is_cached_through_the_eot(tmp_pat
     cached = CachedEncoder(inner, tmp_path, "fp")
     cached(["a cat"], rows="through_eot")  # stored as a through-EOT entry: serves this too
     assert (cached.hits, cached.misses) == (1, 0)
+
+
+class LayeredCounting(Counting):
+    """Adds a second encoder's per-layer states [N, 2, T, 8] with its own EOT, like HiDream's Llama."""
+
+    def __init__(self, layers=True):
+        super().__init__()
+        self.layers = layers
+
+    def __call__(self, texts):
+        enc = super().__call__(texts)
+        if not self.layers:
+            return enc
+        hidden = torch.stack([enc.hidden[..., :8], 2 * enc.hidden[..., 8:16]], dim=1)
+        eot = (enc.eot_index + 1).clamp(max=hidden.shape[2] - 1)
+        return EncodedText(enc.texts, enc.hidden, enc.eot_index, enc.pooled, enc.token_ids,
+                           {"llama": LayerStates(hidden, eot, enc.token_ids)})
+
+
+def test_per_layer_states_are_cached_with_their_own_eot_and_served_again(tmp_path):
+    inner = LayeredCounting()
+    first = CachedEncoder(inner, tmp_path, "fp")(["a cat", "a dog"])
+    second = CachedEncoder(inner, tmp_path, "fp")(["a dog", "a cat"])
+    assert inner.calls == [["a cat", "a dog"]]
+    a, b = first.layered["llama"], second.layered["llama"]
+    assert torch.equal(b.hidden, a.hidden[[1, 0]]) and b.eot_index.tolist() == a.eot_index[[1, 0]].tolist()
+    assert torch.equal(b.token_ids, a.token_ids[[1, 0]])
+    short = CachedEncoder(inner, tmp_path, "fp")(["a cat"], rows="through_eot").layered["llama"]
+    assert short.hidden.shape[2] == int(a.eot_index[0]) + 1 and torch.equal(short.hidden[0], a.hidden[0, :, :short.hidden.shape[2]])
+
+
+def test_cached_prompts_without_the_per_layer_states_are_encoded_again(tmp_path):
+    CachedEncoder(LayeredCounting(layers=False), tmp_path, "fp")(["a cat"])
+    inner = LayeredCounting()
+    out = CachedEncoder(inner, tmp_path, "fp")(["a cat", "a dog"])
+    assert inner.calls == [["a dog"], ["a cat"]]  # the new layout: the cached prompt is encoded again
+    again = CachedEncoder(inner, tmp_path, "fp")(["a cat", "a dog"])
+    assert "llama" in again.layered and again.layered["llama"].hidden.shape[:2] == (2, 2)
+    assert out.hidden.shape[0] == 2
+
+
+def test_eviction_drops_a_prompts_per_layer_states_with_it(tmp_path):
+    inner = LayeredCounting()
+    cache = CachedEncoder(inner, tmp_path, "fp", max_bytes=10**9)
+    cache(["p0", "p1", "p2"])
+    three = sum(t.numel() * t.element_size() for t in cache._entries.values())
+    CachedEncoder(inner, tmp_path, "fp", max_bytes=three // 2)(["p3"])
+    from safetensors.torch import load_file
+
+    left = load_file(tmp_path / "fp.safetensors")
+    prompts = {k.rsplit(".", 1)[0] for k in left}
+    assert 1 <= len(prompts) < 4
+    assert all(any(k.startswith(p + ".layers-llama") for k in left) for p in prompts)
+    assert all(k.rsplit(".", 1)[0] in prompts for k in left)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from erasure_core import ConfigError, ErasureError, PatchSet
-from erasure_core.edit.extract import extract_low_rank, rounding_tolerance, weight_differences
+from erasure_core.edit.extract import KeyPart, extract_low_rank, fused_pairs, rounding_tolerance, weight_differences
 
 
 def test_exact_low_rank_difference_is_recovered_at_its_rank():
@@ -74,3 +74,32 @@ def test_randomized_path_on_wide_weights_finds_the_rank_and_measures_the_error()
     assert abs(measured - report.fits[0].rel_error) < 1e-5 and measured < 2e-3
     again, _ = extract_low_rank({"k": delta}, max_rank=8, max_error=0.01)
     assert torch.equal(again["k"].up, patch["k"].up)  # seeded: the same file every time
+
+
+def test_fused_parts_are_assembled_into_their_weight_and_missing_rows_keep_the_models():
+    """A file that splits a fused weight (diffusers' q/k/v of Flux's qkv): each part lands on its rows,
+    after its transform; rows the file lacks read as the model's, so only the changed part differs."""
+    gen = torch.Generator().manual_seed(0)
+    model = {"qkv": torch.randn(6, 4, generator=gen), "mod": torch.randn(4, 3, generator=gen)}
+    file = {"to_q": model["qkv"][0:2].clone(), "to_k": model["qkv"][2:4] + 1.0,
+            "norm_out": torch.cat([model["mod"][2:], model["mod"][:2]])}  # halves swapped, as diffusers stores it
+    swap = lambda t: torch.cat([t[t.shape[0] // 2:], t[: t.shape[0] // 2]])  # noqa: E731
+    parts = {"to_q": KeyPart("qkv", 0, 0, 2), "to_k": KeyPart("qkv", 0, 2, 2), "norm_out": KeyPart("mod", transform=swap)}
+    shapes = {k: tuple(v.shape) for k, v in model.items()}
+    pairs, read = fused_pairs(parts, file.__getitem__, model.__getitem__, shapes)
+    assert sorted(pairs) == [("mod", "mod"), ("qkv", "qkv")]
+    diff = weight_differences(pairs, read, model.__getitem__, shapes)
+    assert set(diff.deltas) == {"qkv"} and diff.unchanged == 1
+    expected = torch.zeros(6, 4)
+    expected[2:4] = 1.0
+    torch.testing.assert_close(diff.deltas["qkv"], expected)
+
+
+def test_a_fused_part_past_its_weight_is_refused_naming_it():
+    model = {"qkv": torch.zeros(6, 4)}
+    with pytest.raises(ErasureError, match="'proj_mlp' goes to rows 4-12 of 'qkv'"):
+        fused_pairs({"proj_mlp": KeyPart("qkv", 0, 4, 8)}, model.__getitem__, model.__getitem__, {"qkv": (6, 4)})
+    _, read = fused_pairs({"to_v": KeyPart("qkv", 0, 4, 2)}, {"to_v": torch.zeros(3, 4)}.__getitem__,
+                          model.__getitem__, {"qkv": (6, 4)})
+    with pytest.raises(ErasureError, match="'to_v' is \\(3, 4\\)"):
+        read("qkv")

@@ -136,3 +136,20 @@ def test_clip_l_text_encoder_fits_sd1_and_sdxl():
     check_family(info, "SD1")
     with pytest.raises(ErasureError, match="look like SD1/SDXL"):
         check_family(info, "SD2")
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+def test_a_full_flux_transformer_in_diffusers_names_is_transformer_weights(prefix):
+    keys = {"transformer_blocks.0.attn.to_q.weight": (3072, 3072), "transformer_blocks.0.attn.add_k_proj.weight":
+            (3072, 3072), "single_transformer_blocks.0.proj_mlp.weight": (12288, 3072),
+            "context_embedder.weight": (3072, 4096), "x_embedder.weight": (3072, 64), "norm_out.linear.weight":
+            (6144, 3072), "time_text_embed.text_embedder.linear_1.weight": (3072, 768)}
+    info = describe({prefix + k: v for k, v in keys.items()})
+    assert info.format == EraserFormat.UNET_WEIGHTS and info.naming == Naming.DIFFUSERS
+    assert info.targets == ("transformer",) and info.family == "Flux" and info.keys == len(keys)
+
+
+def test_a_sd15_unet_in_diffusers_names_is_still_a_unet():
+    info = describe({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+                     "conv_in.weight": (320, 4, 3, 3)})
+    assert info.targets == ("unet",) and info.naming == Naming.DIFFUSERS

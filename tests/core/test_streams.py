@@ -7,10 +7,19 @@ import pytest
 import torch
 from fakes import edited_weight
 
-from erasure_core import AttentionSite, ConceptSet, EncodedText, RowTransform, TokenPick, erase, make_config
+from erasure_core import (
+    ArchitectureError,
+    AttentionSite,
+    ConceptSet,
+    EncodedText,
+    RowTransform,
+    TokenPick,
+    erase,
+    make_config,
+)
 from erasure_core.methods import names
 from erasure_core.methods.streams import StreamView
-from erasure_core.text.encoded import erase_rows
+from erasure_core.text.encoded import LayerStates, erase_rows
 
 
 class PooledEncoder:
@@ -83,3 +92,74 @@ def test_every_method_runs_on_a_two_stream_dit(encoder, method):
     patch = erase(method, sites, concepts, PooledEncoder(encoder), make_config(method))
     assert set(patch.keys()) == {s.key for s in sites} and patch.meta["method"] == method
     assert all(torch.isfinite(patch[s.key].dense()).all() for s in sites)
+
+
+class LayeredEncoder:
+    """A tiny encoder with a second encoder's per-layer states (like HiDream's Llama): 3 layers, 20 wide,
+    its own end-of-text one row later than the main stream's."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.mix = torch.randn(3, 32, 20, generator=torch.Generator().manual_seed(6))
+        self.calls = 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        enc = self.encoder(texts)
+        hidden = torch.einsum("ntd,lde->nlte", enc.hidden, self.mix)
+        states = LayerStates(hidden, (enc.eot_index + 1).clamp(max=hidden.shape[2] - 1), enc.token_ids)
+        return EncodedText(enc.texts, enc.hidden, enc.eot_index, enc.pooled, enc.token_ids, {"llama": states})
+
+
+def test_each_llama_layer_stream_is_solved_on_that_layers_rows(encoder):
+    gen = torch.Generator().manual_seed(2)
+    sites = [AttentionSite(f"caption_projection.{i}.linear.weight", torch.randn(24, 20, generator=gen) / 20**0.5,
+                           f"llama:{k}") for i, k in enumerate((0, 2, 2))]
+    sites.append(AttentionSite("caption_projection.3.linear.weight", torch.randn(24, 32, generator=gen) / 32**0.5))
+    layered = LayeredEncoder(encoder)
+    config = make_config("uce", lamb=1e-5, preserve_empty_prompt=False, token_pick=TokenPick.LAST_SUBJECT,
+                         preserve_bank=False)
+    patch = erase("uce", sites, ConceptSet.simple(("cat",), ("dog",)), layered, config)
+    assert layered.calls == 1 and {s["stream"] for s in patch.meta["streams"]} == {"llama:0", "llama:2", "tokens"}
+    for site in sites:
+        enc = StreamView(layered, site.stream)(["cat", "dog"])
+        ce, ca = erase_rows(enc, [("cat", "dog")], TokenPick.LAST_SUBJECT)
+        w0 = site.weight.double()
+        err = (edited_weight(site, patch) @ ce.double().T - w0 @ ca.double().T).abs().max()
+        assert err < 1e-4 * (w0 @ (ca - ce).double().T).abs().max(), site.key
+    view = StreamView(layered, "llama:2")(["cat"])
+    full = layered(["cat"])
+    assert torch.equal(view.hidden, full.layered["llama"].hidden[:, 2]) and view.eot_index.tolist() == (
+        full.eot_index + 1).tolist()
+
+
+def test_a_layer_stream_the_encoder_does_not_return_is_refused_with_the_fix(encoder):
+    with pytest.raises(ArchitectureError, match="per-layer states") as err:
+        StreamView(encoder, "llama:3")(["cat"])
+    assert err.value.input_name == "clip"
+    with pytest.raises(ArchitectureError, match="returns 3 layers"):
+        StreamView(LayeredEncoder(encoder), "llama:3")(["cat"])
+
+
+def test_the_check_sums_every_token_stream_and_leaves_out_the_pooled_one(encoder):
+    """HiDream-like sites (two Llama layers, T5, a pooled input): the check's squared gaps and drifts are the
+    sums of each token stream's, each measured on that stream's own rows."""
+    from erasure_core.methods.check import check_edit
+
+    gen = torch.Generator().manual_seed(3)
+    sites = [AttentionSite(f"caption_projection.{i}.linear.weight", torch.randn(24, 20, generator=gen) / 20**0.5,
+                           f"llama:{k}") for i, k in enumerate((0, 2, 2))]
+    sites.append(AttentionSite("caption_projection.3.linear.weight", torch.randn(24, 32, generator=gen) / 32**0.5))
+    sites.append(AttentionSite("p_embedder.weight", torch.randn(24, 12, generator=gen) / 12**0.5, "pooled"))
+    layered = LayeredEncoder(PooledEncoder(encoder))
+    concepts = ConceptSet.simple(("cat",), ("dog",))
+    config = make_config("uce", lamb=0.1, token_pick=TokenPick.LAST_SUBJECT, preserve_bank=False)
+    patch = erase("uce", sites, concepts, layered, config)
+    both = check_edit(sites, patch, concepts, layered, [""], probes=["a red car"])
+    per = [check_edit([s for s in sites if s.stream == stream], patch, concepts, layered, [""], probes=["a red car"])
+           for stream in ("llama:0", "llama:2", "tokens")]
+    assert all(c.gap > 0 for c in per)
+    assert both.gap**2 == pytest.approx(sum(c.gap**2 for c in per), rel=1e-9)
+    for attr in ("targets", "probes"):
+        total = getattr(both, attr)[0][1] ** 2 * both.gap**2
+        assert total == pytest.approx(sum(getattr(c, attr)[0][1] ** 2 * c.gap**2 for c in per), rel=1e-9)

@@ -18,6 +18,7 @@ FAMILIES = {  # our row, ComfyUI's config class, model builder, CLIP builder, la
     "qwen_image": ("qwen_image", "QwenImage", tiny_dits.qwen_image, tiny_dits.qwen_clip, (1, 16, 1, 8, 8)),
     "chroma": ("chroma", "Chroma", tiny_dits.chroma, tiny_dits.chroma_clip, (1, 16, 8, 8)),
     "lumina2": ("lumina2", "Lumina2", tiny_dits.lumina2, tiny_dits.lumina_clip, (1, 16, 8, 8)),
+    "hidream": ("hidream", "HiDream", tiny_dits.hidream, tiny_dits.hidream_clip, (1, 16, 8, 8)),
 }
 LAST_SUBJECT = "last subject token"
 
@@ -47,11 +48,12 @@ def _erase(model, clip, targets="cat", anchors="dog", preserve="", **options):
     return _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, **(defaults | options))[:3]
 
 
-def _step(model, clip, prompt, latent_shape, seed=3):
-    """The model's denoised latent after one Euler step from seeded noise (cfg 1: the prompt alone)."""
+def _step(model, clip, prompt, latent_shape, seed=3, cond=None):
+    """The model's denoised latent after one Euler step from seeded noise (cfg 1: the prompt alone, or
+    ``cond``, a CONDITIONING)."""
     import comfy.sample
 
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    cond = cond if cond is not None else clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
     latent = torch.zeros(latent_shape)
     noise = comfy.sample.prepare_noise(latent, seed)
     with torch.inference_mode():
@@ -195,6 +197,12 @@ def test_attack_prompt_closed_form_recovers_the_erasure_and_soft_prompt_refuses(
     normed = family["row"] in ("qwen_image", "lumina2")  # the model re-normalises the attack's rows
     assert recovery > (0.3 if normed else 0.7), report  # λ = reg · tr(G)/d with one site: not exact
     assert cond[0][0].shape[-1] == clip.encode_from_tokens(clip.tokenize("cat")).shape[-1]
+    assert torch.isfinite(_step(erased, clip, "", family["latent"], cond=cond)).all()  # KSampler takes it
+    if family["row"] == "hidream":  # every Llama layer the projections read is attacked and scored too
+        layers = cond[0][1]["conditioning_llama3"]
+        concept = clip.encode_from_tokens(clip.tokenize("cat"), return_dict=True)["conditioning_llama3"]
+        assert layers.shape == concept.shape and "2 per-layer text streams attacked" in report
+        assert not torch.equal(layers[:, 0], concept[:, 0]) and torch.equal(layers[:, 1], concept[:, 1])
     with pytest.raises(ConfigError, match="soft_prompt .* DiT models"):
         _attack(erased, clip, mode="soft_prompt", original_model=model)
     _step(model, clip, "cat", family["latent"])
@@ -212,4 +220,36 @@ def test_attack_prompt_concept_vector_works_or_says_why(family):
     except ConceptError as err:  # LLM encoders and Chroma's T5 do not pad prompts to one length
         assert family["row"] in ("qwen_image", "lumina2", "chroma") and "one length" in str(err)
         return
-    assert family["row"] in ("flux", "sd3") and cond[0][0].ndim == 3 and math.isnan(recovery)
+    assert family["row"] in ("flux", "sd3", "hidream") and cond[0][0].ndim == 3 and math.isnan(recovery)
+    assert torch.isfinite(_step(model, clip, "", family["latent"], cond=cond)).all()
+    if family["row"] == "hidream":  # HiDream pads T5 and Llama to 128 tokens; its Llama layers move too
+        carrier = clip.encode_from_tokens(clip.tokenize("a photo"), return_dict=True)["conditioning_llama3"]
+        assert cond[0][1]["conditioning_llama3"].shape == carrier.shape
+        assert not torch.equal(cond[0][1]["conditioning_llama3"], carrier)
+
+
+def test_hidream_llama_layers_are_encoded_aligned_with_llamas_tokens_and_cached(pack, tmp_path, monkeypatch):
+    """HiDream's Llama stream: ComfyUI's ``conditioning_llama3`` [1, L, T, D] comes back per layer with Llama's
+    own tokens (start token, the words, then <|eot_id|> padding to 128), its EOT the first padding row; a
+    second encoder over the same CLIP reads it all from the cache, whose file is keyed by the streams."""
+    import folder_paths
+    from concept_erasure_pack.nodes import _comfy
+
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    clip = tiny_dits.hidream_clip()
+    tokens = clip.tokenize("a photo of a cat")
+    expected = clip.encode_from_tokens(tokens, return_dict=True)["conditioning_llama3"][0]
+    first = _comfy.cached_encoder(clip)
+    assert first.path.name.endswith("-layers-llama.safetensors")
+    enc = first(["a photo of a cat", "dog"])
+    states = enc.layered["llama"]
+    assert states.hidden.shape == (2, *expected.shape)
+    torch.testing.assert_close(states.hidden[0], expected, rtol=0, atol=1e-6)
+    words = [t for t, _ in tokens["llama"][0] if t != 128009]
+    assert words[0] == 128000 and int(states.eot_index[0]) == len(words)  # the row after the last word
+    assert states.token_ids[0, : len(words)].tolist() == words and int(states.token_ids[0, len(words)]) == 128009
+    assert int(enc.eot_index[0]) != int(states.eot_index[0])  # T5's own EOT (its </s>) differs
+    second = _comfy.cached_encoder(clip)
+    again = second(["dog", "a photo of a cat"])
+    assert (second.hits, second.misses) == (2, 0)
+    assert torch.equal(again.layered["llama"].hidden, states.hidden[[1, 0]])

@@ -133,3 +133,70 @@ def test_lora_module_names_round_trip_through_comfyuis_loader(models, folders, f
     patched, _, _ = _apply(model, None, "named.safetensors")
     torch.testing.assert_close(_live(patched, key), before + delta, rtol=0, atol=1e-5)
     _live(model, key)
+
+
+def _flux_diffusers_state(model, prefix=""):
+    """The tiny Flux's transformer as diffusers saves it (``transformer_blocks.N.attn.to_q``... split out of
+    ComfyUI's fused ``qkv``, ``norm_out.linear`` with scale and shift swapped), built from ComfyUI's map."""
+    import comfy.utils
+
+    state = {P + k: v.float() for k, v in model.model.diffusion_model.state_dict().items()}
+    out = {}
+    for name, target in comfy.utils.flux_to_diffusers(model.model.model_config.unet_config, output_prefix=P).items():
+        if isinstance(target, str):
+            if target in state:
+                out[prefix + name] = state[target].clone()
+            continue
+        if target[0] not in state:
+            continue
+        weight = state[target[0]]
+        if target[1] is not None:
+            weight = weight.narrow(*target[1])
+        out[prefix + name] = (target[2](weight) if len(target) > 2 else weight).clone().contiguous()
+    return out
+
+
+@pytest.fixture(scope="module")
+def flux4(pack):
+    """Flux's own MLP ratio 4: diffusers' ``proj_mlp`` is rows 3H..7H of ComfyUI's ``linear1`` (ComfyUI's map
+    and loader assume it, as every Flux has it)."""
+    return tiny_dits.flux(mlp_ratio=4.0)[0]
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+def test_a_full_erased_flux_transformer_in_diffusers_names_is_differenced(flux4, folders, prefix):
+    """Every tensor of the file is a block of one ComfyUI weight: only the two weights whose blocks changed
+    (the K rows of the text stream's fused qkv, and txt_in) are patched, each by exactly its change; every
+    other block, the swapped final modulation included, lands on its own weight unchanged."""
+    model = flux4
+    state = _flux_diffusers_state(model, prefix)
+    assert len(state) > 30 and prefix + "transformer_blocks.0.attn.add_k_proj.weight" in state
+    g = torch.Generator().manual_seed(5)
+    k_change = torch.randn(state[prefix + "transformer_blocks.0.attn.add_k_proj.weight"].shape, generator=g) * 0.01
+    txt_change = torch.randn(state[prefix + "context_embedder.weight"].shape, generator=g) * 0.01
+    state[prefix + "transformer_blocks.0.attn.add_k_proj.weight"] += k_change
+    state[prefix + "context_embedder.weight"] += txt_change
+    save_file(state, str(folders / "erased_flux_diffusers.safetensors"))
+    qkv, txt_in = P + "double_blocks.0.txt_attn.qkv.weight", P + "txt_in.weight"
+    before_qkv, before_txt = _live(model, qkv), _live(model, txt_in)
+    patched, _, report = _apply(model, None, "erased_flux_diffusers.safetensors")
+    assert "2 of" in report and set(patched.patches) == {qkv, txt_in}, report
+    expected = before_qkv.clone()
+    expected[H["flux"]:2 * H["flux"]] += k_change  # add_k_proj: rows H..2H of the fused qkv
+    torch.testing.assert_close(_live(patched, qkv), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_live(patched, txt_in), before_txt + txt_change, rtol=0, atol=1e-6)
+    assert not model.patches
+    _live(model, qkv)
+
+
+def test_a_diffusers_transformer_file_for_another_model_is_refused_by_name(models, flux4, folders):
+    from concept_erasure_pack.erasure_core import ErasureError
+
+    state = _flux_diffusers_state(flux4)
+    save_file(state, str(folders / "flux_diffusers.safetensors"))
+    with pytest.raises(ErasureError, match="mapped onto Flux models only, but the connected model is"):
+        _apply(models["qwen_image"], None, "flux_diffusers.safetensors")
+    state["transformer_blocks.7.attn.to_q.weight"] = torch.zeros(64, 64)
+    save_file(state, str(folders / "flux_diffusers_deeper.safetensors"))
+    with pytest.raises(ErasureError, match="transformer_blocks.7.attn.to_q.weight"):
+        _apply(flux4, None, "flux_diffusers_deeper.safetensors")

@@ -226,13 +226,13 @@ def load_dit(module: torch.nn.Module, widths: dict[str, Any], seed: int = SEED):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), type(config).__name__
 
 
-def flux(seed: int = SEED):
+def flux(seed: int = SEED, **overrides: Any):
     import comfy.ldm.flux.model
     import comfy.ops
 
     widths = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64,
               "mlp_ratio": 2.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
-              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True} | overrides
     with torch.device("meta"):
         module = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)
@@ -282,4 +282,134 @@ def lumina2(seed: int = SEED):
               "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [4, 6, 6], "axes_lens": [300, 64, 64]}
     with torch.device("meta"):
         module = comfy.ldm.lumina.model.NextDiT(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
+
+
+LLAMA_WORDS = ("a photo of the cat dog red car van gogh painter monet zebra house tree in on with and painting by style "
+               "portrait landscape city night blue green small large old new road street").split()
+
+
+def llama_tokenizer_dir(folder: str) -> str:
+    """A small Llama-3-style tokenizer (``tokenizer.json`` + config) written to ``folder``: ComfyUI reads
+    Llama's from ``comfy/text_encoders/llama_tokenizer/tokenizer.json``, which its export here lacks (users
+    have it). SentencePiece-style BPE (the layout transformers' LlamaTokenizer rebuilds): single characters
+    plus merges to whole words, and Llama 3's special ids (``<|begin_of_text|>`` 128000, ``<|eot_id|>`` 128009,
+    HiDream's padding)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "▁": 1}
+    for c in sorted(set("abcdefghijklmnopqrstuvwxyz")):
+        vocab[c] = len(vocab)
+    merges = []
+    for word in LLAMA_WORDS:
+        piece = "▁"
+        for c in word:
+            merges.append((piece, c))
+            piece += c
+            vocab.setdefault(piece, len(vocab))
+    specials = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|eot_id|>": 128009}
+    tok = Tokenizer(models.BPE(vocab | specials, list(dict.fromkeys(merges)), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.add_special_tokens([AddedToken(name, special=True) for name in specials])
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 128000)])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": "<|begin_of_text|>",
+                   "eos_token": "<|end_of_text|>", "tokenizer_class": "LlamaTokenizer", "legacy": True}, f)
+    return folder
+
+
+HIDREAM_LLAMA = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                 "num_key_value_heads": 2}
+HIDREAM_LLAMA_LAYERS = [0, 2, 2]  # 3 per-layer states (ComfyUI drops the embeddings); layer 2 read twice
+
+
+_TOKENIZER_DIR: Any = None  # one temporary folder per test process, removed at exit
+
+
+def hidream_clip(seed: int = SEED, tokenizer_folder: str | None = None):
+    """ComfyUI's HiDream text encoder (CLIP-L + CLIP-G pooled, T5 rows, Llama's per-layer states) with tiny
+    towers and ComfyUI's own tokenizers, its Llama tokenizer pointed at :func:`llama_tokenizer_dir` (in a
+    temporary folder unless ``tokenizer_folder`` is given)."""
+    import tempfile
+
+    global _TOKENIZER_DIR
+    if tokenizer_folder is None:
+        if _TOKENIZER_DIR is None:
+            _TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="ce_llama_tokenizer_")
+            llama_tokenizer_dir(_TOKENIZER_DIR.name)
+        tokenizer_folder = _TOKENIZER_DIR.name
+    import comfy.sd1_clip
+    import comfy.text_encoders.hidream as hd
+    import comfy.text_encoders.hunyuan_video as hv
+    import comfy.text_encoders.llama as llama
+    from transformers import LlamaTokenizerFast
+
+    class TinyLlama(llama.Llama2):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = llama.Llama2Config(vocab_size=128256, **HIDREAM_LLAMA)
+            config.head_dim = 12
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+
+    class TinyLlamaModel(hv.LLAMAModel):
+        def __init__(self):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, layer="all", layer_idx=None, textmodel_json_config={}, dtype=torch.float32,
+                special_tokens={"start": 128000, "pad": 128009}, layer_norm_hidden_state=False, model_class=TinyLlama,
+                enable_attention_masks=True, return_attention_masks=True, model_options={"model_name": "llama"})
+
+    class TinyHiDreamTE(hd.HiDreamTEModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            torch.nn.Module.__init__(self)
+            self.clip_l = tiny_clip(return_projected_pooled=True)
+            self.clip_g = tiny_clip(layer="hidden", layer_idx=-2, layer_norm_hidden_state=False,
+                                    return_projected_pooled=True, num_layers=3)
+            self.t5xxl = _tiny_t5_masked()
+            self.llama = TinyLlamaModel()
+            self.dtypes = {torch.float32}
+
+    class TinyLlamaTokenizer(hv.LLAMA3Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data=None, min_length=128, pad_token=128009):
+            comfy.sd1_clip.SDTokenizer.__init__(
+                self, tokenizer_folder, embedding_directory=embedding_directory, pad_with_end=False, embedding_size=4096,
+                embedding_key="llama", tokenizer_class=LlamaTokenizerFast, has_start_token=True, has_end_token=False,
+                pad_to_max_length=False, max_length=99999999, pad_token=pad_token, min_length=min_length,
+                tokenizer_data=tokenizer_data or {})
+
+    class TinyHiDreamTokenizer(hd.HiDreamTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data=None):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {})
+            self.llama = TinyLlamaTokenizer(embedding_directory=embedding_directory)
+
+    return make_clip(TinyHiDreamTE, TinyHiDreamTokenizer, seed)
+
+
+def _tiny_t5_masked():
+    """HiDream's T5 (``T5XXLModel(attention_mask=True)``): padding masked out of its attention."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.t5
+
+    return comfy.sd1_clip.SDClipModel(textmodel_json_config=_json("t5_config_xxl.json", **T5), dtype=torch.float32,
+                                      special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                                      enable_attention_masks=True, return_attention_masks=True,
+                                      model_options={"model_name": "t5xxl"})
+
+
+def hidream(seed: int = SEED):
+    """Tiny HiDream: 1 double + 2 single blocks, 4 caption projections (Llama layers 0, 2, 2; then T5 32
+    wide), pooled CLIP-L ⊕ G 64 wide, 2 routed experts."""
+    import comfy.ldm.hidream.model as hm
+    import comfy.ops
+
+    widths = {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1, "num_single_layers": 2,
+              "attention_head_dim": 16, "num_attention_heads": 2, "caption_channels": [T5["d_model"], 48],
+              "text_emb_dim": 2 * CLIP["projection_dim"], "num_routed_experts": 2, "num_activated_experts": 1,
+              "axes_dims_rope": [8, 4, 4], "max_resolution": [16, 16], "llama_layers": HIDREAM_LLAMA_LAYERS}
+    with torch.device("meta"):
+        module = hm.HiDreamImageTransformer2DModel(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)

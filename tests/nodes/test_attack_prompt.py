@@ -23,8 +23,10 @@ class AttackClip(FakeClip):
         self.tokenizer = SimpleNamespace(clip_l=SimpleNamespace(
             inv_vocab={self._word_id(w): w + "</w>" for w in WORDS}))
 
-    def encode_from_tokens(self, tokens, return_pooled=False):
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         cond = super().encode_from_tokens(tokens)
+        if return_dict:  # as ComfyUI's CLIP: the conditioning and its extras in one dict
+            return {"cond": cond, "pooled_output": cond[:, -1].clone()}
         return (cond, cond[:, -1].clone()) if return_pooled else cond
 
 
