@@ -109,16 +109,35 @@ class CachedEncoder:
         os.replace(tmp, self.lru_path)
 
     @staticmethod
-    def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, short: bool) -> bool:
-        """A cached prompt can serve this request: all its rows (``.hidden``), or, for a through-EOT
-        request, its rows up to EOT (``.head``); of the cache's width and finite. Lengths may differ
-        (DiT encoders do not pad)."""
-        if key + ".eot" not in entries:
-            return False
+    def _stored(entries: dict[str, torch.Tensor], key: str, width: int | None, short: bool) -> torch.Tensor | None:
+        """The cached rows that can serve this request: all its rows (``.hidden``), or, for a
+        through-EOT request, its rows up to EOT (``.head``); of the cache's width. Lengths may
+        differ (DiT encoders do not pad). Finiteness is checked by the caller, batched."""
+        eot = entries.get(key + ".eot")
+        if eot is None:
+            return None
         rows = entries.get(key + ".hidden")
         if rows is None and short:
             rows = entries.get(key + ".head")
-        return rows is not None and (width is None or rows.shape[-1] == width) and bool(torch.isfinite(rows).all())
+        if rows is None or (width is not None and rows.shape[-1] != width):
+            return None
+        return rows[: int(eot[0]) + 1] if short else rows  # a through-EOT request reads no later row
+
+    def _unusable(self, entries: dict[str, torch.Tensor], keys: dict[str, str], width: int | None,
+                  short: bool) -> tuple[list[str], torch.Tensor | None]:
+        """The prompts of ``keys`` (text -> key) the cache cannot serve (absent, of another width or
+        not finite), and the stacked rows of all of them when every one is served (else None).
+        Finiteness is one check over the stacked rows: a few ops per call, not two per prompt (on
+        a busy CPU each multi-threaded op costs milliseconds of thread wake-ups)."""
+        stored = {t: self._stored(entries, k, width, short) for t, k in keys.items()}
+        found = [t for t, rows in stored.items() if rows is not None]
+        if not found:
+            return list(stored), None
+        stacked = _stack_padded([stored[t] for t in found], 0.0)
+        finite = torch.isfinite(stacked).flatten(1).all(1).tolist()
+        missing = [t for t, rows in stored.items() if rows is None]
+        missing += [t for t, ok in zip(found, finite, strict=True) if not ok]
+        return missing, (stacked if not missing else None)
 
     def _evict(self, entries: dict[str, torch.Tensor], lru: dict[str, float], keep: set[str]) -> bool:
         """Drop least recently used prompts (not ``keep``) until this file fits its share of the
@@ -152,8 +171,7 @@ class CachedEncoder:
         width = next(iter(widths)) if len(widths) == 1 else None
         if len(widths) > 1:  # more than one width: a damaged file; start again
             entries = {}
-        missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
-                                     if not self._usable(entries, k, width, short)))
+        missing, served = self._unusable(entries, dict(zip(texts, keys, strict=True)), width, short)
         fresh_entries: dict[str, torch.Tensor] = {}
         if missing:
             head = short and getattr(self.encoder, "accepts_rows", False)  # else all rows come back
@@ -189,14 +207,19 @@ class CachedEncoder:
         if not keys:
             return EncodedText((), torch.zeros(0, 1, 1), torch.zeros(0, dtype=torch.long))
         eot = torch.cat([entries[k + ".eot"] for k in keys])
-        hidden = [entries.get(k + ".hidden", entries.get(k + ".head")) for k in keys]
         ids = [entries.get(k + ".ids") for k in keys]
         pooled = [entries.get(k + ".pooled") for k in keys]
-        if short:  # each prompt's rows through its EOT, zero (ids: -1) after it
-            hidden = [h[: int(e) + 1] for h, e in zip(hidden, eot, strict=True)]
-            ids = [None if i is None else i[: int(e) + 1] for i, e in zip(ids, eot, strict=True)]
+        if served is not None and len(set(texts)) == len(texts):  # all cached: the rows checked above
+            hidden = served
+        else:
+            rows = [entries.get(k + ".hidden", entries.get(k + ".head")) for k in keys]
+            if short:  # each prompt's rows through its EOT, zero after it
+                rows = [h[: int(e) + 1] for h, e in zip(rows, eot.tolist(), strict=True)]
+            hidden = _stack_padded(rows, 0.0)
+        if short:  # ids -1 after each prompt's EOT
+            ids = [None if i is None else i[: int(e) + 1] for i, e in zip(ids, eot.tolist(), strict=True)]
         return EncodedText(
-            tuple(texts), _stack_padded(hidden, 0.0), eot,
+            tuple(texts), hidden, eot,
             pooled=torch.stack(pooled) if all(p is not None for p in pooled) else None,  # type: ignore[arg-type]
             token_ids=_stack_padded(ids, -1) if all(i is not None for i in ids) else None,  # type: ignore[arg-type]
         )
@@ -207,6 +230,8 @@ def _stack_padded(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
     encoders without padding, give prompts of different lengths; zero rows add nothing to a key
     Gram, ids -1 mark them."""
     length = max(r.shape[0] for r in rows)
+    if all(r.shape[0] == length for r in rows):
+        return torch.stack(rows)  # one op (every row of a padded window: the common case)
     out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), fill)
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
