@@ -78,7 +78,7 @@ class RECEConfig(ClosedFormConfig):
               "(gap left 0.16 instead of 0.02 in K/V space for 'cat' -> 'dog', full-size random CLIP-L).")
 
 
-_PAPER = {"preserve_bank": False, "keep_erased": False}
+_PAPER = {"preserve_bank": False, "keep_erased": False, "lamb": 0.5}  # the UCE start as in the paper
 PRESETS: dict[str, dict[str, object]] = {
     "artistic style": {"epochs": 1, "reg": 1e-3, **_PAPER},
     "hard object": {"epochs": 1, "reg": 1e-3, **_PAPER},

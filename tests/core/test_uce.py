@@ -47,7 +47,8 @@ def test_empty_prompt_is_preserved_by_default(sites, encoder):
     empty = encoder([""]).hidden[0].double()
     moved = {}
     for flag in (False, True):
-        patch = erase("uce", sites, concepts, encoder, make_config("uce", preserve_bank=False, preserve_empty_prompt=flag, preserve_scale=1.0))
+        patch = erase("uce", sites, concepts, encoder, make_config("uce", preserve_bank=False, preserve_empty_prompt=flag,
+                                                                   preserve_scale=1.0, lamb=0.5))
         moved[flag] = sum((patch[s.key].dense().double() @ empty.T).norm().item() for s in sites)
     assert moved[True] < 0.2 * moved[False]
 
