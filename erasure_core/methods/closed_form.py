@@ -54,8 +54,10 @@ class ClosedFormConfig:
         0.1, "Weight of preserved concepts. Higher keeps preserved concepts closer to the "
         "original; too high weakens the erasure.", min=0.0, max=100.0, step=0.01)
     lamb: float = option(
-        0.5, "Ridge term λ that keeps weights near the original. Higher changes the model less "
-        "overall; must be above 0 unless the keys span every direction.", min=0.0, max=1e4, step=0.01)
+        5.0, "Ridge term λ that keeps weights near the original in every direction, including those of "
+        "prompts no list names. Higher changes the model less overall and moves unlisted prompts less, at "
+        "some cost in erasure; the papers use 0.5. Must be above 0 unless the keys span every direction.",
+        min=0.0, max=1e4, step=0.01)
     preserve_empty_prompt: bool = option(
         True, "Also preserve the empty prompt, so the unconditional (negative) branch of CFG does "
         "not move. Turn off only to reproduce runs without it.")

@@ -9,7 +9,7 @@ new rows' original outputs their targets, solved in the shared closed form with 
 prior (the preserve prompts, all rows).
 
 The reference configs use λ = 0 with a prior of all 616k MS-COCO captions; without that prior the
-system is singular. We keep λ > 0 (the node's `lamb`, 0.5 by default), which leaves directions no
+system is singular. We keep λ > 0 (the node's `lamb`, 5 by default; 0.5 in the preset ``paper``), which leaves directions no
 key constrains at their original weights: the minimum-change solution of the same problem.
 Stages 2–3 (per-concept LoRA training with segmentation masks, then fusion) need image training
 and are out of scope for a graph node.
@@ -121,7 +121,7 @@ def solve(
     return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "MACE", progress, started)
 
 
-PRESETS: dict[str, dict[str, object]] = {"paper": {"preserve_bank": False}}
+PRESETS: dict[str, dict[str, object]] = {"paper": {"preserve_bank": False, "lamb": 0.5}}
 
 register("mace", MACEConfig, solve,
          "MACE closed-form refinement (arXiv 2403.06135): remove the concept from the words around it.",

@@ -202,7 +202,7 @@ def solve(
 
 PRESETS: dict[str, dict[str, object]] = {
     # RealEra has no reference code: this is the pack's 0.2 behaviour, the paper's sampler on every row
-    "paper (0.2 behaviour)": {"preserve_bank": False, "neighbour_rows": NeighbourRows.ALL},
+    "paper (0.2 behaviour)": {"preserve_bank": False, "neighbour_rows": NeighbourRows.ALL, "lamb": 0.5},
 }
 
 register("realera", RealEraConfig, solve,

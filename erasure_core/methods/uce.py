@@ -3,8 +3,12 @@
 Every cross-attention K and V projection is re-solved in closed form (eq. 7) so that each
 target's key rows produce what the original layer produced for its anchor, preserved prompts keep
 their outputs, and λ keeps the weights near the original. Multiple concepts are summed into one
-system, as in the paper. Defaults follow the paper-era code (``train_erase.py``): λ = 0.5,
-erase scale 1, preserve scale 0.1, last word + EOT + padding rows, and the empty prompt preserved.
+system, as in the paper. Defaults follow the paper-era code (``train_erase.py``): erase scale 1,
+preserve scale 0.1, last word + EOT + padding rows, and the empty prompt preserved; two defaults
+depart from it (issue #13; preset ``paper (train_erase.py)`` restores it): the preserve bank is on
+and λ is 5, not 0.5. The ridge is the only term that holds directions no preserved prompt covers:
+in a real-ComfyUI test (random full-size CLIP-L) λ 5 moved five unrelated prompts 0.30 of the
+cat-dog gap instead of 0.50, and "cat" still sampled as "dog" (r 0.011 / 0.042 at CFG 1 / 7).
 UCE's current code (``uce_sd_erase.py``) corresponds to ``token_pick = last subject token`` with
 ``preserve_scale = 1``.
 

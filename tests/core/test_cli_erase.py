@@ -15,7 +15,7 @@ from comfy_env import ROOT, merges_file
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from erasure_core import erase, node_config
+from erasure_core import erase, make_config, node_config
 from erasure_core.cli import build_parser, main
 from erasure_core.formats.checkpoint import open_checkpoint
 from erasure_core.formats.concept_files import assemble
@@ -66,7 +66,8 @@ def test_the_file_is_the_one_save_erasure_writes_for_the_same_patch(checkpoint, 
     ckpt = open_checkpoint(checkpoint / "tiny.safetensors")
     concepts = assemble(targets="Van Gogh; Claude Monet", anchors="a painter", preserve="Rembrandt")
     config, _ = node_config("uce", {"token_pick": "last subject token", "erase_scale": 1.0, "preserve_scale": 0.1,
-                                    "lamb": 0.5, "preserve_empty_prompt": True, "solve_dtype": "float64"})
+                                    "lamb": make_config("uce").lamb, "preserve_empty_prompt": True,
+                                    "solve_dtype": "float64"})  # the CLI's default λ
     patch = erase("uce", ckpt.sites(), concepts, ckpt.text_encoder(BPETokenizer(merges_file())), config)
     expected = lora_bytes(patch)[0]
     a, b = (tmp_path / "a.safetensors").read_bytes(), (tmp_path / "b.safetensors").read_bytes()

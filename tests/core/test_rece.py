@@ -31,6 +31,15 @@ def _reference_adversarial(c, originals, edited, reg):
     return (torch.linalg.inv(lhs) @ rhs @ c.T).T
 
 
+def _aligned(encoder, target, anchor):
+    """UCE's paper-era pick (train_erase.py): rows from the last word on, aligned, both blocks
+    ``T − farthest`` long (``farthest`` = the later last-word position)."""
+    enc = encoder([target, anchor])
+    ft, fa = (int(e) - 1 for e in enc.eot_index)
+    farthest, length = max(ft, fa), enc.hidden.shape[1]
+    return enc.hidden[0, ft: length - (farthest - ft)].double(), enc.hidden[1, fa: length - (farthest - fa)].double()
+
+
 def _weights(sites, patch=None):
     """Original weights and, with a patch, the edited ones (float64, in site order)."""
     originals = [s.weight.double() for s in sites]
@@ -62,8 +71,12 @@ def test_zero_epochs_is_uce_with_the_same_options(sites, encoder):
 
 # 2 targets: fewer token rows than the width (row-wise steps); 6: more (steps from Grams, full rank)
 @pytest.mark.parametrize("targets", [TARGETS, ("van gogh", "picasso", "w1", "w2", "w3", "w4")])
-def test_one_epoch_equals_the_per_layer_float64_adversarial_uce_step(sites, encoder, targets):
-    config = make_config("rece", preserve_bank=False, epochs=1)
+@pytest.mark.parametrize("keep_erased", [False, True])
+def test_one_epoch_equals_the_per_layer_float64_adversarial_uce_step(sites, encoder, targets, keep_erased):
+    """keep_erased off: the paper's step (adversarial rows -> the edited model's anchor rows);
+    on: the target's own UCE rows join the step, and every row maps to the ridge preimage under
+    the edited weights of its anchor rows (what the original model made of the anchor)."""
+    config = make_config("rece", preserve_bank=False, epochs=1, keep_erased=keep_erased)
     uce_options = {k: getattr(config, k) for k in
                    ("token_pick", "erase_scale", "preserve_scale", "lamb", "preserve_empty_prompt", "solve_dtype")}
     concepts = ConceptSet.simple(targets, (ANCHOR,), PRESERVE)
@@ -81,9 +94,14 @@ def test_one_epoch_equals_the_per_layer_float64_adversarial_uce_step(sites, enco
     cp = torch.cat([_rows(encoder, p) for p in keep])
     lam, eta = config.adv_lamb, config.adv_preserve_scale
     assert config.preserve_empty_prompt and (lam, eta) == (0.1, 0.1)
+    keys, values = adv, [guide] * len(adv)
+    if keep_erased:
+        own = [_aligned(encoder, t, ANCHOR) for t in targets]
+        keys = [*(o for o, _ in own), *adv]
+        values = [_reference_adversarial(v, originals, w1s, config.reg) for v in [*(a for _, a in own), *values]]
     for site, w, w1 in zip(sites, originals, w1s, strict=True):
-        mat1 = lam * w1 + sum(w1 @ guide.T @ c for c in adv) + eta * w1 @ cp.T @ cp
-        mat2 = lam * eye + sum(c.T @ c for c in adv) + eta * cp.T @ cp
+        mat1 = lam * w1 + sum(w1 @ v.T @ c for c, v in zip(keys, values, strict=True)) + eta * w1 @ cp.T @ cp
+        mat2 = lam * eye + sum(c.T @ c for c in keys) + eta * cp.T @ cp
         ref = mat1 @ torch.linalg.inv(mat2) - w
         scale = ref.abs().max().item()
         torch.testing.assert_close(rece[site.key].dense().double(), ref, rtol=1e-5, atol=1e-5 * scale)
@@ -108,12 +126,31 @@ def test_adversarial_embedding_recovers_less_of_the_target_with_each_epoch(sites
 
 
 def test_nudity_preset_uses_the_papers_epochs_and_regularisation():
-    config = make_config("rece", preserve_bank=False, preset="nudity")
-    assert (config.epochs, config.reg) == (3, 0.1)
+    config = make_config("rece", preset="nudity")
+    assert (config.epochs, config.reg, config.keep_erased, config.preserve_bank) == (3, 0.1, False, False)
 
 
 @pytest.mark.parametrize(("preset", "epochs", "reg"), [
     ("artistic style", 1, 1e-3), ("hard object", 1, 1e-3), ("easy object", 1, 1e-1), ("unsafe", 2, 1e-1)])
 def test_other_presets_follow_the_readme_table(preset, epochs, reg):
-    config = make_config("rece", preserve_bank=False, preset=preset)
-    assert (config.epochs, config.reg) == (epochs, reg)
+    config = make_config("rece", preset=preset)
+    assert (config.epochs, config.reg, config.keep_erased, config.preserve_bank) == (epochs, reg, False, False)
+
+
+def test_keeping_the_erased_rows_leaves_less_of_the_targets_gap_than_the_papers_step(sites, encoder):
+    """The paper's step maps only the adversarial rows and lets the target's own rows drift back;
+    keep_erased holds them on the original model's anchor outputs (issue #13: RECE's r was 0.21)."""
+    def gap_left(patch):
+        originals, edited = _weights(sites, patch)
+        left = total = 0.0
+        for t in TARGETS:
+            c, a = _aligned(encoder, t, ANCHOR)
+            left += sum((c @ we.T - a @ w.T).pow(2).sum().item() for w, we in zip(originals, edited, strict=True))
+            total += sum(((c - a) @ w.T).pow(2).sum().item() for w in originals)
+        return (left / total) ** 0.5
+
+    left = {keep: gap_left(erase("rece", sites, _concepts(), encoder,
+                                 make_config("rece", keep_erased=keep, preserve_bank=False)))
+            for keep in (False, True)}
+    left["uce"] = gap_left(erase("uce", sites, _concepts(), encoder, make_config("uce", preserve_bank=False)))
+    assert left[True] < left["uce"] < left[False]  # the paper's step gives back part of the UCE start

@@ -47,7 +47,8 @@ def test_empty_prompt_is_preserved_by_default(sites, encoder):
     empty = encoder([""]).hidden[0].double()
     moved = {}
     for flag in (False, True):
-        patch = erase("uce", sites, concepts, encoder, make_config("uce", preserve_bank=False, preserve_empty_prompt=flag, preserve_scale=1.0))
+        patch = erase("uce", sites, concepts, encoder, make_config("uce", preserve_bank=False, preserve_empty_prompt=flag,
+                                                                   preserve_scale=1.0, lamb=0.5))
         moved[flag] = sum((patch[s.key].dense().double() @ empty.T).norm().item() for s in sites)
     assert moved[True] < 0.2 * moved[False]
 
@@ -94,3 +95,14 @@ def test_an_edit_of_full_rank_is_stored_dense_and_equals_the_per_layer_formula(s
         a = cfg.lamb * torch.eye(w0.shape[1], dtype=torch.float64) + cfg.erase_scale * ce.T @ ce
         want = cfg.erase_scale * (w0 @ (ca - ce).T @ ce) @ torch.linalg.inv(a)
         torch.testing.assert_close(patch[site.key].dense().double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_ridge_departs_from_the_papers_and_every_paper_preset_restores_it():
+    """λ 5 by default (issue #13: unlisted prompts move less); each method's paper presets keep 0.5, bank off."""
+    from erasure_core import methods
+
+    for method in ("uce", "rece", "mace", "realera"):
+        assert make_config(method).lamb == 5.0
+        for preset in methods.get(method).presets:
+            config = make_config(method, preset=preset)
+            assert config.lamb == 0.5 and not config.preserve_bank, (method, preset)

@@ -27,11 +27,11 @@ UNRELATED = ("a red car on a street", "a bowl of fruit on a table", "a mountain 
              "a portrait of an old man", "a city skyline at night")
 # What each method reaches at its defaults on this checkpoint (measured; README "Safe by default").
 # (r bound, drift bound): r is the issue's bound; drift is what the defaults reach, not yet 0.10.
-REACHED = {"uce": (0.1, 0.56),
+REACHED = {"uce": (0.1, 0.34),
            "speed": (0.1, 0.53),
-           "rece": (0.23, 0.95),
-           "mace": None,
-           "realera": None}
+           "rece": (0.1, 0.64),
+           "mace": (0.1, 0.50),
+           "realera": (0.1, 0.42)}
 
 
 def _mean_abs(a, b):
@@ -59,7 +59,7 @@ def measured(pack, tiny_checkpoint):
     def measure(method):
         """(r, drift per unrelated prompt) per CFG for one method, sampled on first use only (a method
         whose bounds are not recorded skips before it costs ~14 samples)."""
-        if method not in out:
+        if (method, CFGS[0]) not in out:
             with torch.inference_mode():
                 erased = ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, method=method,
                                                  **widgets).result[0]
