@@ -126,12 +126,13 @@ class CachedEncoder:
     def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, rows: str,
                 layered: AbstractSet[str] = frozenset()) -> bool:
         """A cached prompt can serve this ``rows`` request (an entry of its kind or a wider one,
-        see :data:`_KINDS`), of the cache's width, finite, with every per-layer stream in
-        ``layered``. Lengths may differ (DiT encoders do not pad)."""
+        see :data:`_KINDS`), of the cache's width, with every per-layer stream in ``layered``, those
+        finite. Lengths may differ (DiT encoders do not pad). The main rows' finiteness is checked
+        for all prompts at once by :func:`_not_finite`."""
         if key + ".eot" not in entries or any(key + _LAYERS + n not in entries for n in layered):
             return False
         found = _entry(entries, key, rows)
-        return (found is not None and (width is None or found.shape[-1] == width) and bool(torch.isfinite(found).all())
+        return (found is not None and (width is None or found.shape[-1] == width)
                 and all(bool(torch.isfinite(entries[key + _LAYERS + n]).all()) for n in layered))
 
     def _evict(self, entries: dict[str, torch.Tensor], lru: dict[str, float], keep: set[str]) -> bool:
@@ -200,6 +201,9 @@ class CachedEncoder:
         layered = _layered_names(entries)
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
                                      if not self._usable(entries, k, width, rows, layered)))
+        unusable = set(missing)
+        served = [t for t in dict.fromkeys(texts) if t not in unusable]
+        missing += _not_finite(entries, served, rows)
         fresh_entries: dict[str, torch.Tensor] = {}
         if missing:
             fresh, fresh_entries = self._encode(missing, rows, entries)
@@ -241,6 +245,22 @@ class CachedEncoder:
             layered={name: _layer_states(entries, keys, name, short) for name in _layered_names(entries)
                      if all(k + _LAYERS + name in entries for k in keys)},
         )
+
+
+def _not_finite(entries: dict[str, torch.Tensor], texts: list[str], rows: str) -> list[str]:
+    """The ``texts`` whose cached rows hold a non-finite value, in one check over all of them:
+    on a busy CPU every multi-threaded op over a prompt's rows costs milliseconds of thread
+    wake-ups, so two ops per prompt (45 bank prompts: 90) cost more than the read itself."""
+    if not texts:
+        return []
+    found = [_entry(entries, _key(t), rows) for t in texts]
+    flat = torch.cat([f.reshape(-1) for f in found])  # one copy, one check, one reduction per prompt
+    bad = ~torch.isfinite(flat)
+    if not bool(bad.any()):
+        return []
+    ends = torch.tensor([f.numel() for f in found]).cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    return [t for t, a, b in zip(texts, starts, ends, strict=True) if bool(bad[a:b].any())]
 
 
 def _layer_states(entries: dict[str, torch.Tensor], keys: list[str], name: str, short: bool) -> LayerStates:
@@ -290,6 +310,8 @@ def _stack_padded(rows: list[torch.Tensor], fill: float, at_least: int = 0) -> t
     through-EOT heads, and DiT encoders without padding, give prompts of different lengths; zero
     rows add nothing to a key Gram, ids -1 mark them."""
     length = max(at_least, *(r.shape[0] for r in rows))
+    if all(r.shape[0] == length for r in rows):
+        return torch.stack(rows)  # one op, not one copy per prompt (every row of a padded window)
     out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), fill)
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r

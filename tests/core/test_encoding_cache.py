@@ -216,3 +216,21 @@ def test_eviction_drops_a_prompts_per_layer_states_with_it(tmp_path):
     assert 1 <= len(prompts) < 4
     assert all(any(k.startswith(p + ".layers-llama") for k in left) for p in prompts)
     assert all(k.rsplit(".", 1)[0] in prompts for k in left)
+
+
+def test_a_fully_cached_request_with_repeats_returns_every_occurrence(tmp_path):
+    """All cached: the checked stack is the output, except when a prompt repeats (then each
+    occurrence is stacked again); both equal the first run's rows."""
+    inner = Counting()
+    first = CachedEncoder(inner, tmp_path, "fp")(["a cat", "a dog"])
+    for texts, order in ((["a dog", "a cat"], [1, 0]), (["a cat", "a dog", "a cat"], [0, 1, 0])):
+        for rows in ("all", "through_eot"):
+            out = CachedEncoder(inner, tmp_path, "fp")(texts, rows=rows)
+            expected = first.hidden[order].clone()
+            if rows == "through_eot":
+                for i, e in enumerate(first.eot_index[order].tolist()):
+                    expected[i, e + 1:] = 0
+            torch.testing.assert_close(out.hidden[:, : expected.shape[1]], expected[:, : out.hidden.shape[1]],
+                                       rtol=0, atol=0)
+            assert out.texts == tuple(texts)
+    assert inner.calls == [["a cat", "a dog"]]
