@@ -117,9 +117,13 @@ def erase_in_graph(model, clip, targets: Sequence[str], anchor: str, pick: str):
     return seconds, out.result[2], out.ui["ce_report"][0]["lines"]
 
 
-def _breakdown(report: str) -> dict[str, float]:
-    inside = report.split(" s (", 1)[1].split(")", 1)[0]
-    return {k: float(v) for k, v in (part.split() for part in inside.split(", "))}
+def _breakdown(report: str, lines: Sequence[str]) -> dict[str, float]:
+    """The report's encode / weights / solve / patch seconds, the erase's total and the check's."""
+    total, inside = report.split(" s (", 1)
+    out = {k: float(v) for k, v in (part.split() for part in inside.split(")", 1)[0].split(", "))}
+    out["erase"] = float(total.rsplit(" ", 1)[1])
+    out["check"] = float(lines[1].split("(+ check ", 1)[1].split(" s)", 1)[0])
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -143,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _import_pack()
     from bench_closed_form import ANCHOR, concept_names
 
+    from erasure_core import ConceptSet
+    from erasure_core.methods.closed_form import preserve_list
     from erasure_core.text.clip import BPETokenizer, ClipTextEncoder
     from erasure_core.text.encoded import TokenPick, rows_for
 
@@ -154,31 +160,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer = BPETokenizer(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer", "merges.txt"))
     core = ClipTextEncoder(tokenizer=tokenizer, seed=0)  # the same shapes as the checkpoint's CLIP-L
     counts = [int(c) for c in args.concepts.split(",") if c.strip()]
-    print("\n| token pick | concepts | prompts | node cold s | encode | weights | solve | patch | node cached s "
-          "| hit rate | core encode s | node encode / core | load |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| token pick | concepts | prompts | node cold s | erase | encode | weights | solve | patch | check "
+          "| node cached s | erase | check | hit rate | core encode s | node encode / core | load |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+          "| ---: | ---: |")
     for key in args.picks.split(","):
         pick = PICKS[key.strip()]
         for n in counts:
             targets, _ = concept_names(tokenizer, n, 0, 0)
-            prompts = list(dict.fromkeys([*targets, ANCHOR, ""]))
-            cold, cached, parts, core_s, rates, loads = [], [], [], [], [], []
+            # the prompts the node encodes for the erase: targets, anchor, the empty prompt and the default bank
+            prompts = list(dict.fromkeys([*targets, ANCHOR,
+                                          *preserve_list(ConceptSet.simple(targets, (ANCHOR,)), preserve_empty=True, bank=True)]))
+            cold, cached, parts, warm, core_s, rates, loads = [], [], [], [], [], [], []
             for _ in range(args.repeats):
                 loads.append(os.getloadavg()[0])
                 with tempfile.TemporaryDirectory() as user:
                     folder_paths.set_user_directory(user)  # an empty encoding cache
-                    seconds, report, _ = erase_in_graph(model, clip, targets, ANCHOR, pick)
+                    seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick)
                     cold.append(seconds)
-                    parts.append(_breakdown(report))
+                    parts.append(_breakdown(report, lines))
+                    encoded = int(lines[2].split("prompts: ", 1)[1].split()[0])
+                    if encoded != len(prompts):  # the core must encode what the node encoded
+                        print(f"warning: the node encoded {encoded} prompts, the core comparison has {len(prompts)}")
                     seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick)
                     cached.append(seconds)
+                    warm.append(_breakdown(report, lines))
                     rates.append(lines[2].split("(")[1].split()[0])
                 started = time.perf_counter()
                 core(prompts, rows=rows_for(TokenPick(pick)))
                 core_s.append(time.perf_counter() - started)
             med = {k: statistics.median(b[k] for b in parts) for k in parts[0]}
-            print(f"| {pick} | {n} | {len(prompts)} | {statistics.median(cold):.2f} | {med['encode']:.2f} | "
-                  f"{med['weights']:.2f} | {med['solve']:.2f} | {med['patch']:.2f} | {statistics.median(cached):.2f} | "
+            hot = {k: statistics.median(b[k] for b in warm) for k in warm[0]}
+            print(f"| {pick} | {n} | {len(prompts)} | {statistics.median(cold):.2f} | {med['erase']:.2f} | "
+                  f"{med['encode']:.2f} | {med['weights']:.2f} | {med['solve']:.2f} | {med['patch']:.2f} | "
+                  f"{med['check']:.2f} | {statistics.median(cached):.2f} | {hot['erase']:.2f} | {hot['check']:.2f} | "
                   f"{rates[-1]} | {statistics.median(core_s):.2f} | {med['encode'] / statistics.median(core_s):.2f} | "
                   f"{min(loads):.1f}-{max(loads):.1f} |", flush=True)
 

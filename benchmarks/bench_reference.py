@@ -85,8 +85,8 @@ def _package(name: str, **attrs: object) -> types.ModuleType:
 
 def _stub_pandas() -> None:
     """SPEED and RECE import pandas at module level but use it only in their CLIs / data loading."""
-    if importlib.util.find_spec("pandas") is None:
-        sys.modules.setdefault("pandas", types.ModuleType("pandas"))
+    if "pandas" not in sys.modules and importlib.util.find_spec("pandas") is None:  # a stub has no __spec__
+        sys.modules["pandas"] = types.ModuleType("pandas")
 
 
 class Reference:

@@ -161,10 +161,43 @@ class _ByDown:
         return sum(float((lead(a) * (x if down is None else x @ down.T)).sum()) for down, a, _ in self.terms)
 
 
+def _by_multiplier(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str,
+                   gap_rows: torch.Tensor | None, projected: bool) -> tuple[torch.Tensor, _ByDown, bool] | None:
+    """The Grams when every site got ``ΔW_l = W_l P Q`` from the one multiplier of its width (the UCE
+    family, ``patch.context_multipliers``): with ``G = Σ W_lᵀW_l``, ``G_WΔ = G P Q`` and
+    ``G_ΔΔ = Qᵀ (Pᵀ G P) Q``, so one ``d × d`` Gram of the weights replaces every per-site product
+    with the edit and the gap rows (``Σ d_out·d²`` work instead of ``Σ d_out·(d² + 2nd + n²)``).
+    ``None`` where the patch is not of that form."""
+    context = patch.context_multipliers
+    widths = {s.in_features for s in sites}
+    if not context or len(widths) != 1 or any(s.key not in patch.entries for s in sites):
+        return None
+    d = next(iter(widths))
+    if d not in context:
+        return None
+    p, q = (None if t is None else t.to(device, torch.float64) for t in context[d])
+    g = None
+    for site in sites:
+        w = site.tensor().to(device, torch.float32)
+        g = w.T @ w if g is None else g + w.T @ w
+    g = g.double()
+    gp = g @ p  # [d, r]
+    c = (p.T @ gp) * strength**2  # Pᵀ G P [r, r]
+    if projected:
+        rows = gap_rows.to(device, torch.float64)
+        g_ww, a = rows @ g @ rows.T, (rows @ gp) * strength
+    else:
+        g_ww, a = g, gp * strength
+    return g_ww, _ByDown(((q, a, c),), len(a), d), projected
+
+
 def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str,
                 gap_rows: torch.Tensor | None) -> tuple[torch.Tensor, _ByDown, bool]:
     """``(G_WW or its projection, the edit's Grams by shared down factor, projected?)``."""
     projected = gap_rows is not None and len(gap_rows) < gap_rows.shape[1]
+    shared = _by_multiplier(sites, patch, strength, device, gap_rows, projected)
+    if shared is not None:
+        return shared
     g_ww = None
     d = 0
     terms: dict[int, list] = {}

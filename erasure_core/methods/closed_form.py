@@ -164,7 +164,7 @@ def patch_from_multipliers(
         weight = site.tensor()
         mult = multiplier_for(site, weight)
         uniform = uniform and first_of_width.setdefault(site.in_features, mult) is mult
-        up = check_finite(mult.up_for(weight), f"the edit of '{site.key}'", method)
+        up = check_finite(mult.up_for(weight, torch.float32), f"the edit of '{site.key}'", method)
         if mult.full:  # Q = I: the delta W₀P itself, dense
             entries[site.key] = PatchEntry(diff=up.float().cpu())
         else:

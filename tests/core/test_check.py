@@ -102,3 +102,25 @@ def test_many_targets_use_the_full_gram_and_give_the_same_numbers(sites, encoder
     check = check_edit(sites, patch, concepts, encoder, [], probes=[])
     for name, value in check.targets:
         assert value == pytest.approx(_brute(sites, patch, encoder, name, "dog", "", 1.0)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("names", [("cat",), ("cat", "horse", "bird", "fish", "cow")])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_a_shared_multiplier_patch_gives_the_per_site_sums(sites, encoder, names, strength):
+    # UCE's patch carries its per-width multiplier (ΔW_l = W_l P Q): the check then works from one
+    # Gram of the weights; one target keeps the edit low-rank, five exceed the width (dense, D = I)
+    concepts = ConceptSet.simple(names, ("dog",))
+    config = make_config("uce", preserve_bank=False, token_pick="all tokens")
+    patch = erase("uce", sites, concepts, encoder, config)
+    assert patch.context_multipliers, "the fast path needs the patch's multipliers"
+    check = check_edit(sites, patch, concepts, encoder, ["a red car"], strength=strength, probes=["a house"])
+    for name, value in check.targets:
+        assert value == pytest.approx(_brute(sites, patch, encoder, name, "dog", "", strength)[0], rel=1e-4)
+    gaps = [math.sqrt(sum(((enc.hidden[0] - enc.hidden[1]).double() @ s.weight.double().T).pow(2).sum().item()
+                          for s in sites)) for enc in (encoder([n, "dog"]) for n in names)]
+    unit = math.sqrt(sum(g * g for g in gaps) / len(gaps))
+    for prompt, value in (*check.preserved, *check.probes):
+        x = encoder([prompt]).hidden[0].double()
+        moved = math.sqrt(sum((x @ (edited_weight(s, patch, strength) - s.weight.double()).T).pow(2).sum().item()
+                              for s in sites))
+        assert value == pytest.approx(moved / unit, rel=1e-4)
