@@ -203,7 +203,8 @@ def ours(work: Work, sites, clip, targets, priors, rece_epochs: int, rece_reg: f
         method, config = "speed", ec.make_config("speed", preset="multi-celebrity")
     else:
         method = "rece"
-        config = ec.make_config("rece", epochs=rece_epochs, reg=rece_reg, preserve_bank=False)
+        config = ec.make_config("rece", epochs=rece_epochs, reg=rece_reg, preserve_bank=False, keep_erased=False,
+                                lamb=0.5)  # the paper's step and UCE start, as the reference runs them
     concepts = ec.ConceptSet.simple(targets, (ANCHOR,), priors)
     return lambda: ec.erase(method, sites, concepts, clip, config)
 
