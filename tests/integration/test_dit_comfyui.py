@@ -19,6 +19,7 @@ FAMILIES = {  # our row, ComfyUI's config class, model builder, CLIP builder, la
     "chroma": ("chroma", "Chroma", tiny_dits.chroma, tiny_dits.chroma_clip, (1, 16, 8, 8)),
     "lumina2": ("lumina2", "Lumina2", tiny_dits.lumina2, tiny_dits.lumina_clip, (1, 16, 8, 8)),
     "hidream": ("hidream", "HiDream", tiny_dits.hidream, tiny_dits.hidream_clip, (1, 16, 8, 8)),
+    "auraflow": ("auraflow", "AuraFlow", tiny_dits.auraflow, tiny_dits.aura_clip, (1, 4, 8, 8)),
 }
 LAST_SUBJECT = "last subject token"
 
@@ -220,7 +221,7 @@ def test_attack_prompt_concept_vector_works_or_says_why(family):
     except ConceptError as err:  # LLM encoders and Chroma's T5 do not pad prompts to one length
         assert family["row"] in ("qwen_image", "lumina2", "chroma") and "one length" in str(err)
         return
-    assert family["row"] in ("flux", "sd3", "hidream") and cond[0][0].ndim == 3 and math.isnan(recovery)
+    assert family["row"] in ("flux", "sd3", "hidream", "auraflow") and cond[0][0].ndim == 3 and math.isnan(recovery)
     assert torch.isfinite(_step(model, clip, "", family["latent"], cond=cond)).all()
     if family["row"] == "hidream":  # HiDream pads T5 and Llama to 128 tokens; its Llama layers move too
         carrier = clip.encode_from_tokens(clip.tokenize("a photo"), return_dict=True)["conditioning_llama3"]

@@ -413,3 +413,43 @@ def hidream(seed: int = SEED):
     with torch.device("meta"):
         module = hm.HiDreamImageTransformer2DModel(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)
+
+
+AURA_T5 = T5 | {"d_model": 2048}  # ComfyUI's AuraFlow config requires cond_seq_dim 2048 (Pile-T5-XL's width)
+
+
+def aura_clip(seed: int = SEED):
+    """AuraFlow's Pile-T5-XL (ComfyUI's ``AuraT5Model``: masked, masked rows zeroed) with its shipped
+    SentencePiece ``t5_pile_tokenizer``, 2048 wide (the width ComfyUI detects AuraFlow by) but 2 layers
+    of 4 heads × 8."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.aura_t5 as aura
+    import comfy.text_encoders.t5
+
+    class TinyPileT5(aura.PT5XlModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options=None):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx,
+                textmodel_json_config=_json("t5_pile_config_xl.json", **AURA_T5), dtype=torch.float32,
+                special_tokens={"end": 2, "pad": 1}, model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=True, zero_out_masked=True, model_options={"model_name": "pile_t5xl"})
+
+    class TinyAuraTE(aura.AuraT5Model):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="pile_t5xl",
+                                                 clip_model=TinyPileT5)
+
+    return make_clip(TinyAuraTE, aura.AuraT5Tokenizer, seed)
+
+
+def auraflow(seed: int = SEED):
+    """Tiny AuraFlow: 1 double + 1 single layer, 64 wide (``cond_seq_linear`` 64×2048)."""
+    import comfy.ldm.aura.mmdit as am
+    import comfy.ops
+
+    widths = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 2, "n_double_layers": 1,
+              "n_heads": 4, "global_conddim": 64, "cond_seq_dim": AURA_T5["d_model"],
+              "max_seq": 64}
+    with torch.device("meta"):
+        module = am.MMDiT(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
