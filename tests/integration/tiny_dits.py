@@ -453,3 +453,21 @@ def auraflow(seed: int = SEED):
     with torch.device("meta"):
         module = am.MMDiT(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)
+
+
+def pixart_clip(seed: int = SEED):
+    """PixArt's text encoder: ComfyUI's ``PixArtT5XXL`` (the one Chroma borrows), tiny."""
+    return chroma_clip(seed)
+
+
+def pixart(seed: int = SEED):
+    """Tiny PixArt Sigma (no micro-conditioning, so ComfyUI names it ``PixArtSigma``): 1 block, 64 wide,
+    captions 32 wide (``y_embedder.y_proj.fc1`` 64×32)."""
+    import comfy.ldm.pixart.pixartms as pm
+    import comfy.ops
+
+    widths = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 1, "num_heads": 4,
+              "caption_channels": T5["d_model"], "model_max_length": 300, "micro_condition": False,
+              "image_model": "pixart_sigma"}
+    module = pm.PixArtMS(operations=comfy.ops.disable_weight_init, **widths)  # not on meta: it calls .item()
+    return load_dit(module, widths, seed)
