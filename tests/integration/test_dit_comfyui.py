@@ -22,6 +22,7 @@ FAMILIES = {  # our row, ComfyUI's config class, model builder, CLIP builder, la
     "auraflow": ("auraflow", "AuraFlow", tiny_dits.auraflow, tiny_dits.aura_clip, (1, 4, 8, 8)),
     "pixart": ("pixart", "PixArtSigma", tiny_dits.pixart, tiny_dits.pixart_clip, (1, 4, 48, 48)),  # its sin-cos grid
     # divides by round(side / 64): a latent under 33 wide divides by zero
+    "wan": ("wan", "WAN21_T2V", tiny_dits.wan21, tiny_dits.wan_clip, (1, 16, 1, 8, 8)),  # 1 latent frame
 }
 LAST_SUBJECT = "last subject token"
 
@@ -220,10 +221,10 @@ def test_attack_prompt_concept_vector_works_or_says_why(family):
     try:
         cond, _, recovery, _, report = _attack(model, clip, mode="concept_vector", search_steps=0,
                                                carrier="a photo", pairs="a photo of a cat | a photo of a dog")
-    except ConceptError as err:  # LLM encoders and Chroma's T5 do not pad prompts to one length
+    except ConceptError as err:  # LLM encoders and PixArt's T5 (Chroma's) do not pad to one length
         assert family["row"] in ("qwen_image", "lumina2", "chroma", "pixart") and "one length" in str(err)
         return
-    assert family["row"] in ("flux", "sd3", "hidream", "auraflow") and cond[0][0].ndim == 3 and math.isnan(recovery)
+    assert family["row"] in ("flux", "sd3", "hidream", "auraflow", "wan") and cond[0][0].ndim == 3 and math.isnan(recovery)
     assert torch.isfinite(_step(model, clip, "", family["latent"], cond=cond)).all()
     if family["row"] == "hidream":  # HiDream pads T5 and Llama to 128 tokens; its Llama layers move too
         carrier = clip.encode_from_tokens(clip.tokenize("a photo"), return_dict=True)["conditioning_llama3"]

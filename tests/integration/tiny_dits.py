@@ -161,9 +161,10 @@ def chroma_clip(seed: int = SEED):
     return make_clip(TinyChromaTE, pixart.PixArtTokenizer, seed)
 
 
-def gemma_tokenizer_model() -> bytes:
-    """A small SentencePiece model trained here (Gemma's ids: pad 0, eos 1, bos 2, unk 3): ComfyUI reads
-    Gemma's tokenizer from the text-encoder file, which a test cannot download."""
+def gemma_tokenizer_model(**ids: int) -> bytes:
+    """A small SentencePiece model trained here (Gemma's ids by default: pad 0, eos 1, bos 2, unk 3; ``ids``
+    overrides them): ComfyUI reads Gemma's and UMT5's tokenizers from the text-encoder file, which a test
+    cannot download."""
     import io
 
     import sentencepiece
@@ -174,7 +175,7 @@ def gemma_tokenizer_model() -> bytes:
     out = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=out, vocab_size=50, model_type="unigram", hard_vocab_limit=False,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+        minloglevel=2, **({"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3} | ids))
     return out.getvalue()
 
 
@@ -470,4 +471,40 @@ def pixart(seed: int = SEED):
               "caption_channels": T5["d_model"], "model_max_length": 300, "micro_condition": False,
               "image_model": "pixart_sigma"}
     module = pm.PixArtMS(operations=comfy.ops.disable_weight_init, **widths)  # not on meta: it calls .item()
+    return load_dit(module, widths, seed)
+
+
+def wan_clip(seed: int = SEED):
+    """WAN 2.x's UMT5-XXL (ComfyUI's ``WanT5Model``: masked, masked rows zeroed), tiny, with a SentencePiece
+    model trained here in UMT5's ids (pad 0, eos 1, unk 2, no bos): ComfyUI reads it from the checkpoint."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.t5
+    import comfy.text_encoders.wan as wan
+
+    class TinyUMT5(wan.UMT5XXlModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options=None):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx,
+                textmodel_json_config=_json("umt5_config_xxl.json", **(T5 | {"vocab_size": 256384})), dtype=torch.float32,
+                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=True, zero_out_masked=True, model_options={"model_name": "umt5xxl"})
+
+    class TinyWanTE(wan.WanT5Model):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="umt5xxl",
+                                                 clip_model=TinyUMT5)
+
+    spiece = gemma_tokenizer_model(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    return make_clip(TinyWanTE, wan.WanT5Tokenizer, seed, {"spiece_model": torch.ByteTensor(list(spiece))})
+
+
+def wan21(seed: int = SEED):
+    """Tiny WAN 2.1 text-to-video: 1 block, 64 wide, 4 heads, text 32 wide (``text_embedding.0`` 64×32)."""
+    import comfy.ldm.wan.model as wm
+    import comfy.ops
+
+    widths = {"model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16, "dim": 64, "ffn_dim": 128,
+              "freq_dim": 256, "text_dim": T5["d_model"], "out_dim": 16, "num_heads": 4, "num_layers": 1}
+    with torch.device("meta"):
+        module = wm.WanModel(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)
