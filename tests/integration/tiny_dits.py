@@ -1,7 +1,8 @@
 """Tiny seeded DiTs and their text encoders, built at test time from ComfyUI's own classes.
 
 Each diffusion model is built at a small width from ComfyUI's module (``comfy.ldm.flux.model.Flux``,
-``OpenAISignatureMMDITWrapper``, ``QwenImageTransformer2DModel``), its state dict handed to ComfyUI's own
+``OpenAISignatureMMDITWrapper``, ``QwenImageTransformer2DModel``, ``MMDiT``, ``PixArtMS``, ``WanModel``,
+``LTXVModel``...), its state dict handed to ComfyUI's own
 ``model_detection.model_config_from_unet``, which must name the family's config class (``Flux``, ``SD3``,
 ``QwenImage``...). ComfyUI's detection hard-codes the full-size widths of most DiTs (Flux: hidden 3072,
 T5 4096), so the detected config's widths are then set to the tiny ones before ComfyUI builds the model
@@ -11,7 +12,10 @@ Text encoders are ComfyUI's own classes (``FluxClipModel``, ``SD3ClipModel``, ``
 tokenizers with the tokenizer files ComfyUI ships: CLIP BPE, T5's ``tokenizer.json``, Qwen2.5's vocab and
 merges) with small configs for the transformer inside (``SDClipModel`` takes a config dict). Their
 constructors build full-size sub-models, so the tiny subclasses set the same attributes themselves.
-Qwen2.5-VL's vision tower (not used for text) is left out. No file is downloaded.
+Qwen2.5-VL's vision tower (not used for text) is left out. AuraFlow's Pile-T5 stays 2048 wide (ComfyUI
+detects AuraFlow by that width) with ComfyUI's shipped ``t5_pile_tokenizer``; PixArt and LTX-Video use the
+shipped T5 ``tokenizer.json``; WAN's UMT5 and Lumina's Gemma tokenizers live in the checkpoint, so a small
+SentencePiece model is trained here. No file is downloaded.
 """
 
 from __future__ import annotations
@@ -507,4 +511,31 @@ def wan21(seed: int = SEED):
               "freq_dim": 256, "text_dim": T5["d_model"], "out_dim": 16, "num_heads": 4, "num_layers": 1}
     with torch.device("meta"):
         module = wm.WanModel(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
+
+
+def ltxv_clip(seed: int = SEED):
+    """LTX-Video's T5-XXL (ComfyUI's ``MochiT5XXL``: attention mask on, as ``ltxv_te`` builds it), tiny,
+    with ComfyUI's ``LTXVT5Tokenizer`` (the shipped ``t5_tokenizer``)."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.genmo as genmo
+    import comfy.text_encoders.lt as lt
+
+    class TinyLTXVTE(genmo.MochiT5XXL):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="t5xxl",
+                                                 clip_model=lambda **kw: _tiny_t5_masked())
+
+    return make_clip(TinyLTXVTE, lt.LTXVT5Tokenizer, seed)
+
+
+def ltxv(seed: int = SEED):
+    """Tiny LTX-Video: 1 block, 4 heads × 16, captions 32 wide (``caption_projection.linear_1`` 64×32)."""
+    import comfy.ldm.lightricks.model as lm
+    import comfy.ops
+
+    widths = {"in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 16, "num_attention_heads": 4,
+              "caption_channels": T5["d_model"], "num_layers": 1}
+    with torch.device("meta"):
+        module = lm.LTXVModel(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)
