@@ -1,6 +1,7 @@
 """Closed-Form Erase on DiT families inside a real ComfyUI (in-process, --cpu): tiny seeded Flux, SD3,
-Qwen-Image, Chroma and Lumina 2 models that ComfyUI's own model_detection names, with ComfyUI's own
-text-encoder classes (tests/integration/tiny_dits.py)."""
+Qwen-Image, Chroma, Lumina 2, HiDream, AuraFlow, PixArt Sigma, WAN 2.1 (t2v) and LTX-Video models that
+ComfyUI's own model_detection names, with ComfyUI's own text-encoder classes (tests/integration/tiny_dits.py).
+The video families sample a latent of 1-2 frames."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ FAMILIES = {  # our row, ComfyUI's config class, model builder, CLIP builder, la
     "chroma": ("chroma", "Chroma", tiny_dits.chroma, tiny_dits.chroma_clip, (1, 16, 8, 8)),
     "lumina2": ("lumina2", "Lumina2", tiny_dits.lumina2, tiny_dits.lumina_clip, (1, 16, 8, 8)),
     "hidream": ("hidream", "HiDream", tiny_dits.hidream, tiny_dits.hidream_clip, (1, 16, 8, 8)),
+    "auraflow": ("auraflow", "AuraFlow", tiny_dits.auraflow, tiny_dits.aura_clip, (1, 4, 8, 8)),
+    # PixArt's sin-cos grid divides by round(side / 64): a latent under 33 wide divides by zero
+    "pixart": ("pixart", "PixArtSigma", tiny_dits.pixart, tiny_dits.pixart_clip, (1, 4, 48, 48)),
+    "wan": ("wan", "WAN21_T2V", tiny_dits.wan21, tiny_dits.wan_clip, (1, 16, 1, 8, 8)),  # 1 latent frame
+    "ltxv": ("ltxv", "LTXV", tiny_dits.ltxv, tiny_dits.ltxv_clip, (1, 128, 2, 4, 4)),  # 2 latent frames
 }
 LAST_SUBJECT = "last subject token"
 
@@ -217,10 +223,11 @@ def test_attack_prompt_concept_vector_works_or_says_why(family):
     try:
         cond, _, recovery, _, report = _attack(model, clip, mode="concept_vector", search_steps=0,
                                                carrier="a photo", pairs="a photo of a cat | a photo of a dog")
-    except ConceptError as err:  # LLM encoders and Chroma's T5 do not pad prompts to one length
-        assert family["row"] in ("qwen_image", "lumina2", "chroma") and "one length" in str(err)
+    except ConceptError as err:  # LLM encoders and PixArt's T5 (Chroma's) do not pad to one length
+        assert family["row"] in ("qwen_image", "lumina2", "chroma", "pixart") and "one length" in str(err)
         return
-    assert family["row"] in ("flux", "sd3", "hidream") and cond[0][0].ndim == 3 and math.isnan(recovery)
+    assert family["row"] in ("flux", "sd3", "hidream", "auraflow", "wan", "ltxv") and cond[0][0].ndim == 3
+    assert math.isnan(recovery)
     assert torch.isfinite(_step(model, clip, "", family["latent"], cond=cond)).all()
     if family["row"] == "hidream":  # HiDream pads T5 and Llama to 128 tokens; its Llama layers move too
         carrier = clip.encode_from_tokens(clip.tokenize("a photo"), return_dict=True)["conditioning_llama3"]

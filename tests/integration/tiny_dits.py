@@ -1,7 +1,8 @@
 """Tiny seeded DiTs and their text encoders, built at test time from ComfyUI's own classes.
 
 Each diffusion model is built at a small width from ComfyUI's module (``comfy.ldm.flux.model.Flux``,
-``OpenAISignatureMMDITWrapper``, ``QwenImageTransformer2DModel``), its state dict handed to ComfyUI's own
+``OpenAISignatureMMDITWrapper``, ``QwenImageTransformer2DModel``, ``MMDiT``, ``PixArtMS``, ``WanModel``,
+``LTXVModel``...), its state dict handed to ComfyUI's own
 ``model_detection.model_config_from_unet``, which must name the family's config class (``Flux``, ``SD3``,
 ``QwenImage``...). ComfyUI's detection hard-codes the full-size widths of most DiTs (Flux: hidden 3072,
 T5 4096), so the detected config's widths are then set to the tiny ones before ComfyUI builds the model
@@ -11,7 +12,10 @@ Text encoders are ComfyUI's own classes (``FluxClipModel``, ``SD3ClipModel``, ``
 tokenizers with the tokenizer files ComfyUI ships: CLIP BPE, T5's ``tokenizer.json``, Qwen2.5's vocab and
 merges) with small configs for the transformer inside (``SDClipModel`` takes a config dict). Their
 constructors build full-size sub-models, so the tiny subclasses set the same attributes themselves.
-Qwen2.5-VL's vision tower (not used for text) is left out. No file is downloaded.
+Qwen2.5-VL's vision tower (not used for text) is left out. AuraFlow's Pile-T5 stays 2048 wide (ComfyUI
+detects AuraFlow by that width) with ComfyUI's shipped ``t5_pile_tokenizer``; PixArt and LTX-Video use the
+shipped T5 ``tokenizer.json``; WAN's UMT5 and Lumina's Gemma tokenizers live in the checkpoint, so a small
+SentencePiece model is trained here. No file is downloaded.
 """
 
 from __future__ import annotations
@@ -161,9 +165,10 @@ def chroma_clip(seed: int = SEED):
     return make_clip(TinyChromaTE, pixart.PixArtTokenizer, seed)
 
 
-def gemma_tokenizer_model() -> bytes:
-    """A small SentencePiece model trained here (Gemma's ids: pad 0, eos 1, bos 2, unk 3): ComfyUI reads
-    Gemma's tokenizer from the text-encoder file, which a test cannot download."""
+def gemma_tokenizer_model(**ids: int) -> bytes:
+    """A small SentencePiece model trained here (Gemma's ids by default: pad 0, eos 1, bos 2, unk 3; ``ids``
+    overrides them): ComfyUI reads Gemma's and UMT5's tokenizers from the text-encoder file, which a test
+    cannot download."""
     import io
 
     import sentencepiece
@@ -174,7 +179,7 @@ def gemma_tokenizer_model() -> bytes:
     out = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=out, vocab_size=50, model_type="unigram", hard_vocab_limit=False,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+        minloglevel=2, **({"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3} | ids))
     return out.getvalue()
 
 
@@ -412,4 +417,125 @@ def hidream(seed: int = SEED):
               "axes_dims_rope": [8, 4, 4], "max_resolution": [16, 16], "llama_layers": HIDREAM_LLAMA_LAYERS}
     with torch.device("meta"):
         module = hm.HiDreamImageTransformer2DModel(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
+
+
+AURA_T5 = T5 | {"d_model": 2048}  # ComfyUI's AuraFlow config requires cond_seq_dim 2048 (Pile-T5-XL's width)
+
+
+def aura_clip(seed: int = SEED):
+    """AuraFlow's Pile-T5-XL (ComfyUI's ``AuraT5Model``: masked, masked rows zeroed) with its shipped
+    SentencePiece ``t5_pile_tokenizer``, 2048 wide (the width ComfyUI detects AuraFlow by) but 2 layers
+    of 4 heads × 8."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.aura_t5 as aura
+    import comfy.text_encoders.t5
+
+    class TinyPileT5(aura.PT5XlModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options=None):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx,
+                textmodel_json_config=_json("t5_pile_config_xl.json", **AURA_T5), dtype=torch.float32,
+                special_tokens={"end": 2, "pad": 1}, model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=True, zero_out_masked=True, model_options={"model_name": "pile_t5xl"})
+
+    class TinyAuraTE(aura.AuraT5Model):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="pile_t5xl",
+                                                 clip_model=TinyPileT5)
+
+    return make_clip(TinyAuraTE, aura.AuraT5Tokenizer, seed)
+
+
+def auraflow(seed: int = SEED):
+    """Tiny AuraFlow: 1 double + 1 single layer, 64 wide (``cond_seq_linear`` 64×2048)."""
+    import comfy.ldm.aura.mmdit as am
+    import comfy.ops
+
+    widths = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 2, "n_double_layers": 1,
+              "n_heads": 4, "global_conddim": 64, "cond_seq_dim": AURA_T5["d_model"],
+              "max_seq": 64}
+    with torch.device("meta"):
+        module = am.MMDiT(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
+
+
+def pixart_clip(seed: int = SEED):
+    """PixArt's text encoder: ComfyUI's ``PixArtT5XXL`` (the one Chroma borrows), tiny."""
+    return chroma_clip(seed)
+
+
+def pixart(seed: int = SEED):
+    """Tiny PixArt Sigma (no micro-conditioning, so ComfyUI names it ``PixArtSigma``): 1 block, 64 wide,
+    captions 32 wide (``y_embedder.y_proj.fc1`` 64×32)."""
+    import comfy.ldm.pixart.pixartms as pm
+    import comfy.ops
+
+    widths = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 1, "num_heads": 4,
+              "caption_channels": T5["d_model"], "model_max_length": 300, "micro_condition": False,
+              "image_model": "pixart_sigma"}
+    module = pm.PixArtMS(operations=comfy.ops.disable_weight_init, **widths)  # not on meta: it calls .item()
+    return load_dit(module, widths, seed)
+
+
+def wan_clip(seed: int = SEED):
+    """WAN 2.x's UMT5-XXL (ComfyUI's ``WanT5Model``: masked, masked rows zeroed), tiny, with a SentencePiece
+    model trained here in UMT5's ids (pad 0, eos 1, unk 2, no bos): ComfyUI reads it from the checkpoint."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.t5
+    import comfy.text_encoders.wan as wan
+
+    class TinyUMT5(wan.UMT5XXlModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options=None):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx,
+                textmodel_json_config=_json("umt5_config_xxl.json", **(T5 | {"vocab_size": 256384})), dtype=torch.float32,
+                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=True, zero_out_masked=True, model_options={"model_name": "umt5xxl"})
+
+    class TinyWanTE(wan.WanT5Model):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="umt5xxl",
+                                                 clip_model=TinyUMT5)
+
+    spiece = gemma_tokenizer_model(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    return make_clip(TinyWanTE, wan.WanT5Tokenizer, seed, {"spiece_model": torch.ByteTensor(list(spiece))})
+
+
+def wan21(seed: int = SEED):
+    """Tiny WAN 2.1 text-to-video: 1 block, 64 wide, 4 heads, text 32 wide (``text_embedding.0`` 64×32)."""
+    import comfy.ldm.wan.model as wm
+    import comfy.ops
+
+    widths = {"model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16, "dim": 64, "ffn_dim": 128,
+              "freq_dim": 256, "text_dim": T5["d_model"], "out_dim": 16, "num_heads": 4, "num_layers": 1}
+    with torch.device("meta"):
+        module = wm.WanModel(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
+
+
+def ltxv_clip(seed: int = SEED):
+    """LTX-Video's T5-XXL (ComfyUI's ``MochiT5XXL``: attention mask on, as ``ltxv_te`` builds it), tiny,
+    with ComfyUI's ``LTXVT5Tokenizer`` (the shipped ``t5_tokenizer``)."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.genmo as genmo
+    import comfy.text_encoders.lt as lt
+
+    class TinyLTXVTE(genmo.MochiT5XXL):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="t5xxl",
+                                                 clip_model=lambda **kw: _tiny_t5_masked())
+
+    return make_clip(TinyLTXVTE, lt.LTXVT5Tokenizer, seed)
+
+
+def ltxv(seed: int = SEED):
+    """Tiny LTX-Video: 1 block, 4 heads × 16, captions 32 wide (``caption_projection.linear_1`` 64×32)."""
+    import comfy.ldm.lightricks.model as lm
+    import comfy.ops
+
+    widths = {"in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 16, "num_attention_heads": 4,
+              "caption_channels": T5["d_model"], "num_layers": 1}
+    with torch.device("meta"):
+        module = lm.LTXVModel(operations=comfy.ops.disable_weight_init, **widths)
     return load_dit(module, widths, seed)
