@@ -48,7 +48,7 @@ def test_cli_lora_loads_in_comfyui_and_matches_the_graph(pack, checkpoint_file, 
     run = subprocess.run(
         [sys.executable, "-m", "erasure_core", "erase", str(checkpoint_file), "--out", str(loras / "cli.safetensors"),
          "--targets", TARGETS, "--anchors", ANCHORS, "--preserve", PRESERVE, "--token-pick", "last subject token",
-         "--precision", "float32", "--merges", merges],
+         "--lamb", "0.5", "--precision", "float32", "--merges", merges],  # the graph side's λ (_erase)
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "result: the erasure WORKED" in run.stdout
