@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from timing import median_times  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
 from erasure_core.methods.bank import bank_prompts, probe_prompts  # noqa: E402
@@ -29,17 +28,6 @@ from erasure_core.methods.check import check_edit  # noqa: E402
 from erasure_core.methods.closed_form import preserve_list  # noqa: E402
 from erasure_core.text.cache import CachedEncoder  # noqa: E402
 from erasure_core.text.clip import BPETokenizer, ClipTextEncoder, find_merges_file  # noqa: E402
-
-
-def _median(fn, repeats: int) -> tuple[float, float]:
-    """Median wall and CPU seconds (CPU: this process, all threads; steadier on a shared machine)."""
-    walls, cpus = [], []
-    for _ in range(repeats):
-        start, cpu = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -58,10 +46,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         cold = CachedEncoder(clip, folder, "bench")
-        rows.append((f"bank, first run: encode {len(bank)} prompts (cache empty)", _median(lambda: cold(bank), 1)))
+        rows.append((f"bank, first run: encode {len(bank)} prompts (cache empty)", median_times(lambda: cold(bank), 1)))
         # a new encoder per run, as a node run makes one: the cache file is read and checked each time
         rows.append((f"bank, cached: read {len(bank)} prompts back",
-                     _median(lambda: CachedEncoder(clip, folder, "bench")(bank), args.repeats)))
+                     median_times(lambda: CachedEncoder(clip, folder, "bench")(bank), args.repeats)))
         warm = CachedEncoder(clip, folder, "bench")
         warm(["cat", "dog", ""] + probe_prompts(concepts, keep))  # the rest of what the node encodes
         patches = {}
@@ -72,9 +60,9 @@ def main() -> None:
                 patches[on] = ec.erase(args.method, sites, concepts, warm, config)
 
             rows.append((f"{args.method} erase, bank {'on' if on else 'off'} (encodings cached)",
-                         _median(run, args.repeats)))
+                         median_times(run, args.repeats)))
         rows.append(("check: gap left, preserved and probe drift (32 sites)",
-                     _median(lambda: check_edit(sites, patches[True], concepts, warm, keep), args.repeats)))
+                     median_times(lambda: check_edit(sites, patches[True], concepts, warm, keep), args.repeats)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD1.5 K/V shapes, CLIP-L 12 layers")
     print("| step | seconds | CPU seconds |\n| --- | ---: | ---: |")
     for name, (seconds, cpu) in rows:

@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from bench_closed_form import ANCHOR, concept_names, model_sites  # noqa: E402
+from timing import timed  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
 from erasure_core.text.clip import BPETokenizer, ClipTextEncoder  # noqa: E402
@@ -207,12 +207,6 @@ def ours(work: Work, sites, clip, targets, priors, rece_epochs: int, rece_reg: f
                                 lamb=0.5)  # the paper's step and UCE start, as the reference runs them
     concepts = ec.ConceptSet.simple(targets, (ANCHOR,), priors)
     return lambda: ec.erase(method, sites, concepts, clip, config)
-
-
-def timed(fn: Callable[[], None]) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from timing import median_times  # noqa: E402
 
 from erasure_core.formats.spm import load_spm_file  # noqa: E402
 from erasure_core.gating.ft_gate import ft_gate  # noqa: E402
@@ -59,15 +59,6 @@ def write_spm(path: str, seed: int, prompts: str) -> None:
     save_file(tensors, path, {"prompts": prompts, "rank": "1", "alpha": "1.0"})
 
 
-def median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--spms", type=int, default=3)
@@ -80,15 +71,15 @@ def main() -> None:
             write_spm(path, i, f"concept {i}, concept {i} style")
         size_mb = os.path.getsize(paths[0]) / 2**20
         spms = [load_spm_file(p) for p in paths]
-        load = median_s(lambda: [load_spm_file(p) for p in paths], args.repeats)
+        load = median_times(lambda: [load_spm_file(p) for p in paths], args.repeats)[0]
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randn(77, 768, generator=gen)
     targets = torch.randn(2, 77, 768, generator=gen)
     ids, target_ids = list(range(77)), [list(range(5)), list(range(3, 9))]
-    gate = median_s(lambda: [ft_gate(prompt, ids, targets, target_ids, {49406, 49407}) for _ in spms], args.repeats)
+    gate = median_times(lambda: [ft_gate(prompt, ids, targets, target_ids, {49406, 49407}) for _ in spms], args.repeats)[0]
     multipliers = [0.8] * len(spms)
-    paper = median_s(lambda: combine(spms, multipliers, PAPER), args.repeats)
-    reference = median_s(lambda: combine(spms, multipliers, REFERENCE), args.repeats)
+    paper = median_times(lambda: combine(spms, multipliers, PAPER), args.repeats)[0]
+    reference = median_times(lambda: combine(spms, multipliers, REFERENCE), args.repeats)[0]
     print(f"SD1.5-shaped SPM: {len(module_shapes())} modules, {size_mb:.2f} MB per file; {args.spms} SPMs; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}")
     print("| step | median s |\n| --- | --- |")

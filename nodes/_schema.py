@@ -73,6 +73,8 @@ def _node_name(cls: type) -> str:
 
 
 def _short_value(value: Any) -> str:
+    if isinstance(value, (str, bytes)) and len(value) > 60:
+        value = value[:60]  # a huge string from the HTTP API is cut before repr copies it whole
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -110,15 +112,15 @@ def check_widget_values(cls: type, values: dict[str, Any]) -> None:
             raise ConfigError(f"must be text, but got {_short_value(value)}.", input_name=name)
 
 
-def _bound_values(fn: Callable[..., Any], cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
+def _bound_values(signature: inspect.Signature, cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
     try:
-        bound = inspect.signature(fn).bind_partial(cls, *args, **kwargs).arguments
+        bound = signature.bind_partial(cls, *args, **kwargs).arguments
     except TypeError:
         return dict(kwargs)
     values: dict[str, Any] = {}
     for key, value in bound.items():
         if isinstance(value, dict) and key not in kwargs and \
-                inspect.signature(fn).parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+                signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
             values.update(value)
         else:
             values[key] = value
@@ -141,10 +143,12 @@ def guard_node(cls: type) -> type:
 
 
 def _guarded(fn: Callable[..., Any], validating: bool, owner: type) -> Callable[..., Any]:
+    signature = inspect.signature(fn)  # read once, not on every call
+
     @functools.wraps(fn)
     def inner(cls: type, *args: Any, **kwargs: Any) -> Any:
         try:
-            check_widget_values(cls, _bound_values(fn, cls, args, kwargs))
+            check_widget_values(cls, _bound_values(signature, cls, args, kwargs))
             return fn(cls, *args, **kwargs)
         except Exception as err:
             if _passes_through(err):
@@ -154,7 +158,7 @@ def _guarded(fn: Callable[..., Any], validating: bool, owner: type) -> Callable[
                 return str(error)
             raise error from err.__cause__ if isinstance(err, ErasureError) else err
 
-    inner.__signature__ = inspect.signature(fn)  # ComfyUI reads validate_inputs' argument names
+    inner.__signature__ = signature  # ComfyUI reads validate_inputs' argument names
     inner._ce_guarded = owner
     inner._ce_inner = fn
     return inner

@@ -32,12 +32,12 @@ def _check_embeddings(result: ConceptSet, typed: dict[str, str]) -> None:
     """Refuse an ``embedding:name`` that ComfyUI would drop (only a log line), naming the input
     that holds it; prompts from files and presets are named as ``file``."""
     prompts = [p for pair in result.erase_pairs() for p in pair] + result.preserve_prompts()
-    for prompt in dict.fromkeys(prompts):
-        for name in _comfy.missing_embeddings(prompt):
-            source = next((k for k, text in typed.items() if f"embedding:{name}" in (text or "")), "file")
-            raise ConceptError(f"every embedding must exist in models/embeddings, but 'embedding:{name}' does "
-                               "not (ComfyUI would silently drop it from the prompt). Put the embedding file "
-                               "there or fix the name.", input_name=source)
+    # one pass over the distinct prompts (templates repeat every name in many prompts)
+    for name in _comfy.missing_embeddings("\n".join(dict.fromkeys(prompts))):
+        source = next((k for k, text in typed.items() if f"embedding:{name}" in (text or "")), "file")
+        raise ConceptError(f"every embedding must exist in models/embeddings, but 'embedding:{name}' does "
+                           "not (ComfyUI would silently drop it from the prompt). Put the embedding file "
+                           "there or fix the name.", input_name=source)
 
 
 class LoadConcepts(io.ComfyNode):

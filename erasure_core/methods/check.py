@@ -34,10 +34,10 @@ from ..concepts import ConceptSet
 from ..edit.patch import PatchSet
 from ..text.encoded import EncodedText, TextEncoder
 from .bank import probe_prompts
-from .closed_form import encode_prompts
+from .closed_form import encode_prompts, weight_grams
 from .streams import StreamView
 
-__all__ = ["Check", "MAX_PROMPTS", "check_edit", "edit_grams"]
+__all__ = ["Check", "MAX_PROMPTS", "check_edit"]
 
 MAX_PROMPTS = 16  # per group: the check costs rows × d², so very long lists are sampled evenly
 
@@ -97,18 +97,9 @@ def _sampled(prompts: Sequence[str], limit: int) -> list[str]:
     return [prompts[int(i * step)] for i in range(limit)]
 
 
-def _deltas(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str):
-    """``(site, W [d_out, d] float32, entry or None)`` for every site of one token stream."""
-    for site in sites:
-        yield site, site.tensor().to(device, torch.float32), patch.entries.get(site.key)
-
-
-def _factors(entry, strength: float, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ΔW = up @ down`` at ``strength`` (a dense entry is its own ``up`` with ``down = I``)."""
-    if entry.is_low_rank:
-        return entry.up.to(device).float() * strength, entry.down.to(device).float()
-    delta = entry.diff.to(device).float() * strength
-    return delta, torch.eye(delta.shape[1], device=device)
+def _up(entry, strength: float, device: torch.device | str) -> torch.Tensor:
+    """``ΔW = up @ down`` at ``strength``: a low-rank entry's ``up``, or a dense entry itself (``down = I``)."""
+    return (entry.up if entry.is_low_rank else entry.diff).to(device).float() * strength
 
 
 @dataclass(frozen=True)
@@ -173,14 +164,10 @@ def _by_multiplier(sites: Sequence[AttentionSite], patch: PatchSet, strength: fl
     if not context or len(widths) != 1 or any(s.key not in patch.entries for s in sites):
         return None
     d = next(iter(widths))
-    if d not in context:
-        return None
+    if d not in context or (context[d][1] is not None and 2 * context[d][1].shape[0] < d):
+        return None  # a thin edit: the per-site products with its factors cost less than G
     p, q = (None if t is None else t.to(device, torch.float64) for t in context[d])
-    g = None
-    for site in sites:
-        w = site.tensor().to(device, torch.float32)
-        g = w.T @ w if g is None else g + w.T @ w
-    g = g.double()
+    g = weight_grams(sites, device, torch.float32)[d].double()
     gp = g @ p  # [d, r]
     c = (p.T @ gp) * strength**2  # Pᵀ G P [r, r]
     if projected:
@@ -193,7 +180,13 @@ def _by_multiplier(sites: Sequence[AttentionSite], patch: PatchSet, strength: fl
 
 def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str,
                 gap_rows: torch.Tensor | None) -> tuple[torch.Tensor, _ByDown, bool]:
-    """``(G_WW or its projection, the edit's Grams by shared down factor, projected?)``."""
+    """``(G_WW or its projection, the edit's Grams by shared down factor, projected?)``, summed over
+    ``sites``, which read one token stream (an unedited site adds to ``G_WW`` only).
+
+    ``G_WW = Σ WᵀW`` costs ``Σ d_out·d²``; it is only ever read as ``D G_WW Dᵀ`` and ``D G_WΔ Xᵀ``
+    for the gap rows ``D``. When ``gap_rows [n, d]`` are given with ``n < d``, ``G_WW`` comes
+    projected, ``[n, n]`` ``Σ (D Wᵀ)(D Wᵀ)ᵀ``, and the edit's ``A_k`` are taken against those rows
+    (``Σ d_out·d·n`` work instead)."""
     projected = gap_rows is not None and len(gap_rows) < gap_rows.shape[1]
     shared = _by_multiplier(sites, patch, strength, device, gap_rows, projected)
     if shared is not None:
@@ -201,7 +194,8 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
     g_ww = None
     d = 0
     terms: dict[int, list] = {}
-    for _site, w, entry in _deltas(sites, patch, strength, device):
+    for site in sites:
+        w, entry = site.tensor().to(device, torch.float32), patch.entries.get(site.key)
         d = w.shape[1]
         if projected:
             y = gap_rows.to(device, torch.float32) @ w.T  # [n, d_out]
@@ -211,34 +205,14 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
         g_ww = ww if g_ww is None else g_ww + ww
         if entry is not None:
             key = id(entry.down) if entry.is_low_rank else 0  # dense entries: one term, D = I
-            if key not in terms:
-                up, down = _factors(entry, strength, device)
-                terms[key] = [down.double() if entry.is_low_rank else None, 0, 0]
-            else:
-                up = (entry.up if entry.is_low_rank else entry.diff).to(device).float() * strength
-            slot = terms[key]
+            up = _up(entry, strength, device)
+            slot = terms.setdefault(key, [entry.down.to(device).double() if entry.is_low_rank else None, 0, 0])
             slot[1] = slot[1] + (wd_left @ up).double()
             slot[2] = slot[2] + (up.T @ up).double()
     rows = len(gap_rows) if projected else d
     if g_ww is None:
-        g_ww = torch.zeros(rows if projected else d, rows if projected else d, dtype=torch.float64, device=device)
+        g_ww = torch.zeros(rows, rows, dtype=torch.float64, device=device)
     return g_ww, _ByDown(tuple((dn, a, c) for dn, a, c in terms.values()), rows, d), projected
-
-
-@torch.no_grad()
-def edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float = 1.0, *,
-               device: torch.device | str = "cpu",
-               gap_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G_WW, G_WΔ, G_ΔΔ)``, each ``[d, d]`` float64, summed over ``sites``, which read one token
-    stream (:func:`check_edit` groups them; an unedited site adds to ``G_WW`` only). Low-rank entries are used through their factors, and
-    sites that share a ``down`` factor are summed before it is applied.
-
-    ``G_WW`` costs ``Σ d_out·d²``; it is only ever read as ``D G_WW Dᵀ`` and ``D G_WΔ Xᵀ`` for
-    the gap rows ``D``. When ``gap_rows [n, d]`` are given with ``n < d``, the first two are
-    returned already projected, ``G_WW → Σ ‖D Wᵀ‖²``-ready ``[n, n]`` Gram ``Σ (D Wᵀ)(D Wᵀ)ᵀ`` and
-    ``G_WΔ → Σ (D Wᵀ) ΔW`` ``[n, d]`` (``Σ d_out·d·n`` work instead)."""
-    g_ww, by_down, _ = _edit_grams(sites, patch, strength, device, gap_rows)
-    return g_ww, by_down.wd().to(g_ww.device), by_down.dd().to(g_ww.device)
 
 
 def _quad(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor | None = None) -> float:

@@ -21,7 +21,7 @@ from ..version import __version__
 from .bank import bank_prompts
 
 __all__ = ["ClosedFormConfig", "anchored_patch", "ConceptKeys", "Progress", "SolveDtype", "encode_concepts", "encode_prompts",
-           "patch_from_multipliers", "preserve_list"]
+           "patch_from_multipliers", "preserve_list", "weight_grams"]
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``; a node passes one that also checks for interruption."""
@@ -139,6 +139,16 @@ def default_device(sites: Sequence[AttentionSite]) -> torch.device:
     """Where to solve when the caller names no device: beside the first in-memory weight."""
     tensors = [s.weight for s in sites if isinstance(s.weight, torch.Tensor)]
     return tensors[0].device if tensors else torch.device("cpu")
+
+
+def weight_grams(sites: Sequence[AttentionSite], device: torch.device | str,
+                 dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """``G = Σ_l W_lᵀW_l`` ``[d, d]`` per key width ``d`` of ``sites``, in ``dtype``."""
+    grams: dict[int, torch.Tensor] = {}
+    for site in sites:
+        w = site.tensor().to(device, dtype)
+        grams[site.in_features] = grams[site.in_features] + w.T @ w if site.in_features in grams else w.T @ w
+    return grams
 
 
 def patch_from_multipliers(

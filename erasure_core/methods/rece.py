@@ -54,6 +54,7 @@ from .closed_form import (
     describe_run,
     encode_concepts,
     patch_from_multipliers,
+    weight_grams,
 )
 
 __all__ = ["PRESETS", "RECEConfig", "adversarial_map", "adversarial_rows", "solve"]
@@ -124,10 +125,7 @@ def solve(
     cp_all = keys.preserve(TokenPick.ALL).to(device)
     targets = torch.cat([keys.rows(t) for t, _ in keys.pairs]).to(device)  # [n·T, d]
     guides = torch.cat([keys.rows(a) for _, a in keys.pairs]).to(device)
-    grams: dict[int, torch.Tensor] = {}
-    for site in sites:  # G = Σ_l W_lᵀ W_l per key width
-        w = site.tensor().to(device, dtype)
-        grams[site.in_features] = grams.get(site.in_features, 0) + w.T @ w
+    grams = weight_grams(sites, device, dtype)  # G = Σ_l W_lᵀ W_l per key width
     # With more target rows than the width every adversarial step has full rank, and the rows
     # c' = c B (B = G M (MᵀGM + reg I)⁻¹, d × d) enter the step only through C'ᵀC' = Bᵀ(CᵀC)B and
     # C_guideᵀC' = (C_guideᵀC)B: the epochs are d × d algebra on Grams taken once.

@@ -50,9 +50,9 @@ from .closed_form import (
     encode_prompts,
     patch_from_multipliers,
 )
-from .speed_priors import DPA_CHUNK, PriorBank, prior_bank, refined_projector
+from .speed_priors import PriorBank, prior_bank, refined_projector
 
-__all__ = ["DPA_CHUNK", "Projections", "SPEEDConfig", "solve"]
+__all__ = ["Projections", "SPEEDConfig", "solve"]
 
 
 class Projections(str, Enum):

@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .encoded import EncodedText, LayerStates, TextEncoder, encode
+from .encoded import EncodedText, LayerStates, TextEncoder, encode, rows_returned
 
 __all__ = ["DEFAULT_MAX_BYTES", "CachedEncoder", "cache_limit_bytes"]
 
@@ -57,6 +57,20 @@ def cache_limit_bytes() -> int:
         return DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
+
+
+def _replace(path: Path, write) -> None:
+    """``write(tmp)`` a temporary file in ``path``'s folder, then put it in place (no partial file;
+    the temporary file is removed if writing fails)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _key(text: str) -> str:
@@ -105,42 +119,30 @@ class CachedEncoder:
             return {}
 
     def _write(self, entries: dict[str, torch.Tensor]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        try:
-            save_file(entries, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _replace(self.path, lambda tmp: save_file(entries, tmp))
 
     def _write_lru(self, lru: dict[str, float]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(lru, f)
-        os.replace(tmp, self.lru_path)
+        _replace(self.lru_path, lambda tmp: Path(tmp).write_text(json.dumps(lru)))
 
     @staticmethod
     def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, rows: str,
                 layered: AbstractSet[str] = frozenset()) -> bool:
         """A cached prompt can serve this ``rows`` request (an entry of its kind or a wider one,
-        see :data:`_KINDS`), of the cache's width, with every per-layer stream in ``layered``, those
-        finite. Lengths may differ (DiT encoders do not pad). The main rows' finiteness is checked
-        for all prompts at once by :func:`_not_finite`."""
+        see :data:`_KINDS`), of the cache's width, with every per-layer stream in ``layered``. Lengths
+        may differ (DiT encoders do not pad). Finiteness is checked for all prompts at once by
+        :func:`_not_finite`."""
         if key + ".eot" not in entries or any(key + _LAYERS + n not in entries for n in layered):
             return False
         found = _entry(entries, key, rows)
-        return (found is not None and (width is None or found.shape[-1] == width)
-                and all(bool(torch.isfinite(entries[key + _LAYERS + n]).all()) for n in layered))
+        return found is not None and (width is None or found.shape[-1] == width)
 
     def _evict(self, entries: dict[str, torch.Tensor], lru: dict[str, float], keep: set[str]) -> bool:
         """Drop least recently used prompts (not ``keep``) until this file fits its share of the
         cap, then other fingerprints' files, oldest first. False if even ``keep`` does not fit."""
-        def size() -> int:
-            return sum(t.numel() * t.element_size() for t in entries.values())
+        def nbytes(name: str) -> int:
+            return entries[name].numel() * entries[name].element_size()
 
+        size = sum(nbytes(name) for name in entries)
         others = sorted((f for f in self.path.parent.glob("*.safetensors") if f != self.path),
                         key=lambda f: f.stat().st_mtime)
         other_bytes = sum(f.stat().st_size for f in others)
@@ -148,22 +150,23 @@ class CachedEncoder:
         for name in entries:
             by_prompt.setdefault(name.rsplit(".", 1)[0], []).append(name)
         keys = sorted(set(by_prompt) - keep, key=lambda k: lru.get(k, 0.0))
-        while size() > self.max_bytes and keys:
+        while size > self.max_bytes and keys:
             old = keys.pop(0)
             for name in by_prompt[old]:
+                size -= nbytes(name)
                 entries.pop(name)
             lru.pop(old, None)
-        while others and size() + other_bytes > self.max_bytes:
+        while others and size + other_bytes > self.max_bytes:
             victim = others.pop(0)
             other_bytes -= victim.stat().st_size
             for path in (victim, victim.with_suffix(".lru.json")):
                 path.unlink(missing_ok=True)
-        return size() <= self.max_bytes
+        return size <= self.max_bytes
 
     def _encode(self, texts: list[str], rows: str,
                 entries: dict[str, torch.Tensor]) -> tuple[EncodedText, dict[str, torch.Tensor]]:
         """Encode ``texts`` and give their cache entries (older entries of the other kinds dropped)."""
-        got = _rows_returned(self.encoder, rows)
+        got = rows_returned(self.encoder, rows)
         fresh = encode(self.encoder, texts, rows)
         out: dict[str, torch.Tensor] = {}
         for i, text in enumerate(texts):
@@ -203,7 +206,7 @@ class CachedEncoder:
                                      if not self._usable(entries, k, width, rows, layered)))
         unusable = set(missing)
         served = [t for t in dict.fromkeys(texts) if t not in unusable]
-        missing += _not_finite(entries, served, rows)
+        missing += _not_finite(entries, served, rows, layered)
         fresh_entries: dict[str, torch.Tensor] = {}
         if missing:
             fresh, fresh_entries = self._encode(missing, rows, entries)
@@ -247,18 +250,20 @@ class CachedEncoder:
         )
 
 
-def _not_finite(entries: dict[str, torch.Tensor], texts: list[str], rows: str) -> list[str]:
-    """The ``texts`` whose cached rows hold a non-finite value, in one check over all of them:
+def _not_finite(entries: dict[str, torch.Tensor], texts: list[str], rows: str,
+                layered: AbstractSet[str] = frozenset()) -> list[str]:
+    """The ``texts`` whose cached rows (main and per-layer) hold a non-finite value, in one check over
+    all of them:
     on a busy CPU every multi-threaded op over a prompt's rows costs milliseconds of thread
     wake-ups, so two ops per prompt (45 bank prompts: 90) cost more than the read itself."""
     if not texts:
         return []
-    found = [_entry(entries, _key(t), rows) for t in texts]
-    flat = torch.cat([f.reshape(-1) for f in found])  # one copy, one check, one reduction per prompt
+    parts = [[_entry(entries, k, rows), *(entries[k + _LAYERS + n] for n in layered)] for k in map(_key, texts)]
+    flat = torch.cat([p.reshape(-1) for ps in parts for p in ps])  # one copy, one check, one reduction per prompt
     bad = ~torch.isfinite(flat)
     if not bool(bad.any()):
         return []
-    ends = torch.tensor([f.numel() for f in found]).cumsum(0).tolist()
+    ends = torch.tensor([sum(p.numel() for p in ps) for ps in parts]).cumsum(0).tolist()
     starts = [0, *ends[:-1]]
     return [t for t, a, b in zip(texts, starts, ends, strict=True) if bool(bad[a:b].any())]
 
@@ -289,13 +294,6 @@ def _entry(entries: dict[str, torch.Tensor], key: str, rows: str) -> torch.Tenso
         if found is not None:
             return found
     return None
-
-
-def _rows_returned(encoder: TextEncoder, rows: str) -> str:
-    """The rows mode ``encode(encoder, ..., rows)`` returns (all rows where the encoder cannot stop early)."""
-    if rows == "all" or not getattr(encoder, "accepts_rows", False):
-        return "all"
-    return rows if rows == "through_eot" or getattr(encoder, "accepts_last_word", False) else "through_eot"
 
 
 def _stop(rows: str, eot: int, length: int) -> int:

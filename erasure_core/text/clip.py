@@ -358,10 +358,12 @@ class ClipTextEncoder(nn.Module):
             # each prompt through its EOT, or through its last word (the start token for ""); passes
             # of prompts in token order, so prompts that share a prefix share a pass
             stop = (eot + 1) if rows == "through_eot" else eot.clamp_min(1)
-            order = sorted(range(len(texts)), key=lambda i: ids[i, : int(stop[i])].tolist())
+            # token lists read once on the host (per-prompt reads of a device tensor each sync it)
+            seqs = [row[:end] for row, end in zip(ids.tolist(), stop.tolist(), strict=True)]
+            order = sorted(range(len(texts)), key=seqs.__getitem__)
             for first in range(0, len(texts), self.batch_size):
                 part = order[first : first + self.batch_size]
-                tree = PrefixTree.build([ids[i, : int(stop[i])].tolist() for i in part])
+                tree = PrefixTree.build([seqs[i] for i in part])
                 out = tree.gather(self.forward_tree(tree))
                 hidden[torch.tensor(part, device=device), : out.shape[1]] = out
             return EncodedText(tuple(texts), hidden.float(), eot, token_ids=ids.cpu())

@@ -23,7 +23,7 @@ import torch
 from ..errors import ConceptError
 
 __all__ = ["ROWS", "EncodedText", "LayerStates", "TextEncoder", "TimedEncoder", "TokenPick", "encode", "erase_rows", "preserve_rows",
-           "rows_for"]
+           "rows_for", "rows_returned"]
 
 ROWS = ("all", "through_eot", "through_last_word")
 """How many token positions a caller needs: ``"all"`` (the whole context), ``"through_eot"``
@@ -120,15 +120,22 @@ class TextEncoder(Protocol):
     def __call__(self, texts: Sequence[str]) -> EncodedText: ...
 
 
-def encode(encoder: TextEncoder, texts: Sequence[str], rows: str = "all") -> EncodedText:
-    """``encoder(texts)``, asking for only ``rows`` where the encoder accepts the request."""
+def rows_returned(encoder: TextEncoder, rows: str) -> str:
+    """The rows mode :func:`encode` gets back from ``encoder`` for a ``rows`` request: all rows where
+    the encoder cannot stop early, through the EOT where it stops only there."""
     if rows not in ROWS:
         raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+    if rows == "all" or not getattr(encoder, "accepts_rows", False):
+        return "all"
     if rows == "through_last_word" and not getattr(encoder, "accepts_last_word", False):
-        rows = "through_eot"  # an encoder that stops only at the EOT: one row more, same values
-    if rows != "all" and getattr(encoder, "accepts_rows", False):
-        return encoder(texts, rows=rows)  # type: ignore[call-arg]
-    return encoder(texts)
+        return "through_eot"  # an encoder that stops only at the EOT: one row more, same values
+    return rows
+
+
+def encode(encoder: TextEncoder, texts: Sequence[str], rows: str = "all") -> EncodedText:
+    """``encoder(texts)``, asking for only ``rows`` where the encoder accepts the request."""
+    got = rows_returned(encoder, rows)
+    return encoder(texts) if got == "all" else encoder(texts, rows=got)  # type: ignore[call-arg]
 
 
 class TimedEncoder:

@@ -42,6 +42,18 @@ LAYERED_OUTPUTS = {"conditioning_llama3": "llama"}
 _PROBE = "zebra"
 
 
+def split_output(out: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor],
+                                               dict[str, Any]]:
+    """``encode_from_tokens(..., return_pooled=True, return_dict=True)`` of one prompt as ``(rows [T, D],
+    pooled or None, per-layer states {name: [L, T, D]}, every other entry)``, all float32 (``out`` is
+    not changed)."""
+    rest = dict(out)
+    cond, pooled = rest.pop("cond"), rest.pop("pooled_output", None)
+    layers = {name: rest.pop(key)[0].float() for key, name in LAYERED_OUTPUTS.items()
+              if isinstance(rest.get(key), torch.Tensor) and rest[key].ndim == 4}
+    return cond[0].float(), (pooled.float() if isinstance(pooled, torch.Tensor) else None), layers, rest
+
+
 def is_unet_clip(clip: Any) -> bool:
     """Whether ``clip`` is an SD1.x/SD2.x/SDXL CLIP (only 77-token CLIP windows), which the UNet
     encoder serves."""
@@ -130,16 +142,14 @@ class DitClipEncoder:
                 raise ConceptError(f"each concept must fit in one window of the text encoder, but '{_short(text)}' "
                                    f"needs {len(tokens[name])}. Shorten the concept (or its template).",
                                    input_name="concepts")
-        out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-        cond, pooled = out["cond"], out.get("pooled_output")
-        rows = cond[0].float().cpu()
+        rows, pooled, layers, _ = split_output(self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True))
+        rows = rows.cpu()
         eot, row_ids = self._align(text, rows.shape[0], tokens[self.stream][0], self.stream)
-        pooled = pooled.float().cpu().reshape(-1) if isinstance(pooled, torch.Tensor) else None
+        pooled = pooled.cpu().reshape(-1) if pooled is not None else None
         layered = {}
-        for key, name in self.layered.items():
-            states = out.get(key)
-            if isinstance(states, torch.Tensor) and states.ndim == 4:
-                layer_rows = states[0].float().cpu()  # [L, T, D]
+        for name in self.layered.values():
+            if name in layers:
+                layer_rows = layers[name].cpu()  # [L, T, D]
                 layered[name] = (layer_rows, *self._align(text, layer_rows.shape[1], tokens[name][0], name))
         return rows, pooled, eot, row_ids, layered
 

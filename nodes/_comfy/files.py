@@ -83,8 +83,7 @@ def check_file_name(filename: str, suffix: str, example: str, error: type[Erasur
     name = filename.strip()
     shown = repr(filename[:60])
     fix = f"Type a name such as '{example}'."
-    if not name or os.path.basename(name) != name or "/" in name or "\\" in name or name.startswith(".") \
-            or name in (".", ".."):
+    if not name or os.path.basename(name) != name or "/" in name or "\\" in name or name.startswith("."):
         raise error(f"{input_name} must be a plain file name (no folders), but got {shown}. {fix}",
                     input_name=input_name)
     if any(ord(ch) < 32 or ord(ch) == 127 or ch in '<>:"|?*' for ch in name):
@@ -129,7 +128,7 @@ def missing_embeddings(text: str) -> list[str]:
         return []
     roots = folder_paths.get_folder_paths("embeddings") if "embeddings" in folder_paths.folder_names_and_paths else []
     missing = []
-    for word in text.replace("\n", " ").split(" "):
+    for word in dict.fromkeys(text.replace("\n", " ").split(" ")):  # each distinct word looked up once
         if not word.startswith(EMBEDDING_PREFIX):
             continue
         name = word[len(EMBEDDING_PREFIX):].rstrip(",.;:!?)")

@@ -29,7 +29,7 @@ from ...erasure_core.attacks import (
 from ...erasure_core.text.cache import CachedEncoder
 from ...erasure_core.text.clip import TREE_MAX_LENGTH, BPETokenizer
 from ...erasure_core.text.prefix_tree import PrefixTree, tree_attention
-from .dit_text import LAYERED_OUTPUTS, DitClipEncoder, is_unet_clip
+from .dit_text import LAYERED_OUTPUTS, DitClipEncoder, is_unet_clip, split_output
 from .runtime import _short
 
 logger = logging.getLogger(__name__)
@@ -355,12 +355,8 @@ def encode_text_layers(clip: Any, text: str, input_name: str = "concept") -> tup
     """:func:`encode_text` plus the per-layer states the CLIP returns beside the conditioning, by the
     name the architecture rows read them by (HiDream: ``{"llama": [L, T, D]}``; empty for others), and
     every other entry of its conditioning (Lumina 2's ``attention_mask``) to pass on as it is."""
-    out = clip.encode_from_tokens(_one_window(clip, text, input_name), return_pooled=True, return_dict=True)
-    pooled = out.pop("pooled_output", None)
-    cond = out.pop("cond")
-    layers = {name: out.pop(key)[0].float() for key, name in LAYERED_OUTPUTS.items()
-              if isinstance(out.get(key), torch.Tensor) and out[key].ndim == 4}
-    return cond[0].float(), (pooled.float() if isinstance(pooled, torch.Tensor) else None), layers, out
+    return split_output(clip.encode_from_tokens(_one_window(clip, text, input_name), return_pooled=True,
+                                                return_dict=True))
 
 
 def conditioning(cond: torch.Tensor, pooled: torch.Tensor | None, layers: dict[str, torch.Tensor] | None = None,

@@ -49,3 +49,16 @@ def tiny_checkpoint(pack, tiny_state_dict):
 
     model, clip, vae = comfy.sd.load_state_dict_guess_config(dict(tiny_state_dict))[:3]
     return model, clip, vae
+
+
+@pytest.fixture
+def folders(pack, tmp_path, monkeypatch):
+    """An empty ``erasers`` folder registered with ComfyUI for this test."""
+    import folder_paths
+
+    erasers = tmp_path / "erasers"
+    erasers.mkdir()
+    registry = dict(folder_paths.folder_names_and_paths)
+    registry["erasers"] = ([str(erasers)], {".safetensors", ".pt", ".bin", ".ckpt", ".pth"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
+    return erasers

@@ -17,3 +17,12 @@ def sample(model, clip, prompt, seed=7, steps=3, cfg=1.0):
     with torch.inference_mode():
         return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond(prompt), cond(""),
                                    latent, seed=seed, disable_pbar=True).float()
+
+
+def live_weight(model, key):
+    """The weight ``key`` as ``model`` (a ModelPatcher) runs it: loaded with its patches, float32 copy."""
+    import comfy.model_management
+    import comfy.utils
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return comfy.utils.get_attr(model.model, key).detach().float().clone()

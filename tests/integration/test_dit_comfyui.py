@@ -10,28 +10,29 @@ import math
 import pytest
 import tiny_dits
 import torch
+from sampling import live_weight
 
 pytestmark = pytest.mark.comfyui
 
-FAMILIES = {  # our row, ComfyUI's config class, model builder, CLIP builder, latent shape
-    "flux": ("flux", "Flux", tiny_dits.flux, tiny_dits.flux_clip, (1, 16, 8, 8)),
-    "sd3": ("sd3", "SD3", tiny_dits.sd3, tiny_dits.sd3_clip, (1, 16, 8, 8)),
-    "qwen_image": ("qwen_image", "QwenImage", tiny_dits.qwen_image, tiny_dits.qwen_clip, (1, 16, 1, 8, 8)),
-    "chroma": ("chroma", "Chroma", tiny_dits.chroma, tiny_dits.chroma_clip, (1, 16, 8, 8)),
-    "lumina2": ("lumina2", "Lumina2", tiny_dits.lumina2, tiny_dits.lumina_clip, (1, 16, 8, 8)),
-    "hidream": ("hidream", "HiDream", tiny_dits.hidream, tiny_dits.hidream_clip, (1, 16, 8, 8)),
-    "auraflow": ("auraflow", "AuraFlow", tiny_dits.auraflow, tiny_dits.aura_clip, (1, 4, 8, 8)),
+FAMILIES = {  # our row: ComfyUI's config class, model builder, CLIP builder, latent shape
+    "flux": ("Flux", tiny_dits.flux, tiny_dits.flux_clip, (1, 16, 8, 8)),
+    "sd3": ("SD3", tiny_dits.sd3, tiny_dits.sd3_clip, (1, 16, 8, 8)),
+    "qwen_image": ("QwenImage", tiny_dits.qwen_image, tiny_dits.qwen_clip, (1, 16, 1, 8, 8)),
+    "chroma": ("Chroma", tiny_dits.chroma, tiny_dits.chroma_clip, (1, 16, 8, 8)),
+    "lumina2": ("Lumina2", tiny_dits.lumina2, tiny_dits.lumina_clip, (1, 16, 8, 8)),
+    "hidream": ("HiDream", tiny_dits.hidream, tiny_dits.hidream_clip, (1, 16, 8, 8)),
+    "auraflow": ("AuraFlow", tiny_dits.auraflow, tiny_dits.aura_clip, (1, 4, 8, 8)),
     # PixArt's sin-cos grid divides by round(side / 64): a latent under 33 wide divides by zero
-    "pixart": ("pixart", "PixArtSigma", tiny_dits.pixart, tiny_dits.pixart_clip, (1, 4, 48, 48)),
-    "wan": ("wan", "WAN21_T2V", tiny_dits.wan21, tiny_dits.wan_clip, (1, 16, 1, 8, 8)),  # 1 latent frame
-    "ltxv": ("ltxv", "LTXV", tiny_dits.ltxv, tiny_dits.ltxv_clip, (1, 128, 2, 4, 4)),  # 2 latent frames
+    "pixart": ("PixArtSigma", tiny_dits.pixart, tiny_dits.pixart_clip, (1, 4, 48, 48)),
+    "wan": ("WAN21_T2V", tiny_dits.wan21, tiny_dits.wan_clip, (1, 16, 1, 8, 8)),  # 1 latent frame
+    "ltxv": ("LTXV", tiny_dits.ltxv, tiny_dits.ltxv_clip, (1, 128, 2, 4, 4)),  # 2 latent frames
 }
 LAST_SUBJECT = "last subject token"
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, pack):
-    row, config_name, build, build_clip, latent = FAMILIES[request.param]
+    row, (config_name, build, build_clip, latent) = request.param, FAMILIES[request.param]
     model, detected = build()
     return {"row": row, "config": config_name, "detected": detected, "model": model, "clip": build_clip(),
             "latent": latent}
@@ -67,14 +68,6 @@ def _step(model, clip, prompt, latent_shape, seed=3, cond=None):
                                    disable_pbar=True).float()
 
 
-def _live_weight(model, key):
-    import comfy.model_management
-    import comfy.utils
-
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return comfy.utils.get_attr(model.model, key).detach().float().clone()
-
-
 def test_comfyui_detects_the_tiny_model_as_its_family_and_so_do_we(family):
     from concept_erasure_pack.nodes import _comfy
 
@@ -98,10 +91,10 @@ def test_the_text_projection_maps_the_targets_keys_onto_the_anchors(family):
     for site in sites:
         enc = StreamView(encoder, site.stream, site.transform)(["cat", "dog"])
         ce, ca = erase_rows(enc, [("cat", "dog")], TokenPick.LAST_SUBJECT)
-        w0, w = site.tensor(), _live_weight(erased, site.key)
+        w0, w = site.tensor(), live_weight(erased, site.key)
         gap = (w0 @ (ca - ce).T).norm()
         assert (w @ ce.T - w0 @ ca.T).norm() <= 0.01 * gap, site.key
-    _live_weight(model, sites[0].key)
+    live_weight(model, sites[0].key)
 
 
 def test_a_denoising_step_moves_the_target_toward_the_anchor_and_not_a_preserved_prompt(family):
@@ -142,8 +135,8 @@ def test_a_lora_applied_before_the_erasure_stacks_in_graph_order(family):
     erased, patch, _ = _erase(lora, clip)
     assert len(erased.patches[key]) == 2  # the LoRA's patch, then the erasure's
     expected = arriving[0].tensor() + patch[key].dense()
-    torch.testing.assert_close(_live_weight(erased, key), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
-    _live_weight(model, key)
+    torch.testing.assert_close(live_weight(erased, key), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    live_weight(model, key)
 
 
 @pytest.mark.parametrize("method", ["uce", "speed", "rece", "mace", "realera"])
@@ -159,6 +152,7 @@ def test_every_method_runs_on_the_family(family, method):
     assert all(torch.isfinite(e.dense()).all() for e in patch.entries.values())
 
 
+@pytest.mark.parametrize("family", ["flux"], indirect=True)  # the reference preset is UCE's Flux setting
 def test_the_uce_flux_reference_preset_encodes_t5_at_its_max_sequence_length(family):
     """UCE's uce_flux_edit.py: T5 last subject token at max_sequence_length 512 (dev), pooled CLIP-L,
     λ 0.5, erase and preserve scale 1. Tolerance: 5% of the gap (λ 0.5 against keys of squared norm
@@ -168,8 +162,6 @@ def test_the_uce_flux_reference_preset_encodes_t5_at_its_max_sequence_length(fam
     from concept_erasure_pack.erasure_core.text.encoded import TokenPick, erase_rows
     from concept_erasure_pack.nodes import _comfy
 
-    if family["row"] != "flux":
-        pytest.skip("the reference preset is UCE's Flux setting (T5 + CLIP-L)")
     model, clip = family["model"], family["clip"]
     config = make_config("uce", preset="flux-dev reference")
     erased, patch, _ = _erase(model, clip, options=config)
@@ -180,9 +172,9 @@ def test_the_uce_flux_reference_preset_encodes_t5_at_its_max_sequence_length(fam
     for site in sites:
         enc = StreamView(encoder, site.stream, site.transform)(["cat", "dog"])
         ce, ca = erase_rows(enc, [("cat", "dog")], TokenPick.LAST_SUBJECT)
-        w0, w = site.tensor(), _live_weight(erased, site.key)
+        w0, w = site.tensor(), live_weight(erased, site.key)
         assert (w @ ce.T - w0 @ ca.T).norm() <= 0.05 * (w0 @ (ca - ce).T).norm(), site.key
-    _live_weight(model, sites[0].key)
+    live_weight(model, sites[0].key)
 
 
 def _attack(model, clip, **inputs):

@@ -8,6 +8,7 @@ import pytest
 import tiny_dits
 import torch
 from safetensors.torch import save_file
+from sampling import live_weight
 
 pytestmark = pytest.mark.comfyui
 P = "diffusion_model."
@@ -24,31 +25,11 @@ def flux_clip(pack):
     return tiny_dits.flux_clip()
 
 
-@pytest.fixture
-def folders(pack, tmp_path, monkeypatch):
-    import folder_paths
-
-    erasers = tmp_path / "erasers"
-    erasers.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["erasers"] = ([str(erasers)], {".safetensors", ".pt", ".bin", ".ckpt", ".pth"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    return erasers
-
-
 def _apply(model, clip, eraser, **options):
     from concept_erasure_pack.nodes.apply_eraser import ApplyEraserLoRA
 
     with torch.inference_mode():
         return ApplyEraserLoRA.execute(model=model, clip=clip, eraser=eraser, strength=1.0, **options).result
-
-
-def _live(model, key):
-    import comfy.model_management
-    import comfy.utils
-
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return comfy.utils.get_attr(model.model, key).detach().float().clone()
 
 
 # (family, LoRA module name in the file, ComfyUI weight, rows of it the module is): ComfyUI's own maps
@@ -81,14 +62,14 @@ def test_a_dit_lora_in_comfyuis_namings_lands_on_the_weight_it_names(models, fol
     family, module, key, rows = CASES[case]
     model = models[family]
     delta = _write_lora(folders / "eraser.safetensors", module, rows, H[family], peft="kohya" not in case)
-    before = _live(model, P + key)
+    before = live_weight(model, P + key)
     patched, _, report = _apply(model, None, "eraser.safetensors")
-    after = _live(patched, P + key)
+    after = live_weight(patched, P + key)
     expected = before.clone()
     expected[rows[0]:rows[1]] += delta
     torch.testing.assert_close(after, expected, rtol=0, atol=1e-5)
     assert "LoRA" in report and not model.patches
-    _live(model, P + key)
+    live_weight(model, P + key)
 
 
 def test_a_gated_flux_lora_acts_on_its_concept_and_not_on_an_unrelated_prompt(models, flux_clip, folders):
@@ -111,11 +92,11 @@ def test_a_full_erased_flux_transformer_is_differenced_like_a_unet(models, folde
     change = torch.randn(state[P + "txt_in.weight"].shape, generator=g) * 0.01
     state[P + "txt_in.weight"] += change
     save_file({"model." + k: v.contiguous() for k, v in state.items()}, str(folders / "erased_flux.safetensors"))
-    before = _live(model, P + "txt_in.weight")
+    before = live_weight(model, P + "txt_in.weight")
     patched, _, report = _apply(model, None, "erased_flux.safetensors")
     assert "1 of" in report and set(patched.patches) == {P + "txt_in.weight"}
-    torch.testing.assert_close(_live(patched, P + "txt_in.weight"), before + change, rtol=0, atol=1e-6)
-    _live(model, P + "txt_in.weight")
+    torch.testing.assert_close(live_weight(patched, P + "txt_in.weight"), before + change, rtol=0, atol=1e-6)
+    live_weight(model, P + "txt_in.weight")
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "qwen_image"])
@@ -129,10 +110,10 @@ def test_lora_module_names_round_trip_through_comfyuis_loader(models, folders, f
     rows = tuple(model.model_state_dict()[key].shape)
     delta = _write_lora(folders / "named.safetensors", names[key], (0, rows[0]), rows[1],
                         peft=naming == "diffusers")
-    before = _live(model, key)
+    before = live_weight(model, key)
     patched, _, _ = _apply(model, None, "named.safetensors")
-    torch.testing.assert_close(_live(patched, key), before + delta, rtol=0, atol=1e-5)
-    _live(model, key)
+    torch.testing.assert_close(live_weight(patched, key), before + delta, rtol=0, atol=1e-5)
+    live_weight(model, key)
 
 
 def _flux_diffusers_state(model, prefix=""):
@@ -178,15 +159,15 @@ def test_a_full_erased_flux_transformer_in_diffusers_names_is_differenced(flux4,
     state[prefix + "context_embedder.weight"] += txt_change
     save_file(state, str(folders / "erased_flux_diffusers.safetensors"))
     qkv, txt_in = P + "double_blocks.0.txt_attn.qkv.weight", P + "txt_in.weight"
-    before_qkv, before_txt = _live(model, qkv), _live(model, txt_in)
+    before_qkv, before_txt = live_weight(model, qkv), live_weight(model, txt_in)
     patched, _, report = _apply(model, None, "erased_flux_diffusers.safetensors")
     assert "2 of" in report and set(patched.patches) == {qkv, txt_in}, report
     expected = before_qkv.clone()
     expected[H["flux"]:2 * H["flux"]] += k_change  # add_k_proj: rows H..2H of the fused qkv
-    torch.testing.assert_close(_live(patched, qkv), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(_live(patched, txt_in), before_txt + txt_change, rtol=0, atol=1e-6)
+    torch.testing.assert_close(live_weight(patched, qkv), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(live_weight(patched, txt_in), before_txt + txt_change, rtol=0, atol=1e-6)
     assert not model.patches
-    _live(model, qkv)
+    live_weight(model, qkv)
 
 
 def test_a_diffusers_transformer_file_for_another_model_is_refused_by_name(models, flux4, folders):

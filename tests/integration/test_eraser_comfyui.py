@@ -29,18 +29,6 @@ class NotATensor:
 
 
 @pytest.fixture
-def folders(pack, tmp_path, monkeypatch):
-    import folder_paths
-
-    erasers = tmp_path / "erasers"
-    erasers.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["erasers"] = ([str(erasers)], {".safetensors", ".pt", ".bin", ".ckpt", ".pth"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    return erasers
-
-
-@pytest.fixture
 def mc(tiny_checkpoint):
     model, clip, _ = tiny_checkpoint
     return model, clip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sampling import sample
+from sampling import live_weight, sample
 
 pytestmark = pytest.mark.comfyui
 
@@ -26,14 +26,6 @@ def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
                 "erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.5,
                 "preserve_empty_prompt": True, "solve_dtype": "float64", "preserve_bank": False}
     return _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, **(defaults | options))[:3]
-
-
-def _live_weight(model, key):
-    import comfy.model_management
-    import comfy.utils
-
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return comfy.utils.get_attr(model.model, key).detach().float().clone()
 
 
 MANY = "; ".join(f"Painter {c}" for c in "ABCDEFGHJKLM")  # 12 x 77-row keys: a full-rank (dense) edit
@@ -66,9 +58,9 @@ def test_patched_clone_uses_the_cores_weights(pack, tiny_checkpoint, targets):
     assert all(patch[s.key].is_low_rank for s in sites) == (targets == "Van Gogh; Monet")
     expected = {s.key: s.tensor() + patch[s.key].dense() for s in sites}
     for key in (sites[0].key, sites[-1].key):
-        live = _live_weight(erased, key)
+        live = live_weight(erased, key)
         torch.testing.assert_close(live, expected[key], rtol=0, atol=2e-3 * expected[key].abs().max().item())
-    _live_weight(model, K_KEY)
+    live_weight(model, K_KEY)
 
 
 def test_erasure_reads_the_model_as_it_arrives_with_an_upstream_lora(pack, tiny_checkpoint):
@@ -126,8 +118,8 @@ def test_preserved_prompt_barely_moves_when_preserved(pack, tiny_checkpoint):
 def test_strength_zero_gives_the_original_weights(pack, tiny_checkpoint):
     model, clip, _ = tiny_checkpoint
     erased, _, _ = _erase(pack, model, clip, "Van Gogh", "a painter", strength=0.0)
-    original = _live_weight(model, K_KEY)
-    torch.testing.assert_close(_live_weight(erased, K_KEY), original, rtol=0, atol=0)
+    original = live_weight(model, K_KEY)
+    torch.testing.assert_close(live_weight(erased, K_KEY), original, rtol=0, atol=0)
 
 
 def test_bad_inputs_name_the_node_and_input(pack):

@@ -394,15 +394,18 @@ def hidream_clip(seed: int = SEED, tokenizer_folder: str | None = None):
     return make_clip(TinyHiDreamTE, TinyHiDreamTokenizer, seed)
 
 
-def _tiny_t5_masked():
-    """HiDream's T5 (``T5XXLModel(attention_mask=True)``): padding masked out of its attention."""
+def _tiny_t5_masked(config: str = "t5_config_xxl.json", name: str = "t5xxl", end: int = 1, pad: int = 0,
+                    widths: dict | None = None, return_attention_masks: bool = True, zero_out_masked: bool = False):
+    """A tiny T5 with padding masked out of its attention (HiDream's and LTX-Video's T5-XXL by default;
+    AuraFlow's Pile-T5 and WAN's UMT5 with their config and ids, masked rows zeroed, no mask returned)."""
     import comfy.sd1_clip
     import comfy.text_encoders.t5
 
-    return comfy.sd1_clip.SDClipModel(textmodel_json_config=_json("t5_config_xxl.json", **T5), dtype=torch.float32,
-                                      special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                                      enable_attention_masks=True, return_attention_masks=True,
-                                      model_options={"model_name": "t5xxl"})
+    return comfy.sd1_clip.SDClipModel(textmodel_json_config=_json(config, **(widths or T5)), dtype=torch.float32,
+                                      special_tokens={"end": end, "pad": pad}, model_class=comfy.text_encoders.t5.T5,
+                                      enable_attention_masks=True, return_attention_masks=return_attention_masks,
+                                      zero_out_masked=zero_out_masked,
+                                      model_options={"model_name": name})
 
 
 def hidream(seed: int = SEED):
@@ -429,20 +432,15 @@ def aura_clip(seed: int = SEED):
     of 4 heads × 8."""
     import comfy.sd1_clip
     import comfy.text_encoders.aura_t5 as aura
-    import comfy.text_encoders.t5
 
-    class TinyPileT5(aura.PT5XlModel):
-        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options=None):
-            comfy.sd1_clip.SDClipModel.__init__(
-                self, device=device, layer=layer, layer_idx=layer_idx,
-                textmodel_json_config=_json("t5_pile_config_xl.json", **AURA_T5), dtype=torch.float32,
-                special_tokens={"end": 2, "pad": 1}, model_class=comfy.text_encoders.t5.T5,
-                enable_attention_masks=True, zero_out_masked=True, model_options={"model_name": "pile_t5xl"})
+    def tiny_pile_t5(**kw):  # ComfyUI's PT5XlModel with a tiny config
+        return _tiny_t5_masked("t5_pile_config_xl.json", "pile_t5xl", end=2, pad=1, widths=AURA_T5,
+                               return_attention_masks=False, zero_out_masked=True)
 
     class TinyAuraTE(aura.AuraT5Model):
         def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
             comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="pile_t5xl",
-                                                 clip_model=TinyPileT5)
+                                                 clip_model=tiny_pile_t5)
 
     return make_clip(TinyAuraTE, aura.AuraT5Tokenizer, seed)
 
@@ -482,21 +480,16 @@ def wan_clip(seed: int = SEED):
     """WAN 2.x's UMT5-XXL (ComfyUI's ``WanT5Model``: masked, masked rows zeroed), tiny, with a SentencePiece
     model trained here in UMT5's ids (pad 0, eos 1, unk 2, no bos): ComfyUI reads it from the checkpoint."""
     import comfy.sd1_clip
-    import comfy.text_encoders.t5
     import comfy.text_encoders.wan as wan
 
-    class TinyUMT5(wan.UMT5XXlModel):
-        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options=None):
-            comfy.sd1_clip.SDClipModel.__init__(
-                self, device=device, layer=layer, layer_idx=layer_idx,
-                textmodel_json_config=_json("umt5_config_xxl.json", **(T5 | {"vocab_size": 256384})), dtype=torch.float32,
-                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                enable_attention_masks=True, zero_out_masked=True, model_options={"model_name": "umt5xxl"})
+    def tiny_umt5(**kw):  # ComfyUI's UMT5XXlModel with a tiny config
+        return _tiny_t5_masked("umt5_config_xxl.json", "umt5xxl", widths=T5 | {"vocab_size": 256384},
+                               return_attention_masks=False, zero_out_masked=True)
 
     class TinyWanTE(wan.WanT5Model):
         def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
             comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="umt5xxl",
-                                                 clip_model=TinyUMT5)
+                                                 clip_model=tiny_umt5)
 
     spiece = gemma_tokenizer_model(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
     return make_clip(TinyWanTE, wan.WanT5Tokenizer, seed, {"spiece_model": torch.ByteTensor(list(spiece))})
