@@ -31,10 +31,12 @@ __all__ = ["ARCHITECTURES", "ArchSpec", "AttentionSite", "LayerStreams", "LazyWe
 @dataclass(frozen=True)
 class LazyWeight:
     """A weight materialised only when a method needs it (``load()``), so that a caller such as
-    ComfyUI can hand over 140 SDXL sites without holding 140 fp32 copies at once."""
+    ComfyUI can hand over 140 SDXL sites without holding 140 fp32 copies at once. ``owned``: each
+    ``load()`` returns a new tensor that the caller may keep (a patch then holds it without a copy)."""
 
     shape: tuple[int, int]
     load: Callable[[], torch.Tensor]
+    owned: bool = False
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def _timed_weight(weight, reads: list[float]):
         finally:
             reads[0] += time.perf_counter() - started
 
-    return LazyWeight(weight.shape, load)
+    return LazyWeight(weight.shape, load, weight.owned)
 
 
 def _bars(check: Check) -> list[Bar]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NumericalError
+from ..numeric import all_finite
 
 __all__ = ["RightMultiplier", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
            "compact", "cross_gram", "factor_square", "full_multiplier", "gram", "kmeans",
@@ -31,7 +32,7 @@ __all__ = ["RightMultiplier", "anchored_multiplier_from_grams", "anchored_right_
 
 def check_finite(tensor: torch.Tensor, what: str, method: str) -> torch.Tensor:
     """Raise NumericalError naming ``what`` and ``method`` when ``tensor`` has NaN or inf."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise NumericalError(
             f"{method}: {what} must be finite, but got NaN or inf although every input was finite: the "
             "solve overflowed. Use solve_dtype float64, or raise 'lamb' (the ridge term).",
@@ -52,7 +53,7 @@ def check_scalars(method: str, **values: float) -> None:
 def check_gram_finite(g: torch.Tensor, method: str, role: str) -> None:
     """Raise NumericalError when the key rows (text encodings) behind a Gram are not finite: the
     text encoder, not an option, is then to blame."""
-    if not bool(torch.isfinite(g).all()):
+    if not all_finite(g):
         raise NumericalError(f"{method}: the {role} encodings must be finite, but the text encoder returned NaN "
                              "or inf. Check the CLIP (and any CLIP LoRA) connected to the node.", input_name="clip")
 
@@ -68,8 +69,22 @@ def gram(rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def cross_gram(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``leftᵀ right`` for paired rows ``[R, d]``, accumulated in ``dtype`` over row chunks."""
+    """``leftᵀ right`` for paired rows ``[R, d]``, accumulated in ``dtype`` over row chunks.
+
+    When one side repeats its rows (every target paired with the same anchor prompt: the anchor's
+    rows recur once per target), the product is taken over its distinct rows only,
+    ``Σ_u l_u (Σ_{r ∈ u} right_r)ᵀ``: the sums cost ``R·d`` and the product ``U·d²`` for ``U``
+    distinct rows instead of ``R·d²``."""
     dtype = dtype or left.dtype
+    if right is not left:
+        for rows, other, flip in ((left, right, False), (right, left, True)):
+            grouped = _distinct_rows(rows)
+            if grouped is not None:
+                distinct, inverse = grouped
+                sums = torch.zeros(len(distinct), other.shape[1], dtype=dtype, device=left.device)
+                sums.index_add_(0, inverse.to(left.device), other.to(device=left.device, dtype=dtype))
+                out = distinct.to(device=left.device, dtype=dtype).T @ sums
+                return out.T if flip else out
     out = torch.zeros(left.shape[1], right.shape[1], dtype=dtype, device=left.device)
     for start in range(0, left.shape[0], GRAM_CHUNK):
         a = left[start : start + GRAM_CHUNK].to(dtype)
@@ -80,17 +95,45 @@ def cross_gram(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | Non
     return out
 
 
+_PROBES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(distinct rows [U, d], inverse [R])`` with ``distinct[inverse] == rows`` exactly, when at
+    most half the rows are distinct; ``None`` otherwise. Rows are grouped by one projection on a
+    fixed vector and each group is then checked bit for bit, so a projection collision only
+    costs the shortcut, never exactness."""
+    n, d = rows.shape
+    if n < 64:
+        return None
+    probe = _PROBES.get((d, rows.device))
+    if probe is None:
+        gen = torch.Generator().manual_seed(d)
+        probe = _PROBES.setdefault((d, rows.device), (1 + torch.rand(d, generator=gen)).to(rows.device))
+    keys = rows.float() @ probe
+    values, inverse = torch.unique(keys, return_inverse=True)
+    if 2 * len(values) > n:
+        return None
+    first = torch.empty(len(values), dtype=torch.long, device=rows.device)
+    first.scatter_(0, inverse, torch.arange(n, device=rows.device))  # one member of each group
+    distinct = rows[first]
+    if not torch.equal(distinct[inverse], rows):
+        return None
+    return distinct, inverse
+
+
 def _self_gram(a: torch.Tensor) -> torch.Tensor:
-    """``aᵀa`` from three of its four blocks (it is symmetric): ~20% less time for wide rows."""
+    """``aᵀa`` from its upper block rows (it is symmetric): block row ``i`` of width ``d/4`` against
+    columns ``i…``, mirrored below; ~30% less time than one product for wide rows."""
     d = a.shape[1]
     if d < 256:
         return a.T @ a
-    h = d // 2
-    a1, a2 = a[:, :h], a[:, h:]
     g = torch.empty(d, d, dtype=a.dtype, device=a.device)
-    g[:h, :h], g[h:, h:] = a1.T @ a1, a2.T @ a2
-    corner = a1.T @ a2
-    g[:h, h:], g[h:, :h] = corner, corner.T
+    for i in range(4):
+        lo, hi = i * d // 4, (i + 1) * d // 4
+        block = a[:, lo:hi].T @ a[:, lo:]  # [hi - lo, d - lo]
+        g[lo:hi, lo:] = block
+        g[hi:, lo:hi] = block[:, hi - lo :].T
     return g
 
 
@@ -193,7 +236,7 @@ def _woodbury_key_factor(ce: torch.Tensor, cp: torch.Tensor, moving: torch.Tenso
     through the ``R × R`` system (Woodbury): ``A⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U)/λ``. Costs ``R²d`` instead
     of the ``d × d`` Grams' ``Rd²`` and ``d³/3`` (d = 4096 for a DiT's T5 keys)."""
     u = torch.cat([ce.to(dtype) * erase_scale ** 0.5, cp.to(dtype) * preserve_scale ** 0.5])
-    k = _self_gram(u.T)  # U Uᵀ from three of its four blocks
+    k = _self_gram(u.T)  # U Uᵀ from its upper block rows
     k.diagonal().add_(lamb)
     chol, info = torch.linalg.cholesky_ex(k)
     if int(info) != 0:  # pragma: no cover - λ > 0 makes K positive definite

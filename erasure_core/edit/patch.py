@@ -1,7 +1,7 @@
 """PatchSet: the weight edit every method returns and the only thing nodes apply.
 
-Each entry is keyed by the *caller's* weight key and is either dense (``diff``, ``ΔW``) or low
-rank (``up [d_out, r] @ down [r, d_in]``). A PatchSet is immutable; operations return new ones.
+Each entry is keyed by the *caller's* weight key and is either dense (``diff``, ``ΔW``; possibly
+deferred: ``W₀ R``, taken when first read) or low rank (``up [d_out, r] @ down [r, d_in]``). A PatchSet is immutable; operations return new ones.
 Saved files are safetensors with the factors and JSON metadata; they load back bit-identically.
 """
 
@@ -20,65 +20,140 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import PatchError
+from ..numeric import all_finite
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PatchEntry", "PatchSet"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PatchEntry", "PatchSet", "SharedRight"]
 
 FORMAT_NAME = "concept_erasure.patchset"
 FORMAT_VERSION = "1"
 _SUFFIXES = (".lora_up", ".lora_down", ".diff")
 
 
-@dataclass(frozen=True)
+class SharedRight:
+    """A factor ``[d, r]`` (float32, CPU) that many deferred entries multiply their weight by, with
+    its copy on the device that takes their products (made once, not once per entry)."""
+
+    def __init__(self, tensor: torch.Tensor, device: torch.device | str = "cpu"):
+        self.tensor = tensor
+        self.device = torch.device(device)
+        self._on: torch.Tensor | None = None
+
+    def on_device(self) -> torch.Tensor:
+        if self._on is None:
+            self._on = self.tensor.to(self.device)
+        return self._on
+
+
 class PatchEntry:
-    """One key's edit: low rank (``up``, ``down``) or dense (``diff``), float32, 2-D."""
+    """One key's edit: low rank (``up``, ``down``) or dense (``diff``), float32, 2-D. Immutable.
 
-    up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
-    diff: torch.Tensor | None = None
+    An entry may be *deferred* (:meth:`deferred`): the UCE family's ``ΔW = W₀ P Q`` is held as a
+    snapshot of the weight, the ``P`` its width shares and ``Q`` (``None``: dense, ``ΔW = W₀ P``).
+    ``W₀ P`` (``diff``, or ``up``) is taken on its first read, on the device that solved the edit,
+    then kept and the snapshot dropped. An edit that ComfyUI applies as a context transform never
+    reads it, so erasing skips ``Σ d_out·d·r`` of work there; saving or applying as weights reads
+    it once."""
 
-    def __post_init__(self) -> None:
-        low_rank = self.up is not None and self.down is not None
-        if low_rank == (self.diff is not None) or (self.up is None) != (self.down is None):
+    def __init__(self, up: torch.Tensor | None = None, down: torch.Tensor | None = None,
+                 diff: torch.Tensor | None = None):
+        low_rank = up is not None and down is not None
+        if low_rank == (diff is not None) or (up is None) != (down is None):
             raise PatchError("a patch entry must be either (up, down) or diff, but got a mix.")
-        for t in self.tensors():
+        for t in (up, down, diff):
+            if t is None:
+                continue
             if t.ndim != 2:
                 raise PatchError(f"patch tensors must be 2-D, but got shape {tuple(t.shape)}.")
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise PatchError("patch tensors must be finite, but got NaN or inf.")
-        if low_rank and self.up.shape[1] != self.down.shape[0]:  # type: ignore[union-attr]
+        if low_rank and up.shape[1] != down.shape[0]:  # type: ignore[union-attr]
             raise PatchError(
-                f"up [d_out, r] and down [r, d_in] must share r, but got {tuple(self.up.shape)} "  # type: ignore[union-attr]
-                f"and {tuple(self.down.shape)}."  # type: ignore[union-attr]
+                f"up [d_out, r] and down [r, d_in] must share r, but got {tuple(up.shape)} "  # type: ignore[union-attr]
+                f"and {tuple(down.shape)}."  # type: ignore[union-attr]
             )
+        self._set(_left=up if low_rank else diff, down=down, _deferred=None)
+
+    @classmethod
+    def deferred(cls, weight: torch.Tensor, p: SharedRight, q: torch.Tensor | None = None) -> PatchEntry:
+        """``ΔW = weight @ p.tensor @ q`` (``q`` ``None``: dense, ``weight @ p.tensor``), ``weight @ p``
+        taken when first read. ``weight`` must be the caller's own copy (float32, CPU): it is kept."""
+        width = p.tensor.shape[1]
+        if weight.ndim != 2 or weight.shape[1] != p.tensor.shape[0] or (q is not None and q.shape[0] != width):
+            raise PatchError(f"a deferred product needs weight [d_out, d], P [d, r] and Q [r, d], but got "
+                             f"{tuple(weight.shape)}, {tuple(p.tensor.shape)} and "
+                             f"{None if q is None else tuple(q.shape)}.")
+        entry = cls.__new__(cls)
+        entry._set(_left=None, down=q, _deferred=(weight, p))
+        return entry
+
+    def _set(self, **values: object) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("PatchEntry is immutable")
+
+    def __repr__(self) -> str:
+        kind = "low rank" if self.is_low_rank else "dense"
+        return f"PatchEntry({kind}{', deferred' if self.is_deferred else ''}, shape={self.shape}, rank={self.rank})"
+
+    def _product(self) -> torch.Tensor:
+        """``W₀ P`` (a deferred entry's product is taken now, once; the snapshot is then dropped)."""
+        if self._deferred is not None:
+            weight, p = self._deferred
+            product = (weight.to(p.device) @ p.on_device()).cpu()
+            if not all_finite(product):
+                raise PatchError("patch tensors must be finite, but the edit overflowed float32. Lower "
+                                 "'erase_scale' or raise 'lamb'.")
+            self._set(_left=product, _deferred=None)
+        return self._left  # type: ignore[return-value]
+
+    @property
+    def up(self) -> torch.Tensor | None:
+        """``[d_out, r]`` of a low-rank entry; ``None`` when dense."""
+        return self._product() if self.down is not None else None
+
+    @property
+    def diff(self) -> torch.Tensor | None:
+        """``ΔW`` of a dense entry; ``None`` when low rank."""
+        return self._product() if self.down is None else None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.up, self.down, self.diff) if t is not None)
+        """The tensors this entry holds now (a deferred one: the weight snapshot and its factors)."""
+        held = (*self._deferred[:1], self._deferred[1].tensor) if self._deferred is not None else (self._left,)
+        return tuple(t for t in (*held, self.down) if t is not None)
 
     @property
     def is_low_rank(self) -> bool:
-        return self.diff is None
+        return self.down is not None
+
+    @property
+    def is_deferred(self) -> bool:
+        """A deferred entry whose product has not been read yet."""
+        return self._deferred is not None
 
     @property
     def shape(self) -> tuple[int, int]:
-        if self.diff is not None:
-            return tuple(self.diff.shape)  # type: ignore[return-value]
-        return (int(self.up.shape[0]), int(self.down.shape[1]))  # type: ignore[union-attr]
+        rows = int(self._deferred[0].shape[0] if self._deferred is not None else self._left.shape[0])
+        if self.down is not None:
+            return (rows, int(self.down.shape[1]))
+        return (rows, int(self._deferred[1].tensor.shape[1] if self._deferred is not None else self._left.shape[1]))
 
     @property
     def rank(self) -> int:
-        if self.diff is not None:
+        if not self.is_low_rank:
             return min(self.shape)
         return int(self.down.shape[0])  # type: ignore[union-attr]
 
     def dense(self) -> torch.Tensor:
         """The weight difference ``ΔW`` as one float32 matrix."""
-        if self.diff is not None:
-            return self.diff.float()
+        if not self.is_low_rank:
+            return self.diff.float()  # type: ignore[union-attr]
         return self.up.float() @ self.down.float()  # type: ignore[union-attr]
 
     def scaled(self, alpha: float) -> PatchEntry:
-        if self.diff is not None:
-            return PatchEntry(diff=self.diff * alpha)
+        if not self.is_low_rank:
+            return PatchEntry(diff=self.diff * alpha)  # type: ignore[operator]
         return PatchEntry(up=self.up * alpha, down=self.down)  # type: ignore[operator]
 
     def plus(self, other: PatchEntry) -> PatchEntry:

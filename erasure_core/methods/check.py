@@ -24,7 +24,7 @@ the sites. Pooled inputs are not measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,21 +135,23 @@ class _ByDown:
             return self
         return _ByDown(((None, self.wd(), self.dd()),), self.rows, self.d)  # type: ignore[arg-type]
 
-    def moved(self, x: torch.Tensor) -> float:
-        """``tr(X G_ΔΔ Xᵀ) = Σ_l ‖X ΔW_lᵀ‖²``."""
-        total = 0.0
+    def moved(self, x: torch.Tensor) -> torch.Tensor:
+        """``‖x ΔW_lᵀ‖²`` summed over sites, per row of ``x [m, d]``: the rows of ``X G_ΔΔ Xᵀ``'s
+        diagonal, in ``x``'s precision (a sum of squares: float32 suffices where nothing cancels)."""
+        total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         for down, _, c in self.terms:
-            y = x if down is None else x @ down.T
-            total += float(((y @ c) * y).sum())
+            y = x if down is None else x @ down.T.to(x.dtype)
+            total += ((y @ c.to(x.dtype)) * y).sum(-1).double()
         return total
 
-    def cross(self, left: torch.Tensor | slice, x: torch.Tensor) -> float:
-        """``tr(left G_WΔ Xᵀ)`` for rows ``left [m, d]``; with projected Grams (``A`` taken against
-        the gap rows) ``left`` is the slice of those rows: ``Σ (G_WΔ)[left] ⊙ X``."""
-        def lead(a: torch.Tensor) -> torch.Tensor:
-            return a[left] if isinstance(left, slice) else left @ a
-
-        return sum(float((lead(a) * (x if down is None else x @ down.T)).sum()) for down, a, _ in self.terms)
+    def cross(self, left: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Per row, ``left G_WΔ xᵀ``'s diagonal for rows ``left [m, d]`` paired with ``x [m, d]``;
+        with projected Grams (``A`` taken against the gap rows) ``left`` is ``None``: ``A``'s rows
+        are those rows."""
+        total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        for down, a, _ in self.terms:
+            total += ((a if left is None else left @ a) * (x if down is None else x @ down.T)).sum(-1)
+        return total
 
 
 def _by_multiplier(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str,
@@ -191,18 +193,20 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
     shared = _by_multiplier(sites, patch, strength, device, gap_rows, projected)
     if shared is not None:
         return shared
-    g_ww = None
-    d = 0
+    d = sites[0].in_features if sites else 0
+    g_ww = None if projected or not sites else weight_grams(sites, device, torch.float32)[d].double()
     terms: dict[int, list] = {}
     for site in sites:
-        w, entry = site.tensor().to(device, torch.float32), patch.entries.get(site.key)
-        d = w.shape[1]
+        entry = patch.entries.get(site.key)
+        if entry is None and not projected:
+            continue  # an unedited site adds to G_WW only, which holds it already
+        w = site.tensor().to(device, torch.float32)
         if projected:
             y = gap_rows.to(device, torch.float32) @ w.T  # [n, d_out]
             ww, wd_left = (y @ y.T).double(), y
+            g_ww = ww if g_ww is None else g_ww + ww
         else:
-            ww, wd_left = (w.T @ w).double(), w.T
-        g_ww = ww if g_ww is None else g_ww + ww
+            wd_left = w.T
         if entry is not None:
             key = id(entry.down) if entry.is_low_rank else 0  # dense entries: one term, D = I
             up = _up(entry, strength, device)
@@ -215,9 +219,17 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
     return g_ww, _ByDown(tuple((dn, a, c) for dn, a, c in terms.values()), rows, d), projected
 
 
-def _quad(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor | None = None) -> float:
-    """``tr(X G Yᵀ)`` (``Y = X`` by default)."""
-    return float(((x @ g) * (x if y is None else y)).sum())
+ROW_CHUNK = 8192  # prompt rows per batched product: bounded memory for a DiT's 512 × 4096 T5 rows
+
+
+def _per_prompt(value: Callable[[torch.Tensor], torch.Tensor], *blocks: torch.Tensor) -> torch.Tensor:
+    """``value(rows…)`` (one number per row) summed per prompt, for prompt blocks ``[n, T, d]``
+    taken a few thousand rows at a time: one product per chunk, not one per prompt."""
+    n, t = blocks[0].shape[:2]
+    step = max(1, ROW_CHUNK // max(t, 1))
+    out = [value(*(b[i : i + step].reshape(-1, b.shape[-1]) for b in blocks)).reshape(-1, t).sum(1)
+           for i in range(0, n, step)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def _token_streams(sites: Sequence[AttentionSite]) -> dict[str, list[AttentionSite]]:
@@ -235,29 +247,28 @@ def _measure(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, e
              pairs: Sequence[tuple[str, str]], prompts: Sequence[str],
              device: torch.device | str) -> tuple[list[float], list[float], dict[str, float]]:
     """One stream's squared terms: per target ``‖D Wᵀ‖²`` and ``‖X_e W'ᵀ − X_a Wᵀ‖²``, per other prompt
-    ``‖X ΔWᵀ‖²`` (legend: module docstring)."""
+    ``‖X ΔWᵀ‖²`` (legend: module docstring). Every prompt has the same ``T`` rows (padded with zero
+    rows, which add nothing), so each quantity is one batched product over all prompts."""
 
-    def rows(prompt: str) -> torch.Tensor:
-        return enc.hidden[enc.index(prompt)].to(device, torch.float64)
+    def block(texts: Sequence[str], dtype: torch.dtype = torch.float64) -> torch.Tensor:  # [n, T, d]
+        return enc.hidden[[enc.index(t) for t in texts]].to(device, dtype)
 
-    diffs = [rows(t) - rows(a) for t, a in pairs]
-    stacked = torch.cat(diffs) if diffs else torch.zeros(0, enc.width, dtype=torch.float64)
-    g_ww, by_down, projected = _edit_grams(sites, patch, strength, device, stacked)
+    x_e = block([t for t, _ in pairs])
+    diff = x_e - block([a for _, a in pairs])
+    g_ww, by_down, projected = _edit_grams(sites, patch, strength, device, diff.reshape(-1, enc.width))
     by_down = by_down.dense_if_wide()
-    gaps, afters = [], []
-    start = 0
-    for (target, _), diff in zip(pairs, diffs, strict=True):
-        x_e, part = rows(target), slice(start, start + len(diff))
-        start += len(diff)
-        # ‖X_e W'ᵀ − X_a Wᵀ‖² = ‖D Wᵀ + X_e ΔWᵀ‖² with D = X_e − X_a
-        if projected:  # Grams already taken against the stacked D rows
-            gap2 = float(g_ww[part, part].trace())
-            cross = by_down.cross(part, x_e)
-        else:
-            gap2, cross = _quad(diff, g_ww), by_down.cross(diff, x_e)
-        gaps.append(gap2)
-        afters.append(gap2 + 2 * cross + by_down.moved(x_e))
-    return gaps, afters, {p: by_down.moved(rows(p)) for p in prompts}
+    if projected:  # Grams already taken against the stacked D rows
+        per_target = x_e.shape[:2]
+        gap2 = g_ww.diagonal().reshape(per_target).sum(1)
+        cross = by_down.cross(None, x_e.reshape(-1, enc.width)).reshape(per_target).sum(1)
+    else:
+        gap2 = _per_prompt(lambda d: ((d @ g_ww) * d).sum(-1), diff)
+        cross = _per_prompt(by_down.cross, diff, x_e)
+    # ‖X_e W'ᵀ − X_a Wᵀ‖² = ‖D Wᵀ + X_e ΔWᵀ‖² with D = X_e − X_a: the terms nearly cancel, so float64
+    after2 = gap2 + 2 * cross + _per_prompt(by_down.moved, x_e)
+    moved = (_per_prompt(by_down.moved, block(prompts, torch.float32)) if prompts
+             else torch.zeros(0, dtype=torch.float64))
+    return gap2.tolist(), after2.tolist(), dict(zip(prompts, moved.tolist(), strict=True))
 
 
 @torch.no_grad()

@@ -10,11 +10,11 @@ from enum import Enum
 
 import torch
 
-from ..architectures import AttentionSite
+from ..architectures import AttentionSite, LazyWeight
 from ..concepts import ConceptSet
 from ..config import option, validate_ranges
-from ..edit.linalg import RightMultiplier, anchored_right_multiplier, check_finite
-from ..edit.patch import PatchEntry, PatchSet
+from ..edit.linalg import GRAM_CHUNK, RightMultiplier, anchored_right_multiplier, check_finite, gram
+from ..edit.patch import PatchEntry, PatchSet, SharedRight
 from ..errors import ArchitectureError
 from ..text.encoded import EncodedText, TextEncoder, TokenPick, encode, erase_rows, preserve_rows
 from ..version import __version__
@@ -143,11 +143,23 @@ def default_device(sites: Sequence[AttentionSite]) -> torch.device:
 
 def weight_grams(sites: Sequence[AttentionSite], device: torch.device | str,
                  dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    """``G = Σ_l W_lᵀW_l`` ``[d, d]`` per key width ``d`` of ``sites``, in ``dtype``."""
+    """``G = Σ_l W_lᵀW_l`` ``[d, d]`` per key width ``d`` of ``sites``, in ``dtype``: the weights of
+    one width are stacked a few thousand rows at a time and each stack's Gram is taken from its
+    upper blocks (symmetric), so many thin weights cost one large product, not one each."""
     grams: dict[int, torch.Tensor] = {}
+    pending: dict[int, list[torch.Tensor]] = {}
+
+    def flush(width: int) -> None:
+        part = gram(torch.cat(pending.pop(width)), dtype)
+        grams[width] = grams[width] + part if width in grams else part
+
     for site in sites:
-        w = site.tensor().to(device, dtype)
-        grams[site.in_features] = grams[site.in_features] + w.T @ w if site.in_features in grams else w.T @ w
+        stack = pending.setdefault(site.in_features, [])
+        stack.append(site.tensor().to(device, dtype))
+        if sum(len(w) for w in stack) >= GRAM_CHUNK:
+            flush(site.in_features)
+    for width in list(pending):
+        flush(width)
     return grams
 
 
@@ -158,15 +170,21 @@ def patch_from_multipliers(
     method: str,
     progress: Progress | None = None,
     started: float | None = None,
+    *,
+    one_per_width: bool = False,
 ) -> PatchSet:
     """``ΔW = (W₀ P) Q`` for every site, stored as low-rank factors on the CPU in float32 (dense
     when the multiplier has full rank).
 
     ``multiplier_for(site, W₀)`` gives the site's ``P, Q``; sites that share one multiplier (the
     UCE family's one solve per width) share one ``Q`` tensor, so memory grows with the rank.
+    ``one_per_width``: every site of a width gets the same multiplier (the caller says so, as the
+    first site cannot know); one of rank at least half the width is then stored *deferred*
+    (``PatchEntry.deferred``): the weight's snapshot and the shared factors, ``W₀ P`` taken only
+    when read (ComfyUI's context transform never reads it). Thinner ones cost little either way.
     """
     entries: dict[str, PatchEntry] = {}
-    shared: dict[int, tuple[RightMultiplier, torch.Tensor]] = {}  # keeps each multiplier alive
+    shared: dict[int, tuple[RightMultiplier, tuple[SharedRight, torch.Tensor | None]]] = {}  # keeps each alive
     uniform = True  # every site of a width got the very same multiplier object
     first_of_width: dict[int, RightMultiplier] = {}  # one per width, not one per site (SPEED's are per site)
     ranks = []
@@ -174,12 +192,16 @@ def patch_from_multipliers(
         weight = site.tensor()
         mult = multiplier_for(site, weight)
         uniform = uniform and first_of_width.setdefault(site.in_features, mult) is mult
-        up = check_finite(mult.up_for(weight, torch.float32), f"the edit of '{site.key}'", method)
-        if mult.full:  # Q = I: the delta W₀P itself, dense
-            entries[site.key] = PatchEntry(diff=up.float().cpu())
+        if one_per_width and 2 * mult.rank >= site.in_features:
+            p, q = _factors_of(shared, mult)
+            owned = isinstance(site.weight, LazyWeight) and site.weight.owned
+            entries[site.key] = PatchEntry.deferred(weight.to("cpu", torch.float32, copy=not owned), p, q)
         else:
-            down = shared.setdefault(id(mult), (mult, mult.Q.float().cpu()))[1]
-            entries[site.key] = PatchEntry(up=up.float().cpu(), down=down)
+            up = check_finite(mult.up_for(weight, torch.float32), f"the edit of '{site.key}'", method)
+            if mult.full:  # Q = I: the delta W₀P itself, dense
+                entries[site.key] = PatchEntry(diff=up.float().cpu())
+            else:
+                entries[site.key] = PatchEntry(up=up.float().cpu(), down=_factors_of(shared, mult)[1])
         ranks.append(mult.rank)
         if progress is not None:
             progress(i + 1, len(sites))
@@ -190,9 +212,20 @@ def patch_from_multipliers(
         info["seconds"] = round(time.perf_counter() - started, 4)
     context = None
     if sites and uniform and all(s.stream == "tokens" for s in sites):
-        context = {width: (mult.P.float().cpu(), None if mult.full else mult.Q.float().cpu())
-                   for width, mult in first_of_width.items()}
+        context = {}
+        for width, mult in first_of_width.items():
+            p, q = _factors_of(shared, mult)
+            context[width] = (p.tensor, q)
     return PatchSet(entries, info, context_multipliers=context)
+
+
+def _factors_of(shared: dict[int, tuple[RightMultiplier, tuple[SharedRight, torch.Tensor | None]]],
+                mult: RightMultiplier) -> tuple[SharedRight, torch.Tensor | None]:
+    """``mult``'s ``P`` and ``Q`` (``None`` when full) on the CPU in float32, made once per multiplier."""
+    if id(mult) not in shared:
+        factors = (SharedRight(mult.P.float().cpu(), mult.P.device), None if mult.full else mult.Q.float().cpu())
+        shared[id(mult)] = (mult, factors)
+    return shared[id(mult)][1]
 
 
 def anchored_patch(
@@ -216,7 +249,7 @@ def anchored_patch(
         for width in sorted({s.in_features for s in sites})
     }
     return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, method,
-                                  progress, started)
+                                  progress, started, one_per_width=True)
 
 
 def describe_run(method: str, concepts: ConceptSet, config: ClosedFormConfig) -> dict[str, object]:

@@ -118,7 +118,8 @@ def solve(
     mult = anchored_multiplier_from_grams(g_ee, g_ae, gram(cp, dtype), erase_scale=config.erase_scale,
                                           preserve_scale=config.preserve_scale, lamb=config.lamb, method="MACE",
                                           rows=(total, len(cp)))
-    return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "MACE", progress, started)
+    return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "MACE", progress, started,
+                                  one_per_width=True)
 
 
 PRESETS: dict[str, dict[str, object]] = {"paper": {"preserve_bank": False, "lamb": 0.5}}

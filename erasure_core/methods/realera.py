@@ -197,7 +197,8 @@ def solve(
     mult = anchored_multiplier_from_grams(g_ee, g_ae, gram(cp, dtype), erase_scale=config.erase_scale,
                                           preserve_scale=config.preserve_scale, lamb=config.lamb,
                                           method="RealEra", rows=(rows, len(cp)))
-    return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "RealEra", progress, started)
+    return patch_from_multipliers(sites, lambda _site, _w: mult, meta, "RealEra", progress, started,
+                                  one_per_width=True)
 
 
 PRESETS: dict[str, dict[str, object]] = {

@@ -167,7 +167,7 @@ def solve(
         multipliers[width] = factor_square(check_finite(m - eye, "the accumulated edit", "RECE"), rank_bound)
     meta = describe_run("rece", concepts, config)
     return patch_from_multipliers(sites, lambda site, _w: multipliers[site.in_features], meta, "RECE",
-                                  progress, started)
+                                  progress, started, one_per_width=True)
 
 
 register("rece", RECEConfig, solve,

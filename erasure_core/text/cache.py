@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..numeric import all_finite
 from .encoded import EncodedText, LayerStates, TextEncoder, encode, rows_returned
 
 __all__ = ["DEFAULT_MAX_BYTES", "CachedEncoder", "cache_limit_bytes"]
@@ -260,9 +261,9 @@ def _not_finite(entries: dict[str, torch.Tensor], texts: list[str], rows: str,
         return []
     parts = [[_entry(entries, k, rows), *(entries[k + _LAYERS + n] for n in layered)] for k in map(_key, texts)]
     flat = torch.cat([p.reshape(-1) for ps in parts for p in ps])  # one copy, one check, one reduction per prompt
-    bad = ~torch.isfinite(flat)
-    if not bool(bad.any()):
+    if all_finite(flat):
         return []
+    bad = ~torch.isfinite(flat)
     ends = torch.tensor([sum(p.numel() for p in ps) for ps in parts]).cumsum(0).tolist()
     starts = [0, *ends[:-1]]
     return [t for t, a, b in zip(texts, starts, ends, strict=True) if bool(bad[a:b].any())]

@@ -49,7 +49,7 @@ def attention_sites(model: Any, device: torch.device | None = None) -> tuple[Arc
     config = collections.ChainMap(getattr(getattr(model.model, "diffusion_model", None), "__dict__", {}), unet_config)
     sites = []
     for key, text_input, stream in spec.site_streams(shapes, config):
-        weight = LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device, context))
+        weight = LazyWeight(shapes[key], _effective_weight(key_patches[key], key, device, context), owned=True)
         if text_input is None:
             sites.append(AttentionSite(key, weight))
             continue

@@ -89,7 +89,7 @@ def test_projector_from_rows_equals_the_full_eigendecomposition(rows):
     torch.testing.assert_close(low_eigen_projector_of_rows(r, 0.1), full, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("width", [16, 300])  # below and above the width where the block form is used
+@pytest.mark.parametrize("width", [16, 300, 257])  # below / above the width of the block form; 257: uneven blocks
 def test_gram_equals_the_plain_product(width):
     from erasure_core.edit.linalg import gram
 
@@ -107,3 +107,27 @@ def test_few_rows_against_a_wide_key_solve_through_woodbury_and_agree_with_the_d
     a = 0.5 * torch.eye(64, dtype=torch.float64) + ce.T @ ce + 0.3 * cp.T @ cp
     torch.testing.assert_close(fast.Q, torch.linalg.solve(a, ce.T).T, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fast.P, (ca - ce).T)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_cross_gram_over_repeated_rows_equals_the_plain_product(side):
+    # every target paired with one anchor: the anchor's 7 rows recur once per target
+    from erasure_core.edit import linalg
+
+    other = _keys(140, 300, 3)
+    repeated = _keys(7, 300, 4).repeat(20, 1)
+    left, right = (repeated, other) if side == "left" else (other, repeated)
+    assert linalg._distinct_rows(repeated) is not None  # the grouped form is taken
+    want = left.double().T @ right.double()
+    torch.testing.assert_close(linalg.cross_gram(left, right, torch.float64), want, rtol=1e-12, atol=1e-10)
+
+
+def test_a_projection_collision_falls_back_to_the_plain_product(monkeypatch):
+    # a probe that maps every row to one key groups distinct rows together: the exact check refuses it
+    from erasure_core.edit import linalg
+
+    monkeypatch.setattr(linalg, "_PROBES", {(300, torch.device("cpu")): torch.zeros(300)})
+    left, right = _keys(100, 300, 5), _keys(100, 300, 6)
+    assert linalg._distinct_rows(left) is None
+    torch.testing.assert_close(linalg.cross_gram(left, right, torch.float64), left.double().T @ right.double(),
+                               rtol=1e-12, atol=1e-10)

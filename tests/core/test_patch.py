@@ -82,3 +82,46 @@ def test_a_failed_save_leaves_the_existing_file_untouched(tmp_path, monkeypatch)
     with pytest.raises(OSError):
         _patch().save(path)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["edit.safetensors"]
+
+
+def _deferred(seed: int = 0):
+    from erasure_core.edit.patch import SharedRight
+
+    g = torch.Generator().manual_seed(seed)
+    weight, right = torch.randn(5, 4, generator=g), torch.randn(4, 4, generator=g)
+    return weight, right, PatchEntry.deferred(weight.clone(), SharedRight(right))
+
+
+def test_a_deferred_entry_takes_its_product_only_when_read_and_keeps_it():
+    weight, right, entry = _deferred()
+    assert entry.is_deferred and not entry.is_low_rank
+    assert entry.shape == (5, 4) and entry.rank == 4  # shape and rank without the product
+    assert entry.is_deferred
+    first = entry.diff
+    torch.testing.assert_close(first, weight @ right)
+    assert not entry.is_deferred and entry.diff is first  # taken once, then kept
+    assert entry.tensors() == (first,)  # the snapshot is released
+
+
+def test_a_patch_of_deferred_entries_saves_dense_and_loads_back_equal(tmp_path):
+    weight, right, entry = _deferred(1)
+    patch = PatchSet({"k.weight": entry}, {"method": "uce"})
+    patch.save(tmp_path / "p.safetensors")
+    again = PatchSet.load(tmp_path / "p.safetensors")
+    assert not again["k.weight"].is_low_rank
+    assert torch.equal(again["k.weight"].diff, patch["k.weight"].diff)
+    torch.testing.assert_close(patch.scaled(0.5)["k.weight"].dense(), 0.5 * (weight @ right))
+
+
+def test_a_deferred_product_that_overflows_is_refused_when_read():
+    from erasure_core.edit.patch import SharedRight
+
+    entry = PatchEntry.deferred(torch.full((2, 2), 1e30), SharedRight(torch.full((2, 2), 1e30)))
+    with pytest.raises(PatchError, match="overflowed"):
+        _ = entry.diff
+
+
+def test_entries_are_immutable():
+    _, _, entry = _deferred()
+    with pytest.raises(AttributeError):
+        entry.diff = torch.zeros(5, 4)

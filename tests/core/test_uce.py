@@ -97,6 +97,26 @@ def test_an_edit_of_full_rank_is_stored_dense_and_equals_the_per_layer_formula(s
         torch.testing.assert_close(patch[site.key].dense().double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_full_rank_edit_defers_its_product_past_the_check_and_keeps_the_weight_it_was_solved_on(sites, encoder):
+    # the product W₀ (M − I) is taken only when read (saving, applying as weights); the check works
+    # from the shared multiplier, and the weight is snapshotted, so a later change to it is not seen
+    from erasure_core.methods.check import check_edit
+
+    concepts = ConceptSet.simple(tuple(f"w{i}" for i in range(40)), ("a painter",))
+    originals = {s.key: s.weight.clone() for s in sites}
+    patch = erase("uce", sites, concepts, encoder, _config(lamb=0.5))
+    assert all(patch[s.key].is_deferred for s in sites)
+    check_edit(sites, patch, concepts, encoder, ["a red car"], probes=["a house"])
+    assert all(patch[s.key].is_deferred for s in sites)
+    right = patch.context_multipliers[sites[0].in_features][0]
+    for site in sites:
+        site.weight.add_(1.0)  # in place, after the solve
+    for site in sites:
+        torch.testing.assert_close(patch[site.key].dense(), originals[site.key] @ right)
+    for site in sites:
+        site.weight.copy_(originals[site.key])
+
+
 def test_the_default_ridge_departs_from_the_papers_and_every_paper_preset_restores_it():
     """λ 5 by default (issue #13: unlisted prompts move less); each method's paper presets keep 0.5, bank off."""
     from erasure_core import methods

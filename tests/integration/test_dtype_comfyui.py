@@ -67,3 +67,22 @@ def test_the_transform_reads_back_as_the_edited_weight_and_stacks_with_a_second_
         torch.testing.assert_close(t.tensor(), a.tensor() + patch2[a.key].dense(), rtol=0, atol=1e-4)
     assert model.model_options["transformer_options"].get("patches", {}).get("attn2_patch", []) == []
     assert len(twice.model_options["transformer_options"]["patches"]["attn2_patch"]) == 1  # composed, not stacked
+
+
+def test_a_full_rank_edit_applied_as_a_transform_takes_no_per_weight_product(pack, tiny_state_dict):
+    # twelve targets' rows (~74 each) outnumber CLIP-L's width (768): M − I has full rank. Applied as a context
+    # transform (bf16 weights) and checked from the shared multiplier, the node never forms W₀ (M − I);
+    # reading an entry (Save Erasure does) takes it, and it is the edit the transform applies
+    from concept_erasure_pack.nodes import _comfy
+
+    model, clip = _load(tiny_state_dict, torch.bfloat16)
+    targets = ("cat; a red car; a tall tree; a river; a castle; a violin; a lighthouse; a bicycle; a mountain; "
+               "a teapot; a robot; a sailboat")
+    erased, patch, report = _erase(model, clip, targets)
+    assert all(q is None for _, q in patch.context_multipliers.values())
+    assert all(e.is_deferred for e in patch.entries.values()) and not erased.patches
+    assert "gap left on targets (12)" in report
+    _, base = _comfy.attention_sites(model)
+    _, after = _comfy.attention_sites(erased)
+    for b, a in zip(base, after, strict=True):
+        torch.testing.assert_close(a.tensor(), b.tensor() + patch[b.key].dense(), rtol=0, atol=1e-4)
