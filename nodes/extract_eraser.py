@@ -3,12 +3,10 @@ reads."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 
 from ..erasure_core import ErasureError
 from ..erasure_core.edit.extract import extract_low_rank, weight_differences
@@ -21,18 +19,6 @@ from .apply_eraser import _is_unet_key
 from .types import io
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _blames(input_name: str) -> Iterator[None]:
-    """Errors from the shared eraser-file readers name their input 'eraser' (Apply Eraser LoRA's);
-    here the file comes from ``input_name``."""
-    try:
-        yield
-    except ErasureError as err:
-        if err.input_name not in ("eraser", None):
-            raise
-        raise type(err)(err.message.replace("eraser file", f"{input_name}"), input_name=input_name) from err
 
 
 def _check_target(target: str, source: str | None, overwrite: bool) -> None:
@@ -104,16 +90,18 @@ class ExtractEraser(io.ComfyNode):
         progress = _comfy.progress_bar()
         read_model, shapes, dtype_of = _comfy.unet_weight_reader(model)
         if source_path is not None:
-            with _blames("erased_file"):
-                file = open_eraser(source_path)
-                info = describe(file.shapes, file.metadata, file.config, name=f"erased_file '{file.name}'")
-                if info.format != EraserFormat.UNET_WEIGHTS:
-                    raise ErasureError(f"erased_file must hold UNet weights (an erased checkpoint), but it is a "
-                                       f"{info.format.value} ({info.summary()}). Apply it with Apply Eraser LoRA.",
-                                       input_name="erased_file")
-                check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'")
-                diff = _comfy.unet_file_differences(model, file, [k for k in file if _is_unet_key(k, info)],
-                                                    info.naming, _comfy.DIFF_FROM_BASE, progress, for_patching=False)
+            file = open_eraser(source_path, input_name="erased_file")
+            info = describe(file.shapes, file.metadata, file.config, name=f"erased_file '{file.name}'",
+                            input_name="erased_file")
+            if info.format != EraserFormat.UNET_WEIGHTS:
+                raise ErasureError(f"erased_file must hold UNet weights (an erased checkpoint), but it is a "
+                                   f"{info.format.value} ({info.summary()}). Apply it with Apply Eraser LoRA.",
+                                   input_name="erased_file")
+            check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'",
+                         input_name="erased_file")
+            diff = _comfy.unet_file_differences(model, file, [k for k in file if _is_unet_key(k, info)],
+                                                info.naming, _comfy.DIFF_FROM_BASE, progress, for_patching=False,
+                                                input_name="erased_file")
             source = file.name
         elif erased_model is not None:
             read_erased, erased_shapes, _ = _comfy.unet_weight_reader(erased_model)
@@ -122,7 +110,7 @@ class ExtractEraser(io.ComfyNode):
                 raise ErasureError(f"erased_model must have the original's architecture, but it lacks "
                                    f"'{missing[0]}'.", input_name="erased_model")
             diff = weight_differences([(k, k) for k in shapes], read_erased, read_model, shapes,
-                                      model_dtype=dtype_of, progress=progress)
+                                      model_dtype=dtype_of, progress=progress, input_name="erased_model")
             source = "erased_model"
         else:
             raise ErasureError("pick erased_file or connect erased_model: there is nothing to extract from.",

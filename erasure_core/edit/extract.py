@@ -62,12 +62,12 @@ class KeyPart:
 
 
 def fused_pairs(parts: Mapping[str, KeyPart], read_file: Callable[[str], torch.Tensor],
-                read_model: Callable[[str], torch.Tensor],
-                model_shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[tuple[str, str]], Callable[[str], torch.Tensor]]:
+                read_model: Callable[[str], torch.Tensor], model_shapes: Mapping[str, tuple[int, ...]], *,
+                input_name: str = "eraser") -> tuple[list[tuple[str, str]], Callable[[str], torch.Tensor]]:
     """``(pairs, reader)`` for :func:`weight_differences` over a file whose tensors are ``parts`` of
     the model's weights: one pair per model weight (its own key on both sides) and a reader that
     assembles it in float32 from the model's weight with the file's parts written in. A part whose
-    slice does not fit the weight raises ErasureError naming it."""
+    slice does not fit the weight raises ErasureError naming it and the node input ``input_name``."""
     by_target: dict[str, list[tuple[str, KeyPart]]] = {}
     for file_key, part in parts.items():
         by_target.setdefault(part.target, []).append((file_key, part))
@@ -76,9 +76,9 @@ def fused_pairs(parts: Mapping[str, KeyPart], read_file: Callable[[str], torch.T
         for file_key, part in group:
             if part.dim is not None and (part.dim >= len(shape) or part.offset + part.size > shape[part.dim]):
                 raise ErasureError(
-                    f"eraser weights must fit the connected model, but '{file_key}' goes to rows "
-                    f"{part.offset}-{part.offset + part.size} of '{target}', which is {shape}. The eraser was made "
-                    "for another model size; pick the one for this model.", input_name="eraser")
+                    f"{input_name} weights must fit the connected model, but '{file_key}' goes to rows "
+                    f"{part.offset}-{part.offset + part.size} of '{target}', which is {shape}. The {input_name} was "
+                    "made for another model size; pick the one for this model.", input_name=input_name)
 
     def read(target: str) -> torch.Tensor:
         group = by_target[target]
@@ -94,9 +94,9 @@ def fused_pairs(parts: Mapping[str, KeyPart], read_file: Callable[[str], torch.T
             place = out if part.dim is None else out.narrow(part.dim, part.offset, part.size)
             if tuple(tensor.shape) != tuple(place.shape):
                 raise ErasureError(
-                    f"eraser weights must have the connected model's shapes, but '{file_key}' is {tuple(tensor.shape)} "
-                    f"where '{target}' holds {tuple(place.shape)}. The eraser was made for another model size; pick "
-                    "the one for this model.", input_name="eraser")
+                    f"{input_name} weights must have the connected model's shapes, but '{file_key}' is "
+                    f"{tuple(tensor.shape)} where '{target}' holds {tuple(place.shape)}. The {input_name} was made "
+                    "for another model size; pick the one for this model.", input_name=input_name)
             place.copy_(tensor.float())
         return out  # type: ignore[return-value]
 
@@ -118,13 +118,14 @@ def weight_differences(
     model_dtype: Callable[[str], torch.dtype] | None = None,
     delta_dtype: Callable[[str], torch.dtype] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    input_name: str = "eraser",
 ) -> WeightDiff:
     """``ΔW = W_file − W_model`` for each ``(file_key, model_key)`` pair, changed weights only.
 
     ``read_file`` and ``read_model`` return one tensor each (the model's as float32). Deltas are
     kept in float32, or in ``delta_dtype(model_key)`` (a 16-bit model's own dtype halves the memory
     a full erased UNet needs). A shape mismatch raises ErasureError naming the first offending
-    key, before anything is returned.
+    key and the node input ``input_name`` the file came from, before anything is returned.
     """
     pairs = list(pairs)
     deltas: dict[str, torch.Tensor] = {}
@@ -137,10 +138,10 @@ def weight_differences(
         expected = tuple(model_shapes[model_key])
         if tuple(w_file.shape) != expected:
             raise ErasureError(
-                f"eraser weights must have the connected model's shapes, but '{file_key}' is "
-                f"{tuple(w_file.shape)} and the model's '{model_key}' is {expected}. The eraser was made for "
+                f"{input_name} weights must have the connected model's shapes, but '{file_key}' is "
+                f"{tuple(w_file.shape)} and the model's '{model_key}' is {expected}. The {input_name} was made for "
                 "another architecture (or another model size); pick the one for this model.",
-                input_name="eraser")
+                input_name=input_name)
         w_model = read_model(model_key).float()
         delta = w_file.float() - w_model
         dtypes = (w_file.dtype, model_dtype(model_key) if model_dtype else torch.float32)

@@ -69,11 +69,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not path.lower().endswith(SAFE_EXTENSIONS + PICKLE_EXTENSIONS):
         raise ErasureError(f"CHECKPOINT must end with one of {SAFE_EXTENSIONS + PICKLE_EXTENSIONS}, but got "
                            f"'{os.path.basename(path)}'.", input_name="checkpoint")
-    try:
-        file = open_eraser(path)
-    except ErasureError as exc:  # its words are about eraser files; same checks, our input's name
-        raise ErasureError(exc.message.replace("eraser file", "checkpoint").replace("the eraser", "the checkpoint"),
-                           input_name="checkpoint") from exc
+    file = open_eraser(path, input_name="checkpoint")  # errors, also on tensors read later, blame our input
     unet = {UNET_PREFIX + k[len(CHECKPOINT_UNET_PREFIX):]: k for k in file.shapes if k.startswith(CHECKPOINT_UNET_PREFIX)}
     if not unet:
         raise ErasureError(f"'{file.name}' must be a single-file checkpoint with UNet weights under "

@@ -9,6 +9,10 @@ only; when that refuses the file, so do we: there is never a fallback to a full 
 Nested dicts (Receler's ``{block: {"down.weight": ...}}``, checkpoints wrapped in
 ``{"state_dict": ...}``) are flattened to dotted keys. Receler's ``eraser_config.json`` beside
 the weights is read into ``EraserFile.config``.
+
+Every reader takes ``input_name``, the node input the file was picked in ("eraser" in Apply Eraser
+LoRA, "erased_file" in Extract Eraser): errors name that input, in their wording and as their
+``input_name``, including those raised later when a tensor is read.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from safetensors import safe_open
 
 from ..errors import ErasureError
 
-__all__ = ["PICKLE_EXTENSIONS", "EraserFile", "SAFE_EXTENSIONS", "checked_tensor", "open_eraser"]
+__all__ = ["PICKLE_EXTENSIONS", "EraserFile", "SAFE_EXTENSIONS", "checked_tensor", "file_words", "open_eraser"]
 
 SAFE_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
@@ -38,6 +42,7 @@ class EraserFile(Mapping[str, torch.Tensor]):
 
     ``shapes`` is known without reading any tensor (safetensors header). ``self[key]`` reads one
     tensor; for a ``.pt`` file every tensor is already in memory (memory-mapped when possible).
+    ``input_name`` is the node input the file was picked in; errors on reading name it.
     """
 
     path: str
@@ -46,19 +51,21 @@ class EraserFile(Mapping[str, torch.Tensor]):
     config: dict[str, Any] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)
     _tensors: dict[str, torch.Tensor] | None = None
+    input_name: str = "eraser"
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.shapes:
             raise KeyError(key)
         if self._tensors is not None:
-            return checked_tensor(self.name, key, self._tensors[key])
+            return checked_tensor(self.name, key, self._tensors[key], input_name=self.input_name)
         try:
             with safe_open(self.path, framework="pt") as f:
                 tensor = f.get_tensor(key)
         except Exception as exc:  # SafetensorError (truncated file) derives from Exception only
-            raise ErasureError(f"eraser file '{self.name}' must be complete, but reading '{key}' failed ({exc}). "
-                               "Re-download or re-save the file.", input_name="eraser") from exc
-        return checked_tensor(self.name, key, tensor)
+            raise ErasureError(f"{file_words(self.input_name)} '{self.name}' must be complete, but reading '{key}' "
+                               f"failed ({exc}). Re-download or re-save the file.",
+                               input_name=self.input_name) from exc
+        return checked_tensor(self.name, key, tensor, input_name=self.input_name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -75,51 +82,58 @@ class EraserFile(Mapping[str, torch.Tensor]):
         return os.path.basename(self.path)
 
 
-def checked_tensor(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+def file_words(input_name: str) -> str:
+    """How a message names the file picked in ``input_name``: "eraser file" for Apply Eraser LoRA's
+    'eraser', but "erased_file" as it is (the input's name already says it is a file)."""
+    return input_name if input_name.endswith("file") else f"{input_name} file"
+
+
+def checked_tensor(file: str, key: str, tensor: torch.Tensor, *, input_name: str = "eraser") -> torch.Tensor:
     """``tensor`` if it is usable as a weight; otherwise ErasureError naming the file, key and
     shape: empty (a rank-0 LoRA factor has no rows), or holding NaN or inf (which would turn every
     sampled image into NaN without an error)."""
     shape = tuple(tensor.shape)
     if tensor.ndim > 0 and tensor.numel() == 0:
-        raise ErasureError(f"eraser file '{file}' must hold non-empty weights, but '{key}' has shape {shape} "
-                           "(rank 0). Re-export the eraser with rank 1 or more.", input_name="eraser")
+        raise ErasureError(f"{file_words(input_name)} '{file}' must hold non-empty weights, but '{key}' has shape "
+                           f"{shape} (rank 0). Re-export the eraser with rank 1 or more.", input_name=input_name)
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise ErasureError(f"eraser file '{file}' must hold finite weights, but '{key}' {shape} has NaN or inf "
-                           "values. The file is broken: re-download or re-train it.", input_name="eraser")
+        raise ErasureError(f"{file_words(input_name)} '{file}' must hold finite weights, but '{key}' {shape} has NaN "
+                           "or inf values. The file is broken: re-download or re-train it.", input_name=input_name)
     return tensor
 
 
-def open_eraser(path: str | os.PathLike[str]) -> EraserFile:
+def open_eraser(path: str | os.PathLike[str], *, input_name: str = "eraser") -> EraserFile:
     """Open an eraser file (or a Receler folder holding ``eraser_weights.pt``) without running code.
 
-    Raises ErasureError naming the file when it is missing, unreadable, or a pickle that holds
-    anything but tensors and plain containers.
+    Raises ErasureError naming ``input_name`` and the file when it is missing, unreadable, or a
+    pickle that holds anything but tensors and plain containers.
     """
     path = os.fspath(path)
+    words = file_words(input_name)
     if os.path.isdir(path):
         candidates = [n for n in ("eraser_weights.safetensors", "eraser_weights.pt", "model.safetensors",
                                   "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))]
         if not candidates:
-            raise ErasureError(f"eraser folder '{path}' must hold eraser_weights.pt, a .safetensors file or "
+            raise ErasureError(f"{input_name} folder '{path}' must hold eraser_weights.pt, a .safetensors file or "
                                "pytorch_model.bin, but holds none of them. Pick the weights file itself.",
-                               input_name="eraser")
+                               input_name=input_name)
         path = os.path.join(path, candidates[0])
     if not os.path.isfile(path):
-        raise ErasureError(f"eraser file '{path}' must exist, but it does not. Refresh the list (R) and "
-                           "pick it again.", input_name="eraser")
+        raise ErasureError(f"{words} '{path}' must exist, but it does not. Refresh the list (R) and "
+                           "pick it again.", input_name=input_name)
     lower = path.lower()
     if lower.endswith(SAFE_EXTENSIONS):
-        result = _open_safetensors(path)
+        result = _open_safetensors(path, input_name)
     elif lower.endswith(PICKLE_EXTENSIONS):
-        result = _open_torch(path)
+        result = _open_torch(path, input_name)
     else:
-        raise ErasureError(f"eraser file must end with one of {SAFE_EXTENSIONS + PICKLE_EXTENSIONS}, but got "
-                           f"'{os.path.basename(path)}'. Convert it to .safetensors.", input_name="eraser")
-    result.config = _sidecar_config(path)
+        raise ErasureError(f"{words} must end with one of {SAFE_EXTENSIONS + PICKLE_EXTENSIONS}, but got "
+                           f"'{os.path.basename(path)}'. Convert it to .safetensors.", input_name=input_name)
+    result.config = _sidecar_config(path, input_name)
     return result
 
 
-def _open_safetensors(path: str) -> EraserFile:
+def _open_safetensors(path: str, input_name: str) -> EraserFile:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -129,17 +143,17 @@ def _open_safetensors(path: str) -> EraserFile:
                 shapes[key] = tuple(int(s) for s in part.get_shape())
                 dtypes[key] = str(part.get_dtype())
     except Exception as exc:  # SafetensorError derives from Exception only
-        raise _unreadable(path, exc) from exc
-    return EraserFile(path, shapes, metadata, dtypes=dtypes)
+        raise _unreadable(path, exc, input_name) from exc
+    return EraserFile(path, shapes, metadata, dtypes=dtypes, input_name=input_name)
 
 
-def _unreadable(path: str, exc: BaseException) -> ErasureError:
-    return ErasureError(f"eraser file '{os.path.basename(path)}' must be a readable safetensors file, but "
-                        f"reading its header failed ({exc}). Re-download or re-save the file.",
-                        input_name="eraser")
+def _unreadable(path: str, exc: BaseException, input_name: str) -> ErasureError:
+    return ErasureError(f"{file_words(input_name)} '{os.path.basename(path)}' must be a readable safetensors file, "
+                        f"but reading its header failed ({exc}). Re-download or re-save the file.",
+                        input_name=input_name)
 
 
-def _open_torch(path: str) -> EraserFile:
+def _open_torch(path: str, input_name: str) -> EraserFile:
     """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only."""
     try:
         try:
@@ -149,24 +163,24 @@ def _open_torch(path: str) -> EraserFile:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
-        raise ErasureError(f"eraser file '{os.path.basename(path)}' must be readable, but reading failed "
-                           f"({exc}).", input_name="eraser") from exc
+        raise ErasureError(f"{file_words(input_name)} '{os.path.basename(path)}' must be readable, but reading "
+                           f"failed ({exc}).", input_name=input_name) from exc
     except Exception as exc:  # the restricted unpickler's refusal (UnpicklingError) or a corrupt file
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ErasureError(
-            f"eraser file '{os.path.basename(path)}' must hold only tensors (it is loaded with "
+            f"{file_words(input_name)} '{os.path.basename(path)}' must hold only tensors (it is loaded with "
             f"torch.load(weights_only=True), never as a full pickle), but loading refused it: {first_line}. "
             "Nothing was loaded. Convert it to .safetensors in a trusted environment, or use the "
-            "safetensors release of the eraser.", input_name="eraser") from exc
+            "safetensors release of the eraser.", input_name=input_name) from exc
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     _flatten(_unwrap(obj), "", tensors, metadata)
     if not tensors:
-        raise ErasureError(f"eraser file '{os.path.basename(path)}' must contain weight tensors, but it holds "
-                           f"none (a {type(obj).__name__}).", input_name="eraser")
+        raise ErasureError(f"{file_words(input_name)} '{os.path.basename(path)}' must contain weight tensors, but "
+                           f"it holds none (a {type(obj).__name__}).", input_name=input_name)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     return EraserFile(path, shapes, metadata, dtypes={k: str(v.dtype) for k, v in tensors.items()},
-                      _tensors=tensors)
+                      _tensors=tensors, input_name=input_name)
 
 
 def _unwrap(obj: Any) -> Any:
@@ -188,7 +202,7 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], metadata: 
         metadata[prefix] = str(obj)  # e.g. "epoch": 3 beside the weights
 
 
-def _sidecar_config(path: str) -> dict[str, Any]:
+def _sidecar_config(path: str, input_name: str) -> dict[str, Any]:
     """Receler's ``eraser_config.json`` beside the weights (``{"eraser_type", "eraser_rank"}``)."""
     config_path = os.path.join(os.path.dirname(path), RECELER_CONFIG)
     if not os.path.isfile(config_path):
@@ -197,6 +211,6 @@ def _sidecar_config(path: str) -> dict[str, Any]:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ErasureError(f"'{RECELER_CONFIG}' beside the eraser must be valid JSON, but reading it failed "
-                           f"({exc}). Fix or remove it.", input_name="eraser") from exc
+        raise ErasureError(f"'{RECELER_CONFIG}' beside the {input_name} must be valid JSON, but reading it failed "
+                           f"({exc}). Fix or remove it.", input_name=input_name) from exc
     return config if isinstance(config, dict) else {}

@@ -215,14 +215,15 @@ def _lora_targets(keys: list[str]) -> tuple[str, ...]:
 
 
 def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
-             config: Mapping[str, object] | None = None, *, name: str = "the file") -> EraserInfo:
+             config: Mapping[str, object] | None = None, *, name: str = "the file",
+             input_name: str = "eraser") -> EraserInfo:
     """Detect the format of a file from ``{key: shape}``, safetensors ``metadata`` and a sidecar
     ``config`` (Receler's ``eraser_config.json``). Raises ErasureError listing the key patterns
-    when no format matches."""
+    when no format matches, naming the file as ``name`` and blaming the node input ``input_name``."""
     metadata, config = dict(metadata or {}), dict(config or {})
     keys = list(shapes)
     if not keys:
-        raise ErasureError(f"{name} must contain weight tensors, but it has none.", input_name="eraser")
+        raise ErasureError(f"{name} must contain weight tensors, but it has none.", input_name=input_name)
     concept = _concept_text(metadata, config)
     family = _family(keys, shapes)
 
@@ -289,7 +290,7 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
         f"concept-erasure patch), but its {len(keys)} keys match none of them. Found: "
         f"{key_patterns(keys)}."
         + (f" The keys look like {family}." if family else ""),
-        input_name="eraser")
+        input_name=input_name)
 
 
 _MODEL_FAMILIES = {"SD15": "SD1", "SD20": "SD2", "SD21UnclipL": "SD2", "SD21UnclipH": "SD2", "SDXL": "SDXL",
@@ -306,8 +307,10 @@ def model_family(config_class_name: str) -> str:
     return config_class_name
 
 
-def check_family(info: EraserInfo, model_family_name: str, name: str = "the eraser") -> None:
-    """Refuse an eraser whose keys clearly belong to another model family than the MODEL's."""
+def check_family(info: EraserInfo, model_family_name: str, name: str = "the eraser", *,
+                 input_name: str = "eraser") -> None:
+    """Refuse an eraser whose keys clearly belong to another model family than the MODEL's, naming
+    the file as ``name`` and blaming the node input ``input_name``."""
     fam = info.family
     if fam is None or model_family_name not in ("SD1", "SD2", "SDXL", "SD3", "Flux"):
         return
@@ -315,5 +318,5 @@ def check_family(info: EraserInfo, model_family_name: str, name: str = "the eras
     if model_family_name not in compatible and not fam.startswith("an unknown"):
         raise ErasureError(
             f"{name} must be made for the connected {model_family_name} model, but its keys look like "
-            f"{fam} ({info.summary()}). Connect a {fam} model, or pick the eraser released for "
-            f"{model_family_name}.", input_name="eraser")
+            f"{fam} ({info.summary()}). Connect a {fam} model, or pick the {input_name} released for "
+            f"{model_family_name}.", input_name=input_name)

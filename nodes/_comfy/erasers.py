@@ -39,9 +39,10 @@ def _diffusers_unet_map(model: Any) -> dict[str, str]:
 
 
 
-def unet_key_pairs(model: Any, keys: Sequence[str], naming: Naming) -> list[tuple[str, str]]:
-    """``(file_key, model_key)`` for the UNet keys of a weights file; an unknown key raises,
-    naming the first one."""
+def unet_key_pairs(model: Any, keys: Sequence[str], naming: Naming, *,
+                   input_name: str = "eraser") -> list[tuple[str, str]]:
+    """``(file_key, model_key)`` for the UNet keys of a weights file picked in the node input
+    ``input_name``; an unknown key raises, naming the first one."""
     model_keys = set(model.model_state_dict(filter_prefix=UNET_PREFIX))
     diffusers = _diffusers_unet_map(model) if naming == Naming.DIFFUSERS else {}
     pairs, unknown = [], []
@@ -57,9 +58,9 @@ def unet_key_pairs(model: Any, keys: Sequence[str], naming: Naming) -> list[tupl
             pairs.append((key, target))
     if unknown:
         raise ErasureError(
-            f"every UNet weight in the eraser must exist in the connected {model_family_of(model)} model, but "
-            f"{len(unknown)} of {len(keys)} do not (first: '{unknown[0]}'). The eraser was made for another "
-            "architecture; pick the one for this model.", input_name="eraser")
+            f"every UNet weight in the {input_name} must exist in the connected {model_family_of(model)} model, but "
+            f"{len(unknown)} of {len(keys)} do not (first: '{unknown[0]}'). The {input_name} was made for another "
+            "architecture; pick the one for this model.", input_name=input_name)
     return pairs
 
 DIFF_FROM_BASE = "base weights"
@@ -70,25 +71,26 @@ DIFF_FROM_ARRIVING = "model as it arrives"
 
 def unet_weight_differences(model: Any, file: EraserFile, pairs: Sequence[tuple[str, str]] | None, reference: str,
                             progress: Progress | None = None, for_patching: bool = True,
-                            parts: dict[str, KeyPart] | None = None) -> WeightDiff:
+                            parts: dict[str, KeyPart] | None = None, *, input_name: str = "eraser") -> WeightDiff:
     """The UNet weights of ``file`` that differ from the model's; as patch tensors (the model's
     dtype) or, for extraction (``for_patching=False``), in float32. ``parts`` instead of ``pairs``:
-    file tensors that are slices of the model's fused weights, assembled per weight first."""
+    file tensors that are slices of the model's fused weights, assembled per weight first. Errors
+    blame the node input ``input_name``."""
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
     read_base, dtype_of = _base_loader(model, UNET_PREFIX)
     read = _arriving_loader(model, UNET_PREFIX) if reference == DIFF_FROM_ARRIVING else read_base
     keep = (lambda key: _store_dtype(dtype_of(key))) if for_patching else None
     read_file = file.__getitem__
     if parts is not None:
-        pairs, read_file = fused_pairs(parts, file.__getitem__, read, shapes)
+        pairs, read_file = fused_pairs(parts, file.__getitem__, read, shapes, input_name=input_name)
     return weight_differences(pairs or [], read_file, read, shapes, model_dtype=dtype_of, delta_dtype=keep,
-                              progress=progress)
+                              progress=progress, input_name=input_name)
 
 
 _UNET_FAMILIES = ("SD1", "SD2", "SDXL")
 
 
-def dit_diffusers_parts(model: Any, keys: Sequence[str]) -> dict[str, KeyPart]:
+def dit_diffusers_parts(model: Any, keys: Sequence[str], *, input_name: str = "eraser") -> dict[str, KeyPart]:
     """Where each tensor of a full DiT file in diffusers names lands in this model, from ComfyUI's own
     map (Flux: ``comfy.utils.flux_to_diffusers``; ``attn.to_q``/``to_k``/``to_v`` are row blocks of the
     fused ``qkv``, ``norm_out.linear`` has scale and shift swapped). Other DiT families are refused by
@@ -98,7 +100,7 @@ def dit_diffusers_parts(model: Any, keys: Sequence[str]) -> dict[str, KeyPart]:
         raise ErasureError(
             f"a full transformer file in diffusers names is mapped onto Flux models only, but the connected model is "
             f"{family}. Save the erased model in ComfyUI's names (e.g. with ComfyUI's model save) and apply that.",
-            input_name="eraser")
+            input_name=input_name)
     config = getattr(model.model, "model_config", None)
     key_map = comfy.utils.flux_to_diffusers(getattr(config, "unet_config", {}), output_prefix=UNET_PREFIX)
     model_keys = set(model.model_state_dict(filter_prefix=UNET_PREFIX))
@@ -117,9 +119,9 @@ def dit_diffusers_parts(model: Any, keys: Sequence[str]) -> dict[str, KeyPart]:
             parts[key] = part
     if unknown:
         raise ErasureError(
-            f"every transformer weight in the eraser must exist in the connected {family} model, but {len(unknown)} of "
-            f"{len(keys)} do not (first: '{unknown[0]}'). The eraser was made for another architecture or size; pick "
-            "the one for this model.", input_name="eraser")
+            f"every transformer weight in the {input_name} must exist in the connected {family} model, but "
+            f"{len(unknown)} of {len(keys)} do not (first: '{unknown[0]}'). The {input_name} was made for another "
+            "architecture or size; pick the one for this model.", input_name=input_name)
     return parts
 
 
@@ -128,14 +130,18 @@ def is_dit_diffusers_key(key: str) -> bool:
 
 
 def unet_file_differences(model: Any, file: EraserFile, keys: Sequence[str], naming: Naming | None, reference: str,
-                          progress: Progress | None = None, for_patching: bool = True) -> WeightDiff:
+                          progress: Progress | None = None, for_patching: bool = True, *,
+                          input_name: str = "eraser") -> WeightDiff:
     """:func:`unet_weight_differences` for the model weights of a full or partial erased file, whatever its
-    naming: ComfyUI/LDM or diffusers names of a UNet, or a DiT's diffusers names (split q/k/v assembled)."""
+    naming: ComfyUI/LDM or diffusers names of a UNet, or a DiT's diffusers names (split q/k/v assembled).
+    Errors blame the node input ``input_name`` the file was picked in."""
     if naming == Naming.DIFFUSERS and model_family_of(model) not in _UNET_FAMILIES and \
             all(is_dit_diffusers_key(k) for k in keys):
         return unet_weight_differences(model, file, None, reference, progress, for_patching,
-                                       parts=dit_diffusers_parts(model, keys))
-    return unet_weight_differences(model, file, unet_key_pairs(model, keys, naming), reference, progress, for_patching)
+                                       parts=dit_diffusers_parts(model, keys, input_name=input_name),
+                                       input_name=input_name)
+    return unet_weight_differences(model, file, unet_key_pairs(model, keys, naming, input_name=input_name),
+                                   reference, progress, for_patching, input_name=input_name)
 
 
 

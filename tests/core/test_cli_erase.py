@@ -15,7 +15,7 @@ from comfy_env import ROOT, merges_file
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from erasure_core import erase, make_config, node_config
+from erasure_core import ErasureError, erase, make_config, node_config
 from erasure_core.cli import build_parser, main
 from erasure_core.formats.checkpoint import open_checkpoint
 from erasure_core.formats.concept_files import assemble
@@ -111,3 +111,20 @@ def test_python_dash_m_runs_the_cli():
     run = subprocess.run([sys.executable, "-m", "erasure_core", "erase", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, check=True)
     assert "CHECKPOINT" in run.stdout and "--dense-as" in run.stdout and "--precision" in run.stdout
+
+
+def test_checkpoint_file_errors_blame_the_checkpoint_also_when_a_tensor_is_read(tmp_path):
+    import tiny_checkpoint_file
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ErasureError) as err:
+        open_checkpoint(tmp_path / "junk.safetensors")
+    assert err.value.input_name == "checkpoint" and "eraser" not in err.value.message
+    sd = {k: v for k, v in tiny_checkpoint_file.build().items() if k.startswith("model.diffusion_model.")}
+    key = next(k for k in sd if "attn2.to_k" in k)
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    ckpt = open_checkpoint(tmp_path / "nan.safetensors")
+    with pytest.raises(ErasureError, match="checkpoint file 'nan.safetensors' must hold finite weights") as err:
+        ckpt.file[key]
+    assert err.value.input_name == "checkpoint" and "eraser" not in err.value.message

@@ -103,3 +103,22 @@ def test_a_fused_part_past_its_weight_is_refused_naming_it():
                           model.__getitem__, {"qkv": (6, 4)})
     with pytest.raises(ErasureError, match="'to_v' is \\(3, 4\\)"):
         read("qkv")
+
+
+def test_shape_refusals_blame_the_input_they_are_told():
+    model = {"qkv": torch.zeros(6, 4)}
+    file = {"to_v": torch.zeros(3, 4)}
+    calls = (lambda **kw: weight_differences([("to_v", "qkv")], file.__getitem__, model.__getitem__, {"qkv": (6, 4)},
+                                             **kw),
+             lambda **kw: fused_pairs({"p": KeyPart("qkv", 0, 4, 8)}, model.__getitem__, model.__getitem__,
+                                      {"qkv": (6, 4)}, **kw),
+             lambda **kw: fused_pairs({"to_v": KeyPart("qkv", 0, 4, 2)}, file.__getitem__, model.__getitem__,
+                                      {"qkv": (6, 4)}, **kw)[1]("qkv"))
+    for call in calls:
+        with pytest.raises(ErasureError) as default:
+            call()
+        assert default.value.input_name == "eraser" and default.value.message.startswith("eraser weights must")
+        with pytest.raises(ErasureError) as named:
+            call(input_name="erased_model")
+        assert named.value.input_name == "erased_model", named.value
+        assert named.value.message.startswith("erased_model weights must") and "eraser" not in named.value.message

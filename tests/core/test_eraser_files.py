@@ -77,3 +77,29 @@ def test_bad_files_name_the_problem(tmp_path):
     (tmp_path / "bad" / "eraser_config.json").write_text("{")
     with pytest.raises(ErasureError):
         open_eraser(tmp_path / "bad")
+
+
+def test_errors_name_the_input_the_file_was_picked_in(tmp_path):
+    """Apply Eraser LoRA's 'eraser' by default; another node's input (Extract Eraser's 'erased_file')
+    when told, in the error's input_name and its words, also for tensors read later."""
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    torch.save({"w": torch.zeros(2), "p": Payload()}, tmp_path / "evil.pt")
+    (tmp_path / "x.onnx").write_bytes(b"")
+    for name in ("junk.safetensors", "evil.pt", "x.onnx", "missing.pt"):
+        with pytest.raises(ErasureError) as default:
+            open_eraser(tmp_path / name)
+        assert default.value.input_name == "eraser" and "eraser file" in default.value.message
+        with pytest.raises(ErasureError) as named:
+            open_eraser(tmp_path / name, input_name="erased_file")
+        assert named.value.input_name == "erased_file", named.value
+        assert named.value.message.startswith("erased_file ") and "eraser file" not in named.value.message
+    save_file({"w": torch.tensor([float("nan")]), "e": torch.zeros(0, 3)}, str(tmp_path / "bad.safetensors"))
+    f = open_eraser(tmp_path / "bad.safetensors", input_name="erased_file")
+    for key, words in (("w", "erased_file 'bad.safetensors' must hold finite weights"),
+                       ("e", "erased_file 'bad.safetensors' must hold non-empty weights")):
+        with pytest.raises(ErasureError, match=words) as err:
+            f[key]
+        assert err.value.input_name == "erased_file"
+    with pytest.raises(ErasureError, match="eraser file 'bad.safetensors' must hold finite") as err:
+        open_eraser(tmp_path / "bad.safetensors")["w"]
+    assert err.value.input_name == "eraser"

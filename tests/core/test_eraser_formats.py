@@ -153,3 +153,16 @@ def test_a_sd15_unet_in_diffusers_names_is_still_a_unet():
     info = describe({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": (320, 768),
                      "conv_in.weight": (320, 4, 3, 3)})
     assert info.targets == ("unet",) and info.naming == Naming.DIFFUSERS
+
+
+def test_refusals_blame_the_input_they_are_told():
+    for call in (lambda **kw: describe({}, **kw), lambda **kw: describe({"vae.decoder.conv.weight": (2, 2)}, **kw),
+                 lambda **kw: check_family(describe({K + ".weight": (320, 2048)}), "SD1", **kw)):
+        with pytest.raises(ErasureError) as default:
+            call()
+        assert default.value.input_name == "eraser"
+        with pytest.raises(ErasureError) as named:
+            call(input_name="erased_file")
+        assert named.value.input_name == "erased_file"
+    with pytest.raises(ErasureError, match="or pick the erased_file released for SD1"):
+        check_family(describe({K + ".weight": (320, 2048)}), "SD1", "erased_file 'x'", input_name="erased_file")

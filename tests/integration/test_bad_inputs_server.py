@@ -256,6 +256,7 @@ def test_a_bad_input_gets_a_clear_error_and_changes_nothing(server, hostile, cas
     comfy_own = where == "queue" and input_name in names and "not in list" in text
     assert ours or comfy_own, f"{case}: the error must name {display} and input '{input_name}': {text[:600]}"
     assert "Traceback" not in text
+    assert display != "Extract Eraser" or "eraser file" not in text, f"{case}: names Apply's input: {text[:600]}"
     assert server.get("/system_stats")["system"], "the server must still answer"
     assert _snapshot(hostile) == before, f"{case}: a file was written or changed"
     print(f"{case}: {where}: {text[:160]}")
