@@ -102,7 +102,14 @@ def _run(node_cls, **inputs):
         return node_cls.execute(**inputs)
 
 
-def erase_in_graph(model, clip, targets: Sequence[str], anchor: str, pick: str):
+# UCE's current code (uce_sd_erase.py), as the node's preset "current code (uce_sd_erase.py)" sets it
+REFERENCE = {"erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5, "preserve_empty_prompt": False,
+             "solve_dtype": "float64", "preserve_bank": False}
+NODE = {"erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.5, "preserve_empty_prompt": True, "solve_dtype": "float64"}
+
+
+def erase_in_graph(model, clip, targets: Sequence[str], anchor: str, pick: str, settings: dict | None = None,
+                   check: bool = True):
     """One Closed-Form Erase execution (UCE) through the node; returns (seconds, report, payload lines)."""
     from concept_erasure_pack.nodes.closed_form_erase import ClosedFormErase
     from concept_erasure_pack.nodes.load_concepts import LoadConcepts
@@ -111,8 +118,7 @@ def erase_in_graph(model, clip, targets: Sequence[str], anchor: str, pick: str):
                        preset="none", file="none", templates="as given", custom_templates="").result
     started = time.perf_counter()
     out = _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, method="uce", strength=1.0,
-               token_pick=pick, erase_scale=1.0, preserve_scale=0.1, lamb=0.5, preserve_empty_prompt=True,
-               solve_dtype="float64")
+               token_pick=pick, check=check, **(settings or NODE))
     seconds = time.perf_counter() - started
     return seconds, out.result[2], out.ui["ce_report"][0]["lines"]
 
@@ -136,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="how ComfyUI holds the UNet (its --fp16-unet etc.); auto: ComfyUI's choice (fp32 on a "
                         "CPU, ~3.4 GB for the full UNet); fp16 halves it (the node reads K/V weights in the solve dtype)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--settings", choices=("node", "reference"), default="node",
+                   help="node: the node's defaults (bank on); reference: UCE's uce_sd_erase.py (bank off, preserve "
+                        "scale 1, λ 0.5, no empty prompt), to set the node beside bench_reference.py's UCE row")
+    p.add_argument("--check", choices=("on", "off"), default="on", help="the node's check input")
     args = p.parse_args(argv)
+    check = args.check == "on"
     if args.threads:
         torch.set_num_threads(args.threads)
     _setup_comfy(args.unet_dtype)
@@ -156,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, clip = comfy.sd.load_state_dict_guess_config(checkpoint_state_dict(args.unet))[:2]
     print(f"checkpoint: random SD1.5 layout, {args.unet} UNet ({model.model.get_dtype()}), full CLIP-L; built and loaded in "
           f"{time.perf_counter() - t0:.0f} s; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load {os.getloadavg()[0]:.1f}")
+          f"load {os.getloadavg()[0]:.1f}; settings: {args.settings}, check {args.check}")
     tokenizer = BPETokenizer(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer", "merges.txt"))
     core = ClipTextEncoder(tokenizer=tokenizer, seed=0)  # the same shapes as the checkpoint's CLIP-L
     counts = [int(c) for c in args.concepts.split(",") if c.strip()]
@@ -169,20 +180,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         for n in counts:
             targets, _ = concept_names(tokenizer, n, 0, 0)
             # the prompts the node encodes for the erase: targets, anchor, the empty prompt and the default bank
-            prompts = list(dict.fromkeys([*targets, ANCHOR,
-                                          *preserve_list(ConceptSet.simple(targets, (ANCHOR,)), preserve_empty=True, bank=True)]))
+            settings = REFERENCE if args.settings == "reference" else NODE
+            prompts = list(dict.fromkeys([*targets, ANCHOR, *preserve_list(
+                ConceptSet.simple(targets, (ANCHOR,)), preserve_empty=settings["preserve_empty_prompt"],
+                bank=settings.get("preserve_bank", True))]))
             cold, cached, parts, warm, core_s, rates, loads = [], [], [], [], [], [], []
             for _ in range(args.repeats):
                 loads.append(os.getloadavg()[0])
                 with tempfile.TemporaryDirectory() as user:
                     folder_paths.set_user_directory(user)  # an empty encoding cache
-                    seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick)
+                    seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick, settings, check)
                     cold.append(seconds)
                     parts.append(_breakdown(report, lines))
                     encoded = int(lines[2].split("prompts: ", 1)[1].split()[0])
                     if encoded != len(prompts):  # the core must encode what the node encoded
                         print(f"warning: the node encoded {encoded} prompts, the core comparison has {len(prompts)}")
-                    seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick)
+                    seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick, settings, check)
                     cached.append(seconds)
                     warm.append(_breakdown(report, lines))
                     rates.append(lines[2].split("(")[1].split()[0])

@@ -217,3 +217,26 @@ def test_the_report_breaks_the_time_down_and_a_known_preserve_bank_is_not_encode
         assert lines[2] == f"prompts: {encoded} encoded, {cached} from cache ({cached / 6:.0%} hit rate)"
         counts.append((encoded, cached))
     assert counts[1] == (1, 5)  # the second erase encodes only its new target
+
+
+def test_check_off_skips_the_measurement_and_leaves_the_edit_unchanged(pack, tiny_checkpoint, monkeypatch):
+    import concept_erasure_pack.nodes.closed_form_erase as node
+
+    model, clip, _ = tiny_checkpoint
+    _, on, report_on = _erase(pack, model, clip, "Van Gogh", "a painter")
+    monkeypatch.setattr(node, "check_edit", lambda *a, **k: pytest.fail("the check ran although it is off"))
+    from concept_erasure_pack.nodes.load_concepts import LoadConcepts
+
+    (concepts,) = _run(LoadConcepts, targets="Van Gogh", anchors="a painter", preserve="", kind="generic",
+                       preset="none", file="none", templates="as given", custom_templates="")
+    with torch.inference_mode():
+        out = node.ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, method="uce", strength=1.0,
+                                           token_pick="last word + EOT + padding", erase_scale=1.0,
+                                           preserve_scale=0.1, lamb=0.5, preserve_empty_prompt=True,
+                                           solve_dtype="float64", preserve_bank=False, check=False)
+    _, off, report_off, image = out.result
+    assert "gap left on targets" in report_on and "gap left" not in report_off and node.CHECK_OFF in report_off
+    assert out.ui["ce_report"][0]["bars"] == [] and node.CHECK_OFF in out.ui["ce_report"][0]["lines"]
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    for key in on.keys():
+        assert torch.equal(on[key].dense(), off[key].dense())
