@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ErasureError
+from ..numeric import all_finite
 
 __all__ = ["PICKLE_EXTENSIONS", "EraserFile", "SAFE_EXTENSIONS", "checked_tensor", "file_words", "open_eraser"]
 
@@ -96,7 +97,7 @@ def checked_tensor(file: str, key: str, tensor: torch.Tensor, *, input_name: str
     if tensor.ndim > 0 and tensor.numel() == 0:
         raise ErasureError(f"{file_words(input_name)} '{file}' must hold non-empty weights, but '{key}' has shape "
                            f"{shape} (rank 0). Re-export the eraser with rank 1 or more.", input_name=input_name)
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and not all_finite(tensor):
         raise ErasureError(f"{file_words(input_name)} '{file}' must hold finite weights, but '{key}' {shape} has NaN "
                            "or inf values. The file is broken: re-download or re-train it.", input_name=input_name)
     return tensor

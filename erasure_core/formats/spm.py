@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ArchitectureError, PatchError
+from ..numeric import all_finite
 
 __all__ = [
     "SPMFile",
@@ -162,7 +163,7 @@ def parse_spm(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str
             raise _file_error(name, f"must have LoRA factors of rank 1 or more, but '{module}' has up "
                                     f"{tuple(up.shape)} and down {tuple(down.shape)} (rank 0).", input_name)
         for part, tensor in (("lora_down.weight", down), ("lora_up.weight", up)):
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise _file_error(name, f"must hold finite weights, but '{module}.{part}' {tuple(tensor.shape)} has "
                                         "NaN or inf values. The file is broken: re-download it.", input_name)
         alpha = None
