@@ -154,30 +154,23 @@ class _ByDown:
         return total
 
 
-def _by_multiplier(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str,
-                   gap_rows: torch.Tensor | None, projected: bool) -> tuple[torch.Tensor, _ByDown, bool] | None:
-    """The Grams when every site got ``ΔW_l = W_l P Q`` from the one multiplier of its width (the UCE
-    family, ``patch.context_multipliers``): with ``G = Σ W_lᵀW_l``, ``G_WΔ = G P Q`` and
-    ``G_ΔΔ = Qᵀ (Pᵀ G P) Q``, so one ``d × d`` Gram of the weights replaces every per-site product
-    with the edit and the gap rows (``Σ d_out·d²`` work instead of ``Σ d_out·(d² + 2nd + n²)``).
-    ``None`` where the patch is not of that form."""
+def _shared_edit(sites: Sequence[AttentionSite], patch: PatchSet, strength: float,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(G, E)`` in float32 when every site got ``ΔW_l = W_l E`` from the one multiplier of its width
+    (the UCE family, ``patch.context_multipliers``: ``E = strength · P Q``) and the edit is at least
+    half the width; ``G = Σ W_lᵀW_l``. Every quantity of the check is then ``tr(Z G Zᵀ)`` for rows
+    ``Z``: one Gram of the weights replaces every per-site product. ``None`` otherwise (a thin edit:
+    the per-site products with its factors cost less than ``G``)."""
     context = patch.context_multipliers
     widths = {s.in_features for s in sites}
     if not context or len(widths) != 1 or any(s.key not in patch.entries for s in sites):
         return None
     d = next(iter(widths))
     if d not in context or (context[d][1] is not None and 2 * context[d][1].shape[0] < d):
-        return None  # a thin edit: the per-site products with its factors cost less than G
+        return None
     p, q = (None if t is None else t.to(device, torch.float64) for t in context[d])
-    g = weight_grams(sites, device, torch.float32)[d].double()
-    gp = g @ p  # [d, r]
-    c = (p.T @ gp) * strength**2  # Pᵀ G P [r, r]
-    if projected:
-        rows = gap_rows.to(device, torch.float64)
-        g_ww, a = rows @ g @ rows.T, (rows @ gp) * strength
-    else:
-        g_ww, a = g, gp * strength
-    return g_ww, _ByDown(((q, a, c),), len(a), d), projected
+    e = (p if q is None else p @ q) * strength
+    return weight_grams(sites, device, torch.float32)[d], e.float()
 
 
 def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, device: torch.device | str,
@@ -190,9 +183,6 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
     projected, ``[n, n]`` ``Σ (D Wᵀ)(D Wᵀ)ᵀ``, and the edit's ``A_k`` are taken against those rows
     (``Σ d_out·d·n`` work instead)."""
     projected = gap_rows is not None and len(gap_rows) < gap_rows.shape[1]
-    shared = _by_multiplier(sites, patch, strength, device, gap_rows, projected)
-    if shared is not None:
-        return shared
     d = sites[0].in_features if sites else 0
     g_ww = None if projected or not sites else weight_grams(sites, device, torch.float32)[d].double()
     terms: dict[int, list] = {}
@@ -253,6 +243,21 @@ def _measure(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, e
     def block(texts: Sequence[str], dtype: torch.dtype = torch.float64) -> torch.Tensor:  # [n, T, d]
         return enc.hidden[[enc.index(t) for t in texts]].to(device, dtype)
 
+    shared = _shared_edit(sites, patch, strength, device)
+    if shared is not None:
+        # every term a sum of squares tr(Z G Zᵀ): the target's residual R = D + X_e Eᵀ is formed
+        # first, so nothing cancels in the quadratic form and float32 suffices
+        g, e = shared
+
+        def quad(z: torch.Tensor) -> torch.Tensor:
+            return ((z @ g) * z).sum(-1).double()
+
+        x_e32 = block([t for t, _ in pairs], torch.float32)
+        d32 = x_e32 - block([a for _, a in pairs], torch.float32)
+        gap2 = _per_prompt(quad, d32)
+        after2 = _per_prompt(lambda dz, x: quad(dz + x @ e.T), d32, x_e32)
+        moved = _per_prompt(lambda x: quad(x @ e.T), block(prompts, torch.float32))
+        return gap2.tolist(), after2.tolist(), dict(zip(prompts, moved.tolist(), strict=True))
     x_e = block([t for t, _ in pairs])
     diff = x_e - block([a for _, a in pairs])
     g_ww, by_down, projected = _edit_grams(sites, patch, strength, device, diff.reshape(-1, enc.width))

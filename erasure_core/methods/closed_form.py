@@ -156,7 +156,7 @@ def weight_grams(sites: Sequence[AttentionSite], device: torch.device | str,
     for site in sites:
         stack = pending.setdefault(site.in_features, [])
         stack.append(site.tensor().to(device, dtype))
-        if sum(len(w) for w in stack) >= GRAM_CHUNK:
+        if sum(len(w) for w in stack) >= GRAM_CHUNK // 2:  # one chunk per stack (a second, thin one is slow)
             flush(site.in_features)
     for width in list(pending):
         flush(width)
