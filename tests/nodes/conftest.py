@@ -26,3 +26,15 @@ def env(request):
     if path is None:
         pytest.skip(_comfyui_skip_reason())
     yield comfy_stubs.real_pack(path)
+
+
+@pytest.fixture
+def erasers(stub_env, tmp_path, monkeypatch):
+    """An empty ``models/erasers`` folder registered with the stub ``folder_paths``."""
+    folder_paths = stub_env.comfy["folder_paths"]
+    folder = tmp_path / "erasers"
+    folder.mkdir()
+    registry = dict(folder_paths.folder_names_and_paths)
+    registry["erasers"] = ([str(folder)], {".safetensors", ".pt"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
+    return folder

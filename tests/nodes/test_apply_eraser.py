@@ -21,17 +21,6 @@ class Payload:
         return (os.system, ("echo never",))
 
 
-@pytest.fixture
-def erasers(stub_env, tmp_path, monkeypatch):
-    folder_paths = stub_env.comfy["folder_paths"]
-    folder = tmp_path / "erasers"
-    folder.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["erasers"] = ([str(folder)], {".safetensors", ".pt"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    return folder
-
-
 def run(env, model, eraser, clip=None, **options):
     node = env.pack.nodes.apply_eraser.ApplyEraserLoRA
     return node.execute(model=model, clip=clip, eraser=eraser, strength=options.pop("strength", 1.0), **options)

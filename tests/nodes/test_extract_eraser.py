@@ -30,17 +30,6 @@ class SD1Patcher(FakePatcher):
         return SimpleNamespace(state_dict=lambda: self.weights, model_config=SD15())
 
 
-@pytest.fixture
-def erasers(stub_env, tmp_path, monkeypatch):
-    folder_paths = stub_env.comfy["folder_paths"]
-    folder = tmp_path / "erasers"
-    folder.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["erasers"] = ([str(folder)], {".safetensors", ".pt"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    return folder
-
-
 def _bad_files(folder, weights) -> dict[str, str]:
     """One broken or unsuitable erased file per check, by name -> the words its error must say."""
     torch.save({"model." + K: weights[K], "x": Payload()}, folder / "evil.pt")
