@@ -16,7 +16,10 @@ most ``min(R, d_in)``: ``up = W₀ P`` and ``down = Q`` with ``P = s (C_a − C_
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +67,50 @@ GRAM_CHUNK = 8192  # rows converted to the solve precision at a time
 def gram(rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``rowsᵀ rows`` for key rows ``[R, d]`` -> ``[d, d]`` (zero when R = 0), in ``dtype``
     (default: the rows'). Rows are converted chunk by chunk, so a float64 Gram of float32 rows
-    needs no float64 copy of all of them."""
-    return cross_gram(rows, rows, dtype)
+    needs no float64 copy of all of them. Large Grams are remembered with the exact rows they came
+    from (:class:`_GramMemo`): a second erase on the same rows (a changed strength or λ) reuses them."""
+    return _MEMO.get(rows, dtype or rows.dtype, lambda: cross_gram(rows, rows, dtype))
+
+
+class _GramMemo:
+    """The last few large Grams, each with a copy of its rows: a lookup is a bit-for-bit comparison
+    with the stored rows (memory-bound, ~100× cheaper than the product), so a hit is exact, never
+    stale; the sum of the rows picks the candidate among equal shapes. Results are handed out as
+    copies (callers may add to them in place). Bounded by ``limit`` bytes, least recent evicted."""
+
+    def __init__(self, limit: int, smallest: int):
+        self.limit, self.smallest = limit, smallest
+        self._entries: collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(*tensors: torch.Tensor) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def get(self, rows: torch.Tensor, dtype: torch.dtype, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._size(rows) < self.smallest or self._size(rows) > self.limit // 4 or rows.requires_grad:
+            return compute()
+        key = (tuple(rows.shape), rows.dtype, rows.device, dtype, float(rows.sum(dtype=torch.float64)))
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and torch.equal(hit[0], rows):
+                self._entries.move_to_end(key)
+                return hit[1].clone()
+        result = compute()
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= self._size(*old)
+            entry = (rows.detach().clone(), result.detach().clone())
+            self._entries[key] = entry
+            self._bytes += self._size(*entry)
+            while self._bytes > self.limit and len(self._entries) > 1:
+                self._bytes -= self._size(*self._entries.popitem(last=False)[1])
+        return result
+
+
+_MEMO = _GramMemo(limit=256 << 20, smallest=4 << 20)  # rows of 4-64 MiB: SD-sized keys and weight stacks
 
 
 def cross_gram(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -196,7 +241,7 @@ def anchored_right_multiplier(
                                               preserve_scale=preserve_scale, lamb=lamb, method=method,
                                               rows=(len(ce), len(cp)))
     if woodbury:
-        q = _woodbury_key_factor(ce, cp, ce[moving], erase_scale, preserve_scale, lamb, dtype, method)
+        q = _woodbury_key_factor(ce, cp, moving, erase_scale, preserve_scale, lamb, dtype, method)
         ce, ca = ce[moving].to(dtype), ca[moving].to(dtype)
         return RightMultiplier(P=erase_scale * (ca - ce).T, Q=q)
     chol = _ridge_cholesky(g_ee, g_pp, erase_scale, preserve_scale, lamb, method, (len(ce), len(cp)))
@@ -232,17 +277,23 @@ def anchored_multiplier_from_grams(
 
 def _woodbury_key_factor(ce: torch.Tensor, cp: torch.Tensor, moving: torch.Tensor, erase_scale: float,
                          preserve_scale: float, lamb: float, dtype: torch.dtype, method: str) -> torch.Tensor:
-    """``C_m A⁻¹`` (``[r, d]``) for ``A = λI + UᵀU``, ``U = [√s C_e; √s_p C_p]`` (``R × d``, R < d/2),
-    through the ``R × R`` system (Woodbury): ``A⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U)/λ``. Costs ``R²d`` instead
-    of the ``d × d`` Grams' ``Rd²`` and ``d³/3`` (d = 4096 for a DiT's T5 keys)."""
+    """``C_m A⁻¹`` (``[r, d]``, ``C_m`` the rows of ``C_e`` where ``moving``) for ``A = λI + UᵀU``,
+    ``U = [√s C_e; √s_p C_p]`` (``R × d``, R < d/2), through the ``R × R`` system
+    ``K = λI + UUᵀ``: since ``A⁻¹Uᵀ = UᵀK⁻¹`` and ``C_m`` is ``√s``-scaled rows of ``U``,
+    ``C_m A⁻¹ = (K⁻¹U)[moving] / √s``. Costs ``R²d`` instead of the ``d × d`` Grams' ``Rd²`` and
+    ``d³/3`` (d = 4096 for a DiT's T5 keys), and never divides by λ (the textbook
+    ``(I − UᵀK⁻¹U)/λ`` loses digits as λ shrinks: 1e-5 off at λ 1e-8)."""
     u = torch.cat([ce.to(dtype) * erase_scale ** 0.5, cp.to(dtype) * preserve_scale ** 0.5])
     k = _self_gram(u.T)  # U Uᵀ from its upper block rows
     k.diagonal().add_(lamb)
     chol, info = torch.linalg.cholesky_ex(k)
     if int(info) != 0:  # pragma: no cover - λ > 0 makes K positive definite
         raise NumericalError(f"{method}: the key system must be positive definite (lamb={lamb}).", input_name="lamb")
-    cm = moving.to(dtype)
-    q = (cm - torch.cholesky_solve(u @ cm.T, chol).T @ u) / lamb
+    if erase_scale > 0:
+        q = torch.cholesky_solve(u, chol)[: len(ce)][moving] / erase_scale ** 0.5
+    else:  # the target rows are not in U: the product form
+        cm = ce[moving].to(dtype)
+        q = (cm - torch.cholesky_solve(u @ cm.T, chol).T @ u) / lamb
     return check_finite(q, "the solved key factor", method)
 
 

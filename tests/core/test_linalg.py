@@ -131,3 +131,45 @@ def test_a_projection_collision_falls_back_to_the_plain_product(monkeypatch):
     assert linalg._distinct_rows(left) is None
     torch.testing.assert_close(linalg.cross_gram(left, right, torch.float64), left.double().T @ right.double(),
                                rtol=1e-12, atol=1e-10)
+
+
+def test_the_few_rows_form_keeps_its_digits_at_a_tiny_ridge():
+    # (I − UᵀK⁻¹U)/λ lost 1e-5 of the mapping here (seed 31772, λ 1e-8); K⁻¹U loses none
+    g = torch.Generator().manual_seed(31772)
+    ce, ca, w = torch.randn(2, 12, generator=g), torch.randn(2, 12, generator=g), torch.randn(7, 12, generator=g)
+    m = anchored_right_multiplier(ce, ca, ce[:0], erase_scale=1.0, preserve_scale=0.0, lamb=1e-8)
+    new = w.double() + m.up_for(w) @ m.Q
+    assert (new @ ce.double().T - w.double() @ ca.double().T).abs().max() < 1e-6
+
+
+def test_a_remembered_gram_is_exact_and_never_stale():
+    from erasure_core.edit import linalg
+
+    memo = linalg._GramMemo(limit=64 << 20, smallest=0)
+    rows = _keys(3000, 300, 11)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return rows.double().T @ rows.double()
+
+    first = memo.get(rows, torch.float64, compute)
+    again = memo.get(rows.clone(), torch.float64, compute)  # equal rows, another tensor: remembered
+    assert len(calls) == 1 and torch.equal(first, again)
+    again.add_(1.0)  # a caller adding in place does not change what is remembered
+    assert torch.equal(memo.get(rows, torch.float64, compute), first) and len(calls) == 1
+    rows[17, 3] += 1e-3  # one changed value: computed again, from the new rows
+    fresh = memo.get(rows, torch.float64, compute)
+    assert len(calls) == 2
+    torch.testing.assert_close(fresh, rows.double().T @ rows.double(), rtol=0, atol=0)
+    # whole-number rows sum exactly: two values swapped between rows keep the sum (the lookup key)
+    # but change the rows and their Gram; the bit-for-bit comparison catches it
+    rows = torch.randint(-8, 8, (3000, 300), generator=torch.Generator().manual_seed(2)).float()
+    before = memo.get(rows, torch.float64, compute)
+    while rows[5, 3] == rows[6, 3] or rows[5, 4] == rows[6, 4]:
+        rows[6, 3] += 1
+        rows[6, 4] -= 1
+    rows[5, 3], rows[6, 3] = rows[6, 3].item(), rows[5, 3].item()
+    after = memo.get(rows, torch.float64, compute)
+    assert len(calls) == 4 and not torch.equal(before, after)
+    torch.testing.assert_close(after, rows.double().T @ rows.double(), rtol=0, atol=0)
