@@ -25,7 +25,8 @@ import torch
 from .errors import ArchitectureError
 
 __all__ = ["ARCHITECTURES", "ArchSpec", "AttentionSite", "LayerStreams", "LazyWeight", "RowNorm", "RowTransform",
-           "TextInput", "detect", "layer_stream", "parse_layer_stream", "reference_site_shapes", "supported_families"]
+           "TextInput", "detect", "layer_stream", "parse_layer_stream", "reference_site_shapes", "sites_by_stream",
+           "supported_families"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,16 @@ def parse_layer_stream(stream: str) -> tuple[str, int] | None:
     """``(source, layer)`` of a :func:`layer_stream` name; ``None`` for ``tokens``/``pooled``."""
     source, sep, layer = stream.rpartition(":")
     return (source, int(layer)) if sep and source and layer.isdigit() else None
+
+
+def sites_by_stream(sites: Sequence[AttentionSite], *, tokens: bool = True) -> dict[str, list[AttentionSite]]:
+    """The sites that read token rows, grouped by stream: ``tokens`` (unless ``tokens`` is False) and
+    each per-layer stream (``"llama:k"``). Each group is a K/V space of its own."""
+    groups: dict[str, list[AttentionSite]] = {}
+    for site in sites:
+        if (tokens and site.stream == "tokens") or parse_layer_stream(site.stream) is not None:
+            groups.setdefault(site.stream, []).append(site)
+    return groups
 
 
 @dataclass(frozen=True)

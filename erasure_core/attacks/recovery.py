@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import AttentionSite, LazyWeight, RowTransform, parse_layer_stream
+from ..architectures import AttentionSite, LazyWeight, RowTransform, sites_by_stream
 from ..errors import ArchitectureError
 
 __all__ = ["IDENTICAL_TOLERANCE", "KVGrams", "Recovery", "kv_distance", "kv_grams", "kv_recovery",
@@ -116,11 +116,7 @@ def token_sites(sites: Sequence[AttentionSite]) -> tuple[list[AttentionSite], Ca
 def layer_site_groups(sites: Sequence[AttentionSite]) -> dict[str, list[AttentionSite]]:
     """The sites that read one layer of a second encoder's per-layer states (HiDream's Llama), by
     stream (``"llama:k"``): each group is a K/V space of its own, scored and attacked on its own rows."""
-    groups: dict[str, list[AttentionSite]] = {}
-    for site in sites:
-        if parse_layer_stream(site.stream) is not None:
-            groups.setdefault(site.stream, []).append(site)
-    return groups
+    return sites_by_stream(sites, tokens=False)
 
 
 def kv_distance(grams: KVGrams, erased_rows: torch.Tensor | None, original_rows: torch.Tensor | None) -> float:

@@ -27,7 +27,7 @@ import torch
 from ..errors import NumericalError
 from ..numeric import all_finite
 
-__all__ = ["RightMultiplier", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
+__all__ = ["RightMultiplier", "wide", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
            "compact", "cross_gram", "factor_square", "full_multiplier", "gram", "kmeans",
            "least_amplified_direction", "low_eigen_projector", "low_eigen_projector_of_rows",
            "ridge_preimage_rows", "solve_right", "check_scalars", "check_gram_finite"]
@@ -64,12 +64,15 @@ def check_gram_finite(g: torch.Tensor, method: str, role: str) -> None:
 GRAM_CHUNK = 8192  # rows converted to the solve precision at a time
 
 
-def gram(rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def gram(rows: torch.Tensor, dtype: torch.dtype | None = None, *, remember: bool = False) -> torch.Tensor:
     """``rowsᵀ rows`` for key rows ``[R, d]`` -> ``[d, d]`` (zero when R = 0), in ``dtype``
     (default: the rows'). Rows are converted chunk by chunk, so a float64 Gram of float32 rows
-    needs no float64 copy of all of them. Large Grams are remembered with the exact rows they came
-    from (:class:`_GramMemo`): a second erase on the same rows (a changed strength or λ) reuses them."""
-    return _MEMO.get(rows, dtype or rows.dtype, lambda: cross_gram(rows, rows, dtype))
+    needs no float64 copy of all of them. ``remember``: a large Gram is kept with the exact rows it
+    came from (:class:`_GramMemo`), so a second erase on the same rows (a changed strength or λ)
+    reuses it; for callers whose rows recur (the keys of a solve, the weights of a check)."""
+    if remember:
+        return _MEMO.get(rows, dtype or rows.dtype, lambda: cross_gram(rows, rows, dtype))
+    return cross_gram(rows, rows, dtype)
 
 
 class _GramMemo:
@@ -89,7 +92,10 @@ class _GramMemo:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def get(self, rows: torch.Tensor, dtype: torch.dtype, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if self._size(rows) < self.smallest or self._size(rows) > self.limit // 4 or rows.requires_grad:
+        # CPU only: on a GPU the product costs a millisecond, and held copies would be device memory
+        # outside ComfyUI's management
+        if (rows.device.type != "cpu" or self._size(rows) < self.smallest or self._size(rows) > self.limit // 4
+                or rows.requires_grad):
             return compute()
         key = (tuple(rows.shape), rows.dtype, rows.device, dtype, float(rows.sum(dtype=torch.float64)))
         with self._lock:
@@ -110,7 +116,8 @@ class _GramMemo:
         return result
 
 
-_MEMO = _GramMemo(limit=256 << 20, smallest=4 << 20)  # rows of 4-64 MiB: SD-sized keys and weight stacks
+MEMO_BYTES = 256 << 20
+_MEMO = _GramMemo(limit=MEMO_BYTES, smallest=4 << 20)  # rows of 4-64 MiB: SD-sized keys and weight stacks
 
 
 def cross_gram(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -127,7 +134,9 @@ def cross_gram(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | Non
             if grouped is not None:
                 distinct, inverse = grouped
                 sums = torch.zeros(len(distinct), other.shape[1], dtype=dtype, device=left.device)
-                sums.index_add_(0, inverse.to(left.device), other.to(device=left.device, dtype=dtype))
+                for start in range(0, len(other), GRAM_CHUNK):  # no copy of all rows in ``dtype``
+                    sums.index_add_(0, inverse[start : start + GRAM_CHUNK].to(left.device),
+                                    other[start : start + GRAM_CHUNK].to(device=left.device, dtype=dtype))
                 out = distinct.to(device=left.device, dtype=dtype).T @ sums
                 return out.T if flip else out
     out = torch.zeros(left.shape[1], right.shape[1], dtype=dtype, device=left.device)
@@ -182,6 +191,13 @@ def _self_gram(a: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def wide(rank: int, width: int) -> bool:
+    """An edit of ``rank`` at least half the key ``width``: its products are as costly as dense ones,
+    so the patch defers them (``closed_form.patch_from_multipliers``) and the check works from one
+    Gram of the weights (``check``); below it, the factors are cheaper."""
+    return 2 * rank >= width
+
+
 @dataclass(frozen=True)
 class RightMultiplier:
     """``M − I = P Q`` for one input width: ``P [d_in, r]``, ``Q [r, d_in]``.
@@ -232,7 +248,7 @@ def anchored_right_multiplier(
     # few rows against a wide key (a DiT's 4096-wide T5 keys): the R × R (Woodbury) form, no d × d Grams
     woodbury = lamb > 0 and erase_scale >= 0 and preserve_scale >= 0 and 2 * (len(ce) + len(cp)) < d
     if not woodbury:
-        g_ee, g_pp = gram(ce, dtype), gram(cp, dtype)
+        g_ee, g_pp = gram(ce, dtype, remember=True), gram(cp, dtype, remember=True)
     # Rows whose target and anchor keys coincide (the shared start token, identical padding)
     # contribute nothing to P; drop them from P and Q but keep them in A, where they still act.
     moving = (ca - ce).abs().amax(dim=1) > 0
@@ -285,6 +301,7 @@ def _woodbury_key_factor(ce: torch.Tensor, cp: torch.Tensor, moving: torch.Tenso
     ``(I − UᵀK⁻¹U)/λ`` loses digits as λ shrinks: 1e-5 off at λ 1e-8)."""
     u = torch.cat([ce.to(dtype) * erase_scale ** 0.5, cp.to(dtype) * preserve_scale ** 0.5])
     k = _self_gram(u.T)  # U Uᵀ from its upper block rows
+    check_gram_finite(k, method, "target or preserved")
     k.diagonal().add_(lamb)
     chol, info = torch.linalg.cholesky_ex(k)
     if int(info) != 0:  # pragma: no cover - λ > 0 makes K positive definite

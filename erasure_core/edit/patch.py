@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -19,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import replace_atomically
 from ..errors import PatchError
 from ..numeric import all_finite
 
@@ -104,7 +104,7 @@ class PatchEntry:
             product = (weight.to(p.device) @ p.on_device()).cpu()
             if not all_finite(product):
                 raise PatchError("patch tensors must be finite, but the edit overflowed float32. Lower "
-                                 "'erase_scale' or raise 'lamb'.")
+                                 "'erase_scale' or raise 'lamb'.", input_name="erase_scale")
             self._set(_left=product, _deferred=None)
         return self._left  # type: ignore[return-value]
 
@@ -286,16 +286,7 @@ class PatchSet:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file atomically (a failed write leaves no partial file)."""
         tensors, metadata = self.to_state_dict()
-        target = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(target))
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PatchSet:

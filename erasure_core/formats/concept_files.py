@@ -22,12 +22,12 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ..atomic import replace_atomically
 from ..concepts import (
     BUILTIN_TEMPLATES,
     Concept,
@@ -280,16 +280,8 @@ def _kind_of(data: Any) -> str:
 
 def save_json(concepts: ConceptSet, path: str | os.PathLike[str], name: str = "") -> None:
     """Write :func:`to_json` atomically (a failed write leaves any existing file untouched)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(to_json(concepts, name=name or target.stem))
-        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)  # mkstemp makes 0600
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    text = to_json(concepts, name=name or Path(path).stem)
+    replace_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), keep_mode=True)
 
 
 # -- presets -----------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+
+from ..atomic import replace_atomically
 
 __all__ = ["safetensors_bytes", "write_atomic"]
 
@@ -53,12 +55,4 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder (no partial file)."""
-    target = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(os.path.abspath(target)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))

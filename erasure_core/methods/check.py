@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import AttentionSite, parse_layer_stream
+from ..architectures import AttentionSite, sites_by_stream
 from ..concepts import ConceptSet
+from ..edit.linalg import wide
 from ..edit.patch import PatchSet
 from ..text.encoded import EncodedText, TextEncoder
 from .bank import probe_prompts
@@ -131,7 +132,7 @@ class _ByDown:
         the factored products would cost more than the dense ones."""
         if len(self.terms) < 2 and all(down is None for down, _, _ in self.terms):
             return self  # nothing, or one dense term already
-        if sum(self.d if down is None else down.shape[0] for down, _, _ in self.terms) < self.d // 2:
+        if not wide(sum(self.d if down is None else down.shape[0] for down, _, _ in self.terms), self.d):
             return self
         return _ByDown(((None, self.wd(), self.dd()),), self.rows, self.d)  # type: ignore[arg-type]
 
@@ -166,7 +167,7 @@ def _shared_edit(sites: Sequence[AttentionSite], patch: PatchSet, strength: floa
     if not context or len(widths) != 1 or any(s.key not in patch.entries for s in sites):
         return None
     d = next(iter(widths))
-    if d not in context or (context[d][1] is not None and 2 * context[d][1].shape[0] < d):
+    if d not in context or (context[d][1] is not None and not wide(context[d][1].shape[0], d)):
         return None
     p, q = (None if t is None else t.to(device, torch.float64) for t in context[d])
     e = (p if q is None else p @ q) * strength
@@ -200,7 +201,9 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
         if entry is not None:
             key = id(entry.down) if entry.is_low_rank else 0  # dense entries: one term, D = I
             up = _up(entry, strength, device)
-            slot = terms.setdefault(key, [entry.down.to(device).double() if entry.is_low_rank else None, 0, 0])
+            if key not in terms:  # the shared down factor, converted once
+                terms[key] = [entry.down.to(device).double() if entry.is_low_rank else None, 0, 0]
+            slot = terms[key]
             slot[1] = slot[1] + (wd_left @ up).double()
             slot[2] = slot[2] + (up.T @ up).double()
     rows = len(gap_rows) if projected else d
@@ -224,10 +227,7 @@ def _per_prompt(value: Callable[[torch.Tensor], torch.Tensor], *blocks: torch.Te
 
 def _token_streams(sites: Sequence[AttentionSite]) -> dict[str, list[AttentionSite]]:
     """The sites that read token rows, by stream (``tokens``; a per-layer stream such as ``llama:k``)."""
-    groups: dict[str, list[AttentionSite]] = {}
-    for site in sites:
-        if site.stream == "tokens" or parse_layer_stream(site.stream) is not None:
-            groups.setdefault(site.stream, []).append(site)
+    groups = sites_by_stream(sites)
     if not groups:
         raise ValueError("the check needs token-stream sites")
     return groups

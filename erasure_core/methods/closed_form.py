@@ -13,7 +13,7 @@ import torch
 from ..architectures import AttentionSite, LazyWeight
 from ..concepts import ConceptSet
 from ..config import option, validate_ranges
-from ..edit.linalg import GRAM_CHUNK, RightMultiplier, anchored_right_multiplier, check_finite, gram
+from ..edit.linalg import GRAM_CHUNK, MEMO_BYTES, RightMultiplier, anchored_right_multiplier, check_finite, gram, wide
 from ..edit.patch import PatchEntry, PatchSet, SharedRight
 from ..errors import ArchitectureError
 from ..text.encoded import EncodedText, TextEncoder, TokenPick, encode, erase_rows, preserve_rows
@@ -148,9 +148,12 @@ def weight_grams(sites: Sequence[AttentionSite], device: torch.device | str,
     upper blocks (symmetric), so many thin weights cost one large product, not one each."""
     grams: dict[int, torch.Tensor] = {}
     pending: dict[int, list[torch.Tensor]] = {}
+    # remembered (``linalg.gram``) only where every stack fits the memo together: SDXL's ~1.3 GiB
+    # of K/V stacks would only evict each other and the key Grams
+    remember = sum(s.weight.shape[0] * s.weight.shape[1] for s in sites) * 4 <= MEMO_BYTES // 2
 
     def flush(width: int) -> None:
-        part = gram(torch.cat(pending.pop(width)), dtype)
+        part = gram(torch.cat(pending.pop(width)), dtype, remember=remember)
         grams[width] = grams[width] + part if width in grams else part
 
     for site in sites:
@@ -192,7 +195,7 @@ def patch_from_multipliers(
         weight = site.tensor()
         mult = multiplier_for(site, weight)
         uniform = uniform and first_of_width.setdefault(site.in_features, mult) is mult
-        if one_per_width and 2 * mult.rank >= site.in_features:
+        if one_per_width and wide(mult.rank, site.in_features):
             p, q = _factors_of(shared, mult)
             owned = isinstance(site.weight, LazyWeight) and site.weight.owned
             entries[site.key] = PatchEntry.deferred(weight.to("cpu", torch.float32, copy=not owned), p, q)

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -38,6 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import replace_atomically
 from ..numeric import all_finite
 from .encoded import EncodedText, LayerStates, TextEncoder, encode, rows_returned
 
@@ -58,20 +58,6 @@ def cache_limit_bytes() -> int:
         return DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
-
-
-def _replace(path: Path, write) -> None:
-    """``write(tmp)`` a temporary file in ``path``'s folder, then put it in place (no partial file;
-    the temporary file is removed if writing fails)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _key(text: str) -> str:
@@ -120,10 +106,10 @@ class CachedEncoder:
             return {}
 
     def _write(self, entries: dict[str, torch.Tensor]) -> None:
-        _replace(self.path, lambda tmp: save_file(entries, tmp))
+        replace_atomically(self.path, lambda tmp: save_file(entries, tmp))
 
     def _write_lru(self, lru: dict[str, float]) -> None:
-        _replace(self.lru_path, lambda tmp: Path(tmp).write_text(json.dumps(lru)))
+        replace_atomically(self.lru_path, lambda tmp: Path(tmp).write_text(json.dumps(lru)))
 
     @staticmethod
     def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, rows: str,
@@ -157,6 +143,8 @@ class CachedEncoder:
                 size -= nbytes(name)
                 entries.pop(name)
             lru.pop(old, None)
+        if size > self.max_bytes:
+            return False  # even ``keep`` does not fit: nothing is written, so no other file is deleted
         while others and size + other_bytes > self.max_bytes:
             victim = others.pop(0)
             other_bytes -= victim.stat().st_size

@@ -25,16 +25,14 @@ class PrefixTree:
     """``tokens [R]`` each node's token, ``positions [R]`` its position, ``paths [R, L]`` the
     nodes a node attends to (its ancestors and itself, by position; padded with the node
     itself), ``mask [R, L]`` True where ``paths`` is real, ``rows [N, T]`` the node of prompt
-    ``n`` at position ``t`` (``-1`` past its end), ``first [R]`` one prompt holding each node
-    (for encoders that embed a token from its prompt's window). Nodes are in creation order, so a
-    parent always precedes its children."""
+    ``n`` at position ``t`` (``-1`` past its end). Nodes are in creation order, so a parent always
+    precedes its children."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
     paths: torch.Tensor
     mask: torch.Tensor
     rows: torch.Tensor
-    first: torch.Tensor
 
     @classmethod
     def build(cls, sequences: Sequence[Sequence[int]]) -> PrefixTree:
@@ -43,7 +41,6 @@ class PrefixTree:
         tokens: list[int] = []
         positions: list[int] = []
         paths: list[list[int]] = []
-        first: list[int] = []
         width = max((len(s) for s in sequences), default=0)
         rows = torch.full((len(sequences), max(width, 1)), -1, dtype=torch.long)
         for n, seq in enumerate(sequences):
@@ -56,14 +53,13 @@ class PrefixTree:
                     tokens.append(int(token))
                     positions.append(t)
                     paths.append([*path, node])
-                    first.append(n)
                 path = paths[node]
                 rows[n, t] = parent = node
         depth = max((len(p) for p in paths), default=1)
         padded = torch.tensor([p + [p[-1]] * (depth - len(p)) for p in paths], dtype=torch.long).reshape(-1, depth)
-        mask = torch.tensor([[j < len(p) for j in range(depth)] for p in paths], dtype=torch.bool).reshape(-1, depth)
+        mask = torch.arange(depth) < torch.tensor([len(p) for p in paths], dtype=torch.long)[:, None]
         return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                   padded, mask, rows, torch.tensor(first, dtype=torch.long))
+                   padded, mask, rows)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

@@ -1,6 +1,6 @@
 """Imports run one way: down the layers of ARCHITECTURE.md §1, never up.
 
-Core (``erasure_core``), lowest first: ``errors``/``version``/``numeric`` < ``config`` < ``concepts``,
+Core (``erasure_core``), lowest first: ``errors``/``version``/``numeric``/``atomic`` < ``config`` < ``concepts``,
 ``architectures``, ``text/``, ``edit/`` < ``formats/``, ``gating/`` < ``methods/``, ``attacks/`` <
 the package root (``__init__``, the public API) < ``__main__`` (the CLI). Nodes: ``types`` <
 ``_comfy/`` and ``_schema`` < the node modules < ``nodes/__init__``. ``_comfy/`` is the only part
@@ -13,7 +13,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CORE_RANKS = {"errors": 0, "version": 0, "numeric": 0, "config": 1, "concepts": 2, "architectures": 2, "text": 2, "edit": 2,
+CORE_RANKS = {"errors": 0, "version": 0, "numeric": 0, "atomic": 0, "config": 1, "concepts": 2, "architectures": 2, "text": 2, "edit": 2,
               "formats": 3, "gating": 3, "methods": 4, "attacks": 4, "__init__": 5, "__main__": 6,
               "cli": 6}
 NODE_RANKS = {"types": 0, "_comfy": 1, "_schema": 1, "_report": 1, "_chart": 1, "__init__": 3}  # every other node module: 2
