@@ -124,7 +124,7 @@ class AttackPrompt(io.ComfyNode):
         progress = _comfy.progress_bar()
         concept_cond, concept_pooled, concept_layers, extra = _comfy.encode_text_layers(clip, concept)
         grams = arch = None
-        layer_grams = {}  # "llama:k" -> grams of the sites reading that layer (HiDream)
+        layer_grams = {}  # (source, k) -> grams of the sites reading layer k of that encoder (HiDream's Llama)
         read = lambda rows: rows  # noqa: E731  (conditioning rows -> what the sites read)
         if original_model is not None:
             arch, sites_e, sites_o = _comfy.kv_sites_pair(model, original_model)
@@ -133,14 +133,16 @@ class AttackPrompt(io.ComfyNode):
                     f"soft_prompt optimises a prompt prefix through a differentiable CLIP and a UNet, but the model "
                     f"is {arch.display_name}, whose text encoder and transformer it cannot differentiate. Use "
                     "closed_form or concept_vector on DiT models.", input_name="mode")
-            originals = layer_site_groups(sites_o)
-            for stream, group in layer_site_groups(sites_e).items():
-                layer_grams[stream] = kv_grams(group, originals.get(stream, []), device=_comfy.compute_device())
-                source, _ = parse_layer_stream(stream)  # type: ignore[misc]
+            groups, originals = layer_site_groups(sites_e), layer_site_groups(sites_o)
+            streams = {stream: parse_layer_stream(stream) for stream in groups}
+            for source, _ in streams.values():  # refused before any Gram is taken
                 if source not in concept_layers:
                     raise ConfigError(f"the model reads the '{source}' text encoder's per-layer states, but the clip "
                                       f"returns none. Connect the CLIP loaded for this model (with its {source}).",
                                       input_name="clip")
+            for stream, group in groups.items():
+                layer_grams[streams[stream]] = kv_grams(group, originals.get(stream, []),
+                                                        device=_comfy.compute_device())
             (sites_e, read), (sites_o, _) = token_sites(sites_e), token_sites(sites_o)
             grams = kv_grams(sites_e, sites_o, device=_comfy.compute_device(), progress=progress)
             if concept_cond.shape[-1] != grams.width:
@@ -153,8 +155,7 @@ class AttackPrompt(io.ComfyNode):
         if mode is AttackMode.CLOSED_FORM:
             cond, pooled = closed_form_attack(read(concept_cond), grams, config.reg), concept_pooled
             layers = {name: states.clone() for name, states in concept_layers.items()}
-            for stream, g in layer_grams.items():  # each Llama layer its own preimage (HiDream)
-                source, k = parse_layer_stream(stream)  # type: ignore[misc]
+            for (source, k), g in layer_grams.items():  # each Llama layer its own preimage (HiDream)
                 layers[source][k] = closed_form_attack(concept_layers[source][k], g, config.reg)
             if layer_grams:
                 notes.append(f"{len(layer_grams)} per-layer text streams attacked each on its own rows")
@@ -181,8 +182,7 @@ class AttackPrompt(io.ComfyNode):
                                       {"concept": concept, "mode": mode.value, "seed": str(config.random_seed)})
                 name = os.path.splitext(os.path.basename(embedding_file))[0]
                 notes.append(f"saved embedding:{name}")
-        more = [(g, layers[src][k], concept_layers[src][k])
-                for g, (src, k) in ((g, parse_layer_stream(s)) for s, g in layer_grams.items())]  # type: ignore[misc]
+        more = [(g, layers[src][k], concept_layers[src][k]) for (src, k), g in layer_grams.items()]
         kv = kv_recovery(grams, read(cond), read(concept_cond), more) if grams is not None else None
         if grams is not None and grams.identical_weights:
             notes.append("the two models' cross-attention K/V weights are identical: nothing was erased there "

@@ -123,9 +123,9 @@ class ExtractEraser(io.ComfyNode):
                 "family": _comfy.model_family_of(model), "changed_weights": diff.changed}
         patch, fit = extract_low_rank(diff.deltas, max_rank=max_rank, max_error=max_error, meta=meta,
                                       device=_comfy.compute_device(), progress=progress)
+        patched = _comfy.apply_patchset(model, patch, 1.0)  # before writing: a refusal leaves no file behind
         _check_target(target, source_path, overwrite)  # again: the file may have appeared meanwhile
         patch.save(target)
-        patched = _comfy.apply_patchset(model, patch, 1.0)
         report = (f"Extracted {source} -> {target}: {diff.changed} of {diff.compared} weights differ; "
                   f"{fit.summary()} ({time.perf_counter() - started:.1f} s)")
         logger.info("Extract Eraser: %s; per key: %s", report, json.dumps(patch.meta["fits"])[:2000])

@@ -3,7 +3,7 @@ comfy.* or folder_paths; the core never does. Node modules use ``from . import _
 re-exported here."""
 
 from .attack import DifferentiableClip, _predict_eps, soft_prompt_attack  # noqa: F401
-from .dit_text import LAYERED_OUTPUTS, DitClipEncoder, is_unet_clip  # noqa: F401
+from .dit_text import is_unet_clip  # noqa: F401
 from .erasers import (  # noqa: F401
     _LDM_BLOCK,
     _LORA_MODULE,
@@ -21,9 +21,7 @@ from .erasers import (  # noqa: F401
     text_encoder_differences,
     text_encoder_pairs,
     unet_file_differences,
-    unet_key_pairs,
     unet_lora_key_map,
-    unet_weight_differences,
 )
 from .files import (  # noqa: F401
     CONCEPTS_FOLDER,

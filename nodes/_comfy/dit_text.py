@@ -167,19 +167,22 @@ class DitClipEncoder:
         stacked = torch.stack(pooled) if all(p is not None for p in pooled) else None  # type: ignore[arg-type]
         names = set.intersection(*(set(x[4]) for x in done))
         layered = {}
-        for name in sorted(names):  # [N, T, L, D] padded along T, then [N, L, T, D]
-            states, l_eot, l_ids = _stack([(x[4][name][0].transpose(0, 1), *x[4][name][1:]) for x in done])
-            layered[name] = LayerStates(states.transpose(1, 2).contiguous(), l_eot, l_ids)
+        for name in sorted(names):  # [N, L, T, D], padded along T in place (one copy)
+            layered[name] = LayerStates(*_stack([x[4][name] for x in done], axis=1))
         return EncodedText(tuple(texts), hidden, eot, pooled=stacked, token_ids=ids, layered=layered)
 
 
-def _stack(items: list[tuple[torch.Tensor, int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-prompt ``(rows [T_i, ...], eot, row ids)`` as ``[N, T, ...]`` (zero rows after each prompt's
-    own), ``eot [N]`` and ``ids [N, T]`` (-1 there)."""
-    length = max(max(r.shape[0], eot + 1) for r, eot, _ in items)
-    hidden = items[0][0].new_zeros((len(items), length, *items[0][0].shape[1:]))
+def _stack(items: list[tuple[torch.Tensor, int, list[int]]], axis: int = 0) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """Per-prompt ``(rows, eot, row ids)`` with ``T_i`` rows along ``axis`` (``[T_i, D]``; per-layer
+    states ``[L, T_i, D]`` with ``axis=1``) as one tensor ``[N, ...]`` padded to ``T`` along it (zero
+    rows after each prompt's own), ``eot [N]`` and ``ids [N, T]`` (-1 there)."""
+    length = max(max(r.shape[axis], eot + 1) for r, eot, _ in items)
+    shape = list(items[0][0].shape)
+    shape[axis] = length
+    hidden = items[0][0].new_zeros((len(items), *shape))
     ids = torch.full((len(items), length), -1, dtype=torch.long)
     for i, (rows, _, row_ids) in enumerate(items):
-        hidden[i, : rows.shape[0]] = rows
-        ids[i, : len(row_ids)] = torch.tensor(row_ids[: rows.shape[0]], dtype=torch.long)
+        hidden[i].narrow(axis, 0, rows.shape[axis]).copy_(rows)
+        ids[i, : len(row_ids)] = torch.tensor(row_ids[: rows.shape[axis]], dtype=torch.long)
     return hidden, torch.tensor([e for _, e, _ in items], dtype=torch.long), ids

@@ -344,9 +344,7 @@ def _one_window(clip: Any, text: str, input_name: str) -> dict[str, list[Any]]:
 def encode_text(clip: Any, text: str, input_name: str = "concept") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(cond [T, D] float32, pooled [1, P] or None)`` of one prompt through the user's CLIP (its
     layer choice, weights syntax, embeddings and patches), as CLIPTextEncode would encode it."""
-    out = clip.encode_from_tokens(_one_window(clip, text, input_name), return_pooled=True)
-    cond, pooled = out if isinstance(out, tuple) else (out, None)
-    return cond[0].float(), (pooled.float() if isinstance(pooled, torch.Tensor) else None)
+    return encode_text_layers(clip, text, input_name)[:2]
 
 
 
