@@ -159,11 +159,7 @@ def encode_causal_prefix(clip: Any, tokens: dict[str, list[list[Any]]]) -> torch
     row ``i`` sees only positions ``≤ i``. ComfyUI's own modules compute it (CLIP patches, layer
     choice, weights syntax, embeddings); only the position table is cut to ``L`` and the layers
     after the selected one (clip skip) are not run. Needs :func:`causal_towers`."""
-    model = clip.cond_stage_model
-    model.reset_clip_options()
-    if clip.layer_idx is not None:
-        model.set_clip_options({"layer": clip.layer_idx})
-    clip.load_model()
+    _prepare(clip)
     parts = [_tower_prefix(tower, tokens[name]) for name, tower in causal_towers(clip)]
     return torch.cat(parts, dim=-1).reshape(1, -1, sum(p.shape[-1] for p in parts))
 
@@ -174,14 +170,35 @@ def encode_causal_tree(clip: Any, tokens: dict[str, list[list[Any]]]) -> torch.T
     EOT (lengths differ), ``[N, L, D]`` zero after each prompt's end: each distinct prefix is
     computed once (``erasure_core.text.prefix_tree``) through ComfyUI's own layer modules (its
     projections, norms and MLP, CLIP patches included); only attention runs per node over its path."""
+    _prepare(clip)
+    parts = [_tower_tree(tower, PrefixTree.build([[tok[0] for tok in x] for x in tokens[name]]))
+             for name, tower in causal_towers(clip)]
+    return torch.cat(parts, dim=-1)
+
+
+def _prepare(clip: Any) -> None:
+    """The CLIP's layer choice set on its towers, as ``CLIP.encode_from_tokens`` sets it, and the model loaded."""
     model = clip.cond_stage_model
     model.reset_clip_options()
     if clip.layer_idx is not None:
         model.set_clip_options({"layer": clip.layer_idx})
     clip.load_model()
-    parts = [_tower_tree(tower, PrefixTree.build([[tok[0] for tok in x] for x in tokens[name]]))
-             for name, tower in causal_towers(clip)]
-    return torch.cat(parts, dim=-1)
+
+
+def _selected_layers(tower: Any) -> Any:
+    """The encoder layers a tower runs: through the selected one ("hidden", clip skip), else all."""
+    layers = tower.transformer.text_model.encoder.layers
+    last = len(layers) - 1
+    if tower.layer == "hidden":
+        last = tower.layer_idx + len(layers) if tower.layer_idx < 0 else tower.layer_idx
+    return layers[: last + 1]
+
+
+def _final(tower: Any, x: torch.Tensor) -> torch.Tensor:
+    """The final layer norm where the tower applies it (the last layer, or a normed hidden one)."""
+    if tower.layer == "last" or tower.layer_norm_hidden_state:
+        return tower.transformer.text_model.final_layer_norm(x)
+    return x
 
 
 def _tower_tree(tower: Any, tree: PrefixTree) -> torch.Tensor:
@@ -192,17 +209,11 @@ def _tower_tree(tower: Any, tree: PrefixTree) -> torch.Tensor:
     text_model = tower.transformer.text_model
     positions = comfy.ops.cast_to(text_model.embeddings.position_embedding.weight, dtype=torch.float32, device=x.device)
     x = x + positions[tree.positions.to(x.device)]
-    layers = text_model.encoder.layers
-    last = len(layers) - 1
-    if tower.layer == "hidden":
-        last = tower.layer_idx + len(layers) if tower.layer_idx < 0 else tower.layer_idx
-    for layer in layers[: last + 1]:
+    for layer in _selected_layers(tower):
         attn, h = layer.self_attn, layer.layer_norm1(x)
         x = x + attn.out_proj(tree_attention(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), tree, attn.heads))
         x = x + layer.mlp(layer.layer_norm2(x))
-    if tower.layer == "last" or tower.layer_norm_hidden_state:
-        x = text_model.final_layer_norm(x)
-    return tree.gather(x.float()).cpu()
+    return tree.gather(_final(tower, x).float()).cpu()
 
 
 def _tower_prefix(tower: Any, pairs: list[list[Any]]) -> torch.Tensor:
@@ -235,16 +246,10 @@ def _tower_forward(tower: Any, tokens: list[list[Any]]) -> torch.Tensor:
     if tower.enable_attention_masks:  # padding keys masked as well (after each EOT: unread rows)
         pad = 1.0 - attention_mask.to(x.dtype).reshape(len(tokens), 1, 1, length)
         mask = pad.masked_fill(pad.to(torch.bool), -torch.finfo(x.dtype).max) + mask
-    layers = text_model.encoder.layers
-    last = len(layers) - 1
-    if tower.layer == "hidden":
-        last = tower.layer_idx + len(layers) if tower.layer_idx < 0 else tower.layer_idx
     attention = comfy.clip_model.optimized_attention_for_device(x.device, mask=True, small_input=True)
-    for layer in layers[: last + 1]:
+    for layer in _selected_layers(tower):
         x = layer(x, mask, attention)
-    if tower.layer == "last" or tower.layer_norm_hidden_state:
-        x = text_model.final_layer_norm(x)
-    z = x.float()
+    z = _final(tower, x).float()
     if tower.zero_out_masked:
         z = z * attention_mask.unsqueeze(-1).float()
     return z
