@@ -134,20 +134,27 @@ class Reference:
                                      _execution_device=torch.device("cpu"))
 
 
-def reference_uce(ref: Reference, folder: str, targets: list[str]) -> Callable[[], None]:
+Job = tuple[Callable[[], object], Callable[[object], None]]
+"""``(prepare, run)``: ``prepare()`` builds what one run edits in place (off the clock), ``run`` is timed."""
+
+
+def reference_uce(ref: Reference, folder: str, targets: list[str]) -> Job:
     sys.path.insert(0, folder)
     import uce_sd_erase as u
     from diffusers import StableDiffusionPipeline
     u.device, u.torch_dtype = "cpu", torch.float32
 
-    def run() -> None:
+    def prepare() -> types.SimpleNamespace:
         pipe = ref.pipe()
         pipe.encode_prompt = types.MethodType(StableDiffusionPipeline.encode_prompt, pipe)
+        return pipe
+
+    def run(pipe) -> None:
         u.UCE(pipe, targets, [ANCHOR] * len(targets), [], 1.0, 1.0, 0.5, ref.out, "uce")
-    return run
+    return prepare, run
 
 
-def reference_speed(ref: Reference, folder: str, targets: list[str], priors: list[str]) -> Callable[[], None]:
+def reference_speed(ref: Reference, folder: str, targets: list[str], priors: list[str]) -> Job:
     sys.path.insert(0, folder)
     _stub_pandas()
     import train_erase_null as ten
@@ -157,12 +164,12 @@ def reference_speed(ref: Reference, folder: str, targets: list[str], priors: lis
     args = types.SimpleNamespace(params="V", aug_num=10, threshold=1e-4, retain_scale=0.05, lamb=0.0,
                                  disable_filter=True)
 
-    def run() -> None:
-        ten.edit_model(args, ref.pipe(), targets, [ANCHOR] * len(targets), priors, baseline="SPEED", device="cpu")
-    return run
+    def run(pipe) -> None:
+        ten.edit_model(args, pipe, targets, [ANCHOR] * len(targets), priors, baseline="SPEED", device="cpu")
+    return ref.pipe, run
 
 
-def reference_rece(ref: Reference, folder: str, targets: list[str], epochs: int, reg: float) -> Callable[[], None]:
+def reference_rece(ref: Reference, folder: str, targets: list[str], epochs: int, reg: float) -> Job:
     """Stage 1: ``erase_methods/train_uce.py``'s ``edit_model`` (its CLI defaults: replace, λ 0.5,
     erase 1, preserve 0.1 on the empty prompt); stage 2: train.py's loop without its image
     validation: per epoch ``close_form_emb_regzero`` per concept, then ``edit_model_adversarial``
@@ -178,8 +185,8 @@ def reference_rece(ref: Reference, folder: str, targets: list[str], epochs: int,
     adversarial = _load("rece_ref.erase_methods.uce", root / "erase_methods" / "uce.py")
     emb = _load("rece_ref.emb.close_form_emb", root / "utils" / "embedding_calculation" / "close_form_emb.py")
 
-    def run() -> None:
-        model, original = ref.pipe(), ref.pipe()
+    def run(pipes) -> None:
+        model, original = pipes
         model = train_uce.edit_model(model, targets, [ANCHOR] * len(targets), None, lamb=0.5, erase_scale=1.0,
                                      preserve_scale=0.1, technique="replace")
         for _ in range(epochs):
@@ -193,10 +200,10 @@ def reference_rece(ref: Reference, folder: str, targets: list[str], epochs: int,
                 adv.append(a[0])
             model = adversarial.edit_model_adversarial(model, adv, new, [" "] * len(targets), technique="replace",
                                                        preserve_scale=0.1, erase_scale=1.0, lamb=0.1)
-    return run
+    return (lambda: (ref.pipe(), ref.pipe())), run
 
 
-def ours(work: Work, sites, clip, targets, priors, rece_epochs: int, rece_reg: float) -> Callable[[], None]:
+def ours(work: Work, sites, clip, targets, priors, rece_epochs: int, rece_reg: float) -> Job:
     if work.needs == "uce":
         method, config = "uce", ec.make_config("uce", preset="current code (uce_sd_erase.py)")
     elif work.needs == "speed":
@@ -206,7 +213,12 @@ def ours(work: Work, sites, clip, targets, priors, rece_epochs: int, rece_reg: f
         config = ec.make_config("rece", epochs=rece_epochs, reg=rece_reg, preserve_bank=False, keep_erased=False,
                                 lamb=0.5)  # the paper's step and UCE start, as the reference runs them
     concepts = ec.ConceptSet.simple(targets, (ANCHOR,), priors)
-    return lambda: ec.erase(method, sites, concepts, clip, config)
+
+    def run(_) -> None:  # every weight's ΔW taken, as the references write every edited weight
+        patch = ec.erase(method, sites, concepts, clip, config)
+        for entry in patch.entries.values():
+            entry.dense()
+    return (lambda: None), run
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -265,8 +277,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         mine = ours(work, sites, clip, targets, priors, args.rece_epochs, args.rece_reg)
         pairs = []
         for i in range(args.repeats):
-            o = timed(mine)
-            r = timed(reference)
+            timings = {}
+            for side in ((mine, reference) if i % 2 == 0 else (reference, mine)):  # each side goes first in turn
+                prepare, run = side
+                state = prepare()
+                timings[id(side)] = timed(lambda run=run, state=state: run(state))
+            o, r = timings[id(mine)], timings[id(reference)]
             pairs.append((r, o))
             print(f"{work.key} pair {i}: reference {r[0]:.2f} s ({r[1]:.2f} CPU-s), ours {o[0]:.2f} s "
                   f"({o[1]:.2f} CPU-s), ratio {r[0] / o[0]:.1f}x, load {os.getloadavg()[0]:.1f}", flush=True)

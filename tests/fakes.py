@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Sequence
 
@@ -48,3 +49,10 @@ def tiny_sites(width: int = 32, d_outs: Sequence[int] = (16, 24, 16), seed: int 
 
 def edited_weight(site: AttentionSite, patch, strength: float = 1.0) -> torch.Tensor:
     return site.weight.double() + strength * patch[site.key].dense().double()
+
+
+class Payload:
+    """Rebuilding this would call os.system: what a malicious .pt file does."""
+
+    def __reduce__(self):
+        return (os.system, ("echo never",))

@@ -8,17 +8,11 @@ import os
 
 import pytest
 import torch
+from fakes import Payload
 from safetensors.torch import save_file
 
 from erasure_core import ErasureError
 from erasure_core.formats.eraser_files import open_eraser
-
-
-class Payload:
-    """Rebuilding this would call os.system: what a malicious .pt file does."""
-
-    def __reduce__(self):
-        return (os.system, ("echo should-never-run > /dev/null",))
 
 
 def test_safetensors_header_only_until_a_tensor_is_read(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ def _run(node_cls, **inputs):
         return node_cls.execute(**inputs).result
 
 
-def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
+def _erase_output(pack, model, clip, targets, anchors="", preserve="", **options):
+    """Closed-Form Erase's whole NodeOutput (result and ui) for these concepts."""
     from concept_erasure_pack.nodes.closed_form_erase import ClosedFormErase
     from concept_erasure_pack.nodes.load_concepts import LoadConcepts
 
@@ -25,7 +26,12 @@ def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
     defaults = {"method": "uce", "strength": 1.0, "token_pick": "last word + EOT + padding",
                 "erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.5,
                 "preserve_empty_prompt": True, "solve_dtype": "float64", "preserve_bank": False}
-    return _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, **(defaults | options))[:3]
+    with torch.inference_mode():
+        return ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, **(defaults | options))
+
+
+def _erase(pack, model, clip, targets, anchors="", preserve="", **options):
+    return _erase_output(pack, model, clip, targets, anchors, preserve, **options).result[:3]
 
 
 MANY = "; ".join(f"Painter {c}" for c in "ABCDEFGHJKLM")  # 12 x 77-row keys: a full-rank (dense) edit
@@ -225,15 +231,7 @@ def test_check_off_skips_the_measurement_and_leaves_the_edit_unchanged(pack, tin
     model, clip, _ = tiny_checkpoint
     _, on, report_on = _erase(pack, model, clip, "Van Gogh", "a painter")
     monkeypatch.setattr(node, "check_edit", lambda *a, **k: pytest.fail("the check ran although it is off"))
-    from concept_erasure_pack.nodes.load_concepts import LoadConcepts
-
-    (concepts,) = _run(LoadConcepts, targets="Van Gogh", anchors="a painter", preserve="", kind="generic",
-                       preset="none", file="none", templates="as given", custom_templates="")
-    with torch.inference_mode():
-        out = node.ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, method="uce", strength=1.0,
-                                           token_pick="last word + EOT + padding", erase_scale=1.0,
-                                           preserve_scale=0.1, lamb=0.5, preserve_empty_prompt=True,
-                                           solve_dtype="float64", preserve_bank=False, check=False)
+    out = _erase_output(pack, model, clip, "Van Gogh", "a painter", check=False)
     _, off, report_off, image = out.result
     assert "gap left on targets" in report_on and "gap left" not in report_off and node.CHECK_OFF in report_off
     assert out.ui["ce_report"][0]["bars"] == [] and node.CHECK_OFF in out.ui["ce_report"][0]["lines"]

@@ -10,15 +10,11 @@ import os
 import pytest
 import torch
 from comfy_stubs import FakeClip, FakePatcher, sd1_weights, site_key
+from fakes import Payload
 from safetensors.torch import save_file
 
 K = site_key("input_blocks.1.1", "k")
 V = site_key("output_blocks.3.1", "v")
-
-
-class Payload:
-    def __reduce__(self):
-        return (os.system, ("echo never",))
 
 
 def run(env, model, eraser, clip=None, **options):

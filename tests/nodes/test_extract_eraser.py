@@ -4,20 +4,15 @@ with that name where it is raised; the same files in Apply Eraser LoRA still bla
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 from comfy_stubs import PREFIX, FakePatcher, sd1_weights, site_key
+from fakes import Payload
 from safetensors.torch import save_file
 
 K = site_key("input_blocks.1.1", "k")
-
-
-class Payload:
-    def __reduce__(self):
-        return (os.system, ("echo never",))
 
 
 class SD15:
@@ -30,8 +25,32 @@ class SD1Patcher(FakePatcher):
         return SimpleNamespace(state_dict=lambda: self.weights, model_config=SD15())
 
 
-def _bad_files(folder, weights) -> dict[str, str]:
-    """One broken or unsuitable erased file per check, by name -> the words its error must say."""
+# one broken or unsuitable file per check: name -> (what Extract Eraser's error says, Apply Eraser LoRA's)
+BAD_FILES = {
+    "evil.pt": ("erased_file 'evil.pt' must hold only tensors", "eraser file 'evil.pt' must hold only tensors"),
+    "empty.pt": ("erased_file 'empty.pt' must contain weight tensors",
+                 "eraser file 'empty.pt' must contain weight tensors"),
+    "junk.safetensors": ("erased_file 'junk.safetensors' must be a readable safetensors file",
+                         "eraser file 'junk.safetensors' must be a readable safetensors file"),
+    "truncated.safetensors": ("erased_file 'truncated.safetensors' must be a readable safetensors file",
+                              "eraser file 'truncated.safetensors' must be a readable safetensors file"),
+    "odd.safetensors": ("erased_file 'odd.safetensors' must be an eraser in a known format",
+                        "eraser 'odd.safetensors' must be an eraser in a known format"),
+    "sdxl.safetensors": ("erased_file 'sdxl.safetensors' must be made for the connected SD1 model",
+                         "eraser 'sdxl.safetensors' must be made for the connected SD1 model"),
+    "unknown.safetensors": ("every UNet weight in the erased_file must exist in the connected SD1 model",
+                            "every UNet weight in the eraser must exist in the connected SD1 model"),
+    "narrow.safetensors": ("erased_file weights must have the connected model's shapes",
+                           "eraser weights must have the connected model's shapes"),
+    "nan.safetensors": ("erased_file 'nan.safetensors' must hold finite weights",
+                        "eraser file 'nan.safetensors' must hold finite weights"),
+}
+
+
+@pytest.fixture
+def bad_files(erasers):
+    """Every file of :data:`BAD_FILES` written to the erasers folder; gives the model's weights."""
+    folder, weights = erasers, sd1_weights()
     torch.save({"model." + K: weights[K], "x": Payload()}, folder / "evil.pt")
     torch.save({"epoch": 3}, folder / "empty.pt")
     (folder / "junk.safetensors").write_bytes(b"not a safetensors file")
@@ -44,51 +63,34 @@ def _bad_files(folder, weights) -> dict[str, str]:
     save_file({PREFIX + "input_blocks.9.9.weight": torch.zeros(2, 2)}, str(folder / "unknown.safetensors"))
     save_file({"model." + K: torch.zeros(4, 768)}, str(folder / "narrow.safetensors"))
     save_file({"model." + K: torch.full(weights[K].shape, float("nan"))}, str(folder / "nan.safetensors"))
-    return {  # name: (what Extract Eraser's error says, what Apply Eraser LoRA's says)
-        "evil.pt": ("erased_file 'evil.pt' must hold only tensors", "eraser file 'evil.pt' must hold only tensors"),
-        "empty.pt": ("erased_file 'empty.pt' must contain weight tensors",
-                     "eraser file 'empty.pt' must contain weight tensors"),
-        "junk.safetensors": ("erased_file 'junk.safetensors' must be a readable safetensors file",
-                             "eraser file 'junk.safetensors' must be a readable safetensors file"),
-        "truncated.safetensors": ("erased_file 'truncated.safetensors' must be a readable safetensors file",
-                                  "eraser file 'truncated.safetensors' must be a readable safetensors file"),
-        "odd.safetensors": ("erased_file 'odd.safetensors' must be an eraser in a known format",
-                            "eraser 'odd.safetensors' must be an eraser in a known format"),
-        "sdxl.safetensors": ("erased_file 'sdxl.safetensors' must be made for the connected SD1 model",
-                             "eraser 'sdxl.safetensors' must be made for the connected SD1 model"),
-        "unknown.safetensors": ("every UNet weight in the erased_file must exist in the connected SD1 model",
-                                "every UNet weight in the eraser must exist in the connected SD1 model"),
-        "narrow.safetensors": ("erased_file weights must have the connected model's shapes",
-                               "eraser weights must have the connected model's shapes"),
-        "nan.safetensors": ("erased_file 'nan.safetensors' must hold finite weights",
-                            "eraser file 'nan.safetensors' must hold finite weights"),
-    }
+    return weights
 
 
-def test_a_bad_erased_file_is_blamed_on_erased_file(stub_env, erasers):
-    weights = sd1_weights()
-    model = SD1Patcher(weights)
+def _refusal(stub_env, call):
+    with pytest.raises(stub_env.core.ErasureError) as caught:
+        call()
+    return caught.value, str(caught.value)
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_a_bad_erased_file_is_blamed_on_erased_file(stub_env, erasers, bad_files, name):
+    model = SD1Patcher(bad_files)
     node = stub_env.pack.nodes.extract_eraser.ExtractEraser
-    for name, (words, _) in _bad_files(erasers, weights).items():
-        with pytest.raises(stub_env.core.ErasureError) as caught:
-            node.execute(model=model, erased_file=name, max_rank=4, max_error=0.05, filename="out")
-        err, text = caught.value, str(caught.value)
-        assert err.input_name == "erased_file", (name, text)
-        assert text.startswith("Extract Eraser, input 'erased_file': ") and words in text, (name, text)
-        assert "eraser file" not in text and "input 'eraser'" not in text, (name, text)
+    err, text = _refusal(stub_env, lambda: node.execute(model=model, erased_file=name, max_rank=4, max_error=0.05,
+                                                        filename="out"))
+    assert err.input_name == "erased_file", (name, text)
+    assert text.startswith("Extract Eraser, input 'erased_file': ") and BAD_FILES[name][0] in text, (name, text)
+    assert "eraser file" not in text and "input 'eraser'" not in text, (name, text)
     assert not (erasers / "out.safetensors").exists() and model.patches == {}
 
 
-def test_the_same_files_in_apply_eraser_still_blame_eraser(stub_env, erasers):
-    weights = sd1_weights()
-    model = SD1Patcher(weights)
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_the_same_files_in_apply_eraser_still_blame_eraser(stub_env, bad_files, name):
     node = stub_env.pack.nodes.apply_eraser.ApplyEraserLoRA
-    for name, (_, words) in _bad_files(erasers, weights).items():
-        with pytest.raises(stub_env.core.ErasureError) as caught:
-            node.execute(model=model, clip=None, eraser=name, strength=1.0)
-        err, text = caught.value, str(caught.value)
-        assert err.input_name == "eraser" and text.startswith("Apply Eraser LoRA, input 'eraser': "), (name, text)
-        assert "erased_file" not in text and words in text, (name, text)
+    err, text = _refusal(stub_env, lambda: node.execute(model=SD1Patcher(bad_files), clip=None, eraser=name,
+                                                        strength=1.0))
+    assert err.input_name == "eraser" and text.startswith("Apply Eraser LoRA, input 'eraser': "), (name, text)
+    assert "erased_file" not in text and BAD_FILES[name][1] in text, (name, text)
 
 
 def test_a_mismatched_erased_model_is_blamed_on_erased_model(stub_env, erasers):
