@@ -26,3 +26,29 @@ def live_weight(model, key):
 
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     return comfy.utils.get_attr(model.model, key).detach().float().clone()
+
+
+# "cat" erased to "dog", measured in latent space (issue #13): prompts in no list (not preserved, not
+# in the bank, not a probe; tests/core/test_check.py checks the lists) and the reference pair
+UNRELATED = ("a red car on a street", "a bowl of fruit on a table", "a mountain lake at sunset",
+             "a portrait of an old man", "a city skyline at night")
+_REFERENCE = ("cat", "dog", "a photo of a cat", "a photo of a dog")
+
+
+def _mean_abs(a, b):
+    return (a - b).abs().mean().item()
+
+
+def originals(model, clip, cfgs):
+    """The original model's latents ``{(prompt, cfg): latent}`` for the reference and unrelated prompts."""
+    return {(p, c): sample(model, clip, p, cfg=c, steps=2) for c in cfgs for p in (*_REFERENCE, *UNRELATED)}
+
+
+def cat_to_dog(erased, clip, original, cfg):
+    """``(r, drifts)`` of an erased model at ``cfg``: r = how far erased "cat" is from the original "dog",
+    in units of the cat-dog gap; one drift per :data:`UNRELATED` prompt, in units of the
+    "a photo of a cat" - "a photo of a dog" gap (0 is best for both)."""
+    gap = _mean_abs(original["cat", cfg], original["dog", cfg])
+    unit = _mean_abs(original["a photo of a cat", cfg], original["a photo of a dog", cfg])
+    r = _mean_abs(sample(erased, clip, "cat", cfg=cfg, steps=2), original["dog", cfg]) / gap
+    return r, [_mean_abs(sample(erased, clip, p, cfg=cfg, steps=2), original[p, cfg]) / unit for p in UNRELATED]

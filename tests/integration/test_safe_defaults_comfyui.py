@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sampling import sample
+from sampling import cat_to_dog, originals
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 METHODS = ("uce", "speed", "rece", "mace", "realera")
 CFGS = (1.0, 7.0)
-# In no list: not preserved, not in the bank, not a probe (tests/core/test_check.py checks the lists)
-UNRELATED = ("a red car on a street", "a bowl of fruit on a table", "a mountain lake at sunset",
-             "a portrait of an old man", "a city skyline at night")
 # What each method reaches at its defaults on this checkpoint (measured; README "Safe by default").
 # (r bound, drift bound): r is the bound; drift is what the defaults reach, not yet 0.10.
 REACHED = {"uce": (0.1, 0.34),
@@ -32,10 +29,6 @@ REACHED = {"uce": (0.1, 0.34),
            "rece": (0.1, 0.64),
            "mace": (0.1, 0.50),
            "realera": (0.1, 0.42)}
-
-
-def _mean_abs(a, b):
-    return (a - b).abs().mean().item()
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +42,7 @@ def measured(pack, tiny_checkpoint):
         (concepts,) = LoadConcepts.execute(targets="cat", anchors="dog", preserve="", kind="generic", preset="none",
                                            file="none", templates="as given", custom_templates="").result
 
-    def run(m, prompt, cfg):
-        return sample(m, clip, prompt, cfg=cfg, steps=2)
-
-    original = {(p, c): run(model, p, c) for c in CFGS
-                for p in ("cat", "dog", "a photo of a cat", "a photo of a dog", *UNRELATED)}
+    original = originals(model, clip, CFGS)
     out = {}
 
     def measure(method):
@@ -64,10 +53,7 @@ def measured(pack, tiny_checkpoint):
                 erased = ClosedFormErase.execute(model=model, clip=clip, concepts=concepts, method=method,
                                                  **widgets).result[0]
             for cfg in CFGS:
-                gap = _mean_abs(original["cat", cfg], original["dog", cfg])
-                unit = _mean_abs(original["a photo of a cat", cfg], original["a photo of a dog", cfg])
-                r = _mean_abs(run(erased, "cat", cfg), original["dog", cfg]) / gap
-                drift = [_mean_abs(run(erased, p, cfg), original[p, cfg]) / unit for p in UNRELATED]
+                r, drift = cat_to_dog(erased, clip, original, cfg)
                 out[method, cfg] = (r, drift)
                 print(f"{method} cfg {cfg:g}: r {r:.3f}, drift {' '.join(f'{d:.3f}' for d in drift)}")
         return out
