@@ -10,8 +10,10 @@ Both sides get a seeded random SD1.4-shaped CLIP ViT-L/14 text encoder (the refe
 ``transformers.CLIPTextModel``, ours through our own ``ClipTextEncoder`` with the same shapes) and
 the 32 cross-attention K/V weights of a full-size SD1.4 UNet (random, as in
 ``bench_closed_form.py``), and the same synthetic concept names. Each work item runs ours and
-the reference alternately ``--repeats`` times in this one process; the table shows the median
-of each side and the median of the per-pair ratios (wall clock and CPU time). Edits are not
+the reference alternately ``--repeats`` times in this one process, each side first in turn; only
+the edit is on the clock (the fresh modules a reference edits in place are built before it), and
+ours takes every weight's ΔW, as the references write every edited weight. The table shows the
+median of each side and the median of the per-pair ratios (wall clock and CPU time). Edits are not
 compared here (the random CLIPs differ); tests/core compare our formulas with the references'.
 
 Stubs, none of which touches the math: the references' modules are imported with their
