@@ -11,7 +11,7 @@ import time
 from ..erasure_core import ConceptError, ErasureError, PatchSet
 from ..erasure_core.edit.adapters import BlockAdapters, parse_receler
 from ..erasure_core.formats.eraser_files import SAFE_EXTENSIONS, open_eraser
-from ..erasure_core.formats.eraser_formats import EraserFormat, EraserInfo, check_family, describe
+from ..erasure_core.formats.eraser_formats import EraserFormat, EraserInfo, check_family, describe, is_unet_key
 from ..erasure_core.gating.ft_gate import ft_gate
 from . import _comfy
 from ._report import Bar, report_ui
@@ -90,7 +90,7 @@ def apply_eraser(model, clip, info: EraserInfo, file, path: str, scale: float, r
         patched = _comfy.add_attn2_output_patch(model, BlockAdapters(blocks, scale, file.name))
         return patched, clip, f"{len(blocks)} attention-output adapters"
     if fmt == EraserFormat.UNET_WEIGHTS:
-        keys = [k for k in file if _is_unet_key(k, info)]
+        keys = [k for k in file if is_unet_key(k, info)]
         diff = _comfy.unet_file_differences(model, file, keys, info.naming, reference, progress)
         _, _, dtype_of = _comfy.unet_weight_reader(model)
         patched = _comfy.add_diff_patches(model, diff.deltas, scale, dtype_of) if diff.deltas else model
@@ -122,18 +122,6 @@ def apply_eraser(model, clip, info: EraserInfo, file, path: str, scale: float, r
 
 def _is_text_module(name: str) -> bool:
     return name.startswith(("lora_te", "text_encoder", "te.", "te1", "te2")) or "text_model" in name
-
-
-def _is_unet_key(key: str, info: EraserInfo) -> bool:
-    if info.naming is not None and info.naming.value == "diffusers":
-        if "transformer" in info.targets:  # a DiT's own state dict (Flux's transformer in diffusers names)
-            return _comfy.is_dit_diffusers_key(key)
-        return key.removeprefix("unet.").split(".")[0] in ("down_blocks", "mid_block", "up_blocks", "conv_in",
-                                                           "conv_out", "conv_norm_out", "time_embedding",
-                                                           "add_embedding")
-    bare = key.removeprefix("model.").removeprefix("diffusion_model.")
-    return key.startswith(("model.diffusion_model.", "diffusion_model.")) or bare.split(".")[0] in (
-        "input_blocks", "middle_block", "output_blocks", "time_embed", "out", "label_emb")
 
 
 class ApplyEraserLoRA(io.ComfyNode):

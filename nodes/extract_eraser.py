@@ -11,11 +11,10 @@ import time
 from ..erasure_core import ErasureError
 from ..erasure_core.edit.extract import extract_low_rank, weight_differences
 from ..erasure_core.formats.eraser_files import open_eraser
-from ..erasure_core.formats.eraser_formats import EraserFormat, check_family, describe
+from ..erasure_core.formats.eraser_formats import EraserFormat, check_family, describe, is_unet_key
 from . import _comfy
 from ._report import report_ui
 from ._schema import validation_message
-from .apply_eraser import _is_unet_key
 from .types import io
 
 logger = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ class ExtractEraser(io.ComfyNode):
                                    input_name="erased_file")
             check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'",
                          input_name="erased_file")
-            diff = _comfy.unet_file_differences(model, file, [k for k in file if _is_unet_key(k, info)],
+            diff = _comfy.unet_file_differences(model, file, [k for k in file if is_unet_key(k, info)],
                                                 info.naming, _comfy.DIFF_FROM_BASE, progress, for_patching=False,
                                                 input_name="erased_file")
             source = file.name

@@ -31,8 +31,8 @@ from enum import Enum
 
 from ..errors import ErasureError
 
-__all__ = ["EraserFormat", "EraserInfo", "Naming", "describe", "key_patterns", "model_family",
-           "check_family", "strip_text_encoder_prefix", "RECELER_BLOCK"]
+__all__ = ["EraserFormat", "EraserInfo", "Naming", "describe", "is_dit_diffusers_key", "is_unet_key", "key_patterns",
+           "model_family", "check_family", "strip_text_encoder_prefix", "RECELER_BLOCK"]
 
 
 class EraserFormat(str, Enum):
@@ -214,6 +214,23 @@ def _lora_targets(keys: list[str]) -> tuple[str, ...]:
     return tuple(t for t, on in (("unet", unet), ("text encoder", text)) if on)
 
 
+def is_dit_diffusers_key(key: str) -> bool:
+    """A DiT transformer's weight in diffusers names (``transformer_blocks.0.attn.to_q.weight``, with or
+    without ``transformer.``)."""
+    return key.removeprefix("transformer.").startswith(DIT_DIFFUSERS)
+
+
+def is_unet_key(key: str, info: EraserInfo) -> bool:
+    """Whether ``key`` of a file :func:`describe` read as ``info`` is a model (UNet or DiT) weight: by
+    the naming it found (diffusers' blocks, a DiT's transformer, or ComfyUI/LDM names)."""
+    if info.naming is Naming.DIFFUSERS:
+        if "transformer" in info.targets:  # a DiT's own state dict (Flux's transformer in diffusers names)
+            return is_dit_diffusers_key(key)
+        return key.removeprefix("unet.").startswith(_UNET_DIFFUSERS)
+    return key.startswith(_LDM_PREFIXES) or key.removeprefix("model.").removeprefix("diffusion_model.").startswith(
+        _UNET_LDM)
+
+
 def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
              config: Mapping[str, object] | None = None, *, name: str = "the file",
              input_name: str = "eraser") -> EraserInfo:
@@ -263,7 +280,7 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
 
     unet_diffusers = [k for k in keys if k.removeprefix("unet.").startswith(_UNET_DIFFUSERS)]
     unet_ldm = [k for k in keys if k.startswith(_LDM_PREFIXES) or k.startswith(_UNET_LDM)]
-    dit_diffusers = [k for k in keys if k.removeprefix("transformer.").startswith(DIT_DIFFUSERS)]
+    dit_diffusers = [k for k in keys if is_dit_diffusers_key(k)]
     if dit_diffusers and len(dit_diffusers) > max(len(unet_diffusers), len(unet_ldm)):
         notes = (f"{len(keys) - len(dit_diffusers)} non-transformer tensors ignored",) \
             if len(dit_diffusers) < len(keys) else ()

@@ -14,7 +14,6 @@ from .erasers import (  # noqa: F401
     _patch_key,
     add_attn2_output_patch,
     add_lora_patches,
-    is_dit_diffusers_key,
     lora_module_names,
     lora_patches,
     receler_blocks,

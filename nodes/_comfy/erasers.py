@@ -21,7 +21,7 @@ from ...erasure_core.edit.adapters import Adapter
 from ...erasure_core.edit.extract import KeyPart, WeightDiff, fused_pairs, weight_differences
 from ...erasure_core.errors import ErasureError
 from ...erasure_core.formats.eraser_files import EraserFile
-from ...erasure_core.formats.eraser_formats import DIT_DIFFUSERS, Naming, strip_text_encoder_prefix
+from ...erasure_core.formats.eraser_formats import Naming, is_dit_diffusers_key, strip_text_encoder_prefix
 from .runtime import UNET_PREFIX, model_family_of
 from .weights import _arriving_loader, _base_loader, _store_dtype
 
@@ -123,10 +123,6 @@ def dit_diffusers_parts(model: Any, keys: Sequence[str], *, input_name: str = "e
             f"{len(unknown)} of {len(keys)} do not (first: '{unknown[0]}'). The {input_name} was made for another "
             "architecture or size; pick the one for this model.", input_name=input_name)
     return parts
-
-
-def is_dit_diffusers_key(key: str) -> bool:
-    return key.removeprefix("transformer.").startswith(DIT_DIFFUSERS)
 
 
 def unet_file_differences(model: Any, file: EraserFile, keys: Sequence[str], naming: Naming | None, reference: str,

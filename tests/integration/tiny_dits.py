@@ -50,14 +50,26 @@ def _seeded(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def tiny_t5(**kw: Any):
-    import comfy.sd1_clip
+def _t5_options(config: str = "t5_config_xxl.json", name: str = "t5xxl", end: int = 1, pad: int = 0,
+                widths: dict | None = None, masked: bool = False, return_attention_masks: bool | None = None,
+                zero_out_masked: bool = False) -> dict[str, Any]:
+    """``SDClipModel`` arguments of a tiny T5 (Flux's, SD3's and Chroma's T5-XXL by default, padding
+    read unmasked; ``masked``: padding masked out of attention, the mask returned unless told not to:
+    HiDream's, LTX-Video's, AuraFlow's Pile-T5, WAN's UMT5)."""
     import comfy.text_encoders.t5
 
-    return comfy.sd1_clip.SDClipModel(textmodel_json_config=_json("t5_config_xxl.json", **T5), dtype=torch.float32,
-                                      special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                                      enable_attention_masks=False, return_attention_masks=False,
-                                      model_options={"model_name": "t5xxl"}, **kw)
+    return {"textmodel_json_config": _json(config, **(widths or T5)), "dtype": torch.float32,
+            "special_tokens": {"end": end, "pad": pad}, "model_class": comfy.text_encoders.t5.T5,
+            "enable_attention_masks": masked,
+            "return_attention_masks": masked if return_attention_masks is None else return_attention_masks,
+            "zero_out_masked": zero_out_masked, "model_options": {"model_name": name}}
+
+
+def tiny_t5(*, device: str = "cpu", **options: Any):
+    """A tiny T5 tower (options: :func:`_t5_options`)."""
+    import comfy.sd1_clip
+
+    return comfy.sd1_clip.SDClipModel(device=device, **_t5_options(**options))
 
 
 def tiny_clip(num_layers: int = 2, **kw: Any):
@@ -111,21 +123,32 @@ def sd3_clip(seed: int = SEED):
     return make_clip(TinySD3Clip, sd3.SD3Tokenizer, seed)
 
 
+def _tiny_llm(base: type, config: Any, **extra: Any) -> type:
+    """ComfyUI's language model ``base`` (Llama, Qwen2.5-VL, Gemma 2) holding a tiny ``config``'s layers;
+    ``extra`` attributes set on each instance (Qwen's absent vision tower)."""
+    import comfy.text_encoders.llama as llama
+
+    class Tiny(base):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+            for name, value in extra.items():
+                setattr(self, name, value)
+
+    return Tiny
+
+
 def qwen_clip(seed: int = SEED):
     import comfy.sd1_clip
     import comfy.text_encoders.llama as llama
     import comfy.text_encoders.qwen_image as qi
 
-    class TinyQwen25(llama.Qwen25_7BVLI):
-        def __init__(self, config_dict, dtype, device, operations):
-            torch.nn.Module.__init__(self)
-            config = llama.Qwen25_7BVLI_Config(vocab_size=152064, hidden_size=32, intermediate_size=64,
-                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-            config.head_dim, config.rope_dims = 8, [2, 1, 1]
-            self.num_layers = config.num_hidden_layers
-            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
-            self.visual = None  # the vision tower reads images only
-            self.dtype = dtype
+    config = llama.Qwen25_7BVLI_Config(vocab_size=152064, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config.head_dim, config.rope_dims = 8, [2, 1, 1]
+    TinyQwen25 = _tiny_llm(llama.Qwen25_7BVLI, config, visual=None)  # the vision tower reads images only
 
     class TinyQwenModel(qi.Qwen25_7BVLIModel):
         def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
@@ -150,17 +173,12 @@ def chroma_clip(seed: int = SEED):
 
     class TinyT5(pixart.T5XXLModel):
         def __init__(self, device="cpu", dtype=None, model_options=None, **kw):
-            comfy.sd1_clip.SDClipModel.__init__(
-                self, device=device, textmodel_json_config=_json("t5_config_xxl.json", **T5), dtype=torch.float32,
-                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                enable_attention_masks=False, return_attention_masks=False, model_options={"model_name": "t5xxl"})
+            comfy.sd1_clip.SDClipModel.__init__(self, device=device, **_t5_options())
 
     class TinyChromaTE(pixart.PixArtT5XXL):
         def __init__(self, device="cpu", dtype=None, model_options=None):
             comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="t5xxl",
                                                  clip_model=TinyT5)
-
-    import comfy.text_encoders.t5
 
     return make_clip(TinyChromaTE, pixart.PixArtTokenizer, seed)
 
@@ -188,15 +206,10 @@ def lumina_clip(seed: int = SEED):
     import comfy.text_encoders.llama as llama
     import comfy.text_encoders.lumina2 as lumina
 
-    class TinyGemma(llama.Gemma2_2B):
-        def __init__(self, config_dict, dtype, device, operations):
-            torch.nn.Module.__init__(self)
-            config = llama.Gemma2_2B_Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                            num_attention_heads=4, num_key_value_heads=2)
-            config.head_dim = 8
-            self.num_layers = config.num_hidden_layers
-            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
-            self.dtype = dtype
+    config = llama.Gemma2_2B_Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    config.head_dim = 8
+    TinyGemma = _tiny_llm(llama.Gemma2_2B, config)
 
     class TinyGemmaModel(lumina.Gemma2_2BModel):
         def __init__(self, device="cpu", layer="hidden", layer_idx=-2, dtype=None, attention_mask=True,
@@ -212,6 +225,15 @@ def lumina_clip(seed: int = SEED):
 
     return make_clip(TinyLuminaTE, lumina.LuminaTokenizer, seed,
                      {"spiece_model": torch.ByteTensor(list(gemma_tokenizer_model()))})
+
+
+def build_dit(cls: type, widths: dict[str, Any], seed: int = SEED):
+    """ComfyUI's DiT class ``cls`` at ``widths``, built on the meta device and loaded by :func:`load_dit`."""
+    import comfy.ops
+
+    with torch.device("meta"):
+        module = cls(operations=comfy.ops.disable_weight_init, **widths)
+    return load_dit(module, widths, seed)
 
 
 def load_dit(module: torch.nn.Module, widths: dict[str, Any], seed: int = SEED):
@@ -233,38 +255,29 @@ def load_dit(module: torch.nn.Module, widths: dict[str, Any], seed: int = SEED):
 
 def flux(seed: int = SEED, **overrides: Any):
     import comfy.ldm.flux.model
-    import comfy.ops
 
     widths = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64,
               "mlp_ratio": 2.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
               "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True} | overrides
-    with torch.device("meta"):
-        module = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(comfy.ldm.flux.model.Flux, widths, seed)
 
 
 def sd3(seed: int = SEED):
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
-    import comfy.ops
 
     widths = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 64,
               "pos_embed_max_size": 8, "num_patches": 64, "input_size": None,
               "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096,
                                                                                    "out_features": 128}}}
-    with torch.device("meta"):
-        module = mmdit.OpenAISignatureMMDITWrapper(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(mmdit.OpenAISignatureMMDITWrapper, widths, seed)
 
 
 def qwen_image(seed: int = SEED):
     import comfy.ldm.qwen_image.model as qm
-    import comfy.ops
 
     widths = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1, "attention_head_dim": 16,
               "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (4, 6, 6)}
-    with torch.device("meta"):
-        module = qm.QwenImageTransformer2DModel(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(qm.QwenImageTransformer2DModel, widths, seed)
 
 
 def chroma(seed: int = SEED):
@@ -274,9 +287,7 @@ def chroma(seed: int = SEED):
     widths = {"in_channels": 64, "out_channels": 64, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0,
               "num_heads": 4, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000,
               "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 1}
-    with torch.device("meta"):
-        module = comfy.ldm.chroma.model.Chroma(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(comfy.ldm.chroma.model.Chroma, widths, seed)
 
 
 def lumina2(seed: int = SEED):
@@ -285,9 +296,7 @@ def lumina2(seed: int = SEED):
 
     widths = {"patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1, "n_refiner_layers": 1, "n_heads": 4,
               "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [4, 6, 6], "axes_lens": [300, 64, 64]}
-    with torch.device("meta"):
-        module = comfy.ldm.lumina.model.NextDiT(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(comfy.ldm.lumina.model.NextDiT, widths, seed)
 
 
 LLAMA_WORDS = ("a photo of the cat dog red car van gogh painter monet zebra house tree in on with and painting by style "
@@ -334,32 +343,26 @@ HIDREAM_LLAMA_LAYERS = [0, 2, 2]  # 3 per-layer states (ComfyUI drops the embedd
 _TOKENIZER_DIR: Any = None  # one temporary folder per test process, removed at exit
 
 
-def hidream_clip(seed: int = SEED, tokenizer_folder: str | None = None):
+def hidream_clip(seed: int = SEED):
     """ComfyUI's HiDream text encoder (CLIP-L + CLIP-G pooled, T5 rows, Llama's per-layer states) with tiny
     towers and ComfyUI's own tokenizers, its Llama tokenizer pointed at :func:`llama_tokenizer_dir` (in a
-    temporary folder unless ``tokenizer_folder`` is given)."""
+    temporary folder made once per process)."""
     import tempfile
 
     global _TOKENIZER_DIR
-    if tokenizer_folder is None:
-        if _TOKENIZER_DIR is None:
-            _TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="ce_llama_tokenizer_")
-            llama_tokenizer_dir(_TOKENIZER_DIR.name)
-        tokenizer_folder = _TOKENIZER_DIR.name
+    if _TOKENIZER_DIR is None:
+        _TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="ce_llama_tokenizer_")
+        llama_tokenizer_dir(_TOKENIZER_DIR.name)
+    tokenizer_folder = _TOKENIZER_DIR.name
     import comfy.sd1_clip
     import comfy.text_encoders.hidream as hd
     import comfy.text_encoders.hunyuan_video as hv
     import comfy.text_encoders.llama as llama
     from transformers import LlamaTokenizerFast
 
-    class TinyLlama(llama.Llama2):
-        def __init__(self, config_dict, dtype, device, operations):
-            torch.nn.Module.__init__(self)
-            config = llama.Llama2Config(vocab_size=128256, **HIDREAM_LLAMA)
-            config.head_dim = 12
-            self.num_layers = config.num_hidden_layers
-            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
-            self.dtype = dtype
+    config = llama.Llama2Config(vocab_size=128256, **HIDREAM_LLAMA)
+    config.head_dim = 12
+    TinyLlama = _tiny_llm(llama.Llama2, config)
 
     class TinyLlamaModel(hv.LLAMAModel):
         def __init__(self):
@@ -374,7 +377,7 @@ def hidream_clip(seed: int = SEED, tokenizer_folder: str | None = None):
             self.clip_l = tiny_clip(return_projected_pooled=True)
             self.clip_g = tiny_clip(layer="hidden", layer_idx=-2, layer_norm_hidden_state=False,
                                     return_projected_pooled=True, num_layers=3)
-            self.t5xxl = _tiny_t5_masked()
+            self.t5xxl = tiny_t5(masked=True)
             self.llama = TinyLlamaModel()
             self.dtypes = {torch.float32}
 
@@ -394,33 +397,16 @@ def hidream_clip(seed: int = SEED, tokenizer_folder: str | None = None):
     return make_clip(TinyHiDreamTE, TinyHiDreamTokenizer, seed)
 
 
-def _tiny_t5_masked(config: str = "t5_config_xxl.json", name: str = "t5xxl", end: int = 1, pad: int = 0,
-                    widths: dict | None = None, return_attention_masks: bool = True, zero_out_masked: bool = False):
-    """A tiny T5 with padding masked out of its attention (HiDream's and LTX-Video's T5-XXL by default;
-    AuraFlow's Pile-T5 and WAN's UMT5 with their config and ids, masked rows zeroed, no mask returned)."""
-    import comfy.sd1_clip
-    import comfy.text_encoders.t5
-
-    return comfy.sd1_clip.SDClipModel(textmodel_json_config=_json(config, **(widths or T5)), dtype=torch.float32,
-                                      special_tokens={"end": end, "pad": pad}, model_class=comfy.text_encoders.t5.T5,
-                                      enable_attention_masks=True, return_attention_masks=return_attention_masks,
-                                      zero_out_masked=zero_out_masked,
-                                      model_options={"model_name": name})
-
-
 def hidream(seed: int = SEED):
     """Tiny HiDream: 1 double + 2 single blocks, 4 caption projections (Llama layers 0, 2, 2; then T5 32
     wide), pooled CLIP-L ⊕ G 64 wide, 2 routed experts."""
     import comfy.ldm.hidream.model as hm
-    import comfy.ops
 
     widths = {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1, "num_single_layers": 2,
               "attention_head_dim": 16, "num_attention_heads": 2, "caption_channels": [T5["d_model"], 48],
               "text_emb_dim": 2 * CLIP["projection_dim"], "num_routed_experts": 2, "num_activated_experts": 1,
               "axes_dims_rope": [8, 4, 4], "max_resolution": [16, 16], "llama_layers": HIDREAM_LLAMA_LAYERS}
-    with torch.device("meta"):
-        module = hm.HiDreamImageTransformer2DModel(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(hm.HiDreamImageTransformer2DModel, widths, seed)
 
 
 AURA_T5 = T5 | {"d_model": 2048}  # ComfyUI's AuraFlow config requires cond_seq_dim 2048 (Pile-T5-XL's width)
@@ -434,7 +420,7 @@ def aura_clip(seed: int = SEED):
     import comfy.text_encoders.aura_t5 as aura
 
     def tiny_pile_t5(**kw):  # ComfyUI's PT5XlModel with a tiny config
-        return _tiny_t5_masked("t5_pile_config_xl.json", "pile_t5xl", end=2, pad=1, widths=AURA_T5,
+        return tiny_t5(config="t5_pile_config_xl.json", name="pile_t5xl", end=2, pad=1, widths=AURA_T5, masked=True,
                                return_attention_masks=False, zero_out_masked=True)
 
     class TinyAuraTE(aura.AuraT5Model):
@@ -448,14 +434,11 @@ def aura_clip(seed: int = SEED):
 def auraflow(seed: int = SEED):
     """Tiny AuraFlow: 1 double + 1 single layer, 64 wide (``cond_seq_linear`` 64×2048)."""
     import comfy.ldm.aura.mmdit as am
-    import comfy.ops
 
     widths = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 2, "n_double_layers": 1,
               "n_heads": 4, "global_conddim": 64, "cond_seq_dim": AURA_T5["d_model"],
               "max_seq": 64}
-    with torch.device("meta"):
-        module = am.MMDiT(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(am.MMDiT, widths, seed)
 
 
 def pixart_clip(seed: int = SEED):
@@ -483,7 +466,7 @@ def wan_clip(seed: int = SEED):
     import comfy.text_encoders.wan as wan
 
     def tiny_umt5(**kw):  # ComfyUI's UMT5XXlModel with a tiny config
-        return _tiny_t5_masked("umt5_config_xxl.json", "umt5xxl", widths=T5 | {"vocab_size": 256384},
+        return tiny_t5(config="umt5_config_xxl.json", name="umt5xxl", widths=T5 | {"vocab_size": 256384}, masked=True,
                                return_attention_masks=False, zero_out_masked=True)
 
     class TinyWanTE(wan.WanT5Model):
@@ -498,13 +481,10 @@ def wan_clip(seed: int = SEED):
 def wan21(seed: int = SEED):
     """Tiny WAN 2.1 text-to-video: 1 block, 64 wide, 4 heads, text 32 wide (``text_embedding.0`` 64×32)."""
     import comfy.ldm.wan.model as wm
-    import comfy.ops
 
     widths = {"model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16, "dim": 64, "ffn_dim": 128,
               "freq_dim": 256, "text_dim": T5["d_model"], "out_dim": 16, "num_heads": 4, "num_layers": 1}
-    with torch.device("meta"):
-        module = wm.WanModel(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(wm.WanModel, widths, seed)
 
 
 def ltxv_clip(seed: int = SEED):
@@ -517,7 +497,7 @@ def ltxv_clip(seed: int = SEED):
     class TinyLTXVTE(genmo.MochiT5XXL):
         def __init__(self, device="cpu", dtype=None, model_options=None):
             comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=torch.float32, name="t5xxl",
-                                                 clip_model=lambda **kw: _tiny_t5_masked())
+                                                 clip_model=lambda **kw: tiny_t5(masked=True))
 
     return make_clip(TinyLTXVTE, lt.LTXVT5Tokenizer, seed)
 
@@ -525,10 +505,7 @@ def ltxv_clip(seed: int = SEED):
 def ltxv(seed: int = SEED):
     """Tiny LTX-Video: 1 block, 4 heads × 16, captions 32 wide (``caption_projection.linear_1`` 64×32)."""
     import comfy.ldm.lightricks.model as lm
-    import comfy.ops
 
     widths = {"in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 16, "num_attention_heads": 4,
               "caption_channels": T5["d_model"], "num_layers": 1}
-    with torch.device("meta"):
-        module = lm.LTXVModel(operations=comfy.ops.disable_weight_init, **widths)
-    return load_dit(module, widths, seed)
+    return build_dit(lm.LTXVModel, widths, seed)
