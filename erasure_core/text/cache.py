@@ -239,22 +239,38 @@ class CachedEncoder:
         )
 
 
+FINITE_CHUNK = 64 << 20  # bytes of cached rows checked per copy: bounded memory for HiDream's per-layer states
+
+
 def _not_finite(entries: dict[str, torch.Tensor], texts: list[str], rows: str,
                 layered: AbstractSet[str] = frozenset()) -> list[str]:
-    """The ``texts`` whose cached rows (main and per-layer) hold a non-finite value, in one check over
-    all of them:
-    on a busy CPU every multi-threaded op over a prompt's rows costs milliseconds of thread
-    wake-ups, so two ops per prompt (45 bank prompts: 90) cost more than the read itself."""
-    if not texts:
-        return []
-    parts = [[_entry(entries, k, rows), *(entries[k + _LAYERS + n] for n in layered)] for k in map(_key, texts)]
-    flat = torch.cat([p.reshape(-1) for ps in parts for p in ps])  # one copy, one check, one reduction per prompt
+    """The ``texts`` whose cached rows (main and per-layer) hold a non-finite value, a group of prompts
+    (up to :data:`FINITE_CHUNK` bytes) per check: on a busy CPU every multi-threaded op over a prompt's
+    rows costs milliseconds of thread wake-ups, so two ops per prompt (45 bank prompts: 90) cost more
+    than the read itself, while one copy of every prompt would cost HiDream's ~64 MiB each at once."""
+    bad: list[str] = []
+    group: list[tuple[str, list[torch.Tensor]]] = []
+    size = 0
+    for i, text in enumerate(texts):
+        key = _key(text)
+        parts = [_entry(entries, key, rows), *(entries[key + _LAYERS + n] for n in layered)]
+        group.append((text, parts))
+        size += sum(p.numel() * p.element_size() for p in parts)
+        if size >= FINITE_CHUNK or i == len(texts) - 1:
+            bad += _bad_in(group)
+            group, size = [], 0
+    return bad
+
+
+def _bad_in(group: list[tuple[str, list[torch.Tensor]]]) -> list[str]:
+    """The prompts of ``group`` with a non-finite value: one copy and one sum; per prompt only then."""
+    flat = torch.cat([p.reshape(-1) for _, parts in group for p in parts])
     if all_finite(flat):
         return []
     bad = ~torch.isfinite(flat)
-    ends = torch.tensor([sum(p.numel() for p in ps) for ps in parts]).cumsum(0).tolist()
+    ends = torch.tensor([sum(p.numel() for p in parts) for _, parts in group]).cumsum(0).tolist()
     starts = [0, *ends[:-1]]
-    return [t for t, a, b in zip(texts, starts, ends, strict=True) if bool(bad[a:b].any())]
+    return [t for (t, _), a, b in zip(group, starts, ends, strict=True) if bool(bad[a:b].any())]
 
 
 def _layer_states(entries: dict[str, torch.Tensor], keys: list[str], name: str, short: bool) -> LayerStates:

@@ -81,10 +81,24 @@ def unet_weight_differences(model: Any, file: EraserFile, pairs: Sequence[tuple[
     read = _arriving_loader(model, UNET_PREFIX) if reference == DIFF_FROM_ARRIVING else read_base
     keep = (lambda key: _store_dtype(dtype_of(key))) if for_patching else None
     read_file = file.__getitem__
-    if parts is not None:
+    if parts is not None:  # each fused weight is read to fill the rows the file lacks, then differenced: once
+        read = _last_read(read)
         pairs, read_file = fused_pairs(parts, file.__getitem__, read, shapes, input_name=input_name)
     return weight_differences(pairs or [], read_file, read, shapes, model_dtype=dtype_of, delta_dtype=keep,
                               progress=progress, input_name=input_name)
+
+
+def _last_read(read: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """``read`` that keeps its last result: a key read twice in a row is read once (callers don't mutate it)."""
+    last: dict[str, torch.Tensor] = {}
+
+    def cached(key: str) -> torch.Tensor:
+        if key not in last:
+            last.clear()
+            last[key] = read(key)
+        return last[key]
+
+    return cached
 
 
 _UNET_FAMILIES = ("SD1", "SD2", "SDXL")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from fakes import tiny_encoder
 
@@ -234,3 +235,20 @@ def test_a_fully_cached_request_with_repeats_returns_every_occurrence(tmp_path):
                                        rtol=0, atol=0)
             assert out.texts == tuple(texts)
     assert inner.calls == [["a cat", "a dog"]]
+
+
+@pytest.mark.parametrize("chunk", [1 << 30, 1])  # every prompt in one check / one prompt per check
+def test_only_the_cached_prompt_with_a_nan_row_is_encoded_again(tmp_path, monkeypatch, chunk):
+    from safetensors.torch import load_file, save_file
+
+    from erasure_core.text import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "FINITE_CHUNK", chunk)
+    inner = Counting()
+    CachedEncoder(inner, tmp_path, "fp")(["a", "b", "c"])
+    entries = load_file(tmp_path / "fp.safetensors")
+    bad = next(k for k in entries if k.endswith(".hidden") and k.startswith(cache_module._key("b")))
+    entries[bad][0, 0] = float("nan")
+    save_file(entries, tmp_path / "fp.safetensors")
+    out = CachedEncoder(inner, tmp_path, "fp")(["a", "b", "c"])
+    assert inner.calls[-1] == ["b"] and bool(torch.isfinite(out.hidden).all())
