@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
 from erasure_core.concepts import normalise  # noqa: E402
+from erasure_core.edit.linalg import forget_grams  # noqa: E402
 from erasure_core.methods.closed_form import preserve_list  # noqa: E402
 from erasure_core.text.clip import BPETokenizer, ClipTextEncoder, find_merges_file  # noqa: E402
 from erasure_core.text.encoded import EncodedText, TokenPick  # noqa: E402
@@ -330,6 +331,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     patch_mib = 0.0
     for _ in range(case["repeats"]):
         encoder.reset()
+        forget_grams()  # every repeat a first run: no Gram remembered from the last (linalg.gram)
         _trim_heap()
         cpu0, t0 = time.process_time(), time.perf_counter()
         patch = ec.erase(variant.method, sites, concepts, encoder, config)

@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     _import_pack()
     from bench_closed_form import ANCHOR, concept_names
+    from concept_erasure_pack.erasure_core.edit.linalg import forget_grams  # the memo the node uses
 
     from erasure_core import ConceptSet
     from erasure_core.methods.closed_form import preserve_list
@@ -189,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 loads.append(os.getloadavg()[0])
                 with tempfile.TemporaryDirectory() as user:
                     folder_paths.set_user_directory(user)  # an empty encoding cache
+                    forget_grams()  # and no Gram remembered from the last repeat (linalg.gram)
                     seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick, settings, check)
                     cold.append(seconds)
                     parts.append(_breakdown(report, lines))

@@ -43,6 +43,7 @@ from bench_closed_form import ANCHOR, concept_names, model_sites  # noqa: E402
 from timing import timed  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
+from erasure_core.edit.linalg import forget_grams  # noqa: E402
 from erasure_core.text.clip import BPETokenizer, ClipTextEncoder  # noqa: E402
 
 
@@ -217,6 +218,7 @@ def ours(work: Work, sites, clip, targets, priors, rece_epochs: int, rece_reg: f
     concepts = ec.ConceptSet.simple(targets, (ANCHOR,), priors)
 
     def run(_) -> None:  # every weight's ΔW taken, as the references write every edited weight
+        forget_grams()  # a first run: the references remember nothing between runs
         patch = ec.erase(method, sites, concepts, clip, config)
         for entry in patch.entries.values():
             entry.dense()

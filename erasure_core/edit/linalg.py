@@ -27,7 +27,7 @@ import torch
 from ..errors import NumericalError
 from ..numeric import all_finite
 
-__all__ = ["RightMultiplier", "wide", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
+__all__ = ["RightMultiplier", "forget_grams", "wide", "anchored_multiplier_from_grams", "anchored_right_multiplier", "check_finite",
            "compact", "cross_gram", "factor_square", "full_multiplier", "gram", "kmeans",
            "least_amplified_direction", "low_eigen_projector", "low_eigen_projector_of_rows",
            "ridge_preimage_rows", "solve_right", "check_scalars", "check_gram_finite"]
@@ -91,6 +91,11 @@ class _GramMemo:
     def _size(*tensors: torch.Tensor) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
     def get(self, rows: torch.Tensor, dtype: torch.dtype, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         # CPU only: on a GPU the product costs a millisecond, and held copies would be device memory
         # outside ComfyUI's management
@@ -118,6 +123,11 @@ class _GramMemo:
 
 MEMO_BYTES = 256 << 20
 _MEMO = _GramMemo(limit=MEMO_BYTES, smallest=4 << 20)  # rows of 4-64 MiB: SD-sized keys and weight stacks
+
+
+def forget_grams() -> None:
+    """Drop every remembered Gram (benchmarks timing a first run; a caller freeing memory)."""
+    _MEMO.clear()
 
 
 def cross_gram(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
