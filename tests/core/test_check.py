@@ -31,15 +31,32 @@ def _random_patch(sites, low_rank: bool | str) -> PatchSet:
     return PatchSet(entries, {})
 
 
+def _edited(sites, patch, strength):
+    return [edited_weight(s, patch, strength) if s.key in patch.entries else s.weight.double() for s in sites]
+
+
+def _gap(sites, encoder, target, anchor):
+    """``‖(X_e − X_a) Wᵀ‖`` over every site, straight from the weights."""
+    enc = encoder([target, anchor])
+    d = (enc.hidden[0] - enc.hidden[1]).double()
+    return math.sqrt(sum((d @ s.weight.double().T).pow(2).sum().item() for s in sites))
+
+
+def _moved(sites, patch, encoder, prompt, strength):
+    """``‖X (W' − W)ᵀ‖`` over every site."""
+    x = encoder([prompt]).hidden[0].double()
+    return math.sqrt(sum((x @ (w1 - s.weight.double()).T).pow(2).sum().item()
+                         for s, w1 in zip(sites, _edited(sites, patch, strength), strict=True)))
+
+
 def _brute(sites, patch, encoder, target, anchor, prompt, strength):
-    enc = encoder([target, anchor, prompt])
-    x_e, x_a, x_p = (enc.hidden[i].double() for i in range(3))
-    w0 = [s.weight.double() for s in sites]
-    w1 = [edited_weight(s, patch, strength) if s.key in patch.entries else w for s, w in zip(sites, w0, strict=True)]
-    gap = math.sqrt(sum(((x_e - x_a) @ w.T).pow(2).sum().item() for w in w0))
-    left = math.sqrt(sum((x_e @ b.T - x_a @ a.T).pow(2).sum().item() for a, b in zip(w0, w1, strict=True)))
-    drift = math.sqrt(sum((x_p @ (b - a).T).pow(2).sum().item() for a, b in zip(w0, w1, strict=True)))
-    return left / gap, drift / gap
+    enc = encoder([target, anchor])
+    x_e, x_a = (enc.hidden[i].double() for i in range(2))
+    w1 = _edited(sites, patch, strength)
+    gap = _gap(sites, encoder, target, anchor)
+    left = math.sqrt(sum((x_e @ b.T - x_a @ s.weight.double().T).pow(2).sum().item()
+                         for s, b in zip(sites, w1, strict=True)))
+    return left / gap, _moved(sites, patch, encoder, prompt, strength) / gap
 
 
 @pytest.mark.parametrize("low_rank", [True, "shared", False])
@@ -116,11 +133,7 @@ def test_a_shared_multiplier_patch_gives_the_per_site_sums(sites, encoder, names
     check = check_edit(sites, patch, concepts, encoder, ["a red car"], strength=strength, probes=["a house"])
     for name, value in check.targets:
         assert value == pytest.approx(_brute(sites, patch, encoder, name, "dog", "", strength)[0], rel=1e-4)
-    gaps = [math.sqrt(sum(((enc.hidden[0] - enc.hidden[1]).double() @ s.weight.double().T).pow(2).sum().item()
-                          for s in sites)) for enc in (encoder([n, "dog"]) for n in names)]
+    gaps = [_gap(sites, encoder, n, "dog") for n in names]
     unit = math.sqrt(sum(g * g for g in gaps) / len(gaps))
     for prompt, value in (*check.preserved, *check.probes):
-        x = encoder([prompt]).hidden[0].double()
-        moved = math.sqrt(sum((x @ (edited_weight(s, patch, strength) - s.weight.double()).T).pow(2).sum().item()
-                              for s in sites))
-        assert value == pytest.approx(moved / unit, rel=1e-4)
+        assert value == pytest.approx(_moved(sites, patch, encoder, prompt, strength) / unit, rel=1e-4)

@@ -111,11 +111,20 @@ class LayeredEncoder:
         return EncodedText(enc.texts, enc.hidden, enc.eot_index, enc.pooled, enc.token_ids, {"llama": states})
 
 
-def test_each_llama_layer_stream_is_solved_on_that_layers_rows(encoder):
-    gen = torch.Generator().manual_seed(2)
+def _hidream_sites(seed: int, pooled: bool = False) -> list[AttentionSite]:
+    """HiDream-like projections: three read Llama layers 0, 2, 2 (width 20), the last T5's rows (32);
+    ``pooled``: and ``p_embedder`` the pooled vector (12)."""
+    gen = torch.Generator().manual_seed(seed)
     sites = [AttentionSite(f"caption_projection.{i}.linear.weight", torch.randn(24, 20, generator=gen) / 20**0.5,
                            f"llama:{k}") for i, k in enumerate((0, 2, 2))]
     sites.append(AttentionSite("caption_projection.3.linear.weight", torch.randn(24, 32, generator=gen) / 32**0.5))
+    if pooled:
+        sites.append(AttentionSite("p_embedder.weight", torch.randn(24, 12, generator=gen) / 12**0.5, "pooled"))
+    return sites
+
+
+def test_each_llama_layer_stream_is_solved_on_that_layers_rows(encoder):
+    sites = _hidream_sites(2)
     layered = LayeredEncoder(encoder)
     config = make_config("uce", lamb=1e-5, preserve_empty_prompt=False, token_pick=TokenPick.LAST_SUBJECT,
                          preserve_bank=False)
@@ -146,11 +155,7 @@ def test_the_check_sums_every_token_stream_and_leaves_out_the_pooled_one(encoder
     sums of each token stream's, each measured on that stream's own rows."""
     from erasure_core.methods.check import check_edit
 
-    gen = torch.Generator().manual_seed(3)
-    sites = [AttentionSite(f"caption_projection.{i}.linear.weight", torch.randn(24, 20, generator=gen) / 20**0.5,
-                           f"llama:{k}") for i, k in enumerate((0, 2, 2))]
-    sites.append(AttentionSite("caption_projection.3.linear.weight", torch.randn(24, 32, generator=gen) / 32**0.5))
-    sites.append(AttentionSite("p_embedder.weight", torch.randn(24, 12, generator=gen) / 12**0.5, "pooled"))
+    sites = _hidream_sites(3, pooled=True)
     layered = LayeredEncoder(PooledEncoder(encoder))
     concepts = ConceptSet.simple(("cat",), ("dog",))
     config = make_config("uce", lamb=0.1, token_pick=TokenPick.LAST_SUBJECT, preserve_bank=False)
