@@ -54,10 +54,13 @@ class Work:
     needs: str  # which reference folder: uce, speed or rece
     targets: int
     priors: int
+    node: bool = False  # ours through Closed-Form Erase in real ComfyUI (COMFYUI_PATH) instead of the core
 
 
 WORKS = [
     Work("uce100", "UCE, 100 concepts, last subject token (uce_sd_erase.py)", "uce", 100, 0),
+    Work("uce100node", "UCE, 100 concepts, last subject token, ours through Closed-Form Erase in real ComfyUI "
+                       "(fp16 UNet, check off)", "uce", 100, 0, node=True),
     Work("speed1", "SPEED, 1 concept, multi-celebrity settings (100 priors)", "speed", 1, 100),
     Work("speed100", "SPEED, 100 concepts, multi-celebrity settings (100 priors)", "speed", 100, 100),
     Work("rece1", "RECE, 1 concept, both stages (UCE start + epochs)", "rece", 1, 0),
@@ -225,6 +228,38 @@ def ours(work: Work, sites, clip, targets, priors, rece_epochs: int, rece_reg: f
     return (lambda: None), run
 
 
+def ours_in_graph(targets: list[str]) -> Job:
+    """Closed-Form Erase executed in real ComfyUI (``COMFYUI_PATH``, CPU) on a random SD1.5-layout
+    checkpoint loaded with an fp16 UNet, as ``bench_comfyui.py --settings reference --check off``
+    runs it: UCE with uce_sd_erase.py's settings, the last subject token. Each run is cold: an empty
+    encoding cache (a fresh user folder) and no remembered Gram, set up off the clock. The node's
+    whole execution is timed (encode through ComfyUI's CLIP, weight reads, solve, patch); its edit
+    on an fp16 UNet is a float32 context transform that ComfyUI applies when sampling, so there is
+    no weight to write."""
+    import bench_comfyui as bc
+
+    bc._setup_comfy("fp16")
+    import comfy.sd
+    import folder_paths
+
+    bc._import_pack()
+    from concept_erasure_pack.erasure_core.edit.linalg import forget_grams as forget_node_grams
+
+    model, clip = comfy.sd.load_state_dict_guess_config(bc.checkpoint_state_dict("full"))[:2]
+    user: list[tempfile.TemporaryDirectory] = []
+
+    def prepare() -> None:
+        if user:
+            user.pop().cleanup()
+        user.append(tempfile.TemporaryDirectory(prefix="bench_reference_user_"))
+        folder_paths.set_user_directory(user[0].name)  # an empty encoding cache
+        forget_node_grams()
+
+    def run(_) -> None:
+        bc.erase_in_graph(model, clip, targets, ANCHOR, bc.PICKS["last"], bc.REFERENCE, check=False)
+    return prepare, run
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--uce", help="folder holding UCE's uce_sd_erase.py (rohitgandikota/unified-concept-editing)")
@@ -278,7 +313,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"skip {work.key}: {reason}", flush=True)
             rows.append((work.label, None, reason))
             continue
-        mine = ours(work, sites, clip, targets, priors, args.rece_epochs, args.rece_reg)
+        if work.node:
+            if not os.path.isfile(os.path.join(os.environ.get("COMFYUI_PATH", ""), "comfy", "model_patcher.py")):
+                print(f"skip {work.key}: COMFYUI_PATH does not point at a ComfyUI tree", flush=True)
+                rows.append((work.label, None, "COMFYUI_PATH does not point at a ComfyUI tree"))
+                continue
+            mine = ours_in_graph(targets)
+        else:
+            mine = ours(work, sites, clip, targets, priors, args.rece_epochs, args.rece_reg)
         pairs = []
         for i in range(args.repeats):
             timings = {}

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 __all__ = ["PrefixTree", "tree_attention"]
+
+DENSE_SCORES = 1 << 22
+"""Most attention scores (``heads · R²``, 16 MiB in float32) for which :func:`tree_attention`
+scores every node against every node under an ancestor mask (a few large matmuls) instead of
+gathering each node's path (``R`` tiny attentions, ~2.5× slower at a few hundred nodes). The dense
+form costs ``4 R² D`` flops, a small share of the layer's ``~14 R D²`` while ``R`` is this small."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,13 @@ class PrefixTree:
         return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                    padded, mask, rows)
 
+    @cached_property
+    def ancestors(self) -> torch.Tensor:
+        """``[R, R]`` True where node ``i`` attends to node ``j`` (``j`` on ``i``'s path)."""
+        out = torch.zeros(len(self), len(self), dtype=torch.bool)
+        out[torch.arange(len(self))[:, None].expand_as(self.paths), self.paths] = True
+        return out
+
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
@@ -76,6 +90,15 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: Pref
     """Causal multi-head attention of every node over its path: ``q, k, v [R, D]`` → ``[R, D]``
     (before the output projection). Equals a causal pass over each prompt at that prompt's rows."""
     r, d = q.shape
+    if heads * r * r <= DENSE_SCORES:  # every node against every node, non-ancestors masked out
+        bias = torch.zeros((r, r), dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~tree.ancestors.to(q.device), float("-inf"))
+
+        def per_head(z: torch.Tensor) -> torch.Tensor:  # [R, D] -> [H, R, D/H]
+            return z.reshape(r, heads, d // heads).transpose(0, 1)
+
+        a = torch.nn.functional.scaled_dot_product_attention(per_head(q), per_head(k), per_head(v), attn_mask=bias)
+        return a.transpose(0, 1).reshape(r, d)
     paths = tree.paths.to(q.device)
     bias = torch.zeros(tree.mask.shape, dtype=q.dtype, device=q.device)
     bias.masked_fill_(~tree.mask.to(q.device), float("-inf"))

@@ -9,9 +9,10 @@ from fakes import tiny_encoder, tiny_sites
 
 from erasure_core import ConceptSet, ConfigError, TokenPick, erase, make_config
 from erasure_core.text import clip as clip_module
+from erasure_core.text import prefix_tree
 from erasure_core.text.clip import ClipTextConfig, ClipTextEncoder
 from erasure_core.text.encoded import erase_rows, preserve_rows
-from erasure_core.text.prefix_tree import PrefixTree
+from erasure_core.text.prefix_tree import PrefixTree, tree_attention
 
 # 1 to 6 words: with the word tokenizer (context 8) the EOT lands at positions 2..7.
 MIXED = ["a b c d e f", "cat", "", "a photo of a cat", "dog", "van gogh", "x y z w v", "tree"]
@@ -172,8 +173,28 @@ def test_prefix_tree_holds_each_distinct_prefix_once():
         assert tree.paths[last][tree.mask[last]].tolist() == nodes.tolist()
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "gathered"])
+def test_tree_attention_equals_causal_attention_over_each_prompt(monkeypatch, dense):
+    """Both forms (every node against every node under the ancestor mask; each node's gathered
+    path) give each prompt's causal attention at its rows."""
+    monkeypatch.setattr(prefix_tree, "DENSE_SCORES", 1 << 30 if dense else 0)
+    seqs = [[0, 5, 6, 1], [0, 5, 7, 1, 9], [0, 1], [0, 5, 6, 1], [0, 8]]
+    tree = PrefixTree.build(seqs)
+    heads, d = 2, 8
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(len(tree), d, generator=gen) for _ in range(3))
+    out = tree_attention(q, k, v, tree, heads)
+    for n, seq in enumerate(seqs):
+        nodes = tree.rows[n, : len(seq)]
+        qh, kh, vh = (z[nodes].reshape(len(seq), heads, d // heads).transpose(0, 1) for z in (q, k, v))
+        want = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        _close(out[nodes], want.transpose(0, 1).reshape(len(seq), d))
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "gathered"])
 @pytest.mark.parametrize("batch_size", [2, 64])
-def test_the_prefix_tree_pass_equals_the_per_length_batches_and_the_full_encoding(monkeypatch, batch_size):
+def test_the_prefix_tree_pass_equals_the_per_length_batches_and_the_full_encoding(monkeypatch, batch_size, dense):
+    monkeypatch.setattr(prefix_tree, "DENSE_SCORES", 1 << 30 if dense else 0)
     enc = tiny_encoder()
     enc.batch_size = batch_size
     texts = [*MIXED, "a photo of a dog", "a photo of", "a b c", "cat"]
