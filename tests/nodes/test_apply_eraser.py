@@ -108,15 +108,12 @@ def test_extract_from_an_erased_model_then_apply_the_file(stub_env, erasers):
                      erased_model=erased)
 
 
-def test_choices_list_erasers_and_loras(stub_env, erasers, tmp_path, monkeypatch):
+def test_choices_list_erasers_and_loras(stub_env, erasers, model_folder):
     (erasers / "a.safetensors").write_bytes(b"")
     (erasers / "rec").mkdir()
     (erasers / "rec" / "eraser_weights.pt").write_bytes(b"")
-    folder_paths = stub_env.comfy["folder_paths"]
-    loras = tmp_path / "loras"
-    loras.mkdir()
+    loras = model_folder(stub_env.comfy["folder_paths"], "loras", {".safetensors"})
     (loras / "l.safetensors").write_bytes(b"")
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
     assert stub_env.pack.nodes._comfy.eraser_choices() == ["none", "a.safetensors", "rec/eraser_weights.pt",
                                                            "loras/l.safetensors"]
 

@@ -41,16 +41,9 @@ def full_delta(sd, key, scale=1.0):
 
 
 @pytest.fixture
-def folders(stub_env, tmp_path, monkeypatch):
+def folders(stub_env, model_folder):
     folder_paths = stub_env.comfy["folder_paths"]
-    spm, loras = tmp_path / "spm", tmp_path / "loras"
-    spm.mkdir()
-    loras.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["spm"] = ([str(spm)], {".safetensors"})
-    registry["loras"] = ([str(loras)], {".safetensors"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    return spm, loras
+    return model_folder(folder_paths, "spm", {".safetensors"}), model_folder(folder_paths, "loras", {".safetensors"})
 
 
 def run(env, model, prompt="a photo of snoopy", mode="facilitated transport", clip=None, **slots):

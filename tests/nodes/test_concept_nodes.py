@@ -6,17 +6,9 @@ import pytest
 
 
 @pytest.fixture
-def concepts_dir(env, tmp_path, monkeypatch):
+def concepts_dir(env, model_folder):
     """models/concepts redirected to a temporary folder (the real registry is restored after)."""
-    folder_paths = env.comfy["folder_paths"]
-    folder = tmp_path / "concepts"
-    folder.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["concepts"] = ([str(folder)], {".txt", ".csv", ".json"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    if hasattr(folder_paths, "filename_list_cache"):
-        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
+    return model_folder(env.comfy["folder_paths"], "concepts", {".txt", ".csv", ".json"})
 
 
 def _nodes(env):

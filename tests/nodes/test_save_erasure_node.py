@@ -10,16 +10,8 @@ from safetensors import safe_open
 
 
 @pytest.fixture
-def loras_dir(env, tmp_path, monkeypatch):
-    folder_paths = env.comfy["folder_paths"]
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["loras"] = ([str(folder)], {".safetensors"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    if hasattr(folder_paths, "filename_list_cache"):
-        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
+def loras_dir(env, model_folder):
+    return model_folder(env.comfy["folder_paths"], "loras", {".safetensors"})
 
 
 def _patch(env):
