@@ -10,14 +10,17 @@ __all__ = ["replace_atomically"]
 
 
 def replace_atomically(path: str | os.PathLike[str], write: Callable[[str], None], *,
-                       keep_mode: bool = False) -> None:
-    """``write(tmp)`` a temporary file in ``path``'s folder (made if missing), then put it in place
-    with one ``os.replace``: a reader never sees a partial file, a failed write leaves any existing
-    file untouched, and the temporary file is removed either way. ``keep_mode``: the new file gets
-    the old one's permissions (0644 when there was none) instead of ``mkstemp``'s 0600."""
+                       keep_mode: bool = False, make_folder: bool = False) -> None:
+    """``write(tmp)`` a temporary file in ``path``'s folder, then put it in place with one
+    ``os.replace``: a reader never sees a partial file, a failed write leaves any existing file
+    untouched, and the temporary file is removed either way. ``keep_mode``: the new file gets the
+    old one's permissions (0644 when there was none) instead of ``mkstemp``'s 0600. ``make_folder``:
+    create a missing folder (the pack's own cache); otherwise a missing folder is an error, as the
+    user's chosen place must exist."""
     target = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
+    if make_folder:
+        os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
     os.close(fd)
     try:

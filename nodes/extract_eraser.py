@@ -114,14 +114,15 @@ class ExtractEraser(io.ComfyNode):
         else:
             raise ErasureError("pick erased_file or connect erased_model: there is nothing to extract from.",
                                input_name="erased_file")
+        source_input = "erased_file" if source_path is not None else "erased_model"
         if not diff.deltas:
             raise ErasureError(f"{source} must differ from the model, but all {diff.compared} weights are equal "
                                "(within rounding). Connect the original model and the erased one.",
-                               input_name="erased_file" if erased_file != _comfy.NO_FILE else "erased_model")
+                               input_name=source_input)
         meta = {"source": source, "concept_text": concept_text.strip(),
                 "family": _comfy.model_family_of(model), "changed_weights": diff.changed}
         patch, fit = extract_low_rank(diff.deltas, max_rank=max_rank, max_error=max_error, meta=meta,
-                                      device=_comfy.compute_device(), progress=progress)
+                                      device=_comfy.compute_device(), progress=progress, input_name=source_input)
         patched = _comfy.apply_patchset(model, patch, 1.0)  # before writing: a refusal leaves no file behind
         _check_target(target, source_path, overwrite)  # again: the file may have appeared meanwhile
         patch.save(target)

@@ -217,9 +217,11 @@ def extract_low_rank(
     meta: Mapping[str, object] | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    input_name: str = "erased_file",
 ) -> tuple[PatchSet, ExtractionReport]:
     """Low-rank factors of each ``ΔW`` (smallest rank with relative error ≤ ``max_error``, at most
-    ``max_rank``); returns the PatchSet and the per-key rank and error."""
+    ``max_rank``); returns the PatchSet and the per-key rank and error. A difference whose SVD is
+    not finite blames ``input_name``, the input the differences came from."""
     if max_rank < 1:
         raise ConfigError(f"max_rank must be at least 1, but got {max_rank}.", input_name="max_rank")
     if not 0.0 <= max_error < 1.0:
@@ -236,7 +238,7 @@ def extract_low_rank(
             continue
         u, s, vh = _top_singular(matrix, max_rank)
         if not bool(torch.isfinite(s).all()):
-            raise NumericalError(f"the SVD of the difference at '{key}' is not finite.", input_name="erased")
+            raise NumericalError(f"the SVD of the difference at '{key}' is not finite.", input_name=input_name)
         # residual after rank r: ‖ΔW‖_F² − Σ_{i<r} s_i² (Eckart–Young)
         captured = torch.cat([s.new_zeros(1, dtype=torch.float64), torch.cumsum(s.double().pow(2), 0)])
         rel = (total**2 - captured).clamp_min(0).sqrt() / total

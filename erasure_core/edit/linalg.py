@@ -99,10 +99,13 @@ class _GramMemo:
     def get(self, rows: torch.Tensor, dtype: torch.dtype, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         # CPU only: on a GPU the product costs a millisecond, and held copies would be device memory
         # outside ComfyUI's management
-        if (rows.device.type != "cpu" or self._size(rows) < self.smallest or self._size(rows) > self.limit // 4
-                or rows.requires_grad):
+        size = self._size(rows) + rows.shape[1] ** 2 * dtype.itemsize  # the rows' copy and the Gram
+        if rows.device.type != "cpu" or self._size(rows) < self.smallest or size > self.limit // 4 or rows.requires_grad:
             return compute()
-        key = (tuple(rows.shape), rows.dtype, rows.device, dtype, float(rows.sum(dtype=torch.float64)))
+        total = float(rows.sum(dtype=torch.float64))
+        if not math.isfinite(total):  # NaN never equals itself: such rows could only fill the memo
+            return compute()
+        key = (tuple(rows.shape), rows.dtype, dtype, total)
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and torch.equal(hit[0], rows):

@@ -220,13 +220,17 @@ def is_dit_diffusers_key(key: str) -> bool:
     return key.removeprefix("transformer.").startswith(DIT_DIFFUSERS)
 
 
+def _is_unet_diffusers_key(key: str) -> bool:
+    return key.removeprefix("unet.").startswith(_UNET_DIFFUSERS)
+
+
 def is_unet_key(key: str, info: EraserInfo) -> bool:
     """Whether ``key`` of a file :func:`describe` read as ``info`` is a model (UNet or DiT) weight: by
     the naming it found (diffusers' blocks, a DiT's transformer, or ComfyUI/LDM names)."""
     if info.naming is Naming.DIFFUSERS:
         if "transformer" in info.targets:  # a DiT's own state dict (Flux's transformer in diffusers names)
             return is_dit_diffusers_key(key)
-        return key.removeprefix("unet.").startswith(_UNET_DIFFUSERS)
+        return _is_unet_diffusers_key(key)
     return key.startswith(_LDM_PREFIXES) or key.removeprefix("model.").removeprefix("diffusion_model.").startswith(
         _UNET_LDM)
 
@@ -278,7 +282,9 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
         return EraserInfo(EraserFormat.TEXT_ENCODER, fam, ("text encoder",), len(text_keys), Naming.DIFFUSERS,
                           None, concept, notes)
 
-    unet_diffusers = [k for k in keys if k.removeprefix("unet.").startswith(_UNET_DIFFUSERS)]
+    unet_diffusers = [k for k in keys if _is_unet_diffusers_key(k)]
+    # detection counts only prefixed or bare LDM names; is_unet_key also takes "model.<block>" when
+    # selecting the keys of a file detected as LDM
     unet_ldm = [k for k in keys if k.startswith(_LDM_PREFIXES) or k.startswith(_UNET_LDM)]
     dit_diffusers = [k for k in keys if is_dit_diffusers_key(k)]
     if dit_diffusers and len(dit_diffusers) > max(len(unet_diffusers), len(unet_ldm)):

@@ -288,7 +288,8 @@ def lora_bytes(
     dense = {k: e.diff for k, e in patch.entries.items() if not e.is_low_rank}
     compressed: dict[str, PatchEntry] = {}
     if dense and dense_as == DenseAs.LOW_RANK:
-        compressed = dict(extract_low_rank(dense, max_rank=max_rank, max_error=max_error, device=device)[0].entries)
+        compressed = dict(extract_low_rank(dense, max_rank=max_rank, max_error=max_error, device=device,
+                                                input_name="patch")[0].entries)
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     ranks: list[int] = []

@@ -185,27 +185,29 @@ def _edit_grams(sites: Sequence[AttentionSite], patch: PatchSet, strength: float
     (``Σ d_out·d·n`` work instead)."""
     projected = gap_rows is not None and len(gap_rows) < gap_rows.shape[1]
     d = sites[0].in_features if sites else 0
-    g_ww = None if projected or not sites else weight_grams(sites, device, torch.float32)[d].double()
     terms: dict[int, list] = {}
-    for site in sites:
+
+    def add_edit(site: AttentionSite, wd_left: torch.Tensor) -> None:  # an edited site's A_k and C_k
         entry = patch.entries.get(site.key)
-        if entry is None and not projected:
-            continue  # an unedited site adds to G_WW only, which holds it already
-        w = site.tensor().to(device, torch.float32)
-        if projected:
-            y = gap_rows.to(device, torch.float32) @ w.T  # [n, d_out]
-            ww, wd_left = (y @ y.T).double(), y
-            g_ww = ww if g_ww is None else g_ww + ww
-        else:
-            wd_left = w.T
-        if entry is not None:
-            key = id(entry.down) if entry.is_low_rank else 0  # dense entries: one term, D = I
-            up = _up(entry, strength, device)
-            if key not in terms:  # the shared down factor, converted once
-                terms[key] = [entry.down.to(device).double() if entry.is_low_rank else None, 0, 0]
-            slot = terms[key]
-            slot[1] = slot[1] + (wd_left @ up).double()
-            slot[2] = slot[2] + (up.T @ up).double()
+        if entry is None:
+            return  # an unedited site adds to G_WW only
+        key = id(entry.down) if entry.is_low_rank else 0  # dense entries: one term, D = I
+        up = _up(entry, strength, device)
+        if key not in terms:  # the shared down factor, converted once
+            terms[key] = [entry.down.to(device).double() if entry.is_low_rank else None, 0, 0]
+        slot = terms[key]
+        slot[1] = slot[1] + (wd_left @ up).double()
+        slot[2] = slot[2] + (up.T @ up).double()
+
+    g_ww = None
+    if projected:
+        rows = gap_rows.to(device, torch.float32)
+        for site in sites:
+            y = rows @ site.tensor().to(device, torch.float32).T  # [n, d_out]
+            g_ww = (y @ y.T).double() if g_ww is None else g_ww + (y @ y.T).double()
+            add_edit(site, y)
+    elif sites:  # each weight loaded once, for G_WW and for its edit's Grams
+        g_ww = weight_grams(sites, device, torch.float32, visit=lambda site, w: add_edit(site, w.T))[d].double()
     rows = len(gap_rows) if projected else d
     if g_ww is None:
         g_ww = torch.zeros(rows, rows, dtype=torch.float64, device=device)
@@ -271,8 +273,7 @@ def _measure(sites: Sequence[AttentionSite], patch: PatchSet, strength: float, e
         cross = _per_prompt(by_down.cross, diff, x_e)
     # ‖X_e W'ᵀ − X_a Wᵀ‖² = ‖D Wᵀ + X_e ΔWᵀ‖² with D = X_e − X_a: the terms nearly cancel, so float64
     after2 = gap2 + 2 * cross + _per_prompt(by_down.moved, x_e)
-    moved = (_per_prompt(by_down.moved, block(prompts, torch.float32)) if prompts
-             else torch.zeros(0, dtype=torch.float64))
+    moved = _per_prompt(by_down.moved, block(prompts, torch.float32))
     return gap2.tolist(), after2.tolist(), dict(zip(prompts, moved.tolist(), strict=True))
 
 

@@ -141,16 +141,18 @@ def default_device(sites: Sequence[AttentionSite]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def weight_grams(sites: Sequence[AttentionSite], device: torch.device | str,
-                 dtype: torch.dtype) -> dict[int, torch.Tensor]:
+def weight_grams(sites: Sequence[AttentionSite], device: torch.device | str, dtype: torch.dtype,
+                 visit: Callable[[AttentionSite, torch.Tensor], None] | None = None) -> dict[int, torch.Tensor]:
     """``G = Σ_l W_lᵀW_l`` ``[d, d]`` per key width ``d`` of ``sites``, in ``dtype``: the weights of
     one width are stacked a few thousand rows at a time and each stack's Gram is taken from its
-    upper blocks (symmetric), so many thin weights cost one large product, not one each."""
+    upper blocks (symmetric), so many thin weights cost one large product, not one each.
+    ``visit(site, W)``, when given, sees each weight as loaded (on ``device``, in ``dtype``), so a
+    caller that needs the weights too does not load them twice."""
     grams: dict[int, torch.Tensor] = {}
     pending: dict[int, list[torch.Tensor]] = {}
     # remembered (``linalg.gram``) only where every stack fits the memo together: SDXL's ~1.3 GiB
     # of K/V stacks would only evict each other and the key Grams
-    remember = sum(s.weight.shape[0] * s.weight.shape[1] for s in sites) * 4 <= MEMO_BYTES // 2
+    remember = sum(s.weight.shape[0] * s.weight.shape[1] for s in sites) * dtype.itemsize <= MEMO_BYTES // 2
 
     def flush(width: int) -> None:
         part = gram(torch.cat(pending.pop(width)), dtype, remember=remember)
@@ -159,6 +161,8 @@ def weight_grams(sites: Sequence[AttentionSite], device: torch.device | str,
     for site in sites:
         stack = pending.setdefault(site.in_features, [])
         stack.append(site.tensor().to(device, dtype))
+        if visit is not None:
+            visit(site, stack[-1])
         if sum(len(w) for w in stack) >= GRAM_CHUNK // 2:  # one chunk per stack (a second, thin one is slow)
             flush(site.in_features)
     for width in list(pending):
@@ -187,7 +191,7 @@ def patch_from_multipliers(
     when read (ComfyUI's context transform never reads it). Thinner ones cost little either way.
     """
     entries: dict[str, PatchEntry] = {}
-    shared: dict[int, tuple[RightMultiplier, tuple[SharedRight, torch.Tensor | None]]] = {}  # keeps each alive
+    shared: dict[int, tuple[RightMultiplier, dict[str, object]]] = {}  # keeps each multiplier alive
     uniform = True  # every site of a width got the very same multiplier object
     first_of_width: dict[int, RightMultiplier] = {}  # one per width, not one per site (SPEED's are per site)
     ranks = []
@@ -196,15 +200,15 @@ def patch_from_multipliers(
         mult = multiplier_for(site, weight)
         uniform = uniform and first_of_width.setdefault(site.in_features, mult) is mult
         if one_per_width and wide(mult.rank, site.in_features):
-            p, q = _factors_of(shared, mult)
             owned = isinstance(site.weight, LazyWeight) and site.weight.owned
-            entries[site.key] = PatchEntry.deferred(weight.to("cpu", torch.float32, copy=not owned), p, q)
+            entries[site.key] = PatchEntry.deferred(weight.to("cpu", torch.float32, copy=not owned),
+                                                    _factor(shared, mult, "P"), _factor(shared, mult, "Q"))
         else:
             up = check_finite(mult.up_for(weight, torch.float32), f"the edit of '{site.key}'", method)
             if mult.full:  # Q = I: the delta W₀P itself, dense
                 entries[site.key] = PatchEntry(diff=up.float().cpu())
             else:
-                entries[site.key] = PatchEntry(up=up.float().cpu(), down=_factors_of(shared, mult)[1])
+                entries[site.key] = PatchEntry(up=up.float().cpu(), down=_factor(shared, mult, "Q"))
         ranks.append(mult.rank)
         if progress is not None:
             progress(i + 1, len(sites))
@@ -217,18 +221,18 @@ def patch_from_multipliers(
     if sites and uniform and all(s.stream == "tokens" for s in sites):
         context = {}
         for width, mult in first_of_width.items():
-            p, q = _factors_of(shared, mult)
-            context[width] = (p.tensor, q)
+            context[width] = (_factor(shared, mult, "P").tensor, _factor(shared, mult, "Q"))
     return PatchSet(entries, info, context_multipliers=context)
 
 
-def _factors_of(shared: dict[int, tuple[RightMultiplier, tuple[SharedRight, torch.Tensor | None]]],
-                mult: RightMultiplier) -> tuple[SharedRight, torch.Tensor | None]:
-    """``mult``'s ``P`` and ``Q`` (``None`` when full) on the CPU in float32, made once per multiplier."""
-    if id(mult) not in shared:
-        factors = (SharedRight(mult.P.float().cpu(), mult.P.device), None if mult.full else mult.Q.float().cpu())
-        shared[id(mult)] = (mult, factors)
-    return shared[id(mult)][1]
+def _factor(shared: dict[int, tuple[RightMultiplier, dict[str, object]]], mult: RightMultiplier, name: str):
+    """``mult``'s ``P`` (a :class:`SharedRight`) or ``Q`` (``None`` when full) on the CPU in float32,
+    each made once per multiplier and only when asked (a low-rank entry needs only ``Q``)."""
+    made = shared.setdefault(id(mult), (mult, {}))[1]
+    if name not in made:
+        made[name] = SharedRight(mult.P.float().cpu(), mult.P.device) if name == "P" else (
+            None if mult.full else mult.Q.float().cpu())
+    return made[name]
 
 
 def anchored_patch(

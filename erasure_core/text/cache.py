@@ -106,10 +106,10 @@ class CachedEncoder:
             return {}
 
     def _write(self, entries: dict[str, torch.Tensor]) -> None:
-        replace_atomically(self.path, lambda tmp: save_file(entries, tmp))
+        replace_atomically(self.path, lambda tmp: save_file(entries, tmp), make_folder=True)
 
     def _write_lru(self, lru: dict[str, float]) -> None:
-        replace_atomically(self.lru_path, lambda tmp: Path(tmp).write_text(json.dumps(lru)))
+        replace_atomically(self.lru_path, lambda tmp: Path(tmp).write_text(json.dumps(lru)), make_folder=True)
 
     @staticmethod
     def _usable(entries: dict[str, torch.Tensor], key: str, width: int | None, rows: str,

@@ -75,6 +75,21 @@ class PrefixTree:
         out[torch.arange(len(self))[:, None].expand_as(self.paths), self.paths] = True
         return out
 
+    @cached_property
+    def _biases(self) -> dict[tuple[bool, torch.dtype, torch.device], torch.Tensor]:
+        return {}
+
+    def attention_bias(self, dense: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The additive mask of :func:`tree_attention`, 0 where attended and -inf elsewhere: ``[R, R]``
+        over :attr:`ancestors` (``dense``) or ``[R, L]`` over :attr:`mask`; built once per dtype
+        and device, since every layer of a pass reads the same one."""
+        key = (dense, dtype, device)
+        if key not in self._biases:
+            allowed = (self.ancestors if dense else self.mask).to(device)
+            self._biases[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+                ~allowed, float("-inf"))
+        return self._biases[key]
+
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
@@ -90,18 +105,15 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: Pref
     """Causal multi-head attention of every node over its path: ``q, k, v [R, D]`` → ``[R, D]``
     (before the output projection). Equals a causal pass over each prompt at that prompt's rows."""
     r, d = q.shape
-    if heads * r * r <= DENSE_SCORES:  # every node against every node, non-ancestors masked out
-        bias = torch.zeros((r, r), dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~tree.ancestors.to(q.device), float("-inf"))
-
+    dense = heads * r * r <= DENSE_SCORES  # every node against every node, non-ancestors masked out
+    bias = tree.attention_bias(dense, q.dtype, q.device)
+    if dense:
         def per_head(z: torch.Tensor) -> torch.Tensor:  # [R, D] -> [H, R, D/H]
             return z.reshape(r, heads, d // heads).transpose(0, 1)
 
         a = torch.nn.functional.scaled_dot_product_attention(per_head(q), per_head(k), per_head(v), attn_mask=bias)
         return a.transpose(0, 1).reshape(r, d)
     paths = tree.paths.to(q.device)
-    bias = torch.zeros(tree.mask.shape, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(~tree.mask.to(q.device), float("-inf"))
 
     def split(z: torch.Tensor) -> torch.Tensor:  # [R, L, D] -> [R, H, L, D/H]
         return z.reshape(r, z.shape[1], heads, d // heads).transpose(1, 2)
