@@ -27,6 +27,8 @@ for path in (ROOT, HERE):
 
 import torch  # noqa: E402
 
+from erasure_core import make_config  # noqa: E402
+
 PACK = "concept_erasure_pack"
 PICKS = {"default": "last word + EOT + padding", "last": "last subject token"}
 
@@ -102,20 +104,33 @@ def _run(node_cls, **inputs):
         return node_cls.execute(**inputs)
 
 
-# UCE's current code (uce_sd_erase.py), as the node's preset "current code (uce_sd_erase.py)" sets it
-REFERENCE = {"erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5, "preserve_empty_prompt": False,
-             "solve_dtype": "float64", "preserve_bank": False}
-NODE = {"erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.5, "preserve_empty_prompt": True, "solve_dtype": "float64"}
+def _widgets(preset: str | None = None) -> dict[str, object]:
+    """Closed-Form Erase's UCE widgets (token pick aside) as the core config sets them: its defaults,
+    or a named preset's settings over them (solved in float64, the node's default)."""
+    config = make_config("uce", **({"preset": preset} if preset else {}))
+    return {"erase_scale": config.erase_scale, "preserve_scale": config.preserve_scale, "lamb": config.lamb,
+            "preserve_empty_prompt": config.preserve_empty_prompt, "solve_dtype": "float64",
+            "preserve_bank": config.preserve_bank}
 
 
-def erase_in_graph(model, clip, targets: Sequence[str], anchor: str, pick: str, settings: dict | None = None,
-                   check: bool = True):
-    """One Closed-Form Erase execution (UCE) through the node; returns (seconds, report, payload lines)."""
-    from concept_erasure_pack.nodes.closed_form_erase import ClosedFormErase
+REFERENCE = _widgets("current code (uce_sd_erase.py)")  # UCE's uce_sd_erase.py
+REFERENCE_PICK = make_config("uce", preset="current code (uce_sd_erase.py)").token_pick.value  # its token pick
+NODE = _widgets()  # the node's defaults
+
+
+def load_concepts(targets: Sequence[str], anchor: str):
+    """Load Concepts' output for ``targets`` mapped to ``anchor`` (a node of its own, not timed)."""
     from concept_erasure_pack.nodes.load_concepts import LoadConcepts
 
     (concepts,) = _run(LoadConcepts, targets="; ".join(targets), anchors=anchor, preserve="", kind="generic",
                        preset="none", file="none", templates="as given", custom_templates="").result
+    return concepts
+
+
+def erase_in_graph(model, clip, concepts, pick: str, settings: dict | None = None, check: bool = True):
+    """One Closed-Form Erase execution (UCE) through the node; returns (seconds, report, payload lines)."""
+    from concept_erasure_pack.nodes.closed_form_erase import ClosedFormErase
+
     started = time.perf_counter()
     out = _run(ClosedFormErase, model=model, clip=clip, concepts=concepts, method="uce", strength=1.0,
                token_pick=pick, check=check, **(settings or NODE))
@@ -182,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             targets, _ = concept_names(tokenizer, n, 0, 0)
             # the prompts the node encodes for the erase: targets, anchor, the empty prompt and the default bank
             settings = REFERENCE if args.settings == "reference" else NODE
+            concepts = load_concepts(targets, ANCHOR)
             prompts = list(dict.fromkeys([*targets, ANCHOR, *preserve_list(
                 ConceptSet.simple(targets, (ANCHOR,)), preserve_empty=settings["preserve_empty_prompt"],
                 bank=settings.get("preserve_bank", True))]))
@@ -191,13 +207,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 with tempfile.TemporaryDirectory() as user:
                     folder_paths.set_user_directory(user)  # an empty encoding cache
                     forget_grams()  # and no Gram remembered from the last repeat (linalg.gram)
-                    seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick, settings, check)
+                    seconds, report, lines = erase_in_graph(model, clip, concepts, pick, settings, check)
                     cold.append(seconds)
                     parts.append(_breakdown(report, lines))
                     encoded = int(lines[2].split("prompts: ", 1)[1].split()[0])
                     if encoded != len(prompts):  # the core must encode what the node encoded
                         print(f"warning: the node encoded {encoded} prompts, the core comparison has {len(prompts)}")
-                    seconds, report, lines = erase_in_graph(model, clip, targets, ANCHOR, pick, settings, check)
+                    seconds, report, lines = erase_in_graph(model, clip, concepts, pick, settings, check)
                     cached.append(seconds)
                     warm.append(_breakdown(report, lines))
                     rates.append(lines[2].split("(")[1].split()[0])

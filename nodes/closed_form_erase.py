@@ -130,7 +130,7 @@ def _timed_weight(weight, reads: list[float]):
         finally:
             reads[0] += time.perf_counter() - started
 
-    return LazyWeight(weight.shape, load, weight.owned)
+    return dataclasses.replace(weight, load=load)
 
 
 def _bars(check: Check) -> list[Bar]:

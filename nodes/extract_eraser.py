@@ -99,8 +99,7 @@ class ExtractEraser(io.ComfyNode):
             check_family(info, _comfy.model_family_of(model), name=f"erased_file '{file.name}'",
                          input_name="erased_file")
             diff = _comfy.unet_file_differences(model, file, [k for k in file if is_unet_key(k, info)],
-                                                info.naming, _comfy.DIFF_FROM_BASE, progress, for_patching=False,
-                                                input_name="erased_file")
+                                                info.naming, _comfy.DIFF_FROM_BASE, progress, for_patching=False)
             source = file.name
         elif erased_model is not None:
             read_erased, erased_shapes, _ = _comfy.unet_weight_reader(erased_model)

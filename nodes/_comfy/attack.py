@@ -21,7 +21,7 @@ from ...erasure_core.attacks import (
     optimise_prefix,
 )
 from .runtime import _unet_prefix_keys, compute_device
-from .text import ClipTokenSpace, _one_window, encode_text
+from .text import ClipTokenSpace, _one_window, _prepare, _selected_layers, encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +46,17 @@ class DifferentiableClip:
             raise ArchitectureError(
                 "soft_prompt needs a model with one CLIP text encoder (SD1.x or SD2.x), but this CLIP has "
                 "several (SDXL) or an unknown layout. Use closed_form or concept_vector for it.", input_name="clip")
-        clip.load_model()  # CLIP LoRAs are applied to the loaded weights
-        model.reset_clip_options()
-        if getattr(clip, "layer_idx", None) is not None:
-            model.set_clip_options({"layer": clip.layer_idx})
-        self.layer, self.layer_idx = tower.layer, tower.layer_idx
-        model.reset_clip_options()
-        if self.layer == "all":
+        _prepare(clip)  # the layer choice set on the tower, and CLIP LoRAs applied to the loaded weights
+        layer = tower.layer
+        if layer == "all":
+            model.reset_clip_options()
             raise ArchitectureError("soft_prompt needs one CLIP output layer, but this CLIP returns all.",
                                     input_name="clip")
+        self.layers = list(_selected_layers(tower))  # through the selected one (clip skip); later ones never run
+        model.reset_clip_options()
         self.key, self.special = name, dict(tower.special_tokens)
-        self.norm_hidden, self.masks = tower.layer_norm_hidden_state, tower.enable_attention_masks
-        self.layers = list(text_model.encoder.layers)
+        self.final_norm = layer == "last" or tower.layer_norm_hidden_state  # text._final's rule
+        self.masks = tower.enable_attention_masks
         self.final_eps = text_model.final_layer_norm.eps
         with torch.inference_mode(False):
             self.p = {n: v.detach().to(device=device, dtype=torch.float32, copy=True)
@@ -72,10 +71,6 @@ class DifferentiableClip:
         mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
         if self.masks:
             mask = mask.masked_fill(torch.arange(t, device=x.device)[None, :] > eot, float("-inf"))
-        hidden_at = None
-        if self.layer == "hidden":
-            hidden_at = self.layer_idx if self.layer_idx >= 0 else len(self.layers) + self.layer_idx
-        inter = None
         for i, layer in enumerate(self.layers):
             pre = f"encoder.layers.{i}."
 
@@ -91,13 +86,10 @@ class DifferentiableClip:
             h = torch.nn.functional.layer_norm(x, (d,), p[pre + "layer_norm2.weight"], p[pre + "layer_norm2.bias"],
                                                layer.layer_norm2.eps)
             x = x + lin(layer.mlp.activation(lin(h, "mlp.fc1")), "mlp.fc2")
-            if i == hidden_at:
-                inter = x
-        out = x if inter is None else inter
-        if inter is None or self.norm_hidden:
-            out = torch.nn.functional.layer_norm(out, (d,), p["final_layer_norm.weight"], p["final_layer_norm.bias"],
-                                                 self.final_eps)
-        return out
+        if self.final_norm:
+            x = torch.nn.functional.layer_norm(x, (d,), p["final_layer_norm.weight"], p["final_layer_norm.bias"],
+                                               self.final_eps)
+        return x
 
 
 

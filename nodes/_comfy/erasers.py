@@ -71,11 +71,12 @@ DIFF_FROM_ARRIVING = "model as it arrives"
 
 def unet_weight_differences(model: Any, file: EraserFile, pairs: Sequence[tuple[str, str]] | None, reference: str,
                             progress: Progress | None = None, for_patching: bool = True,
-                            parts: dict[str, KeyPart] | None = None, *, input_name: str = "eraser") -> WeightDiff:
+                            parts: dict[str, KeyPart] | None = None) -> WeightDiff:
     """The UNet weights of ``file`` that differ from the model's; as patch tensors (the model's
     dtype) or, for extraction (``for_patching=False``), in float32. ``parts`` instead of ``pairs``:
     file tensors that are slices of the model's fused weights, assembled per weight first. Errors
-    blame the node input ``input_name``."""
+    blame the node input the file was picked in (``file.input_name``)."""
+    input_name = file.input_name
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
     read_base, dtype_of = _base_loader(model, UNET_PREFIX)
     read = _arriving_loader(model, UNET_PREFIX) if reference == DIFF_FROM_ARRIVING else read_base
@@ -140,18 +141,16 @@ def dit_diffusers_parts(model: Any, keys: Sequence[str], *, input_name: str = "e
 
 
 def unet_file_differences(model: Any, file: EraserFile, keys: Sequence[str], naming: Naming | None, reference: str,
-                          progress: Progress | None = None, for_patching: bool = True, *,
-                          input_name: str = "eraser") -> WeightDiff:
+                          progress: Progress | None = None, for_patching: bool = True) -> WeightDiff:
     """:func:`unet_weight_differences` for the model weights of a full or partial erased file, whatever its
     naming: ComfyUI/LDM or diffusers names of a UNet, or a DiT's diffusers names (split q/k/v assembled).
-    Errors blame the node input ``input_name`` the file was picked in."""
+    Errors blame the node input the file was picked in (``file.input_name``)."""
     if naming == Naming.DIFFUSERS and model_family_of(model) not in _UNET_FAMILIES and \
             all(is_dit_diffusers_key(k) for k in keys):
         return unet_weight_differences(model, file, None, reference, progress, for_patching,
-                                       parts=dit_diffusers_parts(model, keys, input_name=input_name),
-                                       input_name=input_name)
-    return unet_weight_differences(model, file, unet_key_pairs(model, keys, naming, input_name=input_name),
-                                   reference, progress, for_patching, input_name=input_name)
+                                       parts=dit_diffusers_parts(model, keys, input_name=file.input_name))
+    return unet_weight_differences(model, file, unet_key_pairs(model, keys, naming, input_name=file.input_name),
+                                   reference, progress, for_patching)
 
 
 
