@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def test_pickle_with_code_is_refused_without_fallback(tmp_path, monkeypatch):
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(2), "p": Payload()}, path)
     calls = []
-    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd))
+    # pickle finds os.system as posix.system (nt.system on Windows): patch it where a full load would look
+    monkeypatch.setattr(sys.modules[os.system.__module__], "system", lambda cmd: calls.append(cmd))
     before = path.read_bytes()
     with pytest.raises(ErasureError, match=r"evil\.pt.*weights_only=True.*never as a full pickle.*Nothing was loaded"):
         open_eraser(path)

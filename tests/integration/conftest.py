@@ -52,13 +52,8 @@ def tiny_checkpoint(pack, tiny_state_dict):
 
 
 @pytest.fixture
-def folders(pack, tmp_path, monkeypatch):
+def folders(pack, model_folder):
     """An empty ``erasers`` folder registered with ComfyUI for this test."""
     import folder_paths
 
-    erasers = tmp_path / "erasers"
-    erasers.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["erasers"] = ([str(erasers)], {".safetensors", ".pt", ".bin", ".ckpt", ".pth"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    return erasers
+    return model_folder(folder_paths, "erasers", {".safetensors", ".pt", ".bin", ".ckpt", ".pth"})

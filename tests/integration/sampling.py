@@ -29,7 +29,7 @@ def live_weight(model, key):
 
 
 # "cat" erased to "dog", measured in latent space (issue #13): prompts in no list (not preserved, not
-# in the bank, not a probe; tests/core/test_check.py checks the lists) and the reference pair
+# in the bank, not a probe; test_safe_defaults_comfyui.py checks it) and the reference pair
 UNRELATED = ("a red car on a street", "a bowl of fruit on a table", "a mountain lake at sunset",
              "a portrait of an old man", "a city skyline at night")
 _REFERENCE = ("cat", "dog", "a photo of a cat", "a photo of a dog")

@@ -29,7 +29,7 @@ def checkpoint_file(tiny_state_dict, tmp_path_factory):
     return path
 
 
-def test_cli_lora_loads_in_comfyui_and_matches_the_graph(pack, checkpoint_file, tmp_path, monkeypatch, caplog):
+def test_cli_lora_loads_in_comfyui_and_matches_the_graph(pack, checkpoint_file, model_folder, caplog):
     import comfy.sd
     import comfy.sd1_clip
     import folder_paths
@@ -37,12 +37,7 @@ def test_cli_lora_loads_in_comfyui_and_matches_the_graph(pack, checkpoint_file, 
 
     import nodes
 
-    loras = tmp_path / "loras"
-    loras.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["loras"] = ([str(loras)], set(folder_paths.supported_pt_extensions))
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    loras = model_folder(folder_paths, "loras", set(folder_paths.supported_pt_extensions))
 
     merges = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer", "merges.txt")
     run = subprocess.run(

@@ -5,10 +5,10 @@ checked on the effective weights of the patched clones; the input model and CLIP
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+from fakes import Payload
 from safetensors.torch import save_file
 
 pytestmark = pytest.mark.comfyui
@@ -19,13 +19,6 @@ V_COMFY = P + "output_blocks.2.1.transformer_blocks.0.attn2.to_v.weight"
 K_DIFFUSERS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 V_DIFFUSERS = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.weight"
 CLIP_FC1 = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
-
-
-class NotATensor:
-    """A custom class: torch.load(weights_only=True) must refuse to rebuild it."""
-
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
 
 
 @pytest.fixture
@@ -302,7 +295,7 @@ def test_two_erasers_stack_on_fresh_clones(pack, mc, folders):
 def test_pickled_code_is_refused_and_nothing_changes(pack, mc, folders):
     model, clip = mc
     before = untouched(model, clip)
-    torch.save({K_DIFFUSERS: torch.zeros(320, 768), "payload": NotATensor()}, folders / "evil.pt")
+    torch.save({K_DIFFUSERS: torch.zeros(320, 768), "payload": Payload()}, folders / "evil.pt")
     with pytest.raises(pack.erasure_core.ErasureError, match=r"weights_only=True.*never as a full pickle"):
         apply(pack, model, clip, "evil.pt")
     assert untouched(model, clip) == before

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sampling import cat_to_dog, originals
+from sampling import UNRELATED, cat_to_dog, originals
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -59,6 +59,19 @@ def measured(pack, tiny_checkpoint):
         return out
 
     return measure
+
+
+def test_the_unrelated_prompts_are_in_no_list(pack):
+    """What the drift bounds rest on: no UNRELATED prompt is preserved, in the bank or a probe."""
+    from concept_erasure_pack.erasure_core.methods.bank import probe_prompts
+    from concept_erasure_pack.erasure_core.methods.closed_form import preserve_list
+    from concept_erasure_pack.nodes.load_concepts import LoadConcepts
+
+    with torch.inference_mode():
+        (concepts,) = LoadConcepts.execute(targets="cat", anchors="dog", preserve="", kind="generic", preset="none",
+                                           file="none", templates="as given", custom_templates="").result
+    keep = preserve_list(concepts, preserve_empty=True, bank=True)
+    assert not set(UNRELATED) & {*keep, *probe_prompts(concepts, keep)}
 
 
 def _bounds(method):

@@ -21,17 +21,11 @@ TOL = {"float32": 1e-5, "float16": 2e-3}
 
 
 @pytest.fixture
-def loras(pack, tmp_path, monkeypatch):
+def loras(pack, model_folder):
     import folder_paths
 
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    registry = dict(folder_paths.folder_names_and_paths)
-    registry["loras"] = ([str(folder)], set(folder_paths.supported_pt_extensions))
-    registry["erasers"] = ([str(tmp_path / "erasers")], {".safetensors"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", registry)
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
+    model_folder(folder_paths, "erasers", {".safetensors"})
+    return model_folder(folder_paths, "loras", set(folder_paths.supported_pt_extensions))
 
 
 def _run(node_cls, **inputs):

@@ -29,24 +29,6 @@ def env(request):
 
 
 @pytest.fixture
-def model_folder(tmp_path, monkeypatch):
-    """``model_folder(folder_paths, name, extensions)``: a new empty ``tmp_path / name`` registered
-    as ``folder_paths``' model folder ``name`` (stub or real; the registry and the real one's
-    listing cache are restored after the test)."""
-
-    def register(folder_paths, name: str, extensions: set[str]):
-        folder = tmp_path / name
-        folder.mkdir()
-        monkeypatch.setattr(folder_paths, "folder_names_and_paths",
-                            {**folder_paths.folder_names_and_paths, name: ([str(folder)], extensions)})
-        if hasattr(folder_paths, "filename_list_cache"):
-            monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-        return folder
-
-    return register
-
-
-@pytest.fixture
 def erasers(stub_env, model_folder):
     """An empty ``models/erasers`` folder registered with the stub ``folder_paths``."""
     return model_folder(stub_env.comfy["folder_paths"], "erasers", {".safetensors", ".pt"})
