@@ -43,6 +43,10 @@ MAX_NAME_CHARS = 1000
 """Longest single name, alias, anchor or template: CLIP reads 75 tokens (a few characters each),
 which no longer text fits. It also bounds the tokeniser's work per word."""
 
+CLASHES_SHOWN = 5
+"""Concepts both erased and preserved that the error names (then a count), so that two long lists
+that overlap give a readable message."""
+
 _SEPARATORS = frozenset(" \t,.;:|-_/\\'\"`~!?*+=<>()[]{}#&^%$@")
 
 
@@ -265,9 +269,11 @@ class ConceptSet:
         clash = [f"'{n}' (target '{erased[normalise(n)]}')" for p in preserve for n in p.names
                  if normalise(n) in erased]
         if clash:
+            more = f" and {len(clash) - CLASHES_SHOWN:,} more" if len(clash) > CLASHES_SHOWN else ""
             raise ConceptError(
-                f"a concept cannot be both erased and preserved, but {', '.join(clash)} is in "
-                "both. Remove it from the preserve list or from the targets.",
+                f"a concept cannot be both erased and preserved, but {', '.join(clash[:CLASHES_SHOWN])}{more} "
+                f"{'is' if len(clash) == 1 else 'are'} in both. Remove "
+                f"{'it' if len(clash) == 1 else 'them'} from the preserve list or from the targets.",
                 input_name="preserve",
             )
         templates = _check_templates(self.templates)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..erasure_core import ConceptError, ConceptKind, ConceptSet
 from ..erasure_core.concepts import check_prompt_lengths
 from ..erasure_core.formats.concept_files import TemplateMode, assemble, list_preserve_sets, list_presets, save_json
@@ -11,6 +13,11 @@ from ._schema import validation_message
 from .types import CONCEPTS, io
 
 NO_PRESET = "none"
+QUEUE_FILE_BYTES = 64 * 1024
+"""The largest concept file Load Concepts reads at queue time (about 4,000 names: a few tenths of a
+second with templates). A larger one (up to the 8 MiB a file may hold: a minute of parsing and
+token counting) is only located there, and read when the node runs, so queueing a prompt stays
+cheap whatever the file's size; the typed inputs are checked either way."""
 SYNTAX = ("One concept per line (or separated by ';'). 'name | alias | alias' erases the aliases too; "
           "'name -> anchor' sets this target's anchor ('-> \"\"' erases toward nothing).")
 
@@ -26,6 +33,14 @@ def _load(targets, anchors, preserve, kind, preset, file, templates, custom_temp
                                "custom_templates": custom_templates})
     check_prompt_lengths(result, _comfy.clip_token_counter())
     return result
+
+
+def _size(path: str) -> int:
+    """The file's size, or 0 when it cannot be read (then reading it gives the clear error)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _check_embeddings(result: ConceptSet, typed: dict[str, str]) -> None:
@@ -100,9 +115,16 @@ class LoadConcepts(io.ComfyNode):
         values = (targets, anchors, preserve, kind, preset, file, templates, custom_templates, preserve_set)
         if any(v is None for v in values):
             return True  # an input is linked: checked when the node runs
-        # A linked 'concepts' input may supply the targets: only check what the widgets decide.
-        return validation_message(cls.DISPLAY_NAME, lambda: _load(*values)) if targets.strip() or \
-            preset != NO_PRESET or file != _comfy.NO_FILE else True
+
+        def check() -> None:
+            # a large file is read when the node runs; the typed inputs and the preset are checked now
+            path = _comfy.resolve_concept_file(file)
+            read = file if path is None or _size(path) <= QUEUE_FILE_BYTES else _comfy.NO_FILE
+            # A linked 'concepts' input may supply the targets: only check what the widgets decide.
+            if targets.strip() or preset != NO_PRESET or read != _comfy.NO_FILE:
+                _load(targets, anchors, preserve, kind, preset, read, templates, custom_templates, preserve_set)
+
+        return validation_message(cls.DISPLAY_NAME, check)
 
     @classmethod
     def execute(cls, targets, anchors, preserve, kind="generic", preset=NO_PRESET, file=_comfy.NO_FILE,

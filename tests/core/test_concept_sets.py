@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from erasure_core import ConceptError
+from erasure_core import concepts
 from erasure_core.concepts import Concept, ConceptKind, ConceptSet, check_prompt_lengths, normalise
 from erasure_core.formats.concept_files import PRESET_DIR, assemble, load_preset
 
@@ -332,3 +333,13 @@ def test_summary_hides_entries_beyond_the_first_five():
 def test_summary_of_five_targets_has_no_more_marker():
     cs = ConceptSet(tuple(Concept(f"artist {i}") for i in range(5)))
     assert "more" not in cs.summary()
+
+
+def test_a_long_overlap_of_targets_and_preserve_is_named_in_part_with_a_count():
+    names = [f"Painter Number{i}" for i in range(1000)]
+    with pytest.raises(ConceptError) as err:
+        ConceptSet(tuple(Concept(n) for n in names), tuple(Concept(n) for n in names))
+    message = str(err.value)
+    shown = concepts.CLASHES_SHOWN
+    assert f"'Painter Number{shown - 1}'" in message and f"'Painter Number{shown}'" not in message
+    assert f"and {1000 - shown:,} more are in both" in message and len(message) < 600

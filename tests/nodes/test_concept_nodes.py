@@ -71,3 +71,39 @@ def test_merge_concepts_unions_and_reports_conflicts(env):
     (merged,) = out.result
     assert merged.target_names == ("Van Gogh", "Rembrandt") and merged.anchors == ("a painter", "a painter")
     assert [p.name for p in merged.preserve] == ["Monet"] and len(merged.warnings) == 2
+
+
+# -- queue time: cheap whatever the file's size ---------------------------------------------------
+
+def _validate(env, **inputs):
+    widgets = {"targets": "", "anchors": "", "preserve": "", "kind": "generic", "preset": "none", "file": "none",
+               "templates": "as given", "custom_templates": "", "preserve_set": "none"}
+    return _nodes(env).LoadConcepts.validate_inputs(**(widgets | inputs))
+
+
+def _list_ending_badly(names: int) -> str:
+    """``names`` good lines, then a target that equals its anchor (refused once the file is read)."""
+    return "".join(f"Painter Number{i} -> a painter\n" for i in range(names)) + "Cat -> cat\n"
+
+
+def test_queue_time_reads_a_small_file_and_reports_its_error(env, concepts_dir):
+    (concepts_dir / "small.txt").write_text(_list_ending_badly(10))
+    message = _validate(env, file="small.txt")
+    assert message.startswith("Load Concepts, ") and "must differ from its anchor" in message
+
+
+def test_queue_time_leaves_a_large_file_to_the_run_and_still_checks_the_typed_inputs(env, concepts_dir):
+    nodes = _nodes(env)
+    text = _list_ending_badly(nodes.QUEUE_FILE_BYTES // 20)
+    assert len(text.encode()) > nodes.QUEUE_FILE_BYTES
+    (concepts_dir / "large.txt").write_text(text)
+    assert _validate(env, file="large.txt") is True  # the error at its end is not looked for yet
+    message = _validate(env, file="large.txt", targets="Van Gogh; Monet; Dali", anchors="a; b")
+    assert message.startswith("Load Concepts, input 'anchors':")
+    with pytest.raises(env.core.ConceptError, match="Load Concepts, .*must differ from its anchor"):
+        _load(env, file="large.txt")  # the run reads it all
+
+
+def test_queue_time_still_refuses_a_file_outside_the_allowed_folders(env, concepts_dir):
+    (concepts_dir.parent / "secret.txt").write_text("Pikachu\n")
+    assert "input 'file'" in _validate(env, file="../secret.txt")
