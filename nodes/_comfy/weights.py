@@ -39,9 +39,9 @@ def attention_sites(model: Any, device: torch.device | None = None) -> tuple[Arc
     never holds more than one fp32 copy. The input model is only read.
     """
     device = device or compute_device()
-    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=UNET_PREFIX).items()}
+    key_patches = model.get_key_patches(UNET_PREFIX)  # walks the state dict once; shapes from its base weights
+    shapes = {k: tuple(patches[0][0].shape) for k, patches in key_patches.items()}
     spec = detect(shapes)
-    key_patches = model.get_key_patches(UNET_PREFIX)
     context = context_transform_of(model)  # a float32 attn2 context transform already on this clone
     # per-layer streams (HiDream's llama_layers) are resolved from what the module's forward reads, else
     # from the config ComfyUI built it from

@@ -28,6 +28,16 @@ def live_weight(model, key):
     return comfy.utils.get_attr(model.model, key).detach().float().clone()
 
 
+def loaded_state(model):
+    """``model``'s UNet weights as it runs them (float copies). Clones share one module, whose weights
+    are those of the clone ComfyUI loaded last (patched in place, backed up): ``model`` is loaded first,
+    so an erased clone sampled before cannot show through."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return {k: v.detach().clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+
+
 # "cat" erased to "dog", measured in latent space (issue #13): prompts in no list (not preserved, not
 # in the bank, not a probe; test_safe_defaults_comfyui.py checks it) and the reference pair
 UNRELATED = ("a red car on a street", "a bowl of fruit on a table", "a mountain lake at sunset",

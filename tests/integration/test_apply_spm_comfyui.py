@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import tiny_spm
 import torch
-from sampling import sample
+from sampling import loaded_state, sample
 
 pytestmark = pytest.mark.comfyui
 
@@ -78,7 +78,7 @@ def test_a_released_format_spm_patches_every_transformer_module(pack, tiny_check
 
 def test_ft_gate_follows_the_prompt_and_the_input_model_is_untouched(pack, tiny_checkpoint, spm_folder):
     model, clip, _ = tiny_checkpoint
-    before = {k: v.clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+    before = loaded_state(model)
     patches_before, uuid_before = dict(model.patches), model.patches_uuid
 
     target, target_report, ui = _apply(model, clip, prompt="snoopy", spm_1="snoopy.safetensors")
@@ -109,8 +109,7 @@ def test_ft_gate_follows_the_prompt_and_the_input_model_is_untouched(pack, tiny_
     assert (other_u - at_gate_u).norm() < 0.02 * moved  # acts at its gate (report rounds it to 3 digits)
     assert moved < 0.95 * moved_full
 
-    sample(model, clip, "snoopy", steps=1)  # loads the original again: backups restored
-    after = model.model_state_dict(filter_prefix="diffusion_model.")
+    after = loaded_state(model)  # the original loaded again: backups restored
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.patches == patches_before and model.patches_uuid == uuid_before
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sampling import live_weight, sample
+from sampling import live_weight, loaded_state, sample
 
 pytestmark = pytest.mark.comfyui
 
@@ -40,7 +40,7 @@ MANY = "; ".join(f"Painter {c}" for c in "ABCDEFGHJKLM")  # 12 x 77-row keys: a 
 @pytest.mark.parametrize("targets", ["Van Gogh", MANY])
 def test_input_model_is_bit_identical_after_erasing_and_sampling(pack, tiny_checkpoint, targets):
     model, clip, _ = tiny_checkpoint
-    before = {k: v.clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+    before = loaded_state(model)
     patches_before, uuid_before = dict(model.patches), model.patches_uuid
     erased, patch, report = _erase(pack, model, clip, targets, "a painter")
     sample(erased, clip, "Van Gogh", steps=1)
@@ -168,14 +168,14 @@ def test_every_method_patches_a_clone_and_leaves_the_input_untouched(pack, tiny_
     from concept_erasure_pack.erasure_core import make_config
 
     model, clip, _ = tiny_checkpoint
-    before = {k: v.clone() for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+    before = loaded_state(model)
     options = make_config(method) if method in ("speed", "rece") else None
     erased, patch, report = _erase(pack, model, clip, "Van Gogh; Monet", "a painter", "Rembrandt",
                                    method=method, options=options)
     assert erased is not model and set(erased.patches) == set(patch.keys()) and patch.meta["method"] == method
     sample(erased, clip, "Van Gogh", steps=1)
     sample(model, clip, "Van Gogh", steps=1)
-    after = model.model_state_dict(filter_prefix="diffusion_model.")
+    after = loaded_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.patches
     assert method.upper() in report
 
