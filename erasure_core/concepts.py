@@ -14,7 +14,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ConceptError
+from .errors import ConceptError, shown_list
 
 __all__ = [
     "BUILTIN_TEMPLATES",
@@ -269,9 +269,8 @@ class ConceptSet:
         clash = [f"'{n}' (target '{erased[normalise(n)]}')" for p in preserve for n in p.names
                  if normalise(n) in erased]
         if clash:
-            more = f" and {len(clash) - CLASHES_SHOWN:,} more" if len(clash) > CLASHES_SHOWN else ""
             raise ConceptError(
-                f"a concept cannot be both erased and preserved, but {', '.join(clash[:CLASHES_SHOWN])}{more} "
+                f"a concept cannot be both erased and preserved, but {shown_list(clash, CLASHES_SHOWN)} "
                 f"{'is' if len(clash) == 1 else 'are'} in both. Remove "
                 f"{'it' if len(clash) == 1 else 'them'} from the preserve list or from the targets.",
                 input_name="preserve",

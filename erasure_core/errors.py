@@ -9,13 +9,36 @@ expected and how to fix it.
 from __future__ import annotations
 
 __all__ = [
+    "SHOWN_CHARS",
     "ArchitectureError",
     "ConceptError",
     "ConfigError",
     "ErasureError",
     "NumericalError",
     "PatchError",
+    "shown",
+    "shown_list",
 ]
+
+SHOWN_CHARS = 60
+"""Most characters of a user's or a file's text that a message quotes (then an ellipsis)."""
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for quoting text a user typed or a file holds
+    in a message: a huge value is cut before ``repr`` copies it whole."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        value = value[:limit]
+        text = repr(value)
+        return text[:-1] + "..." + text[-1]
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown_list(items: list[str] | tuple[str, ...], most: int = 5) -> str:
+    """The first ``most`` of ``items`` joined with commas, then how many more there are."""
+    head = ", ".join(items[:most])
+    return head + (f" and {len(items) - most:,} more" if len(items) > most else "")
 
 
 class ErasureError(ValueError):

@@ -12,9 +12,8 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from ..erasure_core import ErasureError
 from ..erasure_core.config import option_meta
-from ..erasure_core.errors import ConfigError
+from ..erasure_core.errors import ConfigError, ErasureError, shown
 from .types import io
 
 logger = logging.getLogger(__name__)
@@ -73,10 +72,7 @@ def _node_name(cls: type) -> str:
 
 
 def _short_value(value: Any) -> str:
-    if isinstance(value, (str, bytes)) and len(value) > 60:
-        value = value[:60]  # a huge string from the HTTP API is cut before repr copies it whole
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shown(value)  # a huge string from the HTTP API is cut before repr copies it whole
 
 
 def check_widget_values(cls: type, values: dict[str, Any]) -> None:
