@@ -45,6 +45,12 @@ from .closed_form import (
 __all__ = ["UCEConfig", "solve"]
 
 
+TEXT_LENGTH_MAX = 512
+"""The longest ``text_length``: T5's training length and UCE's Flux-dev setting. Every prompt's rows
+are kept in memory while the erase runs (a T5 row of 4,096 floats is 16 KiB), so the 4,096 allowed
+before let a few hundred preserve prompts fill tens of GB of RAM."""
+
+
 @dataclass(frozen=True)
 class UCEConfig(ClosedFormConfig):
     """UCE uses the shared closed-form options (see :class:`ClosedFormConfig`) and the length the
@@ -53,8 +59,9 @@ class UCEConfig(ClosedFormConfig):
     text_length: int = option(
         0, "Pad each concept's T5 (or other DiT text) tokens to this many before encoding. 0 pads as ComfyUI "
         "pads your prompts (Flux: 256). Flux's T5 reads its padding without a mask, so every row depends on "
-        "it; UCE's Flux code uses max_sequence_length 512 (dev) or 256 (schnell). Ignored by SD1.x/SDXL CLIP.",
-        min=0, max=4096, step=1)
+        "it; UCE's Flux code uses max_sequence_length 512 (dev) or 256 (schnell), the most T5 was trained on "
+        "(each prompt then holds 512 rows: 8 MiB of Flux's T5). Ignored by SD1.x/SDXL CLIP.",
+        min=0, max=TEXT_LENGTH_MAX, step=1)
 
 
 _FLUX_REFERENCE = {"token_pick": TokenPick.LAST_SUBJECT, "erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5,
