@@ -22,6 +22,7 @@ __all__ = [
     "ConceptKind",
     "ConceptSet",
     "MAX_NAME_CHARS",
+    "MAX_PROMPTS",
     "MAX_TEXT_CHARS",
     "broadcast_anchors",
     "check_prompt_lengths",
@@ -42,6 +43,17 @@ parsing or tokenising: about 2,500 names. Longer lists belong in a concept file.
 MAX_NAME_CHARS = 1000
 """Longest single name, alias, anchor or template: CLIP reads 75 tokens (a few characters each),
 which no longer text fits. It also bounds the tokeniser's work per word."""
+
+MAX_PROMPTS = 20_000
+"""Most erase prompts (every target name and alias under each template of its kind) one concept
+set expands to, and separately most preserve prompts. Counted (names x templates) before any
+prompt is built or tokenised: typed text and files are capped in characters, but their product
+is not (8,000 names under 8,000 custom templates would be 64 million prompts, built and
+tokenised at queue time). Papers erase up to about 1,000 concepts with a few templates each
+(UCE's 1,000 artists under its 6 art templates: 6,000; with two aliases each, 18,000) and keep
+hundreds to a few thousand; the largest preset here expands to 672 erase prompts and the largest
+preserve set to 3,720 (built-in templates). Load Concepts checks the worst case, 20,000 of each,
+at queue time in about 0.7 s (real ComfyUI, token counts and embedding look-ups)."""
 
 CLASHES_SHOWN = 5
 """Concepts both erased and preserved that the error names (then a count), so that two long lists
@@ -310,11 +322,13 @@ class ConceptSet:
         return cls.simple(parse_concept_list(targets), parse_anchor_list(anchors) or ("",),
                           parse_concept_list(preserve))
 
-    def merged(self, other: ConceptSet) -> ConceptSet:
+    def merged(self, other: ConceptSet, check: bool = True) -> ConceptSet:
         """Union of two sets; on conflicts ``self`` wins and each conflict becomes a warning.
 
         A target of one set that the other maps to a different anchor keeps this set's anchor;
         a concept one set erases and the other preserves is erased (dropped from preserve).
+        Two sets under :data:`MAX_PROMPTS` may exceed it together: ``check`` refuses that (a
+        caller that attributes the error itself, or changes the templates next, passes False).
         """
         warnings = [*self.warnings, *other.warnings]
         targets: list[Concept] = []
@@ -338,7 +352,8 @@ class ConceptSet:
             else:
                 preserve.append(p)
         templates = {**other.templates, **self.templates}
-        return ConceptSet(tuple(targets), tuple(preserve), templates, tuple(warnings))
+        out = ConceptSet(tuple(targets), tuple(preserve), templates, tuple(warnings))
+        return out.check_prompt_count() if check else out
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -352,11 +367,46 @@ class ConceptSet:
     def templates_for(self, kind: ConceptKind) -> tuple[str, ...]:
         return self.templates.get(kind.value) or self.templates.get(ANY_KIND) or ("{}",)
 
+    def prompt_count(self, role: str) -> tuple[int, int]:
+        """``(names, prompts)`` of ``role`` (``"targets"`` or ``"preserve"``): its names and aliases,
+        and the prompts they expand to under their kinds' templates (an upper bound: repeats are
+        not removed), counted without building any prompt."""
+        names = prompts = 0
+        for concept in self.targets if role == "targets" else self.preserve:
+            names += len(concept.names)
+            prompts += len(concept.names) * len(self.templates_for(concept.kind))
+        return names, prompts
+
+    def check_prompt_count(self, targets_input: str = "targets", preserve_input: str = "preserve") -> ConceptSet:
+        """This set, or ConceptError when its erase or its preserve prompts would number more than
+        :data:`MAX_PROMPTS`, naming ``targets_input`` or ``preserve_input``."""
+        self._check_role("targets", targets_input)
+        self._check_role("preserve", preserve_input)
+        return self
+
+    def _check_role(self, role: str, input_name: str) -> None:
+        names, prompts = self.prompt_count(role)
+        if prompts <= MAX_PROMPTS:
+            return
+        concepts = self.targets if role == "targets" else self.preserve
+        most = max(len(self.templates_for(kind)) for kind in {c.kind for c in concepts})
+        what, fix = (("erase prompts (each target name and alias under each template of its kind)",
+                      "Use fewer templates ('none', or fewer custom templates), or erase fewer targets at "
+                      "once and erase the rest in a second, chained erasure.") if role == "targets" else
+                     ("preserve prompts (each preserved name and alias under each template of its kind)",
+                      "Use fewer templates ('none', or fewer custom templates), or preserve fewer concepts "
+                      "(the closest neighbours of the targets matter most)."))
+        raise ConceptError(f"{what} must number at most {MAX_PROMPTS:,}, but these concepts make {prompts:,} "
+                           f"({names:,} names and aliases under up to {most:,} templates each). {fix}",
+                           input_name=input_name)
+
     def erase_pairs(self) -> list[tuple[str, str]]:
         """(target prompt, anchor prompt) for every target name, alias and template.
 
-        An empty anchor stays empty under every template: it stands for the null prompt.
+        An empty anchor stays empty under every template: it stands for the null prompt. A set
+        over :data:`MAX_PROMPTS` is refused before any prompt is built.
         """
+        self._check_role("targets", "targets")
         pairs = []
         for t in self.targets:
             for template in self.templates_for(t.kind):
@@ -365,7 +415,9 @@ class ConceptSet:
         return list(dict.fromkeys(pairs))
 
     def preserve_prompts(self, extra: Iterable[str] = ()) -> list[str]:
-        """Every preserve name under its kind's templates, plus ``extra`` prompts, once each."""
+        """Every preserve name under its kind's templates, plus ``extra`` prompts, once each (a
+        set over :data:`MAX_PROMPTS` is refused before any prompt is built)."""
+        self._check_role("preserve", "preserve")
         prompts = [fill_template(tpl, n) for p in self.preserve for tpl in self.templates_for(p.kind) for n in p.names]
         return list(dict.fromkeys([*prompts, *extra]))
 

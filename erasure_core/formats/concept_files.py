@@ -30,6 +30,7 @@ from typing import Any
 from ..atomic import replace_atomically
 from ..concepts import (
     BUILTIN_TEMPLATES,
+    MAX_PROMPTS,
     Concept,
     ConceptKind,
     ConceptSet,
@@ -354,16 +355,18 @@ def assemble(
     except ValueError:
         raise ConceptError(f"kind must be one of {', '.join(repr(k.value) for k in ConceptKind)}, but got "
                            f"{str(kind)[:60]!r}. Pick one from the list.", input_name="kind") from None
-    parts = [ConceptSet(tuple(parse_inline(targets, anchors, kind)), tuple(parse_preserve(preserve, kind)))]
+    parts = {"": ConceptSet(tuple(parse_inline(targets, anchors, kind)), tuple(parse_preserve(preserve, kind)))}
     if file is not None:
-        parts.append(load_concept_file(file, kind))
+        parts["file"] = load_concept_file(file, kind)
     if preset is not None:
-        parts.append(load_preset(preset))
+        parts["preset"] = load_preset(preset)
     if extra is not None:
-        parts.append(extra)
-    result = parts[0]
-    for other in parts[1:]:
-        result = result.merged(other)
+        parts["concepts"] = extra
+    # Merged unchecked: the templates chosen below decide the prompt count (a file's own templates
+    # may be over the limit and 'none' under it). Nothing here builds a prompt.
+    result = parts[""]
+    for other in list(parts.values())[1:]:
+        result = result.merged(other, check=False)
     if preserve_set is not None:  # targets win silently: a big list always names some of them
         erased = {normalise(n) for t in result.targets for n in t.names}
         keep = load_preserve_set(preserve_set).preserve
@@ -371,7 +374,8 @@ def assemble(
         extra_keep = tuple(p for p in keep if normalise(p.name) not in erased)
         note = (f"{len(dropped)} entries of the '{preserve_set}' preserve set are erased targets and "
                 f"are not preserved: {', '.join(dropped[:5])}{'...' if len(dropped) > 5 else ''}.",)
-        result = result.merged(ConceptSet(preserve=extra_keep, warnings=note if dropped else ()))
+        parts["preserve_set"] = ConceptSet(preserve=extra_keep, warnings=note if dropped else ())
+        result = result.merged(parts["preserve_set"], check=False)
     if mode is TemplateMode.NONE:
         result = replace(result, templates={})
     elif mode is TemplateMode.BUILTIN:
@@ -383,4 +387,19 @@ def assemble(
                                "Write one per line, like 'a painting by {}'.", input_name="custom_templates")
         check_templates(lines, "custom_templates")
         result = replace(result, templates={"*": tuple(lines)})
-    return result.require_targets()
+    return result.check_prompt_count(*_prompt_limit_inputs(result, mode, parts)).require_targets()
+
+
+def _prompt_limit_inputs(result: ConceptSet, mode: TemplateMode, parts: dict[str, ConceptSet]) -> tuple[str, str]:
+    """The inputs that erase or preserve prompts over :data:`MAX_PROMPTS` blame: the templates
+    when the names alone are within it, else the source giving the most names (``""``: the typed
+    text). Counting only: nothing is built."""
+    templates = "custom_templates" if mode is TemplateMode.CUSTOM else "templates"
+
+    def blame(role: str) -> str:
+        if result.prompt_count(role)[0] <= MAX_PROMPTS:
+            return templates
+        source = max(parts, key=lambda name: parts[name].prompt_count(role)[0])
+        return source or role  # the typed input is named like the role ('targets', 'preserve')
+
+    return blame("targets"), blame("preserve")

@@ -1,0 +1,145 @@
+"""Limits on what a concept set may grow to: the prompt count (names x templates), checked by
+counting before any prompt is built, and the warnings a set carries to the node."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from erasure_core import ConceptError, concepts
+from erasure_core.concepts import BUILTIN_TEMPLATES, MAX_PROMPTS, Concept, ConceptKind, ConceptSet
+from erasure_core.formats.concept_files import (
+    FORMAT_NAME,
+    assemble,
+    list_preserve_sets,
+    list_presets,
+    load_preserve_set,
+    load_preset,
+)
+
+OVER = MAX_PROMPTS // 100 + 1
+"""Names that, under 100 templates, make just over :data:`MAX_PROMPTS` prompts."""
+HUNDRED_TEMPLATES = "\n".join(f"picture {i} of {{}}" for i in range(100))
+
+
+@pytest.fixture
+def no_prompt_built(monkeypatch):
+    """Fail the test if anything fills a template (the count is checked before any prompt exists)."""
+    def refuse(template: str, name: str) -> str:
+        raise AssertionError("a prompt was built")
+    monkeypatch.setattr(concepts, "fill_template", refuse)
+
+
+def _names(prefix: str, count: int) -> str:
+    return "\n".join(f"{prefix}{i}" for i in range(count))
+
+
+def test_typed_targets_times_custom_templates_over_the_limit_blame_custom_templates(no_prompt_built):
+    with pytest.raises(ConceptError, match=f"erase prompts .* at most {MAX_PROMPTS:,}, but these concepts make "
+                                           f"{OVER * 100:,} \\({OVER:,} names and aliases under up to 100 "
+                                           "templates each\\)") as err:
+        assemble(targets=_names("t", OVER), templates="custom", custom_templates=HUNDRED_TEMPLATES)
+    assert err.value.input_name == "custom_templates"
+
+
+def test_typed_preserve_times_custom_templates_over_the_limit_blame_custom_templates(no_prompt_built):
+    with pytest.raises(ConceptError, match="preserve prompts .* at most") as err:
+        assemble(targets="cat", preserve=_names("p", OVER), templates="custom", custom_templates=HUNDRED_TEMPLATES)
+    assert err.value.input_name == "custom_templates"
+
+
+def test_aliases_count_like_names(no_prompt_built):
+    entries = "\n".join(f"t{i} | alias {i}" for i in range(OVER // 2 + 1))
+    with pytest.raises(ConceptError, match="erase prompts") as err:
+        assemble(targets=entries, templates="custom", custom_templates=HUNDRED_TEMPLATES)
+    assert err.value.input_name == "custom_templates"
+
+
+def test_the_same_lists_under_fewer_templates_pass():
+    cs = assemble(targets=_names("t", OVER), preserve=_names("p", OVER), templates="custom",
+                  custom_templates="\n".join(HUNDRED_TEMPLATES.splitlines()[:10]))
+    assert cs.prompt_count("targets") == (OVER, OVER * 10) and len(cs.erase_pairs()) == OVER * 10
+
+
+def test_builtin_templates_over_the_limit_blame_templates(no_prompt_built):
+    count = MAX_PROMPTS // len(BUILTIN_TEMPLATES["artist"]) + 1
+    with pytest.raises(ConceptError, match="erase prompts") as err:
+        assemble(targets=_names("t", count), kind="artist", templates="built-in per kind")
+    assert err.value.input_name == "templates"
+
+
+def test_a_files_own_templates_over_the_limit_blame_templates_and_none_passes(tmp_path, no_prompt_built):
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"format": FORMAT_NAME, "version": 1, "targets": [f"t{i}" for i in range(OVER)],
+                                "templates": {"*": HUNDRED_TEMPLATES.splitlines()}}))
+    with pytest.raises(ConceptError, match="erase prompts") as err:
+        assemble(file=path)
+    assert err.value.input_name == "templates"
+    assert assemble(file=path, templates="none").prompt_count("targets") == (OVER, OVER)
+
+
+def test_a_file_of_more_names_than_the_limit_blames_the_file(tmp_path, no_prompt_built):
+    path = tmp_path / "list.txt"
+    path.write_text(_names("t", MAX_PROMPTS + 1))
+    with pytest.raises(ConceptError, match=f"but these concepts make {MAX_PROMPTS + 2:,}") as err:
+        assemble(targets="cat", file=path)  # the typed target and the file's
+    assert err.value.input_name == "file"
+
+
+def test_a_file_preserving_more_names_than_the_limit_blames_the_file(tmp_path, no_prompt_built):
+    path = tmp_path / "list.csv"
+    path.write_text("preserve\n" + _names("p", MAX_PROMPTS + 1))
+    with pytest.raises(ConceptError, match="preserve prompts") as err:
+        assemble(targets="cat", file=path)
+    assert err.value.input_name == "file"
+
+
+def test_a_linked_set_of_more_names_than_the_limit_blames_the_concepts_input(no_prompt_built):
+    extra = ConceptSet(tuple(Concept(f"t{i}") for i in range(MAX_PROMPTS + 1)))
+    with pytest.raises(ConceptError, match="erase prompts") as err:
+        assemble(targets="cat", extra=extra)
+    assert err.value.input_name == "concepts"
+
+
+def test_merging_two_sets_within_the_limit_is_refused_when_they_exceed_it_together(no_prompt_built):
+    half = MAX_PROMPTS // 2 + 1
+    a = ConceptSet(tuple(Concept(f"a{i}") for i in range(half)))
+    b = ConceptSet(tuple(Concept(f"b{i}") for i in range(half)))
+    with pytest.raises(ConceptError, match=f"erase prompts .* make {2 * half:,}") as err:
+        a.merged(b)
+    assert err.value.input_name == "targets"
+    assert len(a.merged(b, check=False).targets) == 2 * half  # a caller that checks itself
+
+
+def test_merging_preserve_lists_is_limited_too(no_prompt_built):
+    half = MAX_PROMPTS // 2 + 1
+    a = ConceptSet(preserve=tuple(Concept(f"a{i}") for i in range(half)))
+    b = ConceptSet(preserve=tuple(Concept(f"b{i}") for i in range(half)))
+    with pytest.raises(ConceptError, match="preserve prompts") as err:
+        a.merged(b)
+    assert err.value.input_name == "preserve"
+
+
+def test_a_set_over_the_limit_builds_no_prompt(no_prompt_built):
+    templates = {"*": tuple(HUNDRED_TEMPLATES.splitlines())}
+    cs = ConceptSet(tuple(Concept(f"t{i}") for i in range(OVER)), (), templates)  # built directly: no check
+    with pytest.raises(ConceptError, match="erase prompts"):
+        cs.erase_pairs()
+    cs = ConceptSet((Concept("cat"),), tuple(Concept(f"p{i}") for i in range(OVER)), templates)
+    with pytest.raises(ConceptError, match="preserve prompts"):
+        cs.preserve_prompts()
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_under_builtin_templates_stays_well_below_the_limit(name):
+    cs = assemble(preset=name, templates="built-in per kind")
+    assert max(cs.prompt_count("targets")[1], cs.prompt_count("preserve")[1]) < MAX_PROMPTS // 10
+    assert load_preset(name).prompt_count("targets")[1] < MAX_PROMPTS // 10
+
+
+@pytest.mark.parametrize("name", list_preserve_sets())
+def test_every_preserve_set_under_builtin_templates_stays_well_below_the_limit(name):
+    cs = assemble(targets="cat", preserve_set=name, templates="built-in per kind", kind=ConceptKind.OBJECT)
+    assert cs.prompt_count("preserve")[1] < MAX_PROMPTS // 4
+    assert len(load_preserve_set(name).preserve) > 100
