@@ -14,7 +14,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ConceptError, shown_list
+from .errors import ConceptError, shown, shown_list
 
 __all__ = [
     "BUILTIN_TEMPLATES",
@@ -95,9 +95,9 @@ def check_text_size(text: str | None, input_name: str) -> None:
 def _check_name(text: str, what: str, input_name: str) -> None:
     if len(text) > MAX_NAME_CHARS:
         raise ConceptError(f"each {what} must be at most {MAX_NAME_CHARS} characters (CLIP reads 75 tokens), "
-                           f"but got one of {len(text):,} ('{text[:40]}...'). Shorten it.", input_name=input_name)
+                           f"but got one of {len(text):,} ({shown(text)}). Shorten it.", input_name=input_name)
     if text and all(ch in _SEPARATORS for ch in text):
-        raise ConceptError(f"each {what} must contain a word, but got '{text}' (separators only). Remove "
+        raise ConceptError(f"each {what} must contain a word, but got {shown(text)} (separators only). Remove "
                            "the stray separator.", input_name=input_name)
 
 
@@ -183,7 +183,7 @@ class Concept:
             kind = ConceptKind(self.kind)
         except ValueError:
             kinds = ", ".join(k.value for k in ConceptKind)
-            raise ConceptError(f"kind must be one of {kinds}, but got {self.kind!r} for '{name}'. "
+            raise ConceptError(f"kind must be one of {kinds}, but got {shown(self.kind)} for {shown(name)}. "
                                "Use one of the listed kinds.", input_name="kind") from None
         seen = {normalise(name)}
         aliases = []
@@ -239,15 +239,15 @@ def _merge_duplicates(items: Iterable[Concept], role: str, warnings: list[str]) 
 
     def refuse(first: Concept, item: Concept) -> None:
         raise ConceptError(
-            f"a target can map to one anchor only, but '{item.name}' maps to '{first.anchor}' "
-            f"and to '{item.anchor}'. Keep one of the two entries.", input_name="anchors")
+            f"a target can map to one anchor only, but {shown(item.name)} maps to {shown(first.anchor)} "
+            f"and to {shown(item.anchor)}. Keep one of the two entries.", input_name="anchors")
 
     merged: list[Concept] = []
     index: dict[str, int] = {}
     for item in items:
         first_name = next((merged[index[normalise(n)]].name for n in item.names if normalise(n) in index), "")
         if _fold(merged, index, item, refuse if role == "targets" else lambda a, b: None):
-            warnings.append(f"'{item.name}' is listed twice in {role}; merged into '{first_name}'.")
+            warnings.append(f"{shown(item.name)} is listed twice in {role}; merged into {shown(first_name)}.")
     return tuple(merged)
 
 
@@ -271,18 +271,19 @@ class ConceptSet:
         for t in targets:
             if t.anchor and any(normalise(n) == normalise(t.anchor) for n in t.names):
                 raise ConceptError(
-                    f"each target must differ from its anchor, but target '{t.name}' has anchor "
-                    f"'{t.anchor}'. Pick an anchor that names what should appear instead (for "
+                    f"each target must differ from its anchor, but target {shown(t.name)} has anchor "
+                    f"{shown(t.anchor)}. Pick an anchor that names what should appear instead (for "
                     "example a broader concept), or leave it empty to erase toward nothing.",
                     input_name="anchors",
                 )
         preserve = _merge_duplicates((_as_concept(p) for p in self.preserve), "preserve", warnings)
         erased = {normalise(n): t.name for t in targets for n in t.names}
-        clash = [f"'{n}' (target '{erased[normalise(n)]}')" for p in preserve for n in p.names
-                 if normalise(n) in erased]
-        if clash:
+        clash = [n for p in preserve for n in p.names if normalise(n) in erased]
+        if clash:  # only the names shown are formatted (an overlap may be 100,000 long); the rest counted
+            named = [f"{shown(n)} (target {shown(erased[normalise(n)])})" for n in clash[:CLASHES_SHOWN]]
             raise ConceptError(
-                f"a concept cannot be both erased and preserved, but {shown_list(clash, CLASHES_SHOWN)} "
+                f"a concept cannot be both erased and preserved, but "
+                f"{shown_list(named + clash[CLASHES_SHOWN:], CLASHES_SHOWN)} "
                 f"{'is' if len(clash) == 1 else 'are'} in both. Remove "
                 f"{'it' if len(clash) == 1 else 'them'} from the preserve list or from the targets.",
                 input_name="preserve",
@@ -335,8 +336,8 @@ class ConceptSet:
         index: dict[str, int] = {}
 
         def keep_first(first: Concept, item: Concept) -> None:
-            warnings.append(f"'{item.name}' maps to '{first.anchor}' in the first input and to "
-                            f"'{item.anchor}' in the second; kept '{first.anchor}'.")
+            warnings.append(f"{shown(item.name)} maps to {shown(first.anchor)} in the first input and to "
+                            f"{shown(item.anchor)} in the second; kept {shown(first.anchor)}.")
 
         for t in (*self.targets, *other.targets):
             _fold(targets, index, t, keep_first)
@@ -347,7 +348,7 @@ class ConceptSet:
                 continue  # the same concept preserved by both inputs
             kept.add(normalise(p.name))
             if any(normalise(n) in erased for n in p.names):
-                warnings.append(f"'{p.name}' is erased by one input and preserved by the other; "
+                warnings.append(f"{shown(p.name)} is erased by one input and preserved by the other; "
                                 "it is erased (removed from preserve).")
             else:
                 preserve.append(p)
@@ -453,7 +454,7 @@ def _check_templates(templates: Mapping[str, Sequence[str]] | Sequence[str]) -> 
     for kind, items in templates.items():
         if kind not in known:
             raise ConceptError(f"templates are keyed by kind ({', '.join(sorted(known))}), but got "
-                               f"{kind!r}. Use one of the listed kinds.", input_name="templates")
+                               f"{shown(kind)}. Use one of the listed kinds.", input_name="templates")
         items = tuple(items)
         check_templates(items, "templates")
         if items:
@@ -468,7 +469,7 @@ def check_templates(items: Sequence[str], input_name: str) -> None:
            t.replace("{}", "", 1).count("}")]
     if bad:
         raise ConceptError(f"each template must contain '{{}}' exactly once and no other braces, but got "
-                           f"{bad[0][:80]!r}. Write templates like 'a painting by {{}}'.", input_name=input_name)
+                           f"{shown(bad[0])}. Write templates like 'a painting by {{}}'.", input_name=input_name)
     for t in items:
         if len(t) > MAX_NAME_CHARS:
             _check_name(t, "template", input_name)
@@ -482,9 +483,8 @@ def check_prompt_lengths(concepts: ConceptSet, count_tokens: Callable[[str], int
         for prompt in dict.fromkeys(prompts):
             n = count_tokens(prompt)
             if n > limit:
-                shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
                 raise ConceptError(
-                    f"every prompt must fit in CLIP's {limit} usable tokens, but '{shown}' is {n} "
+                    f"every prompt must fit in CLIP's {limit} usable tokens, but {shown(prompt)} is {n} "
                     "tokens long once templated. Shorten the concept or its template.",
                     input_name=input_name,
                 )

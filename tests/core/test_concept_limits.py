@@ -143,3 +143,70 @@ def test_every_preserve_set_under_builtin_templates_stays_well_below_the_limit(n
     cs = assemble(targets="cat", preserve_set=name, templates="built-in per kind", kind=ConceptKind.OBJECT)
     assert cs.prompt_count("preserve")[1] < MAX_PROMPTS // 4
     assert len(load_preserve_set(name).preserve) > 100
+
+
+# -- messages quote a file's or a user's text cut short, whatever its size -------------------------
+
+HUGE = "x" * 1_000_000
+
+
+def _doc(**fields) -> str:
+    return json.dumps({"format": FORMAT_NAME, "version": 1, **fields})
+
+
+@pytest.mark.parametrize("name, text", [
+    ("v.json", _doc(version=HUGE)),
+    ("vd.json", _doc(version={HUGE: 1})),
+    ("vn.json", _doc()[:-1] + ', "name": 1' + "0" * 5000 + "}"),  # past Python's 4,300-digit int limit
+    ("f.json", json.dumps({"format": HUGE})),
+    ("fd.json", json.dumps({"format": [HUGE] * 3})),
+    ("k.json", _doc(targets=["a"], **{f"key{i}": 1 for i in range(10_000)}, **{HUGE: 1})),
+    ("e.json", _doc(targets=[{"name": "a", "bogus": HUGE}])),
+    ("ed.json", _doc(targets=[{"name": "a", **{HUGE + str(i): 1 for i in range(3)}}])),
+    ("a.json", _doc(targets=[{"name": "a", "anchor": [HUGE]}])),
+    ("ad.json", _doc(targets=[{"name": "a", "anchor": {HUGE: HUGE}}])),
+    ("kind.json", _doc(targets=[{"name": "a", "kind": HUGE}])),
+    ("tk.json", _doc(targets=["a"], templates={HUGE: ["{}"]})),
+    ("h.csv", ",".join(["c" * 100_000] + [f"col{i}" for i in range(10_000)]) + "\nDali\n"),
+    ("kind.csv", "target,kind\nDali," + "k" * 100_000 + "\n"),
+    ("arrows.txt", HUGE + " -> a -> b\n"),
+    ("noname.txt", "| " + HUGE + "\n"),
+    ("alternation.txt", "[a|b] " + HUGE + "\n"),
+    ("separators.txt", "," * 900 + "\n"),
+    ("clash.json", _doc(targets=[{"name": "a" * 900, "anchor": "b" * 900}, {"name": "A" * 900, "anchor": "c" * 900}])),
+], ids=lambda v: v if len(v) < 40 else "")
+def test_a_file_error_quotes_its_text_cut_short(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConceptError) as err:
+        assemble(file=path)
+    assert err.value.input_name == "file" and len(str(err.value)) < 700, str(err.value)[:2000]
+
+
+@pytest.mark.parametrize("inputs, input_name", [
+    ({"targets": "cat", "preserve": "dog -> " + "x" * 40_000}, "preserve"),
+    ({"targets": "cat", "templates": "custom", "custom_templates": "{} " + "{" * 40_000}, "custom_templates"),
+    ({"targets": "a" * 900 + " -> " + "b" * 900 + "\n" + "A" * 900 + " -> " + "c" * 900}, "anchors"),
+    ({"targets": "a" * 900 + " -> " + "a" * 900}, "anchors"),
+    ({"targets": "a" * 900, "preserve": "A" * 900}, "preserve"),
+    ({"targets": "cat", "preset": "x" * 100_000}, "preset"),
+    ({"targets": "cat", "preserve_set": "x" * 100_000}, "preserve_set"),
+])
+def test_a_typed_error_quotes_the_text_cut_short(inputs, input_name):
+    with pytest.raises(ConceptError) as err:
+        assemble(**inputs)
+    assert err.value.input_name == input_name and len(str(err.value)) < 700, str(err.value)[:2000]
+
+
+def test_a_long_erased_and_preserved_overlap_formats_only_the_names_it_shows(monkeypatch):
+    names = tuple(Concept(f"n{i}") for i in range(50_000))
+    formatted = []
+    real = concepts.shown
+
+    def counting(value, *args):
+        formatted.append(value)
+        return real(value, *args)
+    monkeypatch.setattr(concepts, "shown", counting)
+    with pytest.raises(ConceptError, match="and 49,995 more are in both"):
+        ConceptSet(names, names)
+    assert len(formatted) <= 2 * concepts.CLASHES_SHOWN
