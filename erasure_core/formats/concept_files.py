@@ -177,6 +177,16 @@ def load_concept_file(path: str | os.PathLike[str], kind: ConceptKind | str = Co
 
 def _from_csv(text: str, where: str, kind: ConceptKind | str) -> ConceptSet:
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        return _read_csv(reader, where, kind)
+    except csv.Error as exc:  # e.g. a cell over the csv module's 128 KiB, often a quote left open
+        line = reader.line_num + 1  # the lines before the record that failed
+        raise ConceptError(f"{where} line {line}: the CSV must be readable, but {shown(str(exc), 80)}. Close "
+                           "a quote left open there, or shorten the cell (at most "
+                           f"{csv.field_size_limit():,} characters).", input_name="file") from None
+
+
+def _read_csv(reader: csv.DictReader, where: str, kind: ConceptKind | str) -> ConceptSet:
     columns = {normalise(c): c for c in (reader.fieldnames or []) if c}
     name_col = columns.get("target") or columns.get("name")
     if name_col is None and "preserve" not in columns:

@@ -466,3 +466,16 @@ def test_saved_files_are_readable_by_others(tmp_path):
     path = tmp_path / "team.json"
     save_json(ConceptSet.simple(("Monet",)), path)
     assert path.stat().st_mode & 0o044 == 0o044
+
+
+@pytest.mark.parametrize("text, line", [
+    ("target\nDali\n" + "a" * 200_000 + "\n", 3),  # a cell over the csv module's 128 KiB
+    ('target\n"Dali\nMonet\n' + "a" * 140_000, 2),  # a quote left open runs into the limit
+    ("c" * 140_000 + "\nDali\n", 1),  # in the header
+])
+def test_a_csv_cell_past_the_csv_limit_is_refused_on_the_file_input_with_its_line(tmp_path, text, line):
+    path = _write(tmp_path, "big.csv", text)
+    with pytest.raises(ConceptError, match=f"big\\.csv line {line}: the CSV must be readable, but 'field larger "
+                                           "than field limit \\(131072\\)'. Close a quote") as err:
+        assemble(file=path)
+    assert err.value.input_name == "file"

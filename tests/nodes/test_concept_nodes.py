@@ -132,3 +132,9 @@ def test_merge_concepts_refuses_two_sets_that_exceed_the_prompt_limit_together(e
                  custom_templates=ten).result  # each just over half the limit
     with pytest.raises(env.core.ConceptError, match="Merge Concepts, input 'concepts_b': erase prompts"):
         _nodes(env).MergeConcepts.execute(concepts_a=a, concepts_b=b)
+
+
+def test_a_csv_cell_past_the_csv_limit_names_the_file_input(env, concepts_dir):
+    (concepts_dir / "big.csv").write_text("target\nDali\n" + "a" * 200_000 + "\n")
+    with pytest.raises(env.core.ConceptError, match="Load Concepts, input 'file': big.csv line 3: the CSV must be"):
+        _load(env, file="big.csv")
