@@ -59,6 +59,10 @@ CLASHES_SHOWN = 5
 """Concepts both erased and preserved that the error names (then a count), so that two long lists
 that overlap give a readable message."""
 
+WARNINGS_KEPT = 5
+"""Warnings a concept set keeps (the rest are only counted): each is a line on the node, and a
+file that repeats one name 100,000 times must not send (or format) 100,000 lines."""
+
 _SEPARATORS = frozenset(" \t,.;:|-_/\\'\"`~!?*+=<>()[]{}#&^%$@")
 
 
@@ -231,7 +235,31 @@ def _fold(merged: list[Concept], index: dict[str, int], item: Concept,
     return True
 
 
-def _merge_duplicates(items: Iterable[Concept], role: str, warnings: list[str]) -> tuple[Concept, ...]:
+class _Warnings:
+    """The first :data:`WARNINGS_KEPT` warnings (a repeat of one kept is dropped), and how many
+    more there were: those are counted, never formatted, so a list repeating one name 100,000
+    times formats five strings."""
+
+    def __init__(self, kept: Iterable[str] = (), left_out: int = 0):
+        self.kept: list[str] = []
+        self.left_out = left_out
+        self._made = 0
+        for text in kept:
+            self.add(lambda text=text: text)
+
+    def add(self, make: Callable[[], str]) -> None:
+        if self._made >= WARNINGS_KEPT:
+            self.left_out += 1
+            return
+        self._made += 1
+        text = make()
+        if text in self.kept:
+            self.left_out += 1
+        else:
+            self.kept.append(text)
+
+
+def _merge_duplicates(items: Iterable[Concept], role: str, warnings: _Warnings) -> tuple[Concept, ...]:
     """Fold entries whose names (or aliases) coincide into the first one, with a warning.
 
     Two targets that share a name but map to different anchors cannot both hold: that raises.
@@ -245,9 +273,9 @@ def _merge_duplicates(items: Iterable[Concept], role: str, warnings: list[str]) 
     merged: list[Concept] = []
     index: dict[str, int] = {}
     for item in items:
-        first_name = next((merged[index[normalise(n)]].name for n in item.names if normalise(n) in index), "")
         if _fold(merged, index, item, refuse if role == "targets" else lambda a, b: None):
-            warnings.append(f"{shown(item.name)} is listed twice in {role}; merged into {shown(first_name)}.")
+            warnings.add(lambda item=item: f"{shown(item.name)} is listed twice in {role}; merged into "
+                                           f"{shown(merged[index[normalise(item.name)]].name)}.")
     return tuple(merged)
 
 
@@ -257,16 +285,18 @@ class ConceptSet:
 
     ``templates`` maps a kind (or ``"*"`` for every kind) to prompt templates, each containing
     ``{}`` once; kinds without templates use the names as they are. ``warnings`` records what was
-    merged or dropped on the way (shown on the node).
+    merged or dropped on the way (shown on the node): the first :data:`WARNINGS_KEPT`, and
+    ``warnings_left_out`` counts the rest.
     """
 
     targets: tuple[Concept, ...] = ()
     preserve: tuple[Concept, ...] = ()
     templates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    warnings_left_out: int = 0
 
     def __post_init__(self) -> None:
-        warnings = list(self.warnings)
+        warnings = _Warnings(self.warnings, self.warnings_left_out)
         targets = _merge_duplicates((_as_concept(t) for t in self.targets), "targets", warnings)
         for t in targets:
             if t.anchor and any(normalise(n) == normalise(t.anchor) for n in t.names):
@@ -292,7 +322,8 @@ class ConceptSet:
         object.__setattr__(self, "targets", targets)
         object.__setattr__(self, "preserve", preserve)
         object.__setattr__(self, "templates", MappingProxyType(templates))
-        object.__setattr__(self, "warnings", tuple(dict.fromkeys(warnings)))
+        object.__setattr__(self, "warnings", tuple(warnings.kept))
+        object.__setattr__(self, "warnings_left_out", warnings.left_out)
 
     def require_targets(self) -> ConceptSet:
         """This set, or ConceptError when it has nothing to erase (sets may be built empty and
@@ -331,13 +362,13 @@ class ConceptSet:
         Two sets under :data:`MAX_PROMPTS` may exceed it together: ``check`` refuses that (a
         caller that attributes the error itself, or changes the templates next, passes False).
         """
-        warnings = [*self.warnings, *other.warnings]
+        warnings = _Warnings((*self.warnings, *other.warnings), self.warnings_left_out + other.warnings_left_out)
         targets: list[Concept] = []
         index: dict[str, int] = {}
 
         def keep_first(first: Concept, item: Concept) -> None:
-            warnings.append(f"{shown(item.name)} maps to {shown(first.anchor)} in the first input and to "
-                            f"{shown(item.anchor)} in the second; kept {shown(first.anchor)}.")
+            warnings.add(lambda: f"{shown(item.name)} maps to {shown(first.anchor)} in the first input and to "
+                                 f"{shown(item.anchor)} in the second; kept {shown(first.anchor)}.")
 
         for t in (*self.targets, *other.targets):
             _fold(targets, index, t, keep_first)
@@ -348,12 +379,12 @@ class ConceptSet:
                 continue  # the same concept preserved by both inputs
             kept.add(normalise(p.name))
             if any(normalise(n) in erased for n in p.names):
-                warnings.append(f"{shown(p.name)} is erased by one input and preserved by the other; "
-                                "it is erased (removed from preserve).")
+                warnings.add(lambda p=p: f"{shown(p.name)} is erased by one input and preserved by the other; "
+                                         "it is erased (removed from preserve).")
             else:
                 preserve.append(p)
         templates = {**other.templates, **self.templates}
-        out = ConceptSet(tuple(targets), tuple(preserve), templates, tuple(warnings))
+        out = ConceptSet(tuple(targets), tuple(preserve), templates, tuple(warnings.kept), warnings.left_out)
         return out.check_prompt_count() if check else out
 
     # -- views ---------------------------------------------------------------------------------
@@ -443,6 +474,8 @@ class ConceptSet:
                  f"{len(self.erase_pairs())} erase prompts",
                  f"erase: {shown}{more}"]
         lines += [f"warning: {w}" for w in self.warnings]
+        if self.warnings_left_out:
+            lines.append(f"warning: ... and {self.warnings_left_out:,} more (duplicates merged, conflicts resolved)")
         return "\n".join(lines)
 
 

@@ -210,3 +210,42 @@ def test_a_long_erased_and_preserved_overlap_formats_only_the_names_it_shows(mon
     with pytest.raises(ConceptError, match="and 49,995 more are in both"):
         ConceptSet(names, names)
     assert len(formatted) <= 2 * concepts.CLASHES_SHOWN
+
+
+# -- warnings: the first few kept, the rest counted -------------------------------------------------
+
+def test_a_file_repeating_a_name_keeps_five_warnings_and_counts_the_rest(tmp_path, monkeypatch):
+    path = tmp_path / "dup.txt"
+    path.write_text("Dali\n" * 20_000)
+    formatted = []
+    real = concepts.shown
+
+    def counting(value, *args):
+        formatted.append(value)
+        return real(value, *args)
+    monkeypatch.setattr(concepts, "shown", counting)
+    cs = assemble(file=path)
+    assert (cs.target_names, len(cs.warnings), cs.warnings_left_out) == (("Dali",), 1, 19_998)
+    assert len(formatted) <= 2 * concepts.WARNINGS_KEPT  # the rest are counted, never formatted
+    lines = cs.summary().splitlines()
+    assert lines[-1] == "warning: ... and 19,998 more (duplicates merged, conflicts resolved)" and len(lines) == 4
+
+
+def test_distinct_warnings_past_the_first_five_are_counted():
+    cs = ConceptSet(tuple(Concept(n) for i in range(8) for n in (f"artist {i}", f"ARTIST {i}")))
+    assert (len(cs.warnings), cs.warnings_left_out) == (concepts.WARNINGS_KEPT, 8 - concepts.WARNINGS_KEPT)
+    assert cs.warnings[0] == "'ARTIST 0' is listed twice in targets; merged into 'artist 0'."
+    assert len(cs.summary().splitlines()) == 2 + concepts.WARNINGS_KEPT + 1
+
+
+def test_merged_keeps_five_warnings_and_adds_up_the_counts():
+    a = ConceptSet(tuple(Concept(n) for i in range(7) for n in (f"a{i}", f"A{i}")))
+    b = ConceptSet(tuple(Concept(n) for i in range(9) for n in (f"b{i}", f"B{i}")), (Concept("a0"),))
+    merged = a.merged(b)  # 7 + 9 duplicates and one concept erased by a, preserved by b
+    assert (len(merged.warnings), merged.warnings_left_out) == (concepts.WARNINGS_KEPT, 7 + 9 + 1 - 5)
+    assert merged.warnings == a.warnings
+
+
+def test_a_set_without_duplicates_has_no_warning_count():
+    cs = ConceptSet((Concept("Dali"), Concept("Monet")))
+    assert (cs.warnings, cs.warnings_left_out) == ((), 0) and "warning" not in cs.summary()

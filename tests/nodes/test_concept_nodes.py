@@ -138,3 +138,12 @@ def test_a_csv_cell_past_the_csv_limit_names_the_file_input(env, concepts_dir):
     (concepts_dir / "big.csv").write_text("target\nDali\n" + "a" * 200_000 + "\n")
     with pytest.raises(env.core.ConceptError, match="Load Concepts, input 'file': big.csv line 3: the CSV must be"):
         _load(env, file="big.csv")
+
+
+def test_load_concepts_shows_five_warnings_and_counts_the_rest(env, concepts_dir):
+    (concepts_dir / "dup.txt").write_text("".join(f"Artist {i % 10}\n" for i in range(3000)))
+    out = _load(env, file="dup.txt")
+    lines = out.ui["text"][0].splitlines()
+    assert [line for line in lines if line.startswith("warning:")][-1] == (
+        "warning: ... and 2,985 more (duplicates merged, conflicts resolved)")
+    assert sum(line.startswith("warning:") for line in lines) == 6
