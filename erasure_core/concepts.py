@@ -218,21 +218,40 @@ def _as_concept(item: Concept | str) -> Concept:
     return item if isinstance(item, Concept) else Concept(item)
 
 
-def _fold(merged: list[Concept], index: dict[str, int], item: Concept,
-          on_conflict: Callable[[Concept, Concept], None]) -> bool:
-    """Append ``item`` to ``merged``, or fold it into the entry sharing a name (its names become
-    aliases there). ``on_conflict(first, item)`` runs when their anchors differ. True if folded."""
-    hit = next((index[normalise(n)] for n in item.names if normalise(n) in index), None)
-    if hit is None:
-        index.update({normalise(n): len(merged) for n in item.names})
-        merged.append(item)
-        return False
-    first = merged[hit]
-    if normalise(first.anchor) != normalise(item.anchor):
-        on_conflict(first, item)
-    merged[hit] = replace(first, aliases=first.aliases + item.names)
-    index.update({normalise(n): hit for n in merged[hit].names})
-    return True
+class _Folder:
+    """Entries folded by shared names: each later entry sharing a name (or alias) with an earlier
+    one gives its names to it as aliases. ``on_conflict(first, item)`` runs when their anchors
+    differ. The aliases are collected and each concept built once at the end: rebuilding it per
+    fold was quadratic (4,000 lines 'Dali | alias' took 9 s, at queue time)."""
+
+    def __init__(self, on_conflict: Callable[[Concept, Concept], None]):
+        self.on_conflict = on_conflict
+        self.firsts: list[Concept] = []
+        self.more: list[list[str]] = []
+        self.index: dict[str, int] = {}
+
+    def add(self, item: Concept) -> bool:
+        """Append ``item``, or fold it into the entry sharing a name; True if folded."""
+        hit = next((self.index[normalise(n)] for n in item.names if normalise(n) in self.index), None)
+        if hit is None:
+            self.index.update({normalise(n): len(self.firsts) for n in item.names})
+            self.firsts.append(item)
+            self.more.append([])
+            return False
+        first = self.firsts[hit]
+        if normalise(first.anchor) != normalise(item.anchor):
+            self.on_conflict(first, item)
+        self.more[hit] += item.names
+        self.index.update({normalise(n): hit for n in item.names})
+        return True
+
+    def first_name(self, name: str) -> str:
+        """The name of the entry that ``name`` was folded into."""
+        return self.firsts[self.index[normalise(name)]].name
+
+    def concepts(self) -> tuple[Concept, ...]:
+        return tuple(replace(c, aliases=c.aliases + tuple(more)) if more else c
+                     for c, more in zip(self.firsts, self.more, strict=True))
 
 
 class _Warnings:
@@ -270,13 +289,12 @@ def _merge_duplicates(items: Iterable[Concept], role: str, warnings: _Warnings) 
             f"a target can map to one anchor only, but {shown(item.name)} maps to {shown(first.anchor)} "
             f"and to {shown(item.anchor)}. Keep one of the two entries.", input_name="anchors")
 
-    merged: list[Concept] = []
-    index: dict[str, int] = {}
+    folder = _Folder(refuse if role == "targets" else lambda a, b: None)
     for item in items:
-        if _fold(merged, index, item, refuse if role == "targets" else lambda a, b: None):
+        if folder.add(item):
             warnings.add(lambda item=item: f"{shown(item.name)} is listed twice in {role}; merged into "
-                                           f"{shown(merged[index[normalise(item.name)]].name)}.")
-    return tuple(merged)
+                                           f"{shown(folder.first_name(item.name))}.")
+    return folder.concepts()
 
 
 @dataclass(frozen=True)
@@ -363,15 +381,14 @@ class ConceptSet:
         caller that attributes the error itself, or changes the templates next, passes False).
         """
         warnings = _Warnings((*self.warnings, *other.warnings), self.warnings_left_out + other.warnings_left_out)
-        targets: list[Concept] = []
-        index: dict[str, int] = {}
-
         def keep_first(first: Concept, item: Concept) -> None:
             warnings.add(lambda: f"{shown(item.name)} maps to {shown(first.anchor)} in the first input and to "
                                  f"{shown(item.anchor)} in the second; kept {shown(first.anchor)}.")
 
+        folder = _Folder(keep_first)
         for t in (*self.targets, *other.targets):
-            _fold(targets, index, t, keep_first)
+            folder.add(t)
+        targets = folder.concepts()
         erased = {normalise(n) for t in targets for n in t.names}
         preserve, kept = [], set()
         for p in (*self.preserve, *other.preserve):
