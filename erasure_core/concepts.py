@@ -255,8 +255,8 @@ class _Folder:
 
 
 class _Warnings:
-    """The first :data:`WARNINGS_KEPT` warnings (a repeat of one kept is dropped), and how many
-    more there were: those are counted, never formatted, so a list repeating one name 100,000
+    """The first :data:`WARNINGS_KEPT` warnings, and how many more there were (a repeat of a kept
+    one among them): those are counted, never formatted, so a list repeating one name 100,000
     times formats five strings."""
 
     def __init__(self, kept: Iterable[str] = (), left_out: int = 0):
@@ -381,6 +381,7 @@ class ConceptSet:
         caller that attributes the error itself, or changes the templates next, passes False).
         """
         warnings = _Warnings((*self.warnings, *other.warnings), self.warnings_left_out + other.warnings_left_out)
+
         def keep_first(first: Concept, item: Concept) -> None:
             warnings.add(lambda: f"{shown(item.name)} maps to {shown(first.anchor)} in the first input and to "
                                  f"{shown(item.anchor)} in the second; kept {shown(first.anchor)}.")
@@ -484,12 +485,12 @@ class ConceptSet:
         for t in self.targets:
             kinds[t.kind.value] = kinds.get(t.kind.value, 0) + 1
         per_kind = ", ".join(f"{n} {k}" for k, n in kinds.items())
-        shown = "; ".join(f"{t.name}{' (+' + str(len(t.aliases)) + ' aliases)' if t.aliases else ''}"
+        entries = "; ".join(f"{t.name}{' (+' + str(len(t.aliases)) + ' aliases)' if t.aliases else ''}"
                           f" -> {t.anchor or '(nothing)'}" for t in self.targets[:first])
         more = f"; ... {len(self.targets) - first} more" if len(self.targets) > first else ""
         lines = [f"{len(self.targets)} targets ({per_kind}), {len(self.preserve)} preserved, "
                  f"{len(self.erase_pairs())} erase prompts",
-                 f"erase: {shown}{more}"]
+                 f"erase: {entries}{more}"]
         lines += [f"warning: {w}" for w in self.warnings]
         if self.warnings_left_out:
             lines.append(f"warning: ... and {self.warnings_left_out:,} more (duplicates merged, conflicts resolved)")
