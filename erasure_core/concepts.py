@@ -14,7 +14,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ConceptError, shown_list
+from .errors import ConceptError, shown, shown_list
 
 __all__ = [
     "BUILTIN_TEMPLATES",
@@ -22,6 +22,7 @@ __all__ = [
     "ConceptKind",
     "ConceptSet",
     "MAX_NAME_CHARS",
+    "MAX_PROMPTS",
     "MAX_TEXT_CHARS",
     "broadcast_anchors",
     "check_prompt_lengths",
@@ -43,9 +44,24 @@ MAX_NAME_CHARS = 1000
 """Longest single name, alias, anchor or template: CLIP reads 75 tokens (a few characters each),
 which no longer text fits. It also bounds the tokeniser's work per word."""
 
+MAX_PROMPTS = 20_000
+"""Most erase prompts (every target name and alias under each template of its kind) one concept
+set expands to, and separately most preserve prompts. Counted (names x templates) before any
+prompt is built or tokenised: typed text and files are capped in characters, but their product
+is not (8,000 names under 8,000 custom templates would be 64 million prompts, built and
+tokenised at queue time). Papers erase up to about 1,000 concepts with a few templates each
+(UCE's 1,000 artists under its 6 art templates: 6,000; with two aliases each, 18,000) and keep
+hundreds to a few thousand; the largest preset here expands to 672 erase prompts and the largest
+preserve set to 3,720 (built-in templates). Load Concepts checks the worst case, 20,000 of each,
+at queue time in about 0.7 s (real ComfyUI, token counts and embedding look-ups)."""
+
 CLASHES_SHOWN = 5
 """Concepts both erased and preserved that the error names (then a count), so that two long lists
 that overlap give a readable message."""
+
+WARNINGS_KEPT = 5
+"""Warnings a concept set keeps (the rest are only counted): each is a line on the node, and a
+file that repeats one name 100,000 times must not send (or format) 100,000 lines."""
 
 _SEPARATORS = frozenset(" \t,.;:|-_/\\'\"`~!?*+=<>()[]{}#&^%$@")
 
@@ -83,9 +99,9 @@ def check_text_size(text: str | None, input_name: str) -> None:
 def _check_name(text: str, what: str, input_name: str) -> None:
     if len(text) > MAX_NAME_CHARS:
         raise ConceptError(f"each {what} must be at most {MAX_NAME_CHARS} characters (CLIP reads 75 tokens), "
-                           f"but got one of {len(text):,} ('{text[:40]}...'). Shorten it.", input_name=input_name)
+                           f"but got one of {len(text):,} ({shown(text)}). Shorten it.", input_name=input_name)
     if text and all(ch in _SEPARATORS for ch in text):
-        raise ConceptError(f"each {what} must contain a word, but got '{text}' (separators only). Remove "
+        raise ConceptError(f"each {what} must contain a word, but got {shown(text)} (separators only). Remove "
                            "the stray separator.", input_name=input_name)
 
 
@@ -171,7 +187,7 @@ class Concept:
             kind = ConceptKind(self.kind)
         except ValueError:
             kinds = ", ".join(k.value for k in ConceptKind)
-            raise ConceptError(f"kind must be one of {kinds}, but got {self.kind!r} for '{name}'. "
+            raise ConceptError(f"kind must be one of {kinds}, but got {shown(self.kind)} for {shown(name)}. "
                                "Use one of the listed kinds.", input_name="kind") from None
         seen = {normalise(name)}
         aliases = []
@@ -202,24 +218,67 @@ def _as_concept(item: Concept | str) -> Concept:
     return item if isinstance(item, Concept) else Concept(item)
 
 
-def _fold(merged: list[Concept], index: dict[str, int], item: Concept,
-          on_conflict: Callable[[Concept, Concept], None]) -> bool:
-    """Append ``item`` to ``merged``, or fold it into the entry sharing a name (its names become
-    aliases there). ``on_conflict(first, item)`` runs when their anchors differ. True if folded."""
-    hit = next((index[normalise(n)] for n in item.names if normalise(n) in index), None)
-    if hit is None:
-        index.update({normalise(n): len(merged) for n in item.names})
-        merged.append(item)
-        return False
-    first = merged[hit]
-    if normalise(first.anchor) != normalise(item.anchor):
-        on_conflict(first, item)
-    merged[hit] = replace(first, aliases=first.aliases + item.names)
-    index.update({normalise(n): hit for n in merged[hit].names})
-    return True
+class _Folder:
+    """Entries folded by shared names: each later entry sharing a name (or alias) with an earlier
+    one gives its names to it as aliases. ``on_conflict(first, item)`` runs when their anchors
+    differ. The aliases are collected and each concept built once at the end: rebuilding it per
+    fold was quadratic (4,000 lines 'Dali | alias' took 9 s, at queue time)."""
+
+    def __init__(self, on_conflict: Callable[[Concept, Concept], None]):
+        self.on_conflict = on_conflict
+        self.firsts: list[Concept] = []
+        self.more: list[list[str]] = []
+        self.index: dict[str, int] = {}
+
+    def add(self, item: Concept) -> bool:
+        """Append ``item``, or fold it into the entry sharing a name; True if folded."""
+        hit = next((self.index[normalise(n)] for n in item.names if normalise(n) in self.index), None)
+        if hit is None:
+            self.index.update({normalise(n): len(self.firsts) for n in item.names})
+            self.firsts.append(item)
+            self.more.append([])
+            return False
+        first = self.firsts[hit]
+        if normalise(first.anchor) != normalise(item.anchor):
+            self.on_conflict(first, item)
+        self.more[hit] += item.names
+        self.index.update({normalise(n): hit for n in item.names})
+        return True
+
+    def first_name(self, name: str) -> str:
+        """The name of the entry that ``name`` was folded into."""
+        return self.firsts[self.index[normalise(name)]].name
+
+    def concepts(self) -> tuple[Concept, ...]:
+        return tuple(replace(c, aliases=c.aliases + tuple(more)) if more else c
+                     for c, more in zip(self.firsts, self.more, strict=True))
 
 
-def _merge_duplicates(items: Iterable[Concept], role: str, warnings: list[str]) -> tuple[Concept, ...]:
+class _Warnings:
+    """The first :data:`WARNINGS_KEPT` warnings, and how many more there were (a repeat of a kept
+    one among them): those are counted, never formatted, so a list repeating one name 100,000
+    times formats five strings."""
+
+    def __init__(self, kept: Iterable[str] = (), left_out: int = 0):
+        self.kept: list[str] = []
+        self.left_out = left_out
+        self._made = 0
+        for text in kept:
+            self.add(lambda text=text: text)
+
+    def add(self, make: Callable[[], str]) -> None:
+        if self._made >= WARNINGS_KEPT:
+            self.left_out += 1
+            return
+        self._made += 1
+        text = make()
+        if text in self.kept:
+            self.left_out += 1
+        else:
+            self.kept.append(text)
+
+
+def _merge_duplicates(items: Iterable[Concept], role: str, warnings: _Warnings) -> tuple[Concept, ...]:
     """Fold entries whose names (or aliases) coincide into the first one, with a warning.
 
     Two targets that share a name but map to different anchors cannot both hold: that raises.
@@ -227,16 +286,15 @@ def _merge_duplicates(items: Iterable[Concept], role: str, warnings: list[str]) 
 
     def refuse(first: Concept, item: Concept) -> None:
         raise ConceptError(
-            f"a target can map to one anchor only, but '{item.name}' maps to '{first.anchor}' "
-            f"and to '{item.anchor}'. Keep one of the two entries.", input_name="anchors")
+            f"a target can map to one anchor only, but {shown(item.name)} maps to {shown(first.anchor)} "
+            f"and to {shown(item.anchor)}. Keep one of the two entries.", input_name="anchors")
 
-    merged: list[Concept] = []
-    index: dict[str, int] = {}
+    folder = _Folder(refuse if role == "targets" else lambda a, b: None)
     for item in items:
-        first_name = next((merged[index[normalise(n)]].name for n in item.names if normalise(n) in index), "")
-        if _fold(merged, index, item, refuse if role == "targets" else lambda a, b: None):
-            warnings.append(f"'{item.name}' is listed twice in {role}; merged into '{first_name}'.")
-    return tuple(merged)
+        if folder.add(item):
+            warnings.add(lambda item=item: f"{shown(item.name)} is listed twice in {role}; merged into "
+                                           f"{shown(folder.first_name(item.name))}.")
+    return folder.concepts()
 
 
 @dataclass(frozen=True)
@@ -245,32 +303,35 @@ class ConceptSet:
 
     ``templates`` maps a kind (or ``"*"`` for every kind) to prompt templates, each containing
     ``{}`` once; kinds without templates use the names as they are. ``warnings`` records what was
-    merged or dropped on the way (shown on the node).
+    merged or dropped on the way (shown on the node): the first :data:`WARNINGS_KEPT`, and
+    ``warnings_left_out`` counts the rest.
     """
 
     targets: tuple[Concept, ...] = ()
     preserve: tuple[Concept, ...] = ()
     templates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    warnings_left_out: int = 0
 
     def __post_init__(self) -> None:
-        warnings = list(self.warnings)
+        warnings = _Warnings(self.warnings, self.warnings_left_out)
         targets = _merge_duplicates((_as_concept(t) for t in self.targets), "targets", warnings)
         for t in targets:
             if t.anchor and any(normalise(n) == normalise(t.anchor) for n in t.names):
                 raise ConceptError(
-                    f"each target must differ from its anchor, but target '{t.name}' has anchor "
-                    f"'{t.anchor}'. Pick an anchor that names what should appear instead (for "
+                    f"each target must differ from its anchor, but target {shown(t.name)} has anchor "
+                    f"{shown(t.anchor)}. Pick an anchor that names what should appear instead (for "
                     "example a broader concept), or leave it empty to erase toward nothing.",
                     input_name="anchors",
                 )
         preserve = _merge_duplicates((_as_concept(p) for p in self.preserve), "preserve", warnings)
         erased = {normalise(n): t.name for t in targets for n in t.names}
-        clash = [f"'{n}' (target '{erased[normalise(n)]}')" for p in preserve for n in p.names
-                 if normalise(n) in erased]
-        if clash:
+        clash = [n for p in preserve for n in p.names if normalise(n) in erased]
+        if clash:  # only the names shown are formatted (an overlap may be 100,000 long); the rest counted
+            named = [f"{shown(n)} (target {shown(erased[normalise(n)])})" for n in clash[:CLASHES_SHOWN]]
             raise ConceptError(
-                f"a concept cannot be both erased and preserved, but {shown_list(clash, CLASHES_SHOWN)} "
+                f"a concept cannot be both erased and preserved, but "
+                f"{shown_list(named + clash[CLASHES_SHOWN:], CLASHES_SHOWN)} "
                 f"{'is' if len(clash) == 1 else 'are'} in both. Remove "
                 f"{'it' if len(clash) == 1 else 'them'} from the preserve list or from the targets.",
                 input_name="preserve",
@@ -279,7 +340,8 @@ class ConceptSet:
         object.__setattr__(self, "targets", targets)
         object.__setattr__(self, "preserve", preserve)
         object.__setattr__(self, "templates", MappingProxyType(templates))
-        object.__setattr__(self, "warnings", tuple(dict.fromkeys(warnings)))
+        object.__setattr__(self, "warnings", tuple(warnings.kept))
+        object.__setattr__(self, "warnings_left_out", warnings.left_out)
 
     def require_targets(self) -> ConceptSet:
         """This set, or ConceptError when it has nothing to erase (sets may be built empty and
@@ -310,22 +372,24 @@ class ConceptSet:
         return cls.simple(parse_concept_list(targets), parse_anchor_list(anchors) or ("",),
                           parse_concept_list(preserve))
 
-    def merged(self, other: ConceptSet) -> ConceptSet:
+    def merged(self, other: ConceptSet, check: bool = True) -> ConceptSet:
         """Union of two sets; on conflicts ``self`` wins and each conflict becomes a warning.
 
         A target of one set that the other maps to a different anchor keeps this set's anchor;
         a concept one set erases and the other preserves is erased (dropped from preserve).
+        Two sets under :data:`MAX_PROMPTS` may exceed it together: ``check`` refuses that (a
+        caller that attributes the error itself, or changes the templates next, passes False).
         """
-        warnings = [*self.warnings, *other.warnings]
-        targets: list[Concept] = []
-        index: dict[str, int] = {}
+        warnings = _Warnings((*self.warnings, *other.warnings), self.warnings_left_out + other.warnings_left_out)
 
         def keep_first(first: Concept, item: Concept) -> None:
-            warnings.append(f"'{item.name}' maps to '{first.anchor}' in the first input and to "
-                            f"'{item.anchor}' in the second; kept '{first.anchor}'.")
+            warnings.add(lambda: f"{shown(item.name)} maps to {shown(first.anchor)} in the first input and to "
+                                 f"{shown(item.anchor)} in the second; kept {shown(first.anchor)}.")
 
+        folder = _Folder(keep_first)
         for t in (*self.targets, *other.targets):
-            _fold(targets, index, t, keep_first)
+            folder.add(t)
+        targets = folder.concepts()
         erased = {normalise(n) for t in targets for n in t.names}
         preserve, kept = [], set()
         for p in (*self.preserve, *other.preserve):
@@ -333,12 +397,13 @@ class ConceptSet:
                 continue  # the same concept preserved by both inputs
             kept.add(normalise(p.name))
             if any(normalise(n) in erased for n in p.names):
-                warnings.append(f"'{p.name}' is erased by one input and preserved by the other; "
-                                "it is erased (removed from preserve).")
+                warnings.add(lambda p=p: f"{shown(p.name)} is erased by one input and preserved by the other; "
+                                         "it is erased (removed from preserve).")
             else:
                 preserve.append(p)
         templates = {**other.templates, **self.templates}
-        return ConceptSet(tuple(targets), tuple(preserve), templates, tuple(warnings))
+        out = ConceptSet(tuple(targets), tuple(preserve), templates, tuple(warnings.kept), warnings.left_out)
+        return out.check_prompt_count() if check else out
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -352,11 +417,46 @@ class ConceptSet:
     def templates_for(self, kind: ConceptKind) -> tuple[str, ...]:
         return self.templates.get(kind.value) or self.templates.get(ANY_KIND) or ("{}",)
 
+    def prompt_count(self, role: str) -> tuple[int, int]:
+        """``(names, prompts)`` of ``role`` (``"targets"`` or ``"preserve"``): its names and aliases,
+        and the prompts they expand to under their kinds' templates (an upper bound: repeats are
+        not removed), counted without building any prompt."""
+        names = prompts = 0
+        for concept in self.targets if role == "targets" else self.preserve:
+            names += len(concept.names)
+            prompts += len(concept.names) * len(self.templates_for(concept.kind))
+        return names, prompts
+
+    def check_prompt_count(self, targets_input: str = "targets", preserve_input: str = "preserve") -> ConceptSet:
+        """This set, or ConceptError when its erase or its preserve prompts would number more than
+        :data:`MAX_PROMPTS`, naming ``targets_input`` or ``preserve_input``."""
+        self._check_role("targets", targets_input)
+        self._check_role("preserve", preserve_input)
+        return self
+
+    def _check_role(self, role: str, input_name: str) -> None:
+        names, prompts = self.prompt_count(role)
+        if prompts <= MAX_PROMPTS:
+            return
+        concepts = self.targets if role == "targets" else self.preserve
+        most = max(len(self.templates_for(kind)) for kind in {c.kind for c in concepts})
+        what, fix = (("erase prompts (each target name and alias under each template of its kind)",
+                      "Use fewer templates ('none', or fewer custom templates), or erase fewer targets at "
+                      "once and erase the rest in a second, chained erasure.") if role == "targets" else
+                     ("preserve prompts (each preserved name and alias under each template of its kind)",
+                      "Use fewer templates ('none', or fewer custom templates), or preserve fewer concepts "
+                      "(the closest neighbours of the targets matter most)."))
+        raise ConceptError(f"{what} must number at most {MAX_PROMPTS:,}, but these concepts make {prompts:,} "
+                           f"({names:,} names and aliases under up to {most:,} templates each). {fix}",
+                           input_name=input_name)
+
     def erase_pairs(self) -> list[tuple[str, str]]:
         """(target prompt, anchor prompt) for every target name, alias and template.
 
-        An empty anchor stays empty under every template: it stands for the null prompt.
+        An empty anchor stays empty under every template: it stands for the null prompt. A set
+        over :data:`MAX_PROMPTS` is refused before any prompt is built.
         """
+        self._check_role("targets", "targets")
         pairs = []
         for t in self.targets:
             for template in self.templates_for(t.kind):
@@ -365,7 +465,9 @@ class ConceptSet:
         return list(dict.fromkeys(pairs))
 
     def preserve_prompts(self, extra: Iterable[str] = ()) -> list[str]:
-        """Every preserve name under its kind's templates, plus ``extra`` prompts, once each."""
+        """Every preserve name under its kind's templates, plus ``extra`` prompts, once each (a
+        set over :data:`MAX_PROMPTS` is refused before any prompt is built)."""
+        self._check_role("preserve", "preserve")
         prompts = [fill_template(tpl, n) for p in self.preserve for tpl in self.templates_for(p.kind) for n in p.names]
         return list(dict.fromkeys([*prompts, *extra]))
 
@@ -383,13 +485,15 @@ class ConceptSet:
         for t in self.targets:
             kinds[t.kind.value] = kinds.get(t.kind.value, 0) + 1
         per_kind = ", ".join(f"{n} {k}" for k, n in kinds.items())
-        shown = "; ".join(f"{t.name}{' (+' + str(len(t.aliases)) + ' aliases)' if t.aliases else ''}"
+        entries = "; ".join(f"{t.name}{' (+' + str(len(t.aliases)) + ' aliases)' if t.aliases else ''}"
                           f" -> {t.anchor or '(nothing)'}" for t in self.targets[:first])
         more = f"; ... {len(self.targets) - first} more" if len(self.targets) > first else ""
         lines = [f"{len(self.targets)} targets ({per_kind}), {len(self.preserve)} preserved, "
                  f"{len(self.erase_pairs())} erase prompts",
-                 f"erase: {shown}{more}"]
+                 f"erase: {entries}{more}"]
         lines += [f"warning: {w}" for w in self.warnings]
+        if self.warnings_left_out:
+            lines.append(f"warning: ... and {self.warnings_left_out:,} more (duplicates merged, conflicts resolved)")
         return "\n".join(lines)
 
 
@@ -401,7 +505,7 @@ def _check_templates(templates: Mapping[str, Sequence[str]] | Sequence[str]) -> 
     for kind, items in templates.items():
         if kind not in known:
             raise ConceptError(f"templates are keyed by kind ({', '.join(sorted(known))}), but got "
-                               f"{kind!r}. Use one of the listed kinds.", input_name="templates")
+                               f"{shown(kind)}. Use one of the listed kinds.", input_name="templates")
         items = tuple(items)
         check_templates(items, "templates")
         if items:
@@ -416,7 +520,7 @@ def check_templates(items: Sequence[str], input_name: str) -> None:
            t.replace("{}", "", 1).count("}")]
     if bad:
         raise ConceptError(f"each template must contain '{{}}' exactly once and no other braces, but got "
-                           f"{bad[0][:80]!r}. Write templates like 'a painting by {{}}'.", input_name=input_name)
+                           f"{shown(bad[0])}. Write templates like 'a painting by {{}}'.", input_name=input_name)
     for t in items:
         if len(t) > MAX_NAME_CHARS:
             _check_name(t, "template", input_name)
@@ -430,9 +534,8 @@ def check_prompt_lengths(concepts: ConceptSet, count_tokens: Callable[[str], int
         for prompt in dict.fromkeys(prompts):
             n = count_tokens(prompt)
             if n > limit:
-                shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
                 raise ConceptError(
-                    f"every prompt must fit in CLIP's {limit} usable tokens, but '{shown}' is {n} "
+                    f"every prompt must fit in CLIP's {limit} usable tokens, but {shown(prompt)} is {n} "
                     "tokens long once templated. Shorten the concept or its template.",
                     input_name=input_name,
                 )

@@ -159,7 +159,9 @@ class MergeConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, concepts_a: ConceptSet, concepts_b: ConceptSet) -> io.NodeOutput:
-        merged = concepts_a.merged(concepts_b).require_targets()
+        # two sets within the prompt limit can exceed it together; the second input is named
+        merged = concepts_a.merged(concepts_b, check=False).check_prompt_count("concepts_b", "concepts_b")
+        merged = merged.require_targets()
         return io.NodeOutput(merged, ui=report_ui(merged.summary(), title=cls.DISPLAY_NAME))
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from ..atomic import replace_atomically
 from ..concepts import (
     BUILTIN_TEMPLATES,
+    MAX_PROMPTS,
     Concept,
     ConceptKind,
     ConceptSet,
@@ -40,7 +41,7 @@ from ..concepts import (
     parse_anchor_list,
     split_entries,
 )
-from ..errors import ConceptError
+from ..errors import ConceptError, shown, shown_list
 
 __all__ = [
     "FILE_EXTENSIONS",
@@ -78,13 +79,13 @@ def _split_entry(entry: str, where: str) -> Concept | _NoAnchor:
     names_part, arrow, anchor = entry.partition("->")
     anchor = anchor.strip()
     if "->" in anchor:
-        raise ConceptError(f"{where}: each entry has at most one '->', but got '{entry[:80]}'. Write "
+        raise ConceptError(f"{where}: each entry has at most one '->', but got {shown(entry)}. Write "
                            "'target -> anchor' (one arrow) per line.", input_name="targets")
     if anchor in ('""', "''"):
         anchor = ""
     names = [n.strip() for n in names_part.split("|")]
     if not names[0]:
-        raise ConceptError(f"{where}: each entry must start with a name, but got '{entry}'. Write "
+        raise ConceptError(f"{where}: each entry must start with a name, but got {shown(entry)}. Write "
                            "'name | alias -> anchor'.", input_name="targets")
     concept = Concept(names[0], anchor, tuple(names[1:]))
     return concept if arrow else _NoAnchor(concept)
@@ -92,7 +93,7 @@ def _split_entry(entry: str, where: str) -> Concept | _NoAnchor:
 
 def _refuse_ambiguous(entry: str, where: str, input_name: str) -> None:
     if _ALTERNATION.search(entry):
-        raise ConceptError(f"{where}: '{entry[:80]}' uses ComfyUI's [a|b] alternation, which concepts do not "
+        raise ConceptError(f"{where}: {shown(entry)} uses ComfyUI's [a|b] alternation, which concepts do not "
                            "read (the '|' would split it into aliases). Write the names as 'a | b' (erased "
                            "together) or on separate lines.", input_name=input_name)
 
@@ -127,7 +128,7 @@ def parse_preserve(text: str, kind: ConceptKind | str = ConceptKind.GENERIC) -> 
     for line in split_entries(text):
         _refuse_ambiguous(line, "preserve", "preserve")
         if "->" in line:
-            raise ConceptError(f"preserved concepts have no anchor, but got '{line}'. Remove the "
+            raise ConceptError(f"preserved concepts have no anchor, but got {shown(line)}. Remove the "
                                "'-> ...' part.", input_name="preserve")
         names = [n.strip() for n in line.split("|")]
         try:
@@ -176,10 +177,20 @@ def load_concept_file(path: str | os.PathLike[str], kind: ConceptKind | str = Co
 
 def _from_csv(text: str, where: str, kind: ConceptKind | str) -> ConceptSet:
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        return _read_csv(reader, where, kind)
+    except csv.Error as exc:  # e.g. a cell over the csv module's 128 KiB, often a quote left open
+        line = reader.line_num + 1  # the lines before the record that failed
+        raise ConceptError(f"{where} line {line}: the CSV must be readable, but {shown(str(exc), 80)}. Close "
+                           "a quote left open there, or shorten the cell (at most "
+                           f"{csv.field_size_limit():,} characters).", input_name="file") from None
+
+
+def _read_csv(reader: csv.DictReader, where: str, kind: ConceptKind | str) -> ConceptSet:
     columns = {normalise(c): c for c in (reader.fieldnames or []) if c}
     name_col = columns.get("target") or columns.get("name")
     if name_col is None and "preserve" not in columns:
-        found = ", ".join(reader.fieldnames or []) or "none"
+        found = _shown_names(reader.fieldnames or []) or "none"
         raise ConceptError(f"{where}: a concept CSV needs a 'target' (or 'name') column, but its "
                            f"header has: {found}. Add a header row such as 'target,anchor,aliases,kind'.",
                            input_name="file")
@@ -200,7 +211,7 @@ def _from_csv(text: str, where: str, kind: ConceptKind | str) -> ConceptSet:
             row_kind = ConceptKind(cell("kind") or kind)
         except ValueError:
             raise ConceptError(f"{where} line {row_no}: kind must be one of "
-                               f"{', '.join(k.value for k in ConceptKind)}, but got '{cell('kind')}'.",
+                               f"{', '.join(k.value for k in ConceptKind)}, but got {shown(cell('kind'))}.",
                                input_name="file") from None
         name = (row.get(name_col) or "").strip() if name_col else ""
         if name:
@@ -226,16 +237,19 @@ def from_json(text: str, where: str = "JSON") -> ConceptSet:
     except RecursionError:
         raise ConceptError(f"{where} must be a concept list, but its JSON is nested too deeply to read. "
                            "Save it with Save Concepts, or follow the schema in the docs.", input_name="file") from None
+    except ValueError:  # a number of more than 4,300 digits (Python's int conversion limit)
+        raise ConceptError(f"{where} must be a concept list, but it holds a number too long to read. "
+                           "Save it with Save Concepts, or follow the schema in the docs.", input_name="file") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ConceptError(f"{where} must be a concept list (\"format\": \"{FORMAT_NAME}\"), but got "
                            f"{_kind_of(data)}. Save it with Save Concepts, or follow the schema in the docs.",
                            input_name="file")
     if data.get("version") != FORMAT_VERSION:
-        raise ConceptError(f"{where} must be version {FORMAT_VERSION}, but got {data.get('version')!r}. "
+        raise ConceptError(f"{where} must be version {FORMAT_VERSION}, but got {_described(data.get('version'))}. "
                            "Update the node pack.", input_name="file")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
-        raise ConceptError(f"{where} has unknown keys {unknown}; expected only {sorted(_TOP_KEYS)}. "
+        raise ConceptError(f"{where} has unknown keys {_shown_names(unknown)}; expected only {sorted(_TOP_KEYS)}. "
                            "Check their spelling.", input_name="file")
     for role in ("targets", "preserve"):
         if not isinstance(data.get(role, []), list):
@@ -257,7 +271,7 @@ def _concept_from(item: Any, where: str, role: str, index: int) -> Concept:
     allowed = {"name", "aliases", "kind"} | ({"anchor"} if role == "targets" else set())
     if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - allowed:
         raise ConceptError(f"{where}: {role}[{index}] must be a name or an object with keys "
-                           f"{sorted(allowed)} ('name' required), but got {json.dumps(item)[:80]}.",
+                           f"{sorted(allowed)} ('name' required), but got {_described(item)}.",
                            input_name="file")
     aliases = item.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
@@ -265,7 +279,7 @@ def _concept_from(item: Any, where: str, role: str, index: int) -> Concept:
     for key in ("anchor", "kind"):
         if not isinstance(item.get(key, ""), str):
             raise ConceptError(f"{where}: {role}[{index}].{key} must be a string, but got "
-                               f"{json.dumps(item[key])}.", input_name="file")
+                               f"{_described(item[key])}.", input_name="file")
     try:
         return Concept(item["name"], item.get("anchor", ""), tuple(aliases), item.get("kind", "generic"))
     except ConceptError as exc:
@@ -274,8 +288,23 @@ def _concept_from(item: Any, where: str, role: str, index: int) -> Concept:
 
 def _kind_of(data: Any) -> str:
     if isinstance(data, dict):
-        return f"format {data.get('format')!r}"
+        return f"format {_described(data.get('format'))}"
     return f"a JSON {type(data).__name__}"
+
+
+def _described(value: Any) -> str:
+    """A JSON value for a message, bounded whatever its size: text and numbers quoted through
+    :func:`shown`, objects by their first keys, lists by their length (never dumped whole)."""
+    if isinstance(value, dict):
+        return f"an object with keys {_shown_names(list(value))}" if value else "an empty object"
+    if isinstance(value, list):
+        return f"a list of {len(value):,} items"
+    return shown(value)
+
+
+def _shown_names(items: list[Any]) -> str:
+    """The first few of ``items`` quoted through :func:`shown`, then how many more there are."""
+    return shown_list([shown(item) for item in items[:5]] + list(items[5:]), 5)
 
 
 def save_json(concepts: ConceptSet, path: str | os.PathLike[str], name: str = "") -> None:
@@ -293,7 +322,7 @@ def list_presets() -> list[str]:
 
 def load_preset(name: str) -> ConceptSet:
     if name not in list_presets():
-        raise ConceptError(f"preset must be one of {list_presets()}, but got {name!r}. Pick a listed "
+        raise ConceptError(f"preset must be one of {list_presets()}, but got {shown(name)}. Pick a listed "
                            "preset.", input_name="preset")
     return load_concept_file(PRESET_DIR / f"{name}.json")
 
@@ -307,7 +336,7 @@ def load_preserve_set(name: str) -> ConceptSet:
     """A preserve-only set: hundreds of names whose images must survive (the papers' retain sets,
     written for this pack)."""
     if name not in list_preserve_sets():
-        raise ConceptError(f"preserve_set must be one of {list_preserve_sets()}, but got {name!r}.",
+        raise ConceptError(f"preserve_set must be one of {list_preserve_sets()}, but got {shown(name)}.",
                            input_name="preserve_set")
     kind = PRESERVE_SET_KINDS.get(name, ConceptKind.GENERIC)
     names = split_entries((PRESERVE_SET_DIR / f"{name}.txt").read_text(encoding="utf-8"))
@@ -348,22 +377,24 @@ def assemble(
         mode = TemplateMode(templates)
     except ValueError:
         raise ConceptError(f"templates must be one of {', '.join(repr(m.value) for m in TemplateMode)}, but got "
-                           f"{str(templates)[:60]!r}. Pick one from the list.", input_name="templates") from None
+                           f"{shown(str(templates))}. Pick one from the list.", input_name="templates") from None
     try:
         kind = ConceptKind(kind)
     except ValueError:
         raise ConceptError(f"kind must be one of {', '.join(repr(k.value) for k in ConceptKind)}, but got "
-                           f"{str(kind)[:60]!r}. Pick one from the list.", input_name="kind") from None
-    parts = [ConceptSet(tuple(parse_inline(targets, anchors, kind)), tuple(parse_preserve(preserve, kind)))]
+                           f"{shown(str(kind))}. Pick one from the list.", input_name="kind") from None
+    parts = {"": ConceptSet(tuple(parse_inline(targets, anchors, kind)), tuple(parse_preserve(preserve, kind)))}
     if file is not None:
-        parts.append(load_concept_file(file, kind))
+        parts["file"] = load_concept_file(file, kind)
     if preset is not None:
-        parts.append(load_preset(preset))
+        parts["preset"] = load_preset(preset)
     if extra is not None:
-        parts.append(extra)
-    result = parts[0]
-    for other in parts[1:]:
-        result = result.merged(other)
+        parts["concepts"] = extra
+    # Merged unchecked: the templates chosen below decide the prompt count (a file's own templates
+    # may be over the limit and 'none' under it). Nothing here builds a prompt.
+    result = parts[""]
+    for other in list(parts.values())[1:]:
+        result = result.merged(other, check=False)
     if preserve_set is not None:  # targets win silently: a big list always names some of them
         erased = {normalise(n) for t in result.targets for n in t.names}
         keep = load_preserve_set(preserve_set).preserve
@@ -371,7 +402,8 @@ def assemble(
         extra_keep = tuple(p for p in keep if normalise(p.name) not in erased)
         note = (f"{len(dropped)} entries of the '{preserve_set}' preserve set are erased targets and "
                 f"are not preserved: {', '.join(dropped[:5])}{'...' if len(dropped) > 5 else ''}.",)
-        result = result.merged(ConceptSet(preserve=extra_keep, warnings=note if dropped else ()))
+        parts["preserve_set"] = ConceptSet(preserve=extra_keep, warnings=note if dropped else ())
+        result = result.merged(parts["preserve_set"], check=False)
     if mode is TemplateMode.NONE:
         result = replace(result, templates={})
     elif mode is TemplateMode.BUILTIN:
@@ -383,4 +415,19 @@ def assemble(
                                "Write one per line, like 'a painting by {}'.", input_name="custom_templates")
         check_templates(lines, "custom_templates")
         result = replace(result, templates={"*": tuple(lines)})
-    return result.require_targets()
+    return result.check_prompt_count(*_prompt_limit_inputs(result, mode, parts)).require_targets()
+
+
+def _prompt_limit_inputs(result: ConceptSet, mode: TemplateMode, parts: dict[str, ConceptSet]) -> tuple[str, str]:
+    """The inputs that erase or preserve prompts over :data:`MAX_PROMPTS` blame: the templates
+    when the names alone are within it, else the source giving the most names (``""``: the typed
+    text). Counting only: nothing is built."""
+    templates = "custom_templates" if mode is TemplateMode.CUSTOM else "templates"
+
+    def blame(role: str) -> str:
+        if result.prompt_count(role)[0] <= MAX_PROMPTS:
+            return templates
+        source = max(parts, key=lambda name: parts[name].prompt_count(role)[0])
+        return source or role  # the typed input is named like the role ('targets', 'preserve')
+
+    return blame("targets"), blame("preserve")

@@ -171,7 +171,7 @@ def test_csv_preserve_only_row_adds_a_preserved_concept_and_no_target(tmp_path):
 
 def test_csv_without_target_name_or_preserve_column_lists_the_found_columns(tmp_path):
     path = _write(tmp_path, "c.csv", "concept,anchor\nDali,a painter\n")
-    with pytest.raises(ConceptError, match="its header has: concept, anchor") as err:
+    with pytest.raises(ConceptError, match="its header has: 'concept', 'anchor'") as err:
         load_concept_file(path)
     assert err.value.input_name == "file"
 
@@ -226,7 +226,7 @@ def test_malformed_json_reports_line_and_column(tmp_path):
     (json.dumps(["a", "b"]), "must be a concept list"),
     (_json_doc(version=2, targets=["a"]), "must be version 1, but got 2"),
     (json.dumps({"format": FORMAT_NAME, "targets": ["a"]}), "must be version 1, but got None"),
-    (_json_doc(targets=["a"], target=["b"]), r"unknown keys \['target'\]"),
+    (_json_doc(targets=["a"], target=["b"]), "unknown keys 'target'; expected"),
     (_json_doc(targets=[{"anchor": "a painter"}]), r"targets\[0\] must be a name or an object"),
     (_json_doc(targets=[{"name": "Dali", "anchr": "a painter"}]), r"targets\[0\] must be a name or an object"),
     (_json_doc(targets=["a"], preserve=[{"name": "b", "anchor": "c"}]), r"preserve\[0\] must be a name or an object"),
@@ -466,3 +466,16 @@ def test_saved_files_are_readable_by_others(tmp_path):
     path = tmp_path / "team.json"
     save_json(ConceptSet.simple(("Monet",)), path)
     assert path.stat().st_mode & 0o044 == 0o044
+
+
+@pytest.mark.parametrize("text, line", [
+    ("target\nDali\n" + "a" * 200_000 + "\n", 3),  # a cell over the csv module's 128 KiB
+    ('target\n"Dali\nMonet\n' + "a" * 140_000, 2),  # a quote left open runs into the limit
+    ("c" * 140_000 + "\nDali\n", 1),  # in the header
+])
+def test_a_csv_cell_past_the_csv_limit_is_refused_on_the_file_input_with_its_line(tmp_path, text, line):
+    path = _write(tmp_path, "big.csv", text)
+    with pytest.raises(ConceptError, match=f"big\\.csv line {line}: the CSV must be readable, but 'field larger "
+                                           "than field limit \\(131072\\)'. Close a quote") as err:
+        assemble(file=path)
+    assert err.value.input_name == "file"

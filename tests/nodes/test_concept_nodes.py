@@ -107,3 +107,43 @@ def test_queue_time_leaves_a_large_file_to_the_run_and_still_checks_the_typed_in
 def test_queue_time_still_refuses_a_file_outside_the_allowed_folders(env, concepts_dir):
     (concepts_dir.parent / "secret.txt").write_text("Pikachu\n")
     assert "input 'file'" in _validate(env, file="../secret.txt")
+
+
+# -- the prompt count: names x templates, refused before any prompt is built ----------------------
+
+def test_queue_time_refuses_targets_times_custom_templates_over_the_limit_without_building_them(env, monkeypatch):
+    limit = env.core.concepts.MAX_PROMPTS
+    targets = "\n".join(f"t{i}" for i in range(limit // 100 + 1))
+    templates = "\n".join(f"picture {i} of {{}}" for i in range(100))
+
+    def refuse(template, name):
+        raise AssertionError("a prompt was built")
+    monkeypatch.setattr(env.core.concepts, "fill_template", refuse)
+    message = _validate(env, targets=targets, templates="custom", custom_templates=templates)
+    assert message.startswith("Load Concepts, input 'custom_templates': erase prompts") and f"{limit:,}" in message
+
+
+def test_merge_concepts_refuses_two_sets_that_exceed_the_prompt_limit_together(env):
+    limit = env.core.concepts.MAX_PROMPTS
+    ten = "\n".join(f"art {i} {{}}" for i in range(10))
+    (a,) = _load(env, targets="\n".join(f"a{i}" for i in range(limit // 20 + 1)), templates="custom",
+                 custom_templates=ten).result
+    (b,) = _load(env, targets="\n".join(f"b{i}" for i in range(limit // 20 + 1)), templates="custom",
+                 custom_templates=ten).result  # each just over half the limit
+    with pytest.raises(env.core.ConceptError, match="Merge Concepts, input 'concepts_b': erase prompts"):
+        _nodes(env).MergeConcepts.execute(concepts_a=a, concepts_b=b)
+
+
+def test_a_csv_cell_past_the_csv_limit_names_the_file_input(env, concepts_dir):
+    (concepts_dir / "big.csv").write_text("target\nDali\n" + "a" * 200_000 + "\n")
+    with pytest.raises(env.core.ConceptError, match="Load Concepts, input 'file': big.csv line 3: the CSV must be"):
+        _load(env, file="big.csv")
+
+
+def test_load_concepts_shows_five_warnings_and_counts_the_rest(env, concepts_dir):
+    (concepts_dir / "dup.txt").write_text("".join(f"Artist {i % 10}\n" for i in range(3000)))
+    out = _load(env, file="dup.txt")
+    lines = out.ui["text"][0].splitlines()
+    assert [line for line in lines if line.startswith("warning:")][-1] == (
+        "warning: ... and 2,985 more (duplicates merged, conflicts resolved)")
+    assert sum(line.startswith("warning:") for line in lines) == 6
