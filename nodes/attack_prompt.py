@@ -124,6 +124,8 @@ class AttackPrompt(io.ComfyNode):
         if mode is not AttackMode.CONCEPT_VECTOR and original_model is None:
             raise ConfigError(f"{mode.value} needs the model before erasure, but original_model is not "
                               "connected. Connect the checkpoint's MODEL there.", input_name="original_model")
+        if mode is AttackMode.SOFT_PROMPT:
+            _comfy.check_latent(model, latent)  # before any work
         notes: list[str] = []
         embedding_file = None
         if save_embedding.strip():

@@ -246,3 +246,32 @@ def test_queue_time_checks_the_typed_texts_cheaply(env):
     assert "input 'carrier'" in node.validate_inputs(carrier="x" * 10**6)
     assert "input 'save_embedding'" in node.validate_inputs(save_embedding="../evil")
     assert node.validate_inputs() is True
+
+
+class LatentPatcher(FakePatcher):
+    """FakePatcher whose BaseModel stand-in has a latent format (SD1.x: 4 channels)."""
+
+    @property
+    def model(self):
+        return SimpleNamespace(state_dict=lambda: self.weights,
+                               latent_format=SimpleNamespace(latent_channels=4))
+
+    def clone(self):
+        return LatentPatcher(self.weights, {k: v[:] for k, v in self.patches.items()})
+
+
+def test_soft_prompts_latent_is_checked_before_any_work(env, models):
+    _, clip = models
+    original = LatentPatcher(sd1_weights())
+    counting = CountingClip()
+    for latent, match in (({"samples": torch.zeros(1, 16, 8, 8)}, "4 latent channels, but it has 16"),
+                          ({"samples": torch.zeros(0, 4, 8, 8)}, "it is empty"),
+                          ({"samples": torch.zeros(4, 8, 8)}, r"\[batch, channels, height, width\], but got \(4, 8, 8\)"),
+                          ({}, "but got NoneType")):
+        with pytest.raises(env.core.ConfigError, match=match) as info:
+            _attack(env, original, counting, mode="soft_prompt", original_model=original.clone(), latent=latent)
+        assert info.value.input_name == "latent" and str(info.value).startswith("Attack Prompt")
+    assert counting.encodes == 0 and not original.patches
+    # other modes do not read it
+    out = _attack(env, original, clip, mode="concept_vector", latent={"samples": torch.zeros(1, 16, 8, 8)})
+    assert out.result[4]
