@@ -12,7 +12,7 @@ from ..erasure_core import ConceptError, ErasureError, PatchSet
 from ..erasure_core.edit.adapters import BlockAdapters, parse_receler
 from ..erasure_core.formats.eraser_files import SAFE_EXTENSIONS, open_eraser
 from ..erasure_core.formats.eraser_formats import EraserFormat, EraserInfo, check_family, describe, is_unet_key
-from ..erasure_core.gating.ft_gate import ft_gate
+from ..erasure_core.gating.ft_gate import MAX_GATE_CONCEPTS, ft_gate, gate_concepts
 from . import _comfy
 from ._report import Bar, report_ui
 from ._schema import validation_message
@@ -33,8 +33,19 @@ def split_concepts(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in re.split(r"[\n;,]", text or "") if p.strip())
 
 
+def gate_targets(concept_text: str, file_concepts: str, file_name: str) -> tuple[str, ...]:
+    """The distinct concepts the gate compares the prompt with: the typed ``concept_text``, else
+    the file's metadata; at most :data:`MAX_GATE_CONCEPTS` (refused naming where they came from)."""
+    typed = split_concepts(concept_text)
+    if typed:
+        return gate_concepts(typed, "concept_text", "concept_text",
+                             f"Keep at most {MAX_GATE_CONCEPTS:,} concepts the gate should respond to.")
+    return gate_concepts(split_concepts(file_concepts), "eraser", f"the metadata of eraser '{file_name}'",
+                         "Type the concepts to gate against in concept_text: it replaces the file's list.")
+
+
 def compute_gate(clip, prompt: str, concepts: tuple[str, ...], facilitate_factor: float,
-                 gate_threshold: float) -> tuple[float, str]:
+                 gate_threshold: float, progress=None) -> tuple[float, str]:
     """SPM's Facilitated Transport score of ``prompt`` against the eraser's concepts (max over
     concepts of max(flattened-CLIP cosine, token overlap)), ramped from ``gate_threshold``:
     ``gate = factor · clamp((score − threshold) / (1 − threshold), 0, 1)`` (threshold 0 is the
@@ -52,7 +63,7 @@ def compute_gate(clip, prompt: str, concepts: tuple[str, ...], facilitate_factor
                            input_name="concept_text")
     if not 0.0 <= gate_threshold < 1.0:
         raise ConceptError(f"gate_threshold must be in [0, 1), but got {gate_threshold}.", input_name="gate_threshold")
-    hidden, ids, special, _ = _comfy.encode_first_windows(clip, [prompt, *concepts])
+    hidden, ids, special, _ = _comfy.encode_first_windows(clip, [prompt, *concepts], progress)
     ft = ft_gate(hidden[0], ids[0], hidden[1:], list(ids[1:]), special, facilitate_factor=1.0)
     ramp = min(1.0, max(0.0, (ft.raw - gate_threshold) / (1.0 - gate_threshold)))
     gate = facilitate_factor * ramp
@@ -194,8 +205,8 @@ class ApplyEraserLoRA(io.ComfyNode):
         check_family(info, _comfy.model_family_of(model), name=f"eraser '{file.name}'")
         scale, gate_line, gate_value = strength, "gate off", None
         if gate == GATE_FT:
-            concepts = split_concepts(concept_text) or split_concepts(info.concept_text)
-            gate_value, gate_line = compute_gate(clip, prompt, concepts, facilitate_factor, gate_threshold)
+            concepts = gate_targets(concept_text, info.concept_text, file.name)
+            gate_value, gate_line = compute_gate(clip, prompt, concepts, facilitate_factor, gate_threshold, progress)
             scale = strength * gate_value
         if gate == GATE_FT and scale == 0.0:
             out_model, out_clip, applied = model, clip, "nothing (gate 0: the prompt is unrelated)"
@@ -217,17 +228,23 @@ class ApplyEraserLoRA(io.ComfyNode):
                              ui=report_ui(report, title=cls.DISPLAY_NAME, lines=lines, bars=bars))
 
     @classmethod
-    def validate_inputs(cls, eraser=None) -> bool | str:
+    def validate_inputs(cls, eraser=None, gate=None, concept_text=None) -> bool | str:
         """At queue time: the file exists in the allowed folders and, for safetensors (header only),
-        is a known format. Pickle-format files are checked when the node runs."""
-        if eraser is None:
-            return True  # linked: checked when the node runs
+        is a known format; with the gate on, its concepts (typed, else the file's) are within
+        MAX_GATE_CONCEPTS. Pickle-format files are checked when the node runs."""
+        gated = gate == GATE_FT and isinstance(concept_text, str)
 
         def check() -> None:
+            if gated and split_concepts(concept_text):
+                gate_targets(concept_text, "", "")
+            if eraser is None:
+                return  # linked: checked when the node runs
             path = _comfy.resolve_eraser(eraser)
             if path.lower().endswith(SAFE_EXTENSIONS):
                 file = open_eraser(path)
-                describe(file.shapes, file.metadata, file.config, name=f"eraser '{file.name}'")
+                info = describe(file.shapes, file.metadata, file.config, name=f"eraser '{file.name}'")
+                if gated:
+                    gate_targets(concept_text, info.concept_text, file.name)
 
         return validation_message(cls.DISPLAY_NAME, check)
 

@@ -11,7 +11,7 @@ from ..erasure_core.formats.spm import (
     resolve_keys,
     split_prompts,
 )
-from ..erasure_core.gating.ft_gate import ft_gate
+from ..erasure_core.gating.ft_gate import MAX_GATE_CONCEPTS, ft_gate, gate_concepts
 from ..erasure_core.gating.spm_combine import PAPER, REFERENCE, combine
 from . import _comfy
 from ._report import Bar, report_ui
@@ -83,7 +83,8 @@ class ApplySPM(io.ComfyNode):
     def validate_inputs(cls, mode=None, spm_1=None, spm_2=None, spm_3=None, spm_4=None, concepts_1=None,
                         concepts_2=None, concepts_3=None, concepts_4=None) -> bool | str:
         """Queue-time checks of what the widgets decide: a file is picked, each picked file exists,
-        and a plain LoRA (no 'prompts' metadata) has its concept typed (unless 'always on')."""
+        a plain LoRA (no 'prompts' metadata) has its concept typed, and no gate has over MAX_GATE_CONCEPTS
+        concepts (unless 'always on')."""
         files = {1: spm_1, 2: spm_2, 3: spm_3, 4: spm_4}
         concepts = {1: concepts_1, 2: concepts_2, 3: concepts_3, 4: concepts_4}
         if mode is None or any(v is None for v in files.values()):
@@ -97,10 +98,16 @@ class ApplySPM(io.ComfyNode):
                 raise _no_file_error()
             for k in picked:
                 path = _comfy.resolve_spm_file(files[k], f"spm_{k}")
-                if mode == ALWAYS_ON or concepts[k] is None or split_prompts(concepts[k]):
+                if mode == ALWAYS_ON or concepts[k] is None:
                     continue
-                if not split_prompts(load_spm_metadata(path, files[k], input_name=f"spm_{k}").get("prompts", "")):
+                typed = split_prompts(concepts[k])
+                if typed:
+                    _slot_concepts(typed, (), k, files[k])
+                    continue
+                recorded = split_prompts(load_spm_metadata(path, files[k], input_name=f"spm_{k}").get("prompts", ""))
+                if not recorded:
                     raise _needs_concept_error(files[k], k)
+                _slot_concepts((), recorded, k, files[k])
 
         return validation_message(DISPLAY_NAME, check)
 
@@ -128,6 +135,8 @@ class ApplySPM(io.ComfyNode):
             concepts = typed or spm.prompts
             if not concepts and mode != ALWAYS_ON:
                 raise _needs_concept_error(choice, k)
+            if mode != ALWAYS_ON:
+                concepts = _slot_concepts(typed, spm.prompts, k, choice)
             spms.append(spm)
             targets.append(concepts)
             progress(step + 1, len(picked) + 2)
@@ -143,15 +152,14 @@ class ApplySPM(io.ComfyNode):
                     "the prompt must be the positive prompt you sample (the gate is computed from it), but it is "
                     "empty. Link the same String (Multiline) node into CLIP Text Encode's text and into 'prompt', "
                     "or use mode 'always on'.", input_name="prompt")
-            texts = [prompt, *(t for concepts in targets for t in concepts)]
-            hidden, ids, special, cut = _comfy.encode_first_windows(clip, texts)
+            prompt_hidden, prompt_ids, special, cut = _comfy.encode_first_windows(clip, [prompt])
             truncated = cut[0]
-            multipliers, start = [], 1
+            multipliers = []
             for spm, concepts, strength in zip(spms, targets, strengths, strict=True):
-                stop = start + len(concepts)
-                gate = ft_gate(hidden[0], ids[0], hidden[start:stop], list(ids[start:stop]), special,
+                # one SPM's concepts at a time, in chunks with progress: at most one gate's encodings held
+                hidden, ids, _, _ = _comfy.encode_first_windows(clip, concepts, progress)
+                gate = ft_gate(prompt_hidden[0], prompt_ids[0], hidden, list(ids), special,
                                facilitate_factor=facilitate_factor)
-                start = stop
                 multipliers.append(strength * gate.gate)
                 bars.append(Bar(f"{spm.name.removesuffix('.safetensors')} gate", gate.gate, limit=max(1.0, facilitate_factor), good="high",
                                 text=f"{gate.gate:.3f} -> x{strength * gate.gate:.3f}"))
@@ -173,6 +181,15 @@ class ApplySPM(io.ComfyNode):
         logger.info("%s", report)
         return io.NodeOutput(patched, report, ui=report_ui(report, title=DISPLAY_NAME, lines=[header, *lines],
                                                            bars=bars))
+
+
+def _slot_concepts(typed: tuple[str, ...], recorded: tuple[str, ...], k: int, choice: str) -> tuple[str, ...]:
+    """SPM ``k``'s distinct gate concepts (typed, else its 'prompts' metadata), at most MAX_GATE_CONCEPTS."""
+    if typed:
+        return gate_concepts(typed, f"concepts_{k}", f"concepts_{k}",
+                             f"Keep at most {MAX_GATE_CONCEPTS:,} concepts the gate should respond to.")
+    return gate_concepts(recorded, f"spm_{k}", f"the 'prompts' metadata of '{choice}'",
+                         f"Type the concepts to gate against in concepts_{k}: it replaces the file's list.")
 
 
 def _no_file_error() -> ConceptError:

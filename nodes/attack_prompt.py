@@ -19,7 +19,7 @@ from ..erasure_core.attacks import (
     layer_site_groups,
     recovery_from_distances,
 )
-from ..erasure_core.attacks.config import AttackConfig, AttackMode, parse_pairs
+from ..erasure_core.attacks.config import AttackConfig, AttackMode, check_prompt_size, parse_pairs
 from ..erasure_core.attacks.recovery import Recovery, kv_recovery, token_sites
 from . import _comfy
 from ._report import Bar, report_ui
@@ -94,18 +94,28 @@ class AttackPrompt(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, save_embedding=None) -> bool | str:
-        """The embedding name, at queue time (cheap; nothing is touched)."""
-        if not save_embedding or not save_embedding.strip():
-            return True
-        return validation_message(DISPLAY_NAME, lambda: _comfy.check_file_name(
-            save_embedding, ".safetensors", "vangogh_attack", ConfigError, "save_embedding"))
+    def validate_inputs(cls, save_embedding=None, mode=None, concept=None, carrier=None, pairs=None) -> bool | str:
+        """The embedding name and the typed texts' sizes, at queue time (cheap whatever their size:
+        the pairs are parsed only under their character limit; nothing is touched)."""
+        def check() -> None:
+            for name, text in (("concept", concept), ("carrier", carrier)):
+                if isinstance(text, str):
+                    check_prompt_size(text, name)
+            if mode == AttackMode.CONCEPT_VECTOR.value and isinstance(pairs, str):
+                parse_pairs(pairs, "")
+            if save_embedding and save_embedding.strip():
+                _comfy.check_file_name(save_embedding, ".safetensors", "vangogh_attack", ConfigError,
+                                       "save_embedding")
+
+        return validation_message(DISPLAY_NAME, check)
 
     @classmethod
     def execute(cls, model, clip, concept: str, carrier: str, pairs: str, save_embedding: str, overwrite: bool,
                 original_model=None, latent=None, **widgets) -> io.NodeOutput:
         started = time.perf_counter()
         config = AttackConfig(**widgets)
+        check_prompt_size(concept, "concept")
+        check_prompt_size(carrier, "carrier")
         concept = concept.strip()
         if not concept:
             raise ConceptError("concept must name the erased concept, but it is empty. Type the concept as "
@@ -114,6 +124,8 @@ class AttackPrompt(io.ComfyNode):
         if mode is not AttackMode.CONCEPT_VECTOR and original_model is None:
             raise ConfigError(f"{mode.value} needs the model before erasure, but original_model is not "
                               "connected. Connect the checkpoint's MODEL there.", input_name="original_model")
+        if mode is AttackMode.SOFT_PROMPT:
+            _comfy.check_latent(model, latent)  # before any work
         notes: list[str] = []
         embedding_file = None
         if save_embedding.strip():
@@ -121,6 +133,7 @@ class AttackPrompt(io.ComfyNode):
                 embedding_file = _comfy.embedding_path(save_embedding, overwrite)  # checked before any work
             else:
                 notes.append(f"save_embedding is used by soft_prompt only; nothing saved in {mode.value}")
+        pair_list = parse_pairs(pairs, concept) if mode is AttackMode.CONCEPT_VECTOR else []  # before any encoding
         progress = _comfy.progress_bar()
         concept_cond, concept_pooled, concept_layers, extra = _comfy.encode_text_layers(clip, concept)
         grams = arch = None
@@ -164,7 +177,7 @@ class AttackPrompt(io.ComfyNode):
                              "rows are read after that normalisation, so recovery is below the UNet case")
             notes.append("closed_form gives an embedding, not tokens: the prompt output is empty")
         elif mode is AttackMode.CONCEPT_VECTOR:
-            cond, pooled, prompt, layers, extra = cls._concept_vector(clip, concept, carrier, pairs, config, progress,
+            cond, pooled, prompt, layers, extra = cls._concept_vector(clip, carrier, pair_list, config, progress,
                                                                       notes)
         else:
             out = _comfy.soft_prompt_attack(
@@ -196,16 +209,21 @@ class AttackPrompt(io.ComfyNode):
                                           bars=_recovery_bars(kv, noise)))
 
     @staticmethod
-    def _concept_vector(clip, concept, carrier, pairs, config, progress, notes):
-        pair_list = parse_pairs(pairs, concept)
+    def _concept_vector(clip, carrier, pair_list, config, progress, notes):
         if config.search_steps > 0 and not _comfy.is_unet_clip(clip):
             raise ConfigError("concept_vector's token search needs one CLIP vocabulary shared by every text "
                               "stream (SD1.x, SD2.x, SDXL), but this text encoder has others (T5, an LLM). Set "
                               "search_steps to 0: the conditioning is then the continuous target.",
                               input_name="search_steps")
-        with_c = [_comfy.encode_text_layers(clip, p, "pairs") for p, _ in pair_list]
-        without = [_comfy.encode_text_layers(clip, q, "pairs") for _, q in pair_list]
-        carrier_cond, carrier_pooled, carrier_layers, carrier_extra = _comfy.encode_text_layers(clip, carrier, "carrier")
+        texts = [(p, "pairs") for p, _ in pair_list] + [(q, "pairs") for _, q in pair_list] + [(carrier, "carrier")]
+        encoded = []
+        for done, (text, input_name) in enumerate(texts):  # one CLIP call each: the bar moves, Cancel stops it
+            progress(done, len(texts))
+            encoded.append(_comfy.encode_text_layers(clip, text, input_name))
+        progress(len(texts), len(texts))
+        n = len(pair_list)
+        with_c, without = encoded[:n], encoded[n : 2 * n]
+        carrier_cond, carrier_pooled, carrier_layers, carrier_extra = encoded[-1]
         encodings = [*with_c, *without, (carrier_cond, None, carrier_layers, {})]
         shapes = {(tuple(c.shape), *((n, tuple(t.shape)) for n, t in sorted(ls.items()))) for c, _, ls, _ in encodings}
         if len(shapes) > 1:

@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from ..concepts import MAX_TEXT_CHARS
 from ..config import option, validate_ranges
-from ..errors import ConceptError
+from ..errors import ConceptError, shown
 
-__all__ = ["AttackConfig", "AttackMode", "parse_pairs"]
+__all__ = ["MAX_PAIRS", "AttackConfig", "AttackMode", "check_prompt_size", "parse_pairs"]
+
+MAX_PAIRS = 256
+"""Most ``with | without`` lines concept_vector averages. Each pair is encoded twice, one CLIP call
+at a time, and every encoding is held until the mean is taken; a few dozen pairs already give a
+clean direction."""
 
 
 class AttackMode(str, Enum):
@@ -54,18 +60,37 @@ class AttackConfig:
         validate_ranges(self)
 
 
+def check_prompt_size(text: str, input_name: str) -> None:
+    """Refuse a typed prompt (concept, carrier) over :data:`MAX_TEXT_CHARS` before it is tokenised:
+    CLIP reads one 75-token window of it."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise ConceptError(f"{input_name} must be one prompt of at most {MAX_TEXT_CHARS:,} characters, but got "
+                           f"{len(text):,}. Type one prompt (CLIP reads 75 tokens).", input_name=input_name)
+
+
 def parse_pairs(text: str, concept: str) -> list[tuple[str, str]]:
-    """``'with | without'`` lines -> pairs; none given: the concept alone against the empty prompt."""
-    pairs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    """``'with | without'`` lines -> pairs; none given: the concept alone against the empty prompt.
+    At most :data:`MAX_TEXT_CHARS` characters and :data:`MAX_PAIRS` pairs, checked before any
+    encoding."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise ConceptError(f"pairs must be at most {MAX_TEXT_CHARS:,} characters, but got {len(text):,}. Keep "
+                           f"at most {MAX_PAIRS} pairs (a few dozen give a clean direction).", input_name="pairs")
+    pairs, lines = [], text.splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if line.count("|") != 1:
             raise ConceptError(f"each line of pairs must be 'prompt with the concept | the same prompt "
-                               f"without it', but line {number} is '{line.strip()}'.", input_name="pairs")
+                               f"without it', but line {number} is {shown(line.strip())}.", input_name="pairs")
         with_c, without = (part.strip() for part in line.split("|"))
         if not with_c or with_c == without:
             raise ConceptError(f"line {number} of pairs must have a prompt with the concept that differs "
                                "from the one without it.", input_name="pairs")
+        if len(pairs) == MAX_PAIRS:
+            count = len(pairs) + 1 + sum(1 for rest in lines[number:]
+                                         if rest.strip() and not rest.lstrip().startswith("#"))
+            raise ConceptError(f"pairs must hold at most {MAX_PAIRS} pairs, but got {count:,}. Keep the pairs "
+                               "that best isolate the concept (a few dozen give a clean direction).",
+                               input_name="pairs")
         pairs.append((with_c, without))
     return pairs or [(concept.strip(), "")]

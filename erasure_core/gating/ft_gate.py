@@ -21,6 +21,7 @@ Public API (kept stable for other nodes):
 * :func:`clipcos` -- ``[K]`` cosines of one prompt against K targets.
 * :func:`tokenuni` -- ``[K]`` token-union overlaps of one prompt against K targets.
 * :func:`ft_gate` -- the gate and its parts, as an :class:`FTGate`.
+* :func:`gate_concepts` -- a gate's distinct target texts, at most :data:`MAX_GATE_CONCEPTS`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,29 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConceptError, ConfigError, shown, shown_list
 
-__all__ = ["METRICS", "FTGate", "clipcos", "ft_gate", "tokenuni"]
+__all__ = ["MAX_GATE_CONCEPTS", "METRICS", "FTGate", "clipcos", "ft_gate", "gate_concepts", "tokenuni"]
 
 METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni")
 """Matching metrics of the reference script; ``clipcos_tokenuni`` (the max of both) is its default."""
+
+MAX_GATE_CONCEPTS = 1024
+"""Most distinct target texts one gate compares the prompt with. Each is encoded (77 tokens x the
+CLIP width, float32: 0.24 MB on SD1.x) and held until the gate is taken. A released SPM names one
+concept; an erasure of 1,000 concepts (the largest in the papers) records them all and still fits."""
+
+
+def gate_concepts(concepts: Iterable[str], input_name: str, source: str, fix: str) -> tuple[str, ...]:
+    """The distinct ``concepts`` in their order, refused past :data:`MAX_GATE_CONCEPTS` with a
+    message naming ``source`` (where they came from) and ``fix`` (how to get under the limit)."""
+    distinct = tuple(dict.fromkeys(concepts))
+    if len(distinct) > MAX_GATE_CONCEPTS:
+        raise ConceptError(
+            f"the gate compares the prompt with each concept, at most {MAX_GATE_CONCEPTS:,}, but {source} lists "
+            f"{len(distinct):,} distinct concepts ({shown_list([*map(shown, distinct[:5]), *distinct[5:]])}). {fix}",
+            input_name=input_name)
+    return distinct
 
 
 def _as_targets(target_hidden: torch.Tensor) -> torch.Tensor:
@@ -105,7 +123,7 @@ class FTGate:
             parts.append(f"clipcos {self.clipcos[self.best]:.3f}")
         if self.tokenuni is not None:
             parts.append(f"tokenuni {self.tokenuni[self.best]:.3f}")
-        against = f" vs '{targets[self.best]}'" if targets is not None and self.best < len(targets) else ""
+        against = f" vs {shown(targets[self.best])}" if targets is not None and self.best < len(targets) else ""
         factor = f" x factor {self.facilitate_factor:g}" if self.facilitate_factor != 1.0 else ""
         return f"gate {self.gate:.3f} ({', '.join(parts)}{against}{factor})"
 

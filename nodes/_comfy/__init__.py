@@ -2,7 +2,7 @@
 comfy.* or folder_paths; the core never does. Node modules use ``from . import _comfy`` and the names
 re-exported here."""
 
-from .attack import DifferentiableClip, _predict_eps, soft_prompt_attack  # noqa: F401
+from .attack import DifferentiableClip, _predict_eps, check_latent, soft_prompt_attack  # noqa: F401
 from .dit_text import is_unet_clip  # noqa: F401
 from .erasers import (  # noqa: F401
     _LDM_BLOCK,

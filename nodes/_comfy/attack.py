@@ -12,6 +12,7 @@ import torch
 from ...erasure_core import (
     ArchitectureError,
     ConceptError,
+    ConfigError,
     Progress,
 )
 from ...erasure_core.attacks import (
@@ -112,6 +113,29 @@ def _release(patcher: Any) -> None:
             loaded.pop(i)
 
 
+def check_latent(model: Any, latent: dict | None) -> None:
+    """soft_prompt's ``latent`` (None: zeros are used): a non-empty ``[batch, channels, height,
+    width]`` LATENT with the erased model's latent channels, refused before any work."""
+    if latent is None:
+        return
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ConfigError(f"latent must be a LATENT image batch [batch, channels, height, width], but got {got}. "
+                          "Connect a KSampler or VAE Encode output, or leave latent unconnected.",
+                          input_name="latent")
+    if samples.numel() == 0:
+        raise ConfigError(f"latent must hold at least one latent image, but it is empty (shape "
+                          f"{tuple(samples.shape)}). Connect a latent with one image, e.g. KSampler's output.",
+                          input_name="latent")
+    latent_format = getattr(getattr(model, "model", None), "latent_format", None)
+    channels = getattr(latent_format, "latent_channels", None)
+    if channels is not None and samples.shape[1] != channels:
+        raise ConfigError(f"latent must have this model's {channels} latent channels, but it has {samples.shape[1]} "
+                          f"(shape {tuple(samples.shape)}: a latent of another model family). Connect a latent "
+                          "made by this checkpoint (its KSampler or VAE Encode).", input_name="latent")
+
+
 def soft_prompt_attack(erased: Any, original: Any, clip: Any, concept: str, *, prefix_tokens: int, steps: int,
                        lr: float, seed: int, noise_samples: int, latent: dict | None,
                        progress: Progress | None) -> dict[str, Any]:
@@ -122,6 +146,7 @@ def soft_prompt_attack(erased: Any, original: Any, clip: Any, concept: str, *, p
     its weights are rebuilt as ordinary tensors and gradients reach the prefix embeddings.
     """
 
+    check_latent(erased, latent)
     device = compute_device()
     text = DifferentiableClip(clip, device)
     tokens = _one_window(clip, concept, "concept")

@@ -311,12 +311,14 @@ def clip_token_counter() -> Callable[[str], int]:
 
 
 
-def encode_first_windows(clip: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, set[int], list[bool]]:
+def encode_first_windows(clip: Any, texts: Sequence[str], progress: Progress | None = None,
+                         chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor, set[int], list[bool]]:
     """Per-token hidden states of the first 77-token window of each text, as the user's CLIP
     encodes it (layer choice, weights syntax and CLIP patches included): ``hidden [N, 77, D]``
     float32, ``ids [N, 77]`` (-1 where an embedding vector sits), the special token ids (start,
     end, pad: every id of the empty prompt's window) and, per text, whether it was longer than
-    one window (SPM's reference truncates to 77 tokens too)."""
+    one window (SPM's reference truncates to 77 tokens too). Encoded ``chunk`` texts per CLIP
+    call, ``progress(done, N)`` before each and at the end (it also stops on Cancel)."""
     texts = list(texts)
     empty = clip.tokenize("")
     stream = next(iter(empty))
@@ -326,9 +328,16 @@ def encode_first_windows(clip: Any, texts: Sequence[str]) -> tuple[torch.Tensor,
         tokens = clip.tokenize(text)
         firsts.append({name: windows[0] for name, windows in tokens.items()})
         truncated.append(any(len(windows) > 1 for windows in tokens.values()))
-    batch = {name: [w[name] for w in firsts] for name in firsts[0]}
-    cond = clip.encode_from_tokens(batch)
-    hidden = cond.reshape(len(texts), -1, cond.shape[-1]).float().cpu()
+    parts = []
+    for start in range(0, len(firsts), chunk):
+        if progress is not None:
+            progress(start, len(firsts))
+        part = firsts[start : start + chunk]
+        cond = clip.encode_from_tokens({name: [w[name] for w in part] for name in part[0]})
+        parts.append(cond.reshape(len(part), -1, cond.shape[-1]).float().cpu())
+    if progress is not None:
+        progress(len(firsts), len(firsts))
+    hidden = torch.cat(parts)
     ids = torch.tensor([[tok[0] if isinstance(tok[0], int) else -1 for tok in w[stream]] for w in firsts],
                        dtype=torch.long)
     return hidden, ids, special, truncated

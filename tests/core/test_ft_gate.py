@@ -101,3 +101,26 @@ def test_bad_inputs_are_refused_with_the_input_named():
         ft_gate(None, [1], None, [], metric="tokenuni")
     with pytest.raises(ConfigError, match="finite"):
         ft_gate(None, [1], None, [[1]], metric="tokenuni", facilitate_factor=float("nan"))
+
+
+def test_gate_concepts_are_distinct_and_limited():
+    from erasure_core.errors import ConceptError
+    from erasure_core.gating.ft_gate import MAX_GATE_CONCEPTS, gate_concepts
+
+    assert gate_concepts(["snoopy", "mickey", "snoopy"] * 10_000, "x", "x", "fix") == ("snoopy", "mickey")
+    at_limit = [f"concept {i}" for i in range(MAX_GATE_CONCEPTS)]
+    assert len(gate_concepts(at_limit, "x", "x", "fix")) == MAX_GATE_CONCEPTS
+    with pytest.raises(ConceptError, match=r"at most 1,024, but the file lists 100,000 distinct concepts "
+                                           r"\('c0', 'c1', 'c2', 'c3', 'c4' and 99,995 more\)\. Fix it\.") as err:
+        gate_concepts([f"c{i}" for i in range(100_000)], "eraser", "the file", "Fix it.")
+    assert err.value.input_name == "eraser" and len(str(err.value)) < 300
+    with pytest.raises(ConceptError) as err:
+        gate_concepts(["y" * 10_000 + str(i) for i in range(MAX_GATE_CONCEPTS + 1)], "x", "x", "fix")
+    assert len(str(err.value)) < 600  # each named concept cut to 60 characters
+
+
+def test_the_report_quotes_a_long_target_short():
+    full = ft_gate(None, [START, 7, END], None, [[START, 7, END]], SPECIAL, metric="tokenuni")
+    long = "snoopy " * 1000
+    text = full.describe([long])
+    assert len(text) < 120 and text.endswith("...')") and "vs 'snoopy snoopy" in text

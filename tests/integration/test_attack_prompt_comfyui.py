@@ -161,3 +161,15 @@ def test_closed_form_recovers_less_from_a_rece_hardened_erasure(pack, tiny_check
               for name, m in (("uce", erased), ("rece", hardened))}
     print(scores)
     assert scores["uce"] > 0.99 and scores["rece"] < scores["uce"] - 0.01
+
+
+def test_soft_prompt_refuses_a_latent_of_another_model_or_an_empty_one(pack, tiny_checkpoint, erased):
+    from concept_erasure_pack.erasure_core import ConfigError
+
+    model, clip, _ = tiny_checkpoint
+    for samples, match in ((torch.zeros(1, 16, 8, 8), "4 latent channels, but it has 16"),
+                           (torch.zeros(0, 4, 8, 8), "it is empty")):
+        with pytest.raises(ConfigError, match=match) as info:
+            _attack(erased, clip, mode="soft_prompt", steps=1, noise_samples=1, latent={"samples": samples},
+                    original_model=model)
+        assert info.value.input_name == "latent"

@@ -208,11 +208,14 @@ CASES = {
     "eraser truncated": (g_eraser(eraser="truncated.safetensors"), "eraser"),
     "eraser pickle .pt": (g_eraser(eraser="evil.pt"), "eraser"),
     "eraser pickle .ckpt": (g_eraser(eraser="pickle.ckpt"), "eraser"),
+    "eraser gate 1100 concepts": (g_eraser(gate="facilitated transport", prompt="a cat",
+                                           concept_text=", ".join(f"c{i}" for i in range(1100))), "concept_text"),
     # Apply SPM, run time
     "spm strength NaN": (g_spm(strength_1=NAN), "strength_1"),
     "spm rank 0": (g_spm(spm_1="rank0.safetensors"), "spm_1"),
     "spm NaN alpha": (g_spm(spm_1="nan_alpha.safetensors"), "spm_1"),
     "spm mode not in list": (g_spm(mode="bogus"), "mode"),
+    "spm 1100 concepts": (g_spm(concepts_1=", ".join(f"c{i}" for i in range(1100))), "concepts_1"),
     # Extract Eraser
     "extract over its own input": (g_extract(filename="esd_x_vangogh.safetensors", overwrite=True), "filename"),
     "extract over an existing file": (g_extract(filename="vangogh_lora.safetensors"), "filename"),
@@ -222,6 +225,8 @@ CASES = {
     "attack NUL in save_embedding": (g_attack(mode="soft_prompt", save_embedding="a\x00b"), "save_embedding"),
     "attack strength NaN": (g_attack(strength=NAN), "strength"),
     "attack mode not in list": (g_attack(mode="bogus"), "mode"),
+    "attack 257 pairs": (g_attack(pairs="a photo of a cat | a photo\n" * 257), "pairs"),
+    "attack 60k concept": (g_attack(concept="y" * 60_000), "concept"),
 }
 
 

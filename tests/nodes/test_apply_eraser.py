@@ -139,3 +139,51 @@ def test_extraction_stops_on_cancel_and_writes_nothing(stub_env, erasers):
         node.execute(model=FakePatcher(weights), erased_file="none", max_rank=8, max_error=0.01, filename="cut",
                      erased_model=erased)
     assert not (erasers / "cut.safetensors").exists() and os.listdir(erasers) == []
+
+
+def test_gate_concepts_are_deduplicated_limited_and_encoded_in_chunks(stub_env, erasers):
+    weights = sd1_weights()
+    model = FakePatcher(weights)
+    many = ", ".join(f"concept{i}" for i in range(2000))
+    save_file({"model." + K: weights[K] + 0.01}, str(erasers / "many.safetensors"), metadata={"concept_text": many})
+    save_file({"model." + K: weights[K] + 0.01}, str(erasers / "forty.safetensors"),
+              metadata={"concept_text": ", ".join(f"concept{i}" for i in range(40))})
+    node = stub_env.pack.nodes.apply_eraser.ApplyEraserLoRA
+    clip = FakeClip()
+    gate = {"gate": "facilitated transport", "clip": clip, "prompt": "a photo of concept3"}
+    err = stub_env.core.ConceptError
+    with pytest.raises(err, match=r"at most 1,024, but the metadata of eraser 'many\.safetensors' lists 2,000 "
+                                  r"distinct concepts \('concept0', .* and 1,995 more\)\. Type the concepts") as info:
+        run(stub_env, model, "many.safetensors", **gate)
+    assert info.value.input_name == "eraser" and len(str(info.value)) < 400
+    with pytest.raises(err, match="concept_text lists 2,000 distinct") as info:
+        run(stub_env, model, "forty.safetensors", concept_text=many, **gate)
+    assert info.value.input_name == "concept_text"
+    assert clip.encoded_windows == [] and model.patches == {}  # refused before any encoding
+    message = node.validate_inputs(eraser="many.safetensors", gate="facilitated transport", concept_text="")
+    assert message.startswith("Apply Eraser LoRA, input 'eraser'") and "1,024" in message
+    assert node.validate_inputs(eraser="many.safetensors", gate="off", concept_text="") is True
+    assert node.validate_inputs(eraser="many.safetensors", gate="facilitated transport", concept_text="snoopy") is True
+    assert "input 'concept_text'" in node.validate_inputs(eraser=None, gate="facilitated transport", concept_text=many)
+    # a typed list replaces the file's; duplicates are encoded once
+    _, _, report = run(stub_env, model, "many.safetensors", concept_text="concept3, " * 5000, **gate).result
+    assert clip.encoded_windows == [2] and "gate 1.000" in report
+    clip.encoded_windows.clear()
+    out = run(stub_env, model, "forty.safetensors", **gate)  # the prompt + 40 concepts: two CLIP calls
+    assert clip.encoded_windows == [32, 9] and "vs 'concept3'" in out.result[2]
+    assert stub_env.comfy["comfy.utils"].bars[-1].updates[:3] == [(0, 41), (32, 41), (41, 41)]
+    clip.encoded_windows.clear()
+    stub_env.comfy["comfy.model_management"].interrupt_processing = True
+    with pytest.raises(stub_env.comfy["comfy.model_management"].InterruptProcessingException):
+        run(stub_env, model, "forty.safetensors", **gate)
+    assert clip.encoded_windows == []  # Cancel stops the gate's encoding
+
+
+def test_the_gate_report_quotes_a_long_concept_short(stub_env, erasers):
+    weights = sd1_weights()
+    save_file({"model." + K: weights[K] + 0.01}, str(erasers / "long.safetensors"),
+              metadata={"concept_text": "snoopy " * 2000})
+    gate = {"gate": "facilitated transport", "clip": FakeClip(), "prompt": "snoopy"}
+    out = run(stub_env, FakePatcher(weights), "long.safetensors", **gate)
+    report = out.result[2]
+    assert "snoopy " * 20 not in report and "...'" in report and len(report) < 600

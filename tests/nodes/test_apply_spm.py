@@ -199,3 +199,47 @@ def test_a_changed_file_changes_the_fingerprint(stub_env, folders):
     after = node.fingerprint_inputs(spm_1="a.safetensors", spm_2="none", spm_3="none", spm_4="none")
     assert before != after
     assert node.fingerprint_inputs(spm_1="missing.safetensors")[0] == "missing.safetensors"  # execute will refuse it
+
+
+def test_gate_concepts_are_deduplicated_limited_and_encoded_in_chunks(stub_env, folders):
+    spm, _ = folders
+    write_spm(spm / "many.safetensors", prompts=",".join(f"c{i}" for i in range(1100)))
+    write_spm(spm / "forty.safetensors", prompts=",".join(f"c{i}" for i in range(40)))
+    model, clip, core = FakePatcher(sd1_weights()), FakeClip(), stub_env.core
+    with pytest.raises(core.ConceptError, match=r"at most 1,024, but the 'prompts' metadata of 'many\.safetensors' "
+                                                r"lists 1,100 distinct concepts \('c0', .* and 1,095 more\)") as err:
+        run(stub_env, model, clip=clip, spm_2="many.safetensors")
+    assert err.value.input_name == "spm_2" and "Apply SPM" in str(err.value)
+    typed = ", ".join(f"x{i}" for i in range(1025))
+    with pytest.raises(core.ConceptError, match="concepts_1 lists 1,025 distinct") as err:
+        run(stub_env, model, clip=clip, spm_1="forty.safetensors", concepts_1=typed)
+    assert err.value.input_name == "concepts_1"
+    assert clip.encoded_windows == [] and model.patches == {}  # refused before any encoding
+    out, _ = run(stub_env, model, mode="always on", spm_2="many.safetensors").result  # no gate: no limit
+    assert out.patches
+    node = stub_env.pack.nodes.apply_spm.ApplySPM
+    slots = {"spm_1": "none", "spm_2": "many.safetensors", "spm_3": "none", "spm_4": "none",
+             "concepts_1": "", "concepts_2": "", "concepts_3": "", "concepts_4": ""}
+    assert node.validate_inputs(mode="facilitated transport", **slots).startswith("Apply SPM, input 'spm_2'")
+    assert node.validate_inputs(mode="always on", **slots) is True
+    assert node.validate_inputs(mode="facilitated transport", **(slots | {"concepts_2": "snoopy"})) is True
+    message = node.validate_inputs(mode="facilitated transport", **(slots | {"concepts_2": typed}))
+    assert message.startswith("Apply SPM, input 'concepts_2'")
+    _, report = run(stub_env, model, prompt="c3", clip=clip, spm_1="many.safetensors",
+                    concepts_1="c3, " * 5000).result  # the typed list replaces the file's; duplicates once
+    assert clip.encoded_windows == [1, 1] and "gate 1.000" in report
+    clip.encoded_windows.clear()
+    _, report = run(stub_env, model, prompt="c3", clip=clip, spm_1="forty.safetensors").result
+    assert clip.encoded_windows == [1, 32, 8] and "vs 'c3'" in report  # the prompt, then 40 concepts by 32
+    assert (0, 40) in stub_env.comfy["comfy.utils"].bars[-1].updates
+    mm = stub_env.comfy["comfy.model_management"]
+
+    class CancelledClip(FakeClip):  # Cancel is pressed while the prompt is encoded
+        def encode_from_tokens(self, tokens):
+            mm.interrupt_processing = True
+            return super().encode_from_tokens(tokens)
+
+    cancelled = CancelledClip()
+    with pytest.raises(mm.InterruptProcessingException):
+        run(stub_env, model, prompt="c3", clip=cancelled, spm_1="forty.safetensors")
+    assert cancelled.encoded_windows == [1]  # the prompt only: no concept was encoded after Cancel

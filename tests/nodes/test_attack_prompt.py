@@ -168,8 +168,8 @@ def test_widgets_take_default_range_and_help_from_the_core_config(env):
 def test_search_shows_progress_and_cancel_stops_it(stub_env, models):
     original, clip = models
     _attack(stub_env, original, clip, mode="concept_vector", search_steps=3, search_tokens=2, search_population=4)
-    (bar,) = stub_env.comfy["comfy.utils"].bars
-    assert bar.updates == [(1, 3), (2, 3), (3, 3)]
+    (bar,) = stub_env.comfy["comfy.utils"].bars  # the encodings (concept vs empty, carrier), then the search
+    assert bar.updates == [(0, 3), (1, 3), (2, 3), (3, 3), (1, 3), (2, 3), (3, 3)]
     mm = stub_env.comfy["comfy.model_management"]
     mm.interrupt_processing = True
     with pytest.raises(mm.InterruptProcessingException):
@@ -183,3 +183,95 @@ def test_decoded_prompts_escape_weight_syntax(env, models):
     space.inv_vocab = {1: "(</w>", 2: "starry</w>", 3: ":</w>", 4: "2</w>", 5: ")</w>"}
     assert space.decode([1, 2, 3, 4, 5]) == "\\( starry : 2 \\)"
     assert 49406 not in space.vocabulary.tolist() and 49407 not in space.vocabulary.tolist()
+
+
+class CountingClip(AttackClip):
+    def __init__(self):
+        super().__init__()
+        self.encodes = 0
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        self.encodes += 1
+        return super().encode_from_tokens(tokens, return_pooled, return_dict)
+
+
+def test_pairs_are_limited_in_size_and_count_before_any_encoding(env, models):
+    original, _ = models
+    clip = CountingClip()
+    limit = env.pack.erasure_core.attacks.config.MAX_PAIRS
+    for pairs, match in (("a painting by van gogh | a painting\n" * (limit + 1), f"at most {limit} pairs, but got "
+                                                                                  f"{limit + 1}"),
+                         ("van gogh | x\n" * 5000, "at most 50,000 characters, but got 65,000")):
+        with pytest.raises(env.core.ConceptError, match=match) as info:
+            _attack(env, original, clip, mode="concept_vector", pairs=pairs)
+        assert info.value.input_name == "pairs" and "Attack Prompt" in str(info.value)
+    assert clip.encodes == 0
+    many = "".join(f"van gogh {i} | a painting {i}\n" for i in range(limit))  # the limit itself is accepted
+    out = _attack(env, original, clip, mode="concept_vector", pairs=many)
+    assert f"from {limit} pair(s)" in out.result[4] and clip.encodes == 2 * limit + 2
+    for name in ("concept", "carrier"):
+        with pytest.raises(env.core.ConceptError, match="at most 50,000 characters") as info:
+            _attack(env, original, clip, **{name: "van gogh " * 6000})
+        assert info.value.input_name == name
+
+
+def test_a_bad_pairs_line_is_quoted_short(env, models):
+    err = _error(env, models, "line 2", pairs="a | b\n" + "no separator " * 2_000)
+    assert len(str(err)) < 300 and "...'" in str(err)
+
+
+def test_pair_encoding_shows_progress_and_cancel_stops_it(stub_env, models):
+    original, clip = models
+    pairs = "van gogh sunflowers | sunflowers\nstarry night by van gogh | starry night"
+    _attack(stub_env, original, clip, mode="concept_vector", pairs=pairs)
+    (bar,) = stub_env.comfy["comfy.utils"].bars
+    assert bar.updates == [(i, 5) for i in range(6)]  # 2 pairs x 2 prompts + the carrier
+    mm = stub_env.comfy["comfy.model_management"]
+    mm.interrupt_processing = True
+    counting = CountingClip()
+    with pytest.raises(mm.InterruptProcessingException):
+        _attack(stub_env, original, counting, mode="concept_vector", pairs=pairs)
+    assert counting.encodes == 1  # the concept only: no pair was encoded after Cancel
+
+
+def test_queue_time_checks_the_typed_texts_cheaply(env):
+    node = env.pack.nodes.attack_prompt.AttackPrompt
+    limit = env.pack.erasure_core.attacks.config.MAX_PAIRS
+    too_many = "a | b\n" * (limit + 1)
+    assert node.validate_inputs(mode="concept_vector", pairs="a painting by van gogh | a painting") is True
+    assert node.validate_inputs(mode="closed_form", pairs=too_many) is True  # pairs unused there
+    message = node.validate_inputs(mode="concept_vector", pairs=too_many)
+    assert message.startswith("Attack Prompt, input 'pairs'") and f"at most {limit} pairs" in message
+    assert "input 'pairs'" in node.validate_inputs(mode="concept_vector", pairs="x" * 10**6)
+    assert "input 'carrier'" in node.validate_inputs(carrier="x" * 10**6)
+    assert "input 'save_embedding'" in node.validate_inputs(save_embedding="../evil")
+    assert node.validate_inputs() is True
+
+
+class LatentPatcher(FakePatcher):
+    """FakePatcher whose BaseModel stand-in has a latent format (SD1.x: 4 channels)."""
+
+    @property
+    def model(self):
+        return SimpleNamespace(state_dict=lambda: self.weights,
+                               latent_format=SimpleNamespace(latent_channels=4))
+
+    def clone(self):
+        return LatentPatcher(self.weights, {k: v[:] for k, v in self.patches.items()})
+
+
+def test_soft_prompts_latent_is_checked_before_any_work(env, models):
+    _, clip = models
+    original = LatentPatcher(sd1_weights())
+    counting = CountingClip()
+    for latent, match in (({"samples": torch.zeros(1, 16, 8, 8)}, "4 latent channels, but it has 16"),
+                          ({"samples": torch.zeros(0, 4, 8, 8)}, "it is empty"),
+                          ({"samples": torch.zeros(4, 8, 8)}, r"\[batch, channels, height, width\], but got \(4, 8, 8\)"),
+                          ({}, "but got NoneType")):
+        with pytest.raises(env.core.ConfigError, match=match) as info:
+            _attack(env, original, counting, mode="soft_prompt", original_model=original.clone(), latent=latent)
+        assert info.value.input_name == "latent" and str(info.value).startswith("Attack Prompt")
+    assert counting.encodes == 0 and not original.patches
+    # other modes do not read it
+    out = _attack(env, original, clip, mode="concept_vector", latent={"samples": torch.zeros(1, 16, 8, 8)})
+    assert out.result[4]
