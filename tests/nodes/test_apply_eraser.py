@@ -139,3 +139,33 @@ def test_extraction_stops_on_cancel_and_writes_nothing(stub_env, erasers):
         node.execute(model=FakePatcher(weights), erased_file="none", max_rank=8, max_error=0.01, filename="cut",
                      erased_model=erased)
     assert not (erasers / "cut.safetensors").exists() and os.listdir(erasers) == []
+
+
+def _patch_file(path, tensors, meta="{}"):
+    save_file(tensors, str(path), metadata={"format": "concept_erasure.patchset", "format_version": "1", "meta": meta})
+
+
+def test_a_patch_file_for_other_shapes_is_refused_before_anything_is_patched(stub_env, erasers):
+    """ComfyUI only logs "SHAPE MISMATCH ... WEIGHT NOT MERGED" for such an entry: the user would
+    sample the model un-erased with nothing on the node."""
+    weights = sd1_weights()
+    model = FakePatcher(weights)
+    rows = weights[K].shape[0]
+    _patch_file(erasers / "wide.safetensors", {K + ".lora_up": torch.zeros(rows, 4),
+                                               K + ".lora_down": torch.zeros(4, 1000)})
+    err = stub_env.core.PatchError
+    with pytest.raises(err, match=rf"Apply Eraser LoRA, input 'eraser': every patch entry must have the shape .* "
+                                  rf"'{K}' is {rows}x1000 in the patch but {rows}x768 in the model"):
+        run(stub_env, model, "wide.safetensors")
+    _patch_file(erasers / "dense.safetensors", {K + ".diff": torch.zeros(rows + 1, 768)})
+    with pytest.raises(err, match=rf"input 'eraser'.*is {rows + 1}x768 in the patch but {rows}x768"):
+        run(stub_env, model, "dense.safetensors")
+    assert model.patches == {}
+
+
+def test_a_malformed_patch_file_names_the_eraser_input(stub_env, erasers):
+    _patch_file(erasers / "meta.safetensors", {K + ".diff": torch.zeros(8, 768)}, meta='"x"')
+    with pytest.raises(stub_env.core.PatchError, match=r"input 'eraser': the 'meta' of patch file 'meta\.safetensors' "
+                                                       "must be a JSON object"):
+        run(stub_env, FakePatcher(sd1_weights()), "meta.safetensors")
+
