@@ -169,3 +169,19 @@ def test_a_malformed_patch_file_names_the_eraser_input(stub_env, erasers):
                                                        "must be a JSON object"):
         run(stub_env, FakePatcher(sd1_weights()), "meta.safetensors")
 
+
+def test_queue_time_refuses_forged_headers_naming_the_input(stub_env, erasers):
+    """A 1-D lora_up in a patch file, a 1-D Receler down.weight: IndexError before (a generic error
+    naming no input); deeply nested JSON metadata: RecursionError."""
+    node = stub_env.pack.nodes.apply_eraser.ApplyEraserLoRA
+    _patch_file(erasers / "flat.safetensors", {K + ".lora_up": torch.zeros(8), K + ".lora_down": torch.zeros(4, 768)})
+    block = "down_blocks.0.attentions.0"
+    save_file({f"{block}.down.weight": torch.zeros(4), f"{block}.down.bias": torch.zeros(4),
+               f"{block}.up.weight": torch.zeros(320, 4), f"{block}.up.bias": torch.zeros(320)},
+              str(erasers / "receler.safetensors"))
+    for name in ("flat.safetensors", "receler.safetensors"):
+        message = node.validate_inputs(eraser=name)
+        assert message.startswith("Apply Eraser LoRA, input 'eraser'") and "must hold 2-D matrices" in message, message
+    save_file({"model." + K: torch.zeros(8, 768)}, str(erasers / "deep.safetensors"),
+              metadata={"concept_text": "[" * 50_000, "meta": "{" * 50_000})
+    assert node.validate_inputs(eraser="deep.safetensors") is True
