@@ -77,8 +77,9 @@ def apply_eraser(model, clip, info: EraserInfo, file, path: str, scale: float, r
     """(patched model, patched clip, what was applied) for one eraser file at ``scale``."""
     fmt = info.format
     if fmt == EraserFormat.PATCH:
-        patch = PatchSet.load(path)
-        return _comfy.apply_patchset(model, patch, scale), clip, f"{len(patch)} UNet weights (low-rank)"
+        patch = PatchSet.load(path, input_name="eraser")
+        patched = _comfy.apply_patchset(model, patch, scale, input_name="eraser")
+        return patched, clip, f"{len(patch)} UNet weights (low-rank)"
     if fmt in (EraserFormat.KOHYA_LORA, EraserFormat.DIFFUSERS_LORA):
         unet, text, unplaced = _comfy.lora_patches(model, clip, file)
         skipped = [m for m in unplaced if clip is None and _is_text_module(m)]

@@ -19,14 +19,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import replace_atomically
-from ..errors import PatchError
+from ..errors import PatchError, shown
 from ..numeric import all_finite
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PatchEntry", "PatchSet", "SharedRight"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "KEY_CHARS", "PatchEntry", "PatchSet", "SharedRight"]
 
 FORMAT_NAME = "concept_erasure.patchset"
 FORMAT_VERSION = "1"
 _SUFFIXES = (".lora_up", ".lora_down", ".diff")
+KEY_CHARS = 120
+"""Most characters of a weight key that a message quotes (``shown(key, KEY_CHARS)``): whole real keys
+(kohya SDXL names reach ~90) stay readable, a forged megabyte key does not reach the user."""
 
 
 class SharedRight:
@@ -185,9 +188,9 @@ class PatchSet:
     def __post_init__(self) -> None:
         for key, entry in self.entries.items():
             if not isinstance(entry, PatchEntry):
-                raise PatchError(f"entry '{key}' must be a PatchEntry, but got {type(entry).__name__}.")
+                raise PatchError(f"entry {shown(key, KEY_CHARS)} must be a PatchEntry, but got {type(entry).__name__}.")
             if key.endswith(_SUFFIXES):
-                raise PatchError(f"patch keys must not end with {_SUFFIXES}, but got '{key}'.")
+                raise PatchError(f"patch keys must not end with {_SUFFIXES}, but got {shown(key, KEY_CHARS)}.")
         try:
             json.dumps(dict(self.meta))
         except TypeError as exc:
@@ -257,31 +260,43 @@ class PatchSet:
         return tensors, metadata
 
     @classmethod
-    def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> PatchSet:
+    def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, *,
+                        input_name: str | None = None, name: str = "the patch file") -> PatchSet:
+        """The PatchSet a :meth:`to_state_dict` pair holds; PatchError naming the file as ``name`` and
+        blaming ``input_name`` when anything in it is malformed."""
         metadata = metadata or {}
         if metadata.get("format") != FORMAT_NAME:
             raise PatchError(
-                f"expected a concept-erasure patch file (metadata format '{FORMAT_NAME}'), but got "
-                f"format {metadata.get('format')!r}. Load eraser LoRAs with Apply Eraser LoRA instead."
-            )
+                f"{name} must be a concept-erasure patch file (metadata format '{FORMAT_NAME}'), but got "
+                f"format {shown(metadata.get('format'))}. Load eraser LoRAs with Apply Eraser LoRA instead.",
+                input_name=input_name)
         if metadata.get("format_version") != FORMAT_VERSION:
             raise PatchError(
-                f"expected patch format version {FORMAT_VERSION}, but got "
-                f"{metadata.get('format_version')!r}. Update the node pack."
-            )
+                f"{name} must be patch format version {FORMAT_VERSION}, but got "
+                f"{shown(metadata.get('format_version'))}. Update the node pack.", input_name=input_name)
+        meta = _decode_meta(metadata.get("meta", "{}"), name, input_name)
         parts: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in tensors.items():
-            suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+        for key, tensor in tensors.items():
+            suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
             if suffix is None:
-                raise PatchError(f"unexpected tensor '{name}' in a patch file; keys end with {_SUFFIXES}.")
-            parts.setdefault(name[: -len(suffix)], {})[suffix[1:]] = tensor
+                raise PatchError(f"every tensor of {name} must end with one of {_SUFFIXES}, but got "
+                                 f"{shown(key, KEY_CHARS)}. Re-save the patch.", input_name=input_name)
+            if key[: -len(suffix)].endswith(_SUFFIXES):
+                raise PatchError(f"every tensor of {name} must be named <weight key>{'|'.join(_SUFFIXES)}, but "
+                                 f"got {shown(key, KEY_CHARS)}. Re-save the patch.", input_name=input_name)
+            parts.setdefault(key[: -len(suffix)], {})[suffix[1:]] = tensor
         entries = {}
         for key, p in parts.items():
             try:
                 entries[key] = PatchEntry(up=p.get("lora_up"), down=p.get("lora_down"), diff=p.get("diff"))
             except PatchError as exc:
-                raise PatchError(f"patch file entry '{key}' is malformed: {exc.message}") from exc
-        return cls(entries, json.loads(metadata.get("meta", "{}")))
+                raise PatchError(f"every entry of {name} must be well formed, but {shown(key, KEY_CHARS)} is not: "
+                                 f"{exc.message} Re-save the patch.", input_name=input_name) from exc
+        try:
+            return cls(entries, meta)
+        except PatchError as exc:
+            raise PatchError(f"{name} must be a well-formed patch ({exc.message}) Re-save the patch.",
+                             input_name=input_name) from exc
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file atomically (a failed write leaves no partial file)."""
@@ -289,15 +304,39 @@ class PatchSet:
         replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> PatchSet:
-        """Read a file written by :meth:`save` (safetensors only; nothing is unpickled)."""
+    def load(cls, path: str | os.PathLike[str], *, input_name: str | None = "eraser") -> PatchSet:
+        """Read a file written by :meth:`save` (safetensors only; nothing is unpickled). Errors name
+        the file (not its folders) and blame the node input ``input_name``."""
+        name = f"patch file {shown(os.path.basename(os.fspath(path)))}"
         try:
             with safe_open(os.fspath(path), framework="pt") as f:
                 metadata = f.metadata()
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (OSError, ValueError, RuntimeError) as exc:
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except Exception as exc:  # OSError, or SafetensorError (derives from Exception only)
             raise PatchError(
-                f"expected a readable .safetensors patch file at '{path}', but reading failed "
-                f"({exc}). Check the path, or re-save the patch."
+                f"{name} must be a readable .safetensors file, but reading it failed "
+                f"({shown(str(exc), 200)}). Check the file, or re-save the patch.", input_name=input_name
             ) from exc
-        return cls.from_state_dict(tensors, metadata)
+        return cls.from_state_dict(tensors, metadata, input_name=input_name, name=name)
+
+
+META_LIMIT = 1 << 20
+"""Most characters of a patch file's ``meta`` JSON (a thousand concepts with their config take tens of KB)."""
+
+
+def _decode_meta(text: object, name: str, input_name: str | None) -> dict[str, Any]:
+    """The ``meta`` metadata of a patch file as a dict; PatchError when it is not a JSON object."""
+    if not isinstance(text, str) or len(text) > META_LIMIT:
+        size = f"{len(text):,} characters" if isinstance(text, str) else type(text).__name__
+        raise PatchError(f"the 'meta' of {name} must be a JSON object of at most {META_LIMIT:,} characters, but "
+                         f"it has {size}. Re-save the patch.", input_name=input_name)
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise PatchError(f"the 'meta' of {name} must be valid JSON, but {shown(reason, 120)}. Re-save the patch.",
+                         input_name=input_name) from None
+    if not isinstance(meta, dict):
+        raise PatchError(f"the 'meta' of {name} must be a JSON object, but got {shown(text)}. Re-save the patch.",
+                         input_name=input_name)
+    return meta

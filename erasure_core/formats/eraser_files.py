@@ -8,7 +8,8 @@ only; when that refuses the file, so do we: there is never a fallback to a full 
 
 Nested dicts (Receler's ``{block: {"down.weight": ...}}``, checkpoints wrapped in
 ``{"state_dict": ...}``) are flattened to dotted keys. Receler's ``eraser_config.json`` beside
-the weights is read into ``EraserFile.config``.
+the weights of a Receler file (keys like ``down_blocks.0.attentions.0.down.weight``) is read into
+``EraserFile.config``: at most 64 KiB, and only when its real path stays in the weights' folder.
 
 Every reader takes ``input_name``, the node input the file was picked in ("eraser" in Apply Eraser
 LoRA, "erased_file" in Extract Eraser): errors name that input, in their wording and as their
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..errors import ErasureError
+from ..errors import ErasureError, shown
 from ..numeric import all_finite
+from .eraser_formats import RECELER_BLOCK
 
 __all__ = ["PICKLE_EXTENSIONS", "EraserFile", "SAFE_EXTENSIONS", "checked_tensor", "file_words", "open_eraser"]
 
@@ -130,7 +132,8 @@ def open_eraser(path: str | os.PathLike[str], *, input_name: str = "eraser") -> 
     else:
         raise ErasureError(f"{words} must end with one of {SAFE_EXTENSIONS + PICKLE_EXTENSIONS}, but got "
                            f"'{os.path.basename(path)}'. Convert it to .safetensors.", input_name=input_name)
-    result.config = _sidecar_config(path, input_name)
+    if any(RECELER_BLOCK.match(k) for k in result.shapes):  # only Receler's weights have a sidecar
+        result.config = _sidecar_config(path, input_name)
     return result
 
 
@@ -203,15 +206,38 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], metadata: 
         metadata[prefix] = str(obj)  # e.g. "epoch": 3 beside the weights
 
 
+CONFIG_LIMIT = 64 * 1024
+"""Most bytes of an ``eraser_config.json`` (Receler's holds two small fields)."""
+
+
 def _sidecar_config(path: str, input_name: str) -> dict[str, Any]:
-    """Receler's ``eraser_config.json`` beside the weights (``{"eraser_type", "eraser_rank"}``)."""
+    """Receler's ``eraser_config.json`` beside the weights (``{"eraser_type", "eraser_rank"}``): only
+    a small JSON file whose real path stays in the weights' own folder (a link out is refused)."""
+    folder = os.path.realpath(os.path.dirname(path))
     config_path = os.path.join(os.path.dirname(path), RECELER_CONFIG)
-    if not os.path.isfile(config_path):
+    if not os.path.lexists(config_path):
+        return {}
+    where = f"'{RECELER_CONFIG}' beside the {input_name}"
+    real = os.path.realpath(config_path)
+    if os.path.commonpath([real, folder]) != folder:
+        raise ErasureError(f"{where} must be a file in the {input_name}'s own folder, but it links outside it. "
+                           f"Replace the link with a copy of the file, or remove it.", input_name=input_name)
+    if not os.path.isfile(real):
         return {}
     try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ErasureError(f"'{RECELER_CONFIG}' beside the {input_name} must be valid JSON, but reading it failed "
-                           f"({exc}). Fix or remove it.", input_name=input_name) from exc
+        with open(real, "rb") as f:
+            data = f.read(CONFIG_LIMIT + 1)
+    except OSError as exc:
+        raise ErasureError(f"{where} must be readable, but reading it failed ({shown(str(exc), 200)}). Fix or "
+                           "remove it.", input_name=input_name) from exc
+    if len(data) > CONFIG_LIMIT:
+        raise ErasureError(f"{where} must be at most {CONFIG_LIMIT // 1024} KiB (Receler's holds two fields), but "
+                           f"it is larger. Remove it, or keep only eraser_type and eraser_rank in it.",
+                           input_name=input_name)
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ErasureError(f"{where} must be valid JSON, but reading it failed ({shown(reason, 120)}). Fix or "
+                           "remove it.", input_name=input_name) from None
     return config if isinstance(config, dict) else {}

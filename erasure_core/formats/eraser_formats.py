@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..errors import ErasureError
+from ..errors import ErasureError, shown
 
 __all__ = ["EraserFormat", "EraserInfo", "Naming", "describe", "is_dit_diffusers_key", "is_unet_key", "key_patterns",
            "model_family", "check_family", "strip_text_encoder_prefix", "RECELER_BLOCK"]
@@ -51,6 +51,7 @@ class Naming(str, Enum):
 
 
 PATCH_FORMAT_NAME = "concept_erasure.patchset"  # erasure_core.edit.patch.FORMAT_NAME (kept free of imports)
+KEY_CHARS = 120  # erasure_core.edit.patch.KEY_CHARS: most characters of a key a message quotes
 RECELER_BLOCK = re.compile(r"^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)"
                            r"(?:\.adapter)?\.(down|up)\.(weight|bias)$")
 # ``.diff`` / ``.diff_b``: full-rank modules as weight differences (LyCORIS "full", Save Erasure)
@@ -108,9 +109,9 @@ def key_patterns(keys: list[str], limit: int = 8) -> str:
         return ".".join(parts) if len(parts) <= 5 else ".".join(parts[:3] + ["…"] + parts[-2:])
 
     counts = Counter(pattern(k) for k in keys)
-    shown = [f"{n}x {p}" for p, n in counts.most_common(limit)]
-    more = len(counts) - len(shown)
-    return "; ".join(shown) + (f"; and {more} more patterns" if more > 0 else "")
+    found = [f"{n}x {p}" for p, n in counts.most_common(limit)]
+    more = len(counts) - len(found)
+    return "; ".join(found) + (f"; and {more} more patterns" if more > 0 else "")
 
 
 def strip_text_encoder_prefix(key: str) -> str | None:
@@ -121,30 +122,43 @@ def strip_text_encoder_prefix(key: str) -> str | None:
     return None
 
 
-def _concept_text(metadata: Mapping[str, str], config: Mapping[str, object]) -> str:
-    """The erased concept(s) as recorded by the trainer (SPM ``prompts``, ours ``concepts``...)."""
+METADATA_JSON_LIMIT = 1 << 20
+"""Most characters of a metadata value that is decoded as JSON (a thousand concepts take tens of
+KB); a longer value is not read for the concept text (queue time stays cheap)."""
+_UNDECODED = object()
+
+
+def _json_value(text: str) -> object:
+    """``text`` decoded as JSON, or ``_UNDECODED`` when it is not JSON (or nests too deeply)."""
     import json
 
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _UNDECODED
+
+
+def _concept_text(metadata: Mapping[str, str], config: Mapping[str, object]) -> str:
+    """The erased concept(s) as recorded by the trainer (SPM ``prompts``, ours ``concepts``...).
+    A value longer than :data:`METADATA_JSON_LIMIT` is skipped."""
     for source in (metadata, config):
         for name in ("concept_text", "concepts", "concept", "prompts", "prompt", "target", "erased_concept"):
             value = source.get(name)
             if value is None or value == "":
                 continue
             if isinstance(value, str):
-                try:
-                    decoded = json.loads(value)
-                except ValueError:
+                if len(value) > METADATA_JSON_LIMIT:
+                    continue
+                decoded = _json_value(value)
+                if decoded is _UNDECODED:
                     return value.strip()
                 value = decoded
             if isinstance(value, (list, tuple)):
                 return "; ".join(str(_target_of(v)) for v in value)
             return str(_target_of(value)).strip()
     meta = metadata.get("meta")
-    if isinstance(meta, str):
-        try:
-            decoded = json.loads(meta)
-        except ValueError:
-            return ""
+    if isinstance(meta, str) and len(meta) <= METADATA_JSON_LIMIT:
+        decoded = _json_value(meta)
         if isinstance(decoded, dict):
             return _concept_text({k: v for k, v in decoded.items() if isinstance(v, (str, list))}, {})
     return ""
@@ -235,6 +249,16 @@ def is_unet_key(key: str, info: EraserInfo) -> bool:
         _UNET_LDM)
 
 
+def _check_ndim(name: str, shapes: Mapping[str, tuple[int, ...]], keys: list[str], ndim: int,
+               input_name: str) -> None:
+    """Refuse the first of ``keys`` whose header shape is not ``ndim``-D (a broken or forged file)."""
+    for key in keys:
+        if len(shapes[key]) != ndim:
+            raise ErasureError(f"{name} must hold {ndim}-D matrices for its weights, but {shown(key, KEY_CHARS)} has shape "
+                               f"{tuple(shapes[key])}. The file is broken: re-download or re-save it.",
+                               input_name=input_name)
+
+
 def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None,
              config: Mapping[str, object] | None = None, *, name: str = "the file",
              input_name: str = "eraser") -> EraserInfo:
@@ -249,6 +273,8 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
     family = _family(keys, shapes)
 
     if metadata.get("format") == PATCH_FORMAT_NAME:
+        _check_ndim(name, shapes, [k for k in keys if k.endswith((".lora_up", ".lora_down", ".diff"))], 2,
+                    input_name)
         ranks = [int(shapes[k][1]) for k in keys if k.endswith(".lora_up")]
         return EraserInfo(EraserFormat.PATCH, family, ("unet",), len(keys), Naming.COMFY,
                           max(ranks) if ranks else None, concept)
@@ -265,6 +291,8 @@ def describe(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
     if all(RECELER_BLOCK.match(k) for k in keys) or (config.get("eraser_type") == "adapter" and
                                                      any(RECELER_BLOCK.match(k) for k in keys)):
         downs = [k for k in keys if k.endswith("down.weight")]
+        _check_ndim(name, shapes, [k for k in keys if RECELER_BLOCK.match(k) and k.endswith(".weight")], 2,
+                    input_name)
         ranks = [int(shapes[k][0]) for k in downs]
         widths = {int(shapes[k][1]) for k in downs}
         # SD1.x/SD2.x blocks are 320/640/1280 wide; SDXL has no 320-wide attention.

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ArchitectureError, PatchError
+from ..edit.patch import KEY_CHARS
+from ..errors import ArchitectureError, PatchError, shown
 from ..numeric import all_finite
 
 __all__ = [
@@ -132,50 +133,45 @@ def parse_spm(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     LoKr, DoRA, mid weights...) is refused with the key named, as is a module missing its up or
     down weight or with mismatched ranks.
     """
-    metadata = dict(metadata or {})
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    shapes = {k: tuple(int(n) for n in t.shape) for k, t in state_dict.items()}
+    return _parse(shapes, state_dict.__getitem__, metadata, name, input_name)
+
+
+def _layout(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], name: str,
+            input_name: str | None) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """``({module: {"down"|"up"|"alpha": key}}, ignored text-encoder keys)`` from the key names and
+    shapes alone (a safetensors header): every refusal that needs no tensor value, so a file that
+    is not an SPM is refused before any of its tensors is read."""
+    parts: dict[str, dict[str, str]] = {}
     ignored = []
-    for key, tensor in state_dict.items():
+    for key in shapes:
         if key.startswith(TEXT_ENCODER_PREFIXES):
             ignored.append(key)
             continue
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if not key.startswith(UNET_PREFIX) or suffix is None:
             raise _file_error(name, f"must be a kohya-style LoRA/SPM file (keys 'lora_unet_*.lora_down.weight', "
-                                    f"'.lora_up.weight', '.alpha'), but it has the key '{key}'. Use an SPM file "
+                                    f"'.lora_up.weight', '.alpha'), but it has the key {shown(key, KEY_CHARS)}. Use an SPM file "
                                     "or a plain LoRA in that format.", input_name)
-        parts.setdefault(key[: -len(suffix)], {})[_SUFFIXES[suffix]] = tensor
+        parts.setdefault(key[: -len(suffix)], {})[_SUFFIXES[suffix]] = key
     if not parts:
         raise _file_error(name, "must hold UNet LoRA weights ('lora_unet_*'), but it has none. Pick an SPM file.",
                           input_name)
-    modules = {}
     for module, p in sorted(parts.items()):
         if "down" not in p or "up" not in p:
             missing = "lora_up.weight" if "up" not in p else "lora_down.weight"
-            raise _file_error(name, f"must have both factors of every module, but '{module}.{missing}' is missing.",
-                              input_name)
-        down, up = p["down"].detach().to("cpu", torch.float32), p["up"].detach().to("cpu", torch.float32)
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or \
-                (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
-            raise _file_error(name, f"must have matching LoRA factors, but '{module}' has up "
-                                    f"{tuple(up.shape)} and down {tuple(down.shape)}.", input_name)
-        if down.shape[0] == 0 or min(down.shape) == 0 or min(up.shape) == 0:
-            raise _file_error(name, f"must have LoRA factors of rank 1 or more, but '{module}' has up "
-                                    f"{tuple(up.shape)} and down {tuple(down.shape)} (rank 0).", input_name)
-        for part, tensor in (("lora_down.weight", down), ("lora_up.weight", up)):
-            if not all_finite(tensor):
-                raise _file_error(name, f"must hold finite weights, but '{module}.{part}' {tuple(tensor.shape)} has "
-                                        "NaN or inf values. The file is broken: re-download it.", input_name)
-        alpha = None
-        if "alpha" in p:
-            if p["alpha"].numel() != 1:
-                raise _file_error(name, f"must have one number per alpha, but '{module}.alpha' has shape "
-                                        f"{tuple(p['alpha'].shape)}.", input_name)
-            alpha = float(p["alpha"].float().reshape(-1)[0])
-            if not math.isfinite(alpha):
-                raise _file_error(name, f"must have a finite alpha, but '{module}.alpha' is {alpha}. The file is "
-                                        "broken: re-download it.", input_name)
-        modules[module] = SPMModule(module, down, up, alpha)
+            raise _file_error(name, f"must have both factors of every module, but {shown(f'{module}.{missing}', KEY_CHARS)} is "
+                                    "missing.", input_name)
+        down, up = shapes[p["down"]], shapes[p["up"]]
+        if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or (len(up) == 4 and up[2:] != (1, 1)):
+            raise _file_error(name, f"must have matching LoRA factors, but {shown(module, KEY_CHARS)} has up {up} and down "
+                                    f"{down}.", input_name)
+        if min(down) == 0 or min(up) == 0:
+            raise _file_error(name, f"must have LoRA factors of rank 1 or more, but {shown(module, KEY_CHARS)} has up {up} and "
+                                    f"down {down} (rank 0).", input_name)
+        if "alpha" in p and math.prod(shapes[p["alpha"]]) != 1:
+            raise _file_error(name, f"must have one number per alpha, but {shown(module + '.alpha', KEY_CHARS)} has shape "
+                                    f"{shapes[p['alpha']]}.", input_name)
     for field_name in ("alpha", "rank"):
         try:
             value = float(metadata.get(field_name, "0") or "0")
@@ -183,17 +179,43 @@ def parse_spm(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str
             continue  # the reference's own fallback: an unreadable alpha means no scaling
         if not math.isfinite(value):
             raise _file_error(name, f"must have a finite '{field_name}' in its metadata, but it is "
-                                    f"{metadata[field_name]!r}. The file is broken: re-download it.", input_name)
+                                    f"{shown(metadata[field_name])}. The file is broken: re-download it.", input_name)
         if field_name == "rank" and field_name in metadata and value < 1:
-            raise _file_error(name, f"must have rank 1 or more, but its metadata says rank {metadata['rank']!r}.",
+            raise _file_error(name, f"must have rank 1 or more, but its metadata says rank {shown(metadata['rank'])}.",
                               input_name)
+    return parts, ignored
+
+
+def _parse(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor],
+           metadata: Mapping[str, str] | None, name: str, input_name: str | None) -> SPMFile:
+    """:func:`parse_spm` reading each UNet tensor with ``read`` only once the keys, shapes and
+    metadata are checked (text-encoder tensors are never read)."""
+    metadata = dict(metadata or {})
+    parts, ignored = _layout(shapes, metadata, name, input_name)
+    modules = {}
+    for module, p in sorted(parts.items()):
+        down, up = read(p["down"]).detach().to("cpu", torch.float32), read(p["up"]).detach().to("cpu", torch.float32)
+        for part, tensor in (("lora_down.weight", down), ("lora_up.weight", up)):
+            if not all_finite(tensor):
+                raise _file_error(name, f"must hold finite weights, but {shown(f'{module}.{part}', KEY_CHARS)} "
+                                        f"{tuple(tensor.shape)} has NaN or inf values. The file is broken: "
+                                        "re-download it.", input_name)
+        alpha = None
+        if "alpha" in p:
+            alpha = float(read(p["alpha"]).float().reshape(-1)[0])
+            if not math.isfinite(alpha):
+                raise _file_error(name, f"must have a finite alpha, but {shown(module + '.alpha', KEY_CHARS)} is {alpha}. The "
+                                        "file is broken: re-download it.", input_name)
+        modules[module] = SPMModule(module, down, up, alpha)
     prompts = split_prompts(metadata.get("prompts", ""))
     return SPMFile(name, modules, prompts, metadata, tuple(sorted(ignored)))
 
 
 def load_spm_file(path: str, name: str | None = None, *, input_name: str | None = None) -> SPMFile:
-    """Read an SPM ``.safetensors`` file (tensors and header metadata). Other formats are refused:
-    SPMs are released as safetensors, and pickles are never loaded."""
+    """Read an SPM ``.safetensors`` file (header metadata, then its UNet tensors). Other formats are
+    refused: SPMs are released as safetensors, and pickles are never loaded. The keys, shapes and
+    metadata are checked from the header first, so a file that is no SPM (a checkpoint picked in a
+    slot that lists every LoRA) is refused without reading its tensors."""
     from safetensors import SafetensorError, safe_open
 
     name = name or os.path.basename(path)
@@ -203,11 +225,11 @@ def load_spm_file(path: str, name: str | None = None, *, input_name: str | None 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            shapes = {k: tuple(int(n) for n in f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            return _parse(shapes, f.get_tensor, metadata, name, input_name)
     except (SafetensorError, OSError) as exc:
         raise _file_error(name, f"must be a readable safetensors file, but reading it failed ({exc}). "
                                 "Re-download or re-save it.", input_name) from exc
-    return parse_spm(tensors, metadata, name, input_name=input_name)
 
 
 def load_spm_metadata(path: str, name: str | None = None, *, input_name: str | None = None) -> dict[str, str]:
@@ -238,15 +260,15 @@ def resolve_keys(spm: SPMFile, key_map: Mapping[str, str], shapes: Mapping[str, 
         if key is None or key not in shapes:
             raise ArchitectureError(
                 f"'{spm.name}' must be made for the connected model's architecture, but its key "
-                f"'{module_name}' matches no weight of the model ({len(spm.modules)} modules in the file). "
+                f"{shown(module_name, KEY_CHARS)} matches no weight of the model ({len(spm.modules)} modules in the file). "
                 "Released SPMs are for SD1.x: connect an SD1.x model, or pick an SPM trained for this one.",
                 input_name=input_name)
         shape = tuple(shapes[key])
         if shape[0] != module.out_features or math.prod(shape[1:]) != module.in_numel:
             raise ArchitectureError(
                 f"'{spm.name}' must be made for the connected model's architecture, but its key "
-                f"'{module_name}' has shape {module.out_features}x{module.in_numel} while the model's "
-                f"'{key}' is {'x'.join(map(str, shape))}. Pick an SPM trained for this model family.",
+                f"{shown(module_name, KEY_CHARS)} has shape {module.out_features}x{module.in_numel} while the "
+                f"model's {shown(key, KEY_CHARS)} is {'x'.join(map(str, shape))}. Pick an SPM trained for this model family.",
                 input_name=input_name)
         out[module_name] = key
     return out

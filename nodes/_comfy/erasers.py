@@ -19,7 +19,8 @@ from ...erasure_core import (
 )
 from ...erasure_core.edit.adapters import Adapter
 from ...erasure_core.edit.extract import KeyPart, WeightDiff, fused_pairs, weight_differences
-from ...erasure_core.errors import ErasureError
+from ...erasure_core.edit.patch import KEY_CHARS
+from ...erasure_core.errors import ErasureError, shown
 from ...erasure_core.formats.eraser_files import EraserFile
 from ...erasure_core.formats.eraser_formats import Naming, is_dit_diffusers_key, strip_text_encoder_prefix
 from .runtime import UNET_PREFIX, model_family_of
@@ -233,19 +234,30 @@ def lora_patches(model: Any, clip: Any | None, file: EraserFile) -> tuple[dict[s
 def _check_lora_shape(file: str, key: str, adapter: Any, shape: tuple[int, ...] | None) -> None:
     """Refuse a LoRA whose ``up @ down`` cannot be added to the weight it names (ComfyUI would only
     log "SHAPE MISMATCH" and skip it), or whose alpha is not finite, naming key and shapes."""
+    if isinstance(adapter, tuple) and len(adapter) == 2 and adapter[0] in ("diff", "set"):
+        # ``.diff`` / ``.diff_b`` (Save Erasure, LyCORIS "full") and ``.set_weight``: the tensor is the
+        # weight's own shape (ComfyUI skips a "diff" of another shape with a log line only)
+        tensor = adapter[1][0] if isinstance(adapter[1], tuple) and adapter[1] else None
+        if shape is not None and isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != tuple(shape):
+            raise ErasureError(
+                f"eraser file {shown(file)} must fit the connected model, but its {adapter[0]} weight for "
+                f"{shown(key, KEY_CHARS)} has shape {tuple(tensor.shape)} while the model's weight is {tuple(shape)}. "
+                "Pick the eraser made for this model.", input_name="eraser")
+        return
     weights = getattr(adapter, "weights", None)
     if not isinstance(weights, tuple) or len(weights) < 3 or not isinstance(weights[0], torch.Tensor):
         return  # not a plain LoRA (LoHa, LoKr...): ComfyUI checks those itself
     up, down, alpha = weights[0], weights[1], weights[2]
     if alpha is not None and not math.isfinite(float(alpha)):
-        raise ErasureError(f"eraser file '{file}' must have finite alphas, but the alpha of '{key}' is {float(alpha)}.",
+        raise ErasureError(f"eraser file {shown(file)} must have finite alphas, but the alpha of {shown(key, KEY_CHARS)} is "
+                           f"{float(alpha)}.",
                            input_name="eraser")
     if shape is None or weights[5] is not None:
         return
     fits = up.ndim >= 2 and down.ndim >= 2 and up.shape[1] == down.shape[0] and up.shape[0] == shape[0] and \
         down[0].numel() == math.prod(shape[1:])
     if not fits:
-        raise ErasureError(f"eraser file '{file}' must fit the connected model, but the LoRA of '{key}' has up "
+        raise ErasureError(f"eraser file {shown(file)} must fit the connected model, but the LoRA of {shown(key, KEY_CHARS)} has up "
                            f"{tuple(up.shape)} and down {tuple(down.shape)}, which cannot make its {shape} weight. "
                            "Pick the LoRA made for this model.", input_name="eraser")
 

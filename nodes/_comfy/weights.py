@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from ...erasure_core import (
     RowTransform,
     detect,
 )
+from ...erasure_core.edit.patch import KEY_CHARS
+from ...erasure_core.errors import shown, shown_list
 from .runtime import UNET_PREFIX, compute_device
 
 logger = logging.getLogger(__name__)
@@ -164,13 +167,35 @@ def _multiplier(p: torch.Tensor, q: torch.Tensor | None, strength: float) -> tor
 
 
 
-def apply_patchset(model: Any, patch: PatchSet, strength: float) -> Any:
+def _check_patch_shapes(model: Any, patch: PatchSet, input_name: str) -> dict[str, tuple[int, ...]]:
+    """The model's shape of every key ``patch`` edits that the model has; PatchError (blaming
+    ``input_name``) when an entry cannot make its weight: ComfyUI would only log "SHAPE MISMATCH ...
+    WEIGHT NOT MERGED" and sample the model unedited."""
+    state = model.model_state_dict()
+    shapes = {key: tuple(state[key].shape) for key in patch.entries if key in state}
+    wrong = []
+    for key, shape in shapes.items():
+        rows, cols = patch.entries[key].shape
+        if len(shape) < 2 or shape[0] != rows or math.prod(shape[1:]) != cols:
+            wrong.append(f"{shown(key, KEY_CHARS)} is {rows}x{cols} in the patch but {'x'.join(map(str, shape))} in the model")
+    if wrong:
+        raise PatchError(
+            f"every patch entry must have the shape of the model weight it edits, but {len(wrong)} of "
+            f"{len(patch)} do not: {shown_list(wrong, most=3)}. Apply the patch to the model it was made for.",
+            input_name=input_name)
+    return shapes
+
+
+def apply_patchset(model: Any, patch: PatchSet, strength: float, *, input_name: str = "model") -> Any:
     """A clone of ``model`` with ``patch`` added at ``strength``; the input is not modified.
 
-    Low-rank entries become ComfyUI LoRA adapters, dense ones ``diff`` patches. ComfyUI drops
-    unknown keys silently, so any key it did not accept raises PatchError (before the clone is
-    returned, so nothing downstream sees a half-applied edit).
+    Low-rank entries become ComfyUI LoRA adapters, dense ones ``diff`` patches. Every entry's shape
+    is checked against the model's weight before anything is cloned (ComfyUI skips a mismatched
+    weight with a log line only), blaming ``input_name`` (Apply Eraser LoRA: "eraser"). ComfyUI
+    drops unknown keys silently, so any key it did not accept raises PatchError (before the clone
+    is returned, so nothing downstream sees a half-applied edit).
     """
+    shapes = _check_patch_shapes(model, patch, input_name)
     if _wants_context_transform(model, patch):
         mats = {w: _multiplier(p, q, strength) for w, (p, q) in patch.context_multipliers.items()}
         clone = model.clone()
@@ -191,7 +216,10 @@ def apply_patchset(model: Any, patch: PatchSet, strength: float) -> Any:
             down = entry.down if undo is None else entry.down @ undo
             patches[key] = LoRAAdapter(set(), (entry.up, down, None, None, None, None))
         else:
-            patches[key] = ("diff", (entry.diff if undo is None else entry.diff @ undo,))
+            diff = entry.diff if undo is None else entry.diff @ undo
+            if key in shapes and tuple(diff.shape) != shapes[key]:  # a conv weight [out, in, 1, 1]
+                diff = diff.reshape(shapes[key])
+            patches[key] = ("diff", (diff,))
     clone = model.clone()
     added = set(clone.add_patches(patches, strength))
     missing = sorted(set(patches) - added)

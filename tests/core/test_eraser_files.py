@@ -99,3 +99,45 @@ def test_errors_name_the_input_the_file_was_picked_in(tmp_path):
     with pytest.raises(ErasureError, match="eraser file 'bad.safetensors' must hold finite") as err:
         open_eraser(tmp_path / "bad.safetensors")["w"]
     assert err.value.input_name == "eraser"
+
+
+def _receler(folder):
+    folder.mkdir()
+    save_file({"down_blocks.0.attentions.0.down.weight": torch.zeros(4, 320),
+               "down_blocks.0.attentions.0.down.bias": torch.zeros(4),
+               "down_blocks.0.attentions.0.up.weight": torch.zeros(320, 4),
+               "down_blocks.0.attentions.0.up.bias": torch.zeros(320)}, str(folder / "eraser_weights.safetensors"))
+    return folder / "eraser_weights.safetensors"
+
+
+def test_the_sidecar_config_is_read_only_beside_receler_weights(tmp_path):
+    """A broken eraser_config.json beside an ordinary eraser is not read (every file of a folder
+    would otherwise read it at queue time); beside Receler weights it is, and refused clearly."""
+    save_file({"model.diffusion_model.x.weight": torch.zeros(2, 2)}, str(tmp_path / "esd.safetensors"))
+    (tmp_path / "eraser_config.json").write_text("[" * 100_000)
+    assert open_eraser(tmp_path / "esd.safetensors").config == {}
+    weights = _receler(tmp_path / "rec")
+    (tmp_path / "rec" / "eraser_config.json").write_text("[" * 30_000 + "]" * 30_000)  # RecursionError before
+    with pytest.raises(ErasureError, match="must be valid JSON, but reading it failed \\('it nests too deeply'\\)") as err:
+        open_eraser(weights)
+    assert err.value.input_name == "eraser"
+    (tmp_path / "rec" / "eraser_config.json").write_text(json.dumps({"eraser_type": "adapter", "pad": "x" * 70_000}))
+    with pytest.raises(ErasureError, match="must be at most 64 KiB") as err:
+        open_eraser(weights, input_name="erased_file")
+    assert err.value.input_name == "erased_file"
+    (tmp_path / "rec" / "eraser_config.json").write_text(json.dumps({"eraser_type": "adapter", "eraser_rank": 4}))
+    assert open_eraser(weights).config == {"eraser_type": "adapter", "eraser_rank": 4}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges on Windows")
+def test_a_sidecar_config_linking_outside_the_erasers_folder_is_refused(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"eraser_type": "adapter", "token": "s3cr3t"}))
+    weights = _receler(tmp_path / "rec")
+    os.symlink(secret, tmp_path / "rec" / "eraser_config.json")
+    with pytest.raises(ErasureError, match="must be a file in the eraser's own folder, but it links outside it"):
+        open_eraser(weights)
+    os.remove(tmp_path / "rec" / "eraser_config.json")
+    (tmp_path / "rec" / "real.json").write_text(json.dumps({"eraser_type": "adapter"}))
+    os.symlink(tmp_path / "rec" / "real.json", tmp_path / "rec" / "eraser_config.json")  # inside: fine
+    assert open_eraser(weights).config == {"eraser_type": "adapter"}

@@ -166,3 +166,42 @@ def test_refusals_blame_the_input_they_are_told():
         assert named.value.input_name == "erased_file"
     with pytest.raises(ErasureError, match="or pick the erased_file released for SD1"):
         check_family(describe({K + ".weight": (320, 2048)}), "SD1", "erased_file 'x'", input_name="erased_file")
+
+
+PATCH_KEY = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@pytest.mark.parametrize("shapes", [
+    {PATCH_KEY + ".lora_up": (320,), PATCH_KEY + ".lora_down": (3, 768)},
+    {PATCH_KEY + ".lora_up": (), PATCH_KEY + ".lora_down": (3, 768)},
+    {PATCH_KEY + ".diff": (320, 768, 1)},
+])
+def test_a_patch_file_with_a_forged_header_is_refused_naming_the_key(shapes):
+    # a 1-D lora_up used to raise IndexError at queue time: a generic error naming no input
+    with pytest.raises(ErasureError, match=r"must hold 2-D matrices .* has shape") as caught:
+        describe(shapes, {"format": "concept_erasure.patchset"}, name="eraser 'p.safetensors'")
+    assert caught.value.input_name == "eraser" and "p.safetensors" in str(caught.value)
+
+
+@pytest.mark.parametrize("shape", [(128,), (), (128, 320, 1)])
+def test_a_receler_file_with_a_forged_header_is_refused_naming_the_key(shape):
+    block = "down_blocks.0.attentions.0"
+    shapes = {f"{block}.down.weight": shape, f"{block}.down.bias": (128,), f"{block}.up.weight": (320, 128),
+              f"{block}.up.bias": (320,)}
+    with pytest.raises(ErasureError, match=r"'down_blocks\.0\.attentions\.0\.down\.weight' has shape") as caught:
+        describe(shapes, input_name="erased_file")
+    assert caught.value.input_name == "erased_file"
+
+
+@pytest.mark.parametrize("field", ["concept_text", "meta"])
+def test_deeply_nested_or_huge_metadata_json_is_not_decoded(field):
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads raised RecursionError (not a ValueError)
+    value = deep if field == "concept_text" else '{"concept_text": ' + deep + "}"
+    info = describe({PATCH_KEY: (320, 768)}, {field: value})
+    assert info.format == EraserFormat.UNET_WEIGHTS
+    assert info.concept_text in ("", deep)
+    huge = '["' + "a" * (1 << 20) + '"]'  # over the limit: skipped, not decoded
+    assert describe({PATCH_KEY: (320, 768)}, {field: huge if field == "concept_text" else
+                                              '{"concept_text": ' + huge + "}"}).concept_text == ""
+    assert describe({PATCH_KEY: (320, 768)}, {"concept_text": '["snoopy", "van gogh"]'}).concept_text == \
+        "snoopy; van gogh"

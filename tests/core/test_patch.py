@@ -64,7 +64,7 @@ def test_a_file_that_is_not_a_patch_is_refused(tmp_path):
 
     path = tmp_path / "lora.safetensors"
     save_file({"x.lora_up.weight": torch.zeros(2, 2)}, path)
-    with pytest.raises(PatchError, match="expected a concept-erasure patch file"):
+    with pytest.raises(PatchError, match="must be a concept-erasure patch file"):
         PatchSet.load(path)
     with pytest.raises(PatchError, match="readable .safetensors"):
         PatchSet.load(tmp_path / "missing.safetensors")
@@ -125,3 +125,54 @@ def test_entries_are_immutable():
     _, _, entry = _deferred()
     with pytest.raises(AttributeError):
         entry.diff = torch.zeros(5, 4)
+
+
+def _patch_file(path, tensors=None, meta="{}"):
+    from safetensors.torch import save_file
+
+    from erasure_core.edit.patch import FORMAT_NAME, FORMAT_VERSION
+
+    tensors = tensors if tensors is not None else {"a.weight.diff": torch.zeros(2, 2)}
+    save_file(tensors, str(path), metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "meta": meta})
+    return path
+
+
+@pytest.mark.parametrize(("meta", "says"), [
+    ("{not json", "must be valid JSON"),
+    ('"x"', "must be a JSON object"),
+    ("[1]", "must be a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "must be valid JSON, but 'it nests too deeply'"),
+    (" " * (1 << 20) + "{}", "at most 1,048,576 characters"),
+])
+def test_a_malformed_meta_is_a_patch_error_naming_the_input_and_the_file_only(tmp_path, meta, says):
+    folder = tmp_path / ("deep" * 30)
+    folder.mkdir()
+    path = _patch_file(folder / "p.safetensors", meta=meta)
+    with pytest.raises(PatchError, match=says) as caught:
+        PatchSet.load(path)
+    assert caught.value.input_name == "eraser" and "patch file 'p.safetensors'" in str(caught.value)
+    assert str(folder) not in str(caught.value) and len(str(caught.value)) < 400
+    with pytest.raises(PatchError) as caught:
+        PatchSet.load(path, input_name="patch")
+    assert caught.value.input_name == "patch"
+
+
+@pytest.mark.parametrize(("tensors", "says"), [
+    ({"a.weight.lora_up": torch.zeros(3), "a.weight.lora_down": torch.zeros(1, 4)}, "must be 2-D"),
+    ({"a.weight.bias": torch.zeros(2, 2)}, "must end with"),
+    ({"a.lora_up.diff": torch.zeros(2, 2)}, "must be named"),
+    ({"k" * 5000 + ".diff": torch.zeros(3)}, "must be 2-D"),
+])
+def test_malformed_patch_files_name_the_input_and_cut_keys(tmp_path, tensors, says):
+    path = _patch_file(tmp_path / "p.safetensors", tensors)
+    with pytest.raises(PatchError, match=says) as caught:
+        PatchSet.load(path)
+    assert caught.value.input_name == "eraser" and len(str(caught.value)) < 400
+
+
+def test_an_unreadable_patch_file_names_only_the_file(tmp_path):
+    path = _patch_file(tmp_path / "p.safetensors")
+    path.write_bytes(path.read_bytes()[:-4])  # truncated data
+    with pytest.raises(PatchError, match="'p.safetensors' must be a readable") as caught:
+        PatchSet.load(path)
+    assert str(tmp_path) not in str(caught.value) and caught.value.input_name == "eraser"

@@ -170,3 +170,71 @@ def test_combine_refuses_bad_arguments(tmp_path):
         combine([a], [1.0], "sum")
     with pytest.raises(ConfigError, match="one multiplier per SPM"):
         combine([a], [1.0, 2.0], PAPER)
+
+
+class _CountingOpen:
+    """``safetensors.safe_open`` that records which tensors were read."""
+
+    read: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        self._inner = _CountingOpen.real(*args, **kwargs)
+
+    def __enter__(self):
+        self._file = self._inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._inner.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def get_tensor(self, key):
+        _CountingOpen.read.append(key)
+        return self._file.get_tensor(key)
+
+
+@pytest.fixture
+def counting_open(monkeypatch):
+    import safetensors
+
+    _CountingOpen.real = safetensors.safe_open
+    _CountingOpen.read = []
+    monkeypatch.setattr(safetensors, "safe_open", _CountingOpen)
+    return _CountingOpen
+
+
+def test_a_file_that_is_not_an_spm_is_refused_before_any_tensor_is_read(tmp_path, counting_open):
+    """The SPM slots list every LoRA: a checkpoint picked there was read whole before the refusal."""
+    path = tmp_path / "checkpoint.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(256, 256),
+               **spm_tensors(0)}, str(path))
+    with pytest.raises(PatchError, match="'model.diffusion_model.input_blocks.0.0.weight'"):
+        load_spm_file(str(path), input_name="spm_2")
+    bad_rank = tmp_path / "mismatch.safetensors"
+    save_file(spm_tensors(0) | {"lora_unet_y.lora_up.weight": torch.zeros(6, 2),
+                                "lora_unet_y.lora_down.weight": torch.zeros(1, 4)}, str(bad_rank))
+    with pytest.raises(PatchError, match="matching LoRA factors"):
+        load_spm_file(str(bad_rank))
+    assert counting_open.read == []
+
+
+def test_only_the_unet_tensors_are_read(tmp_path, counting_open):
+    path = tmp_path / "with_te.safetensors"
+    te = "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"
+    save_file(spm_tensors(0) | {te: torch.zeros(1, 4)}, str(path), {"prompts": "snoopy"})
+    spm = load_spm_file(str(path))
+    assert spm.ignored == (te,) and sorted(counting_open.read) == sorted(spm_tensors(0))
+
+
+@pytest.mark.parametrize("metadata", [{"alpha": " " * 10**6 + "nan"}, {"rank": " " * 10**6 + "inf"},
+                                      {"rank": " " * 10**6 + "0"}])
+def test_bad_metadata_and_long_keys_are_quoted_cut(metadata):
+    with pytest.raises(PatchError, match="metadata") as err:
+        parse_spm(spm_tensors(0), metadata, "bad.safetensors", input_name="spm_1")
+    assert err.value.input_name == "spm_1" and len(str(err.value)) < 400
+    long_key = "lora_unet_" + "x" * 10**6 + ".hada_w1_a"
+    with pytest.raises(PatchError, match="but it has the key 'lora_unet_xxx") as err:
+        parse_spm(spm_tensors(0) | {long_key: torch.zeros(1)}, {}, "bad.safetensors")
+    assert len(str(err.value)) < 500

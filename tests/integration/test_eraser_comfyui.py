@@ -292,6 +292,31 @@ def test_two_erasers_stack_on_fresh_clones(pack, mc, folders):
     assert untouched(model, clip) == before
 
 
+def test_shapes_that_comfyui_would_skip_are_refused_and_nothing_changes(pack, mc, folders):
+    """ComfyUI 0.3.64 only logs "SHAPE MISMATCH ... WEIGHT NOT MERGED" for a patch of another shape and
+    samples the model un-erased: our patch files and ".diff" keys in LoRAs are checked before cloning."""
+    model, clip = mc
+    before = untouched(model, clip)
+    meta = {"format": "concept_erasure.patchset", "format_version": "1", "meta": "{}"}
+    save_file({K_COMFY + ".lora_up": torch.zeros(320, 4), K_COMFY + ".lora_down": torch.zeros(4, 1000)},
+              str(folders / "patch.safetensors"), metadata=meta)
+    err = pack.erasure_core.ErasureError
+    with pytest.raises(err, match=r"input 'eraser': every patch entry must have the shape .*"
+                                  r"to_k\.weight' is 320x1000 in the patch but 320x768 in the model") as caught:
+        apply(pack, model, clip, "patch.safetensors")
+    assert isinstance(caught.value, pack.erasure_core.PatchError)
+    k_mod = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{k_mod}.diff": torch.zeros(320, 1000)}, str(folders / "diff.safetensors"))  # Save Erasure's layout
+    with pytest.raises(err, match=r"input 'eraser': eraser file 'diff\.safetensors' must fit the connected model, but "
+                                  r"its diff weight for .*to_k\.weight' has shape \(320, 1000\) while the model's "
+                                  r"weight is \(320, 768\)"):
+        apply(pack, model, clip, "diff.safetensors")
+    save_file({f"{k_mod}.diff": torch.full((320, 768), 0.01)}, str(folders / "fits.safetensors"))
+    m2 = apply(pack, model, clip, "fits.safetensors")[0]
+    close(effective(m2, K_COMFY), base(model, K_COMFY) + 0.01)
+    assert untouched(model, clip) == before
+
+
 def test_pickled_code_is_refused_and_nothing_changes(pack, mc, folders):
     model, clip = mc
     before = untouched(model, clip)

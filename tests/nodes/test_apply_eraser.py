@@ -187,3 +187,49 @@ def test_the_gate_report_quotes_a_long_concept_short(stub_env, erasers):
     out = run(stub_env, FakePatcher(weights), "long.safetensors", **gate)
     report = out.result[2]
     assert "snoopy " * 20 not in report and "...'" in report and len(report) < 600
+
+
+def _patch_file(path, tensors, meta="{}"):
+    save_file(tensors, str(path), metadata={"format": "concept_erasure.patchset", "format_version": "1", "meta": meta})
+
+
+def test_a_patch_file_for_other_shapes_is_refused_before_anything_is_patched(stub_env, erasers):
+    """ComfyUI only logs "SHAPE MISMATCH ... WEIGHT NOT MERGED" for such an entry: the user would
+    sample the model un-erased with nothing on the node."""
+    weights = sd1_weights()
+    model = FakePatcher(weights)
+    rows = weights[K].shape[0]
+    _patch_file(erasers / "wide.safetensors", {K + ".lora_up": torch.zeros(rows, 4),
+                                               K + ".lora_down": torch.zeros(4, 1000)})
+    err = stub_env.core.PatchError
+    with pytest.raises(err, match=rf"Apply Eraser LoRA, input 'eraser': every patch entry must have the shape .* "
+                                  rf"'{K}' is {rows}x1000 in the patch but {rows}x768 in the model"):
+        run(stub_env, model, "wide.safetensors")
+    _patch_file(erasers / "dense.safetensors", {K + ".diff": torch.zeros(rows + 1, 768)})
+    with pytest.raises(err, match=rf"input 'eraser'.*is {rows + 1}x768 in the patch but {rows}x768"):
+        run(stub_env, model, "dense.safetensors")
+    assert model.patches == {}
+
+
+def test_a_malformed_patch_file_names_the_eraser_input(stub_env, erasers):
+    _patch_file(erasers / "meta.safetensors", {K + ".diff": torch.zeros(8, 768)}, meta='"x"')
+    with pytest.raises(stub_env.core.PatchError, match=r"input 'eraser': the 'meta' of patch file 'meta\.safetensors' "
+                                                       "must be a JSON object"):
+        run(stub_env, FakePatcher(sd1_weights()), "meta.safetensors")
+
+
+def test_queue_time_refuses_forged_headers_naming_the_input(stub_env, erasers):
+    """A 1-D lora_up in a patch file, a 1-D Receler down.weight: IndexError before (a generic error
+    naming no input); deeply nested JSON metadata: RecursionError."""
+    node = stub_env.pack.nodes.apply_eraser.ApplyEraserLoRA
+    _patch_file(erasers / "flat.safetensors", {K + ".lora_up": torch.zeros(8), K + ".lora_down": torch.zeros(4, 768)})
+    block = "down_blocks.0.attentions.0"
+    save_file({f"{block}.down.weight": torch.zeros(4), f"{block}.down.bias": torch.zeros(4),
+               f"{block}.up.weight": torch.zeros(320, 4), f"{block}.up.bias": torch.zeros(320)},
+              str(erasers / "receler.safetensors"))
+    for name in ("flat.safetensors", "receler.safetensors"):
+        message = node.validate_inputs(eraser=name)
+        assert message.startswith("Apply Eraser LoRA, input 'eraser'") and "must hold 2-D matrices" in message, message
+    save_file({"model." + K: torch.zeros(8, 768)}, str(erasers / "deep.safetensors"),
+              metadata={"concept_text": "[" * 50_000, "meta": "{" * 50_000})
+    assert node.validate_inputs(eraser="deep.safetensors") is True
