@@ -14,6 +14,18 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
+from .concept_text import (
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
+    broadcast_anchors,
+    check_name,
+    check_text_size,
+    fill_template,
+    normalise,
+    parse_anchor_list,
+    parse_concept_list,
+    split_entries,
+)
 from .errors import ConceptError, shown, shown_list
 
 __all__ = [
@@ -36,14 +48,6 @@ __all__ = [
 
 ANY_KIND = "*"
 
-MAX_TEXT_CHARS = 50_000
-"""Longest typed text input (targets, anchors, preserve, custom templates), checked before any
-parsing or tokenising: about 2,500 names. Longer lists belong in a concept file."""
-
-MAX_NAME_CHARS = 1000
-"""Longest single name, alias, anchor or template: CLIP reads 75 tokens (a few characters each),
-which no longer text fits. It also bounds the tokeniser's work per word."""
-
 MAX_PROMPTS = 20_000
 """Most erase prompts (every target name and alias under each template of its kind) one concept
 set expands to, and separately most preserve prompts. Counted (names x templates) before any
@@ -63,7 +67,6 @@ WARNINGS_KEPT = 5
 """Warnings a concept set keeps (the rest are only counted): each is a line on the node, and a
 file that repeats one name 100,000 times must not send (or format) 100,000 lines."""
 
-_SEPARATORS = frozenset(" \t,.;:|-_/\\'\"`~!?*+=<>()[]{}#&^%$@")
 
 
 class ConceptKind(str, Enum):
@@ -88,83 +91,6 @@ BUILTIN_TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 })
 
 
-def check_text_size(text: str | None, input_name: str) -> None:
-    """Refuse typed text over :data:`MAX_TEXT_CHARS` before anything parses or tokenises it
-    (queue-time checks run inside ComfyUI's HTTP handler)."""
-    if text is not None and len(text) > MAX_TEXT_CHARS:
-        raise ConceptError(f"must be at most {MAX_TEXT_CHARS:,} characters, but got {len(text):,}. Put a "
-                           "long list in a concept file (models/concepts) instead.", input_name=input_name)
-
-
-def _check_name(text: str, what: str, input_name: str) -> None:
-    if len(text) > MAX_NAME_CHARS:
-        raise ConceptError(f"each {what} must be at most {MAX_NAME_CHARS} characters (CLIP reads 75 tokens), "
-                           f"but got one of {len(text):,} ({shown(text)}). Shorten it.", input_name=input_name)
-    if text and all(ch in _SEPARATORS for ch in text):
-        raise ConceptError(f"each {what} must contain a word, but got {shown(text)} (separators only). Remove "
-                           "the stray separator.", input_name=input_name)
-
-
-def fill_template(template: str, name: str) -> str:
-    """``template`` with its one ``{}`` replaced by ``name`` (never ``str.format``: a stray brace
-    or a named field must not raise, or read attributes, when a prompt is built)."""
-    return template.replace("{}", name, 1)
-
-
-def normalise(text: str) -> str:
-    """Case- and whitespace-insensitive form used to compare concept names."""
-    return " ".join(text.lower().split())
-
-
-def parse_concept_list(text: str | None) -> tuple[str, ...]:
-    """Split user text into names: one per line or separated by ``;``.
-
-    Whitespace is stripped, blank entries and ``#`` comment lines are dropped, and repeats are
-    kept once (compared case-insensitively). Commas are *not* separators: a concept may itself be
-    a phrase ("a cat, sitting").
-    """
-    seen: set[str] = set()
-    out: list[str] = []
-    for item in split_entries(text):
-        if normalise(item) not in seen:
-            seen.add(normalise(item))
-            out.append(item)
-    return tuple(out)
-
-
-def parse_anchor_list(text: str | None) -> tuple[str, ...]:
-    """Split anchors like :func:`parse_concept_list`, but keep repeats (anchors pair by position).
-
-    An entry that is exactly ``""`` or ``''`` means "erase toward nothing" (the empty prompt).
-    """
-    return tuple("" if item in ('""', "''") else item for item in split_entries(text))
-
-
-def broadcast_anchors(anchors: Sequence[str], count: int, per: str, fix: str) -> tuple[str, ...]:
-    """One anchor for each of ``count`` targets: a single anchor is repeated; otherwise the counts
-    must match (``per`` and ``fix`` word the error for the caller's syntax)."""
-    anchors = tuple(anchors) or ("",)
-    if len(anchors) == 1:
-        return anchors * count
-    if len(anchors) != count:
-        raise ConceptError(f"anchors must have 1 entry or {per} ({count}), but got {len(anchors)}. {fix}",
-                           input_name="anchors")
-    return anchors
-
-
-def split_entries(text: str | None) -> list[str]:
-    """Entries of user text: comments removed per line (``#`` at the start, or `` #`` after
-    text), then lines split on ``;``; blanks dropped."""
-    out = []
-    for raw in (text or "").splitlines():
-        line = raw.strip()
-        if line.startswith("#"):
-            continue
-        line = line.split(" #", 1)[0]
-        out += [item.strip() for item in line.split(";") if item.strip()]
-    return out
-
-
 @dataclass(frozen=True)
 class Concept:
     """One named concept: its aliases, the anchor it maps to (targets only) and its kind."""
@@ -176,10 +102,10 @@ class Concept:
 
     def __post_init__(self) -> None:
         name = " ".join(self.name.split())
-        _check_name(name, "concept name", "targets")
+        check_name(name, "concept name", "targets")
         for alias in self.aliases:
-            _check_name(" ".join(alias.split()), "alias", "targets")
-        _check_name(" ".join(self.anchor.split()), "anchor", "anchors")
+            check_name(" ".join(alias.split()), "alias", "targets")
+        check_name(" ".join(self.anchor.split()), "anchor", "anchors")
         if not name:
             raise ConceptError("every concept needs a name, but got an empty one. Remove the empty "
                                "entry.", input_name="targets")
@@ -523,7 +449,7 @@ def check_templates(items: Sequence[str], input_name: str) -> None:
                            f"{shown(bad[0])}. Write templates like 'a painting by {{}}'.", input_name=input_name)
     for t in items:
         if len(t) > MAX_NAME_CHARS:
-            _check_name(t, "template", input_name)
+            check_name(t, "template", input_name)
 
 
 def check_prompt_lengths(concepts: ConceptSet, count_tokens: Callable[[str], int], limit: int = 75) -> None:

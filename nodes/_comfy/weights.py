@@ -140,7 +140,7 @@ def context_transform_of(model: Any) -> ContextTransform | None:
     return next((p for p in _attn2_patches(model) if isinstance(p, ContextTransform)), None)
 
 
-def _wants_context_transform(model: Any, patch: PatchSet) -> bool:
+def _wants_context_transform(model: Any, patch: PatchSet, state: dict[str, torch.Tensor]) -> bool:
     """Apply ``patch`` as a context transform when it is one shared multiplier per width over every
     cross-attention K/V weight of a UNet (attn2 patches reach exactly those), and the weights are
     stored or computed below float32 (in float32 the weight patch is already exact and stacks
@@ -150,8 +150,7 @@ def _wants_context_transform(model: Any, patch: PatchSet) -> bool:
     diffusion = getattr(getattr(model, "model", None), "diffusion_model", None)
     if type(diffusion).__name__ != "UNetModel":
         return False
-    state = model.model_state_dict(filter_prefix=UNET_PREFIX)
-    kv = {k for k in state if _is_kv(k)}
+    kv = {k for k in state if k.startswith(UNET_PREFIX) and _is_kv(k)}
     if set(patch.entries) != kv or any(state[k].shape[-1] not in patch.context_multipliers for k in kv):
         return False
     inner = model.model
@@ -167,11 +166,10 @@ def _multiplier(p: torch.Tensor, q: torch.Tensor | None, strength: float) -> tor
 
 
 
-def _check_patch_shapes(model: Any, patch: PatchSet, input_name: str) -> dict[str, tuple[int, ...]]:
-    """The model's shape of every key ``patch`` edits that the model has; PatchError (blaming
-    ``input_name``) when an entry cannot make its weight: ComfyUI would only log "SHAPE MISMATCH ...
-    WEIGHT NOT MERGED" and sample the model unedited."""
-    state = model.model_state_dict()
+def _check_patch_shapes(state: dict[str, torch.Tensor], patch: PatchSet, input_name: str) -> dict[str, tuple[int, ...]]:
+    """The model's shape (``state``: its state dict) of every key ``patch`` edits that the model has;
+    PatchError (blaming ``input_name``) when an entry cannot make its weight: ComfyUI would only log
+    "SHAPE MISMATCH ... WEIGHT NOT MERGED" and sample the model unedited."""
     shapes = {key: tuple(state[key].shape) for key in patch.entries if key in state}
     wrong = []
     for key, shape in shapes.items():
@@ -195,8 +193,9 @@ def apply_patchset(model: Any, patch: PatchSet, strength: float, *, input_name: 
     drops unknown keys silently, so any key it did not accept raises PatchError (before the clone
     is returned, so nothing downstream sees a half-applied edit).
     """
-    shapes = _check_patch_shapes(model, patch, input_name)
-    if _wants_context_transform(model, patch):
+    state = model.model_state_dict()  # one walk over the modules serves both checks
+    shapes = _check_patch_shapes(state, patch, input_name)
+    if _wants_context_transform(model, patch, state):
         mats = {w: _multiplier(p, q, strength) for w, (p, q) in patch.context_multipliers.items()}
         clone = model.clone()
         earlier = context_transform_of(clone)

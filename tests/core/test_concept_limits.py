@@ -257,12 +257,12 @@ def test_a_set_without_duplicates_has_no_warning_count():
 def test_folding_many_aliases_into_one_entry_checks_each_name_a_bounded_number_of_times(monkeypatch, role):
     entries = [Concept("Dali", aliases=(f"alias {i}",)) for i in range(2000)]  # 'Dali | alias i' per line
     checked = []
-    real = concepts._check_name
+    real = concepts.check_name
 
     def counting(text, *args):
         checked.append(text)
         return real(text, *args)
-    monkeypatch.setattr(concepts, "_check_name", counting)
+    monkeypatch.setattr(concepts, "check_name", counting)
     cs = ConceptSet(**{role: tuple(entries)})
     assert len(getattr(cs, role)[0].aliases) == 2000
     assert len(checked) < 10 * 2000  # rebuilding the concept per fold checked ~2,000,000 names
@@ -272,12 +272,12 @@ def test_merging_sets_folds_shared_targets_in_linear_time(monkeypatch):
     a = ConceptSet((Concept("Dali", "x", tuple(f"a{i}" for i in range(1000))),))
     b = ConceptSet(tuple(Concept(f"a{i}", "x", (f"b{i}",)) for i in range(1000)))  # each folds into Dali
     checked = []
-    real = concepts._check_name
+    real = concepts.check_name
 
     def counting(text, *args):
         checked.append(text)
         return real(text, *args)
-    monkeypatch.setattr(concepts, "_check_name", counting)
+    monkeypatch.setattr(concepts, "check_name", counting)
     merged = a.merged(b)
     assert merged.target_names == ("Dali",) and len(merged.targets[0].aliases) == 2000
     assert len(checked) < 10 * 2000

@@ -13,7 +13,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CORE_RANKS = {"errors": 0, "version": 0, "numeric": 0, "atomic": 0, "config": 1, "concepts": 2, "architectures": 2, "text": 2, "edit": 2,
+CORE_RANKS = {"errors": 0, "version": 0, "numeric": 0, "atomic": 0, "config": 1, "concept_text": 1, "concepts": 2, "architectures": 2, "text": 2, "edit": 2,
               "formats": 3, "gating": 3, "methods": 4, "attacks": 4, "__init__": 5, "__main__": 6,
               "cli": 6}
 NODE_RANKS = {"types": 0, "_comfy": 1, "_schema": 1, "_report": 1, "_chart": 1, "__init__": 3}  # every other node module: 2
