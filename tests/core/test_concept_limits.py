@@ -198,15 +198,32 @@ def test_a_typed_error_quotes_the_text_cut_short(inputs, input_name):
     assert err.value.input_name == input_name and len(str(err.value)) < 700, str(err.value)[:2000]
 
 
-def test_a_long_erased_and_preserved_overlap_formats_only_the_names_it_shows(monkeypatch):
-    names = tuple(Concept(f"n{i}") for i in range(50_000))
-    formatted = []
-    real = concepts.shown
+def _counted(monkeypatch, name):
+    """The values every call of ``concepts.<name>`` gets (the function still runs)."""
+    values = []
+    real = getattr(concepts, name)
 
     def counting(value, *args):
-        formatted.append(value)
+        values.append(value)
         return real(value, *args)
-    monkeypatch.setattr(concepts, "shown", counting)
+    monkeypatch.setattr(concepts, name, counting)
+    return values
+
+
+@pytest.fixture
+def formatted(monkeypatch):
+    """Every value ``concepts`` quotes in a message or warning."""
+    return _counted(monkeypatch, "shown")
+
+
+@pytest.fixture
+def checked(monkeypatch):
+    """Every name ``concepts`` checks (``check_name``)."""
+    return _counted(monkeypatch, "check_name")
+
+
+def test_a_long_erased_and_preserved_overlap_formats_only_the_names_it_shows(formatted):
+    names = tuple(Concept(f"n{i}") for i in range(50_000))
     with pytest.raises(ConceptError, match="and 49,995 more are in both"):
         ConceptSet(names, names)
     assert len(formatted) <= 2 * concepts.CLASHES_SHOWN
@@ -214,16 +231,9 @@ def test_a_long_erased_and_preserved_overlap_formats_only_the_names_it_shows(mon
 
 # -- warnings: the first few kept, the rest counted -------------------------------------------------
 
-def test_a_file_repeating_a_name_keeps_five_warnings_and_counts_the_rest(tmp_path, monkeypatch):
+def test_a_file_repeating_a_name_keeps_five_warnings_and_counts_the_rest(tmp_path, formatted):
     path = tmp_path / "dup.txt"
     path.write_text("Dali\n" * 20_000)
-    formatted = []
-    real = concepts.shown
-
-    def counting(value, *args):
-        formatted.append(value)
-        return real(value, *args)
-    monkeypatch.setattr(concepts, "shown", counting)
     cs = assemble(file=path)
     assert (cs.target_names, len(cs.warnings), cs.warnings_left_out) == (("Dali",), 1, 19_998)
     assert len(formatted) <= 2 * concepts.WARNINGS_KEPT  # the rest are counted, never formatted
@@ -254,30 +264,16 @@ def test_a_set_without_duplicates_has_no_warning_count():
 # -- folding duplicates: linear in the names ---------------------------------------------------------
 
 @pytest.mark.parametrize("role", ["targets", "preserve"])
-def test_folding_many_aliases_into_one_entry_checks_each_name_a_bounded_number_of_times(monkeypatch, role):
+def test_folding_many_aliases_into_one_entry_checks_each_name_a_bounded_number_of_times(checked, role):
     entries = [Concept("Dali", aliases=(f"alias {i}",)) for i in range(2000)]  # 'Dali | alias i' per line
-    checked = []
-    real = concepts.check_name
-
-    def counting(text, *args):
-        checked.append(text)
-        return real(text, *args)
-    monkeypatch.setattr(concepts, "check_name", counting)
     cs = ConceptSet(**{role: tuple(entries)})
     assert len(getattr(cs, role)[0].aliases) == 2000
     assert len(checked) < 10 * 2000  # rebuilding the concept per fold checked ~2,000,000 names
 
 
-def test_merging_sets_folds_shared_targets_in_linear_time(monkeypatch):
+def test_merging_sets_folds_shared_targets_in_linear_time(checked):
     a = ConceptSet((Concept("Dali", "x", tuple(f"a{i}" for i in range(1000))),))
     b = ConceptSet(tuple(Concept(f"a{i}", "x", (f"b{i}",)) for i in range(1000)))  # each folds into Dali
-    checked = []
-    real = concepts.check_name
-
-    def counting(text, *args):
-        checked.append(text)
-        return real(text, *args)
-    monkeypatch.setattr(concepts, "check_name", counting)
     merged = a.merged(b)
     assert merged.target_names == ("Dali",) and len(merged.targets[0].aliases) == 2000
     assert len(checked) < 10 * 2000
