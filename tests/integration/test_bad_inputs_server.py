@@ -64,6 +64,8 @@ def hostile(server):  # noqa: F811
     (concepts / "ragged.csv").write_text("target,anchor\ncat,dog,extra\n")
     (concepts / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (concepts / "two_arrows.txt").write_text("cat -> dog -> fish\n")
+    # over the 64 KiB read at queue time: read (and refused) when the node runs
+    (concepts / "huge_version.json").write_text(json.dumps({"format": "concept_erasure.concepts", "version": "x" * 10**6}))
     return base
 
 
@@ -186,6 +188,9 @@ CASES = {
     "load deep json": (g_load(targets="", anchors="", file="deep.json"), "file"),
     "load second arrow in file": (g_load(targets="", anchors="", file="two_arrows.txt"), "file"),
     "load long word": (g_load(targets="x" * 20_000, anchors=""), "targets"),
+    "load 25 million prompts": (g_load(targets="\n".join(f"t{i}" for i in range(5000)), anchors="", templates="custom",
+                                       custom_templates="\n".join(f"{{}} v{i}" for i in range(5000))), "custom_templates"),
+    "load megabyte version in a large file": (g_load(targets="", anchors="", file="huge_version.json"), "file"),
     # Save Concepts, queue time
     "save NUL in name": (g_save(filename="a\x00b.json"), "filename"),
     "save newline in name": (g_save(filename="a\nb.json"), "filename"),
@@ -261,6 +266,9 @@ def test_a_bad_input_gets_a_clear_error_and_changes_nothing(server, hostile, cas
     comfy_own = where == "queue" and input_name in names and "not in list" in text
     assert ours or comfy_own, f"{case}: the error must name {display} and input '{input_name}': {text[:600]}"
     assert "Traceback" not in text
+    # ComfyUI repeats a validate_inputs message once per input the method takes: measure one of them
+    longest = max(len(part) for part in text.split("Custom validation failed for node"))
+    assert longest < 1500, f"{case}: a {longest:,}-character message quotes too much: {text[:600]}"
     assert display != "Extract Eraser" or "eraser file" not in text, f"{case}: names Apply's input: {text[:600]}"
     assert server.get("/system_stats")["system"], "the server must still answer"
     assert _snapshot(hostile) == before, f"{case}: a file was written or changed"
