@@ -40,7 +40,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import erasure_core as ec  # noqa: E402
-from erasure_core.concepts import normalise  # noqa: E402
+from erasure_core.concept_text import normalise  # noqa: E402
 from erasure_core.edit.linalg import forget_grams  # noqa: E402
 from erasure_core.methods.closed_form import preserve_list  # noqa: E402
 from erasure_core.text.clip import BPETokenizer, ClipTextEncoder, find_merges_file  # noqa: E402

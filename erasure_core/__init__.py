@@ -24,7 +24,8 @@ from .architectures import (  # noqa: E402
     reference_site_shapes,
     supported_families,
 )
-from .concepts import Concept, ConceptKind, ConceptSet, parse_anchor_list, parse_concept_list  # noqa: E402
+from .concept_text import parse_anchor_list, parse_concept_list  # noqa: E402
+from .concepts import Concept, ConceptKind, ConceptSet  # noqa: E402
 from .edit.patch import PatchEntry, PatchSet  # noqa: E402
 from .errors import (  # noqa: E402
     ArchitectureError,

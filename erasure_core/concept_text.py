@@ -1,5 +1,5 @@
 """Typed concept text: its size limits, names, separators, templates and anchor lists, parsed
-before any concept is built (re-exported by :mod:`erasure_core.concepts`)."""
+before any concept is built (:mod:`erasure_core.concepts` builds them)."""
 
 from __future__ import annotations
 

@@ -16,15 +16,12 @@ from typing import Any
 
 from .concept_text import (
     MAX_NAME_CHARS,
-    MAX_TEXT_CHARS,
     broadcast_anchors,
     check_name,
-    check_text_size,
     fill_template,
     normalise,
     parse_anchor_list,
     parse_concept_list,
-    split_entries,
 )
 from .errors import ConceptError, shown, shown_list
 
@@ -33,17 +30,8 @@ __all__ = [
     "Concept",
     "ConceptKind",
     "ConceptSet",
-    "MAX_NAME_CHARS",
     "MAX_PROMPTS",
-    "MAX_TEXT_CHARS",
-    "broadcast_anchors",
     "check_prompt_lengths",
-    "check_text_size",
-    "fill_template",
-    "normalise",
-    "parse_anchor_list",
-    "parse_concept_list",
-    "split_entries",
 ]
 
 ANY_KIND = "*"

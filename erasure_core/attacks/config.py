@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..concepts import MAX_TEXT_CHARS
+from ..concept_text import MAX_TEXT_CHARS
 from ..config import option, validate_ranges
 from ..errors import ConceptError, shown
 

@@ -28,19 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import replace_atomically
-from ..concepts import (
-    BUILTIN_TEMPLATES,
-    MAX_PROMPTS,
-    Concept,
-    ConceptKind,
-    ConceptSet,
-    broadcast_anchors,
-    check_templates,
-    check_text_size,
-    normalise,
-    parse_anchor_list,
-    split_entries,
-)
+from ..concept_text import broadcast_anchors, check_text_size, normalise, parse_anchor_list, split_entries
+from ..concepts import BUILTIN_TEMPLATES, MAX_PROMPTS, Concept, ConceptKind, ConceptSet, check_templates
 from ..errors import ConceptError, shown, shown_list
 
 __all__ = [

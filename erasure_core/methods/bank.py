@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from ..concepts import ConceptKind, ConceptSet, normalise
+from ..concept_text import normalise
+from ..concepts import ConceptKind, ConceptSet
 
 __all__ = ["BANK", "PROBES", "bank_prompts", "probe_prompts", "without_targets"]
 

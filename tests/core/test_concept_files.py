@@ -7,7 +7,8 @@ import json
 import pytest
 
 from erasure_core import ConceptError
-from erasure_core.concepts import Concept, ConceptKind, ConceptSet, normalise
+from erasure_core.concept_text import normalise
+from erasure_core.concepts import Concept, ConceptKind, ConceptSet
 from erasure_core.formats.concept_files import (
     FORMAT_NAME,
     PRESET_DIR,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from erasure_core import ConceptError, concepts
-from erasure_core.concepts import Concept, ConceptKind, ConceptSet, check_prompt_lengths, normalise
+from erasure_core.concept_text import normalise
+from erasure_core.concepts import Concept, ConceptKind, ConceptSet, check_prompt_lengths
 from erasure_core.formats.concept_files import PRESET_DIR, assemble, load_preset
 
 ARTIST = ConceptKind.ARTIST

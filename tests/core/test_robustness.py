@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from erasure_core import ConceptError, ConfigError
-from erasure_core.concepts import MAX_TEXT_CHARS
+from erasure_core.concept_text import MAX_TEXT_CHARS
 from erasure_core.edit.linalg import anchored_right_multiplier
 from erasure_core.errors import NumericalError
 from erasure_core.formats.concept_files import assemble, load_concept_file
