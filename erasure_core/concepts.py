@@ -242,10 +242,9 @@ class ConceptSet:
         erased = {normalise(n): t.name for t in targets for n in t.names}
         clash = [n for p in preserve for n in p.names if normalise(n) in erased]
         if clash:  # only the names shown are formatted (an overlap may be 100,000 long); the rest counted
-            named = [f"{shown(n)} (target {shown(erased[normalise(n)])})" for n in clash[:CLASHES_SHOWN]]
+            named = shown_list(clash, CLASHES_SHOWN, show=lambda n: f"{shown(n)} (target {shown(erased[normalise(n)])})")
             raise ConceptError(
-                f"a concept cannot be both erased and preserved, but "
-                f"{shown_list(named + clash[CLASHES_SHOWN:], CLASHES_SHOWN)} "
+                f"a concept cannot be both erased and preserved, but {named} "
                 f"{'is' if len(clash) == 1 else 'are'} in both. Remove "
                 f"{'it' if len(clash) == 1 else 'them'} from the preserve list or from the targets.",
                 input_name="preserve",

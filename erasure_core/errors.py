@@ -8,7 +8,11 @@ expected and how to fix it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 __all__ = [
+    "KEY_CHARS",
     "SHOWN_CHARS",
     "ArchitectureError",
     "ConceptError",
@@ -35,9 +39,15 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def shown_list(items: list[str] | tuple[str, ...], most: int = 5) -> str:
-    """The first ``most`` of ``items`` joined with commas, then how many more there are."""
-    head = ", ".join(items[:most])
+KEY_CHARS = 120
+"""Most characters of a weight key a message quotes (``shown(key, KEY_CHARS)``): whole real keys
+(kohya SDXL names reach ~90) stay readable, a forged megabyte key does not reach the user."""
+
+
+def shown_list(items: Sequence[Any], most: int = 5, show: Callable[[Any], str] = str) -> str:
+    """The first ``most`` of ``items``, each written by ``show`` (e.g. :func:`shown`), joined with
+    commas, then how many more there are: only the items shown are formatted."""
+    head = ", ".join(show(item) for item in items[:most])
     return head + (f" and {len(items) - most:,} more" if len(items) > most else "")
 
 

@@ -71,10 +71,6 @@ def _node_name(cls: type) -> str:
     return name or cls.__name__
 
 
-def _short_value(value: Any) -> str:
-    return shown(value)  # a huge string from the HTTP API is cut before repr copies it whole
-
-
 def check_widget_values(cls: type, values: dict[str, Any]) -> None:
     """Raise ConfigError naming the input for a widget value ComfyUI let through: a combo value
     outside its list (the HTTP API can send any string, and ComfyUI skips its own check for inputs
@@ -88,13 +84,13 @@ def check_widget_values(cls: type, values: dict[str, Any]) -> None:
         if isinstance(spec, io.Combo.Input):
             options = getattr(spec, "options", None)
             if options and not any(value == o and isinstance(value, type(o)) for o in options):
-                shown = ", ".join(repr(o) for o in options[:8]) + (", ..." if len(options) > 8 else "")
-                raise ConfigError(f"must be one of the listed values ({shown}), but got {_short_value(value)}. "
+                listed = ", ".join(repr(o) for o in options[:8]) + (", ..." if len(options) > 8 else "")
+                raise ConfigError(f"must be one of the listed values ({listed}), but got {shown(value)}. "
                                   "Pick a value from the list (refresh with R if a file is missing).",
                                   input_name=name)
         elif isinstance(spec, (io.Float.Input, io.Int.Input)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"must be a number, but got {_short_value(value)}. Type a number.", input_name=name)
+                raise ConfigError(f"must be a number, but got {shown(value)}. Type a number.", input_name=name)
             if not math.isfinite(value):
                 raise ConfigError(f"must be a finite number, but got {value}. Type a number "
                                   f"(the default is {getattr(spec, 'default', None)}).", input_name=name)
@@ -103,9 +99,9 @@ def check_widget_values(cls: type, values: dict[str, Any]) -> None:
                 raise ConfigError(f"must be between {lo} and {hi}, but got {value}. Type a value in that range.",
                                   input_name=name)
         elif isinstance(spec, io.Boolean.Input) and not isinstance(value, bool):
-            raise ConfigError(f"must be true or false, but got {_short_value(value)}.", input_name=name)
+            raise ConfigError(f"must be true or false, but got {shown(value)}.", input_name=name)
         elif isinstance(spec, io.String.Input) and not isinstance(value, str):
-            raise ConfigError(f"must be text, but got {_short_value(value)}.", input_name=name)
+            raise ConfigError(f"must be text, but got {shown(value)}.", input_name=name)
 
 
 def _bound_values(signature: inspect.Signature, cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:

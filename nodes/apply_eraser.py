@@ -12,7 +12,7 @@ from ..erasure_core import ConceptError, ErasureError, PatchSet
 from ..erasure_core.edit.adapters import BlockAdapters, parse_receler
 from ..erasure_core.formats.eraser_files import SAFE_EXTENSIONS, open_eraser
 from ..erasure_core.formats.eraser_formats import EraserFormat, EraserInfo, check_family, describe, is_unet_key
-from ..erasure_core.gating.ft_gate import MAX_GATE_CONCEPTS, ft_gate, gate_concepts
+from ..erasure_core.gating.ft_gate import ft_gate, gate_targets
 from . import _comfy
 from ._report import Bar, report_ui
 from ._schema import validation_message
@@ -33,15 +33,11 @@ def split_concepts(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in re.split(r"[\n;,]", text or "") if p.strip())
 
 
-def gate_targets(concept_text: str, file_concepts: str, file_name: str) -> tuple[str, ...]:
+def eraser_gate_targets(concept_text: str, file_concepts: str, file_name: str) -> tuple[str, ...]:
     """The distinct concepts the gate compares the prompt with: the typed ``concept_text``, else
     the file's metadata; at most :data:`MAX_GATE_CONCEPTS` (refused naming where they came from)."""
-    typed = split_concepts(concept_text)
-    if typed:
-        return gate_concepts(typed, "concept_text", "concept_text",
-                             f"Keep at most {MAX_GATE_CONCEPTS:,} concepts the gate should respond to.")
-    return gate_concepts(split_concepts(file_concepts), "eraser", f"the metadata of eraser '{file_name}'",
-                         "Type the concepts to gate against in concept_text: it replaces the file's list.")
+    return gate_targets(split_concepts(concept_text), split_concepts(file_concepts), "concept_text", "eraser",
+                        f"the metadata of eraser '{file_name}'")
 
 
 def compute_gate(clip, prompt: str, concepts: tuple[str, ...], facilitate_factor: float,
@@ -206,7 +202,7 @@ class ApplyEraserLoRA(io.ComfyNode):
         check_family(info, _comfy.model_family_of(model), name=f"eraser '{file.name}'")
         scale, gate_line, gate_value = strength, "gate off", None
         if gate == GATE_FT:
-            concepts = gate_targets(concept_text, info.concept_text, file.name)
+            concepts = eraser_gate_targets(concept_text, info.concept_text, file.name)
             gate_value, gate_line = compute_gate(clip, prompt, concepts, facilitate_factor, gate_threshold, progress)
             scale = strength * gate_value
         if gate == GATE_FT and scale == 0.0:
@@ -236,16 +232,15 @@ class ApplyEraserLoRA(io.ComfyNode):
         gated = gate == GATE_FT and isinstance(concept_text, str)
 
         def check() -> None:
-            if gated and split_concepts(concept_text):
-                gate_targets(concept_text, "", "")
-            if eraser is None:
-                return  # linked: checked when the node runs
-            path = _comfy.resolve_eraser(eraser)
-            if path.lower().endswith(SAFE_EXTENSIONS):
-                file = open_eraser(path)
-                info = describe(file.shapes, file.metadata, file.config, name=f"eraser '{file.name}'")
-                if gated:
-                    gate_targets(concept_text, info.concept_text, file.name)
+            file_concepts, file_name = "", ""  # a linked or pickle-format eraser: its list is read when the node runs
+            if eraser is not None:
+                path = _comfy.resolve_eraser(eraser)
+                if path.lower().endswith(SAFE_EXTENSIONS):
+                    file = open_eraser(path)
+                    info = describe(file.shapes, file.metadata, file.config, name=f"eraser '{file.name}'")
+                    file_concepts, file_name = info.concept_text, file.name
+            if gated:
+                eraser_gate_targets(concept_text, file_concepts, file_name)
 
         return validation_message(cls.DISPLAY_NAME, check)
 

@@ -11,7 +11,7 @@ from ..erasure_core.formats.spm import (
     resolve_keys,
     split_prompts,
 )
-from ..erasure_core.gating.ft_gate import MAX_GATE_CONCEPTS, ft_gate, gate_concepts
+from ..erasure_core.gating.ft_gate import ft_gate, gate_targets
 from ..erasure_core.gating.spm_combine import PAPER, REFERENCE, combine
 from . import _comfy
 from ._report import Bar, report_ui
@@ -185,11 +185,7 @@ class ApplySPM(io.ComfyNode):
 
 def _slot_concepts(typed: tuple[str, ...], recorded: tuple[str, ...], k: int, choice: str) -> tuple[str, ...]:
     """SPM ``k``'s distinct gate concepts (typed, else its 'prompts' metadata), at most MAX_GATE_CONCEPTS."""
-    if typed:
-        return gate_concepts(typed, f"concepts_{k}", f"concepts_{k}",
-                             f"Keep at most {MAX_GATE_CONCEPTS:,} concepts the gate should respond to.")
-    return gate_concepts(recorded, f"spm_{k}", f"the 'prompts' metadata of '{choice}'",
-                         f"Type the concepts to gate against in concepts_{k}: it replaces the file's list.")
+    return gate_targets(typed, recorded, f"concepts_{k}", f"spm_{k}", f"the 'prompts' metadata of '{choice}'")
 
 
 def _no_file_error() -> ConceptError:

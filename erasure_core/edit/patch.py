@@ -19,19 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import replace_atomically
-from ..errors import PatchError, shown
+from ..errors import KEY_CHARS, PatchError, shown
 from ..numeric import all_finite
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "KEY_CHARS", "PatchEntry", "PatchSet", "SharedRight"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PatchEntry", "PatchSet", "SharedRight"]
 
 FORMAT_NAME = "concept_erasure.patchset"
 FORMAT_VERSION = "1"
 _SUFFIXES = (".lora_up", ".lora_down", ".diff")
-KEY_CHARS = 120
-"""Most characters of a weight key that a message quotes (``shown(key, KEY_CHARS)``): whole real keys
-(kohya SDXL names reach ~90) stay readable, a forged megabyte key does not reach the user."""
-
-
 class SharedRight:
     """A factor ``[d, r]`` (float32, CPU) that many deferred entries multiply their weight by, with
     its copy on the device that takes their products (made once, not once per entry)."""

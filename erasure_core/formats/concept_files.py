@@ -179,7 +179,7 @@ def _read_csv(reader: csv.DictReader, where: str, kind: ConceptKind | str) -> Co
     columns = {normalise(c): c for c in (reader.fieldnames or []) if c}
     name_col = columns.get("target") or columns.get("name")
     if name_col is None and "preserve" not in columns:
-        found = _shown_names(reader.fieldnames or []) or "none"
+        found = shown_list(reader.fieldnames or [], show=shown) or "none"
         raise ConceptError(f"{where}: a concept CSV needs a 'target' (or 'name') column, but its "
                            f"header has: {found}. Add a header row such as 'target,anchor,aliases,kind'.",
                            input_name="file")
@@ -238,7 +238,7 @@ def from_json(text: str, where: str = "JSON") -> ConceptSet:
                            "Update the node pack.", input_name="file")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
-        raise ConceptError(f"{where} has unknown keys {_shown_names(unknown)}; expected only {sorted(_TOP_KEYS)}. "
+        raise ConceptError(f"{where} has unknown keys {shown_list(unknown, show=shown)}; expected only {sorted(_TOP_KEYS)}. "
                            "Check their spelling.", input_name="file")
     for role in ("targets", "preserve"):
         if not isinstance(data.get(role, []), list):
@@ -285,15 +285,10 @@ def _described(value: Any) -> str:
     """A JSON value for a message, bounded whatever its size: text and numbers quoted through
     :func:`shown`, objects by their first keys, lists by their length (never dumped whole)."""
     if isinstance(value, dict):
-        return f"an object with keys {_shown_names(list(value))}" if value else "an empty object"
+        return f"an object with keys {shown_list(list(value), show=shown)}" if value else "an empty object"
     if isinstance(value, list):
         return f"a list of {len(value):,} items"
     return shown(value)
-
-
-def _shown_names(items: list[Any]) -> str:
-    """The first few of ``items`` quoted through :func:`shown`, then how many more there are."""
-    return shown_list([shown(item) for item in items[:5]] + list(items[5:]), 5)
 
 
 def save_json(concepts: ConceptSet, path: str | os.PathLike[str], name: str = "") -> None:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..errors import ErasureError, shown
+from ..errors import KEY_CHARS, ErasureError, shown
 
 __all__ = ["EraserFormat", "EraserInfo", "Naming", "describe", "is_dit_diffusers_key", "is_unet_key", "key_patterns",
            "model_family", "check_family", "strip_text_encoder_prefix", "RECELER_BLOCK"]
@@ -51,7 +51,6 @@ class Naming(str, Enum):
 
 
 PATCH_FORMAT_NAME = "concept_erasure.patchset"  # erasure_core.edit.patch.FORMAT_NAME (kept free of imports)
-KEY_CHARS = 120  # erasure_core.edit.patch.KEY_CHARS: most characters of a key a message quotes
 RECELER_BLOCK = re.compile(r"^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)"
                            r"(?:\.adapter)?\.(down|up)\.(weight|bias)$")
 # ``.diff`` / ``.diff_b``: full-rank modules as weight differences (LyCORIS "full", Save Erasure)

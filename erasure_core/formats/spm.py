@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..edit.patch import KEY_CHARS
-from ..errors import ArchitectureError, PatchError, shown
+from ..errors import KEY_CHARS, ArchitectureError, PatchError, shown
 from ..numeric import all_finite
 
 __all__ = [

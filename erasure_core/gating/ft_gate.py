@@ -22,6 +22,7 @@ Public API (kept stable for other nodes):
 * :func:`tokenuni` -- ``[K]`` token-union overlaps of one prompt against K targets.
 * :func:`ft_gate` -- the gate and its parts, as an :class:`FTGate`.
 * :func:`gate_concepts` -- a gate's distinct target texts, at most :data:`MAX_GATE_CONCEPTS`.
+* :func:`gate_targets` -- those of a node's gate: typed, else recorded in its file.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from ..errors import ConceptError, ConfigError, shown, shown_list
 
-__all__ = ["MAX_GATE_CONCEPTS", "METRICS", "FTGate", "clipcos", "ft_gate", "gate_concepts", "tokenuni"]
+__all__ = ["MAX_GATE_CONCEPTS", "METRICS", "FTGate", "clipcos", "ft_gate", "gate_concepts", "gate_targets", "tokenuni"]
 
 METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni")
 """Matching metrics of the reference script; ``clipcos_tokenuni`` (the max of both) is its default."""
@@ -51,9 +52,22 @@ def gate_concepts(concepts: Iterable[str], input_name: str, source: str, fix: st
     if len(distinct) > MAX_GATE_CONCEPTS:
         raise ConceptError(
             f"the gate compares the prompt with each concept, at most {MAX_GATE_CONCEPTS:,}, but {source} lists "
-            f"{len(distinct):,} distinct concepts ({shown_list([*map(shown, distinct[:5]), *distinct[5:]])}). {fix}",
+            f"{len(distinct):,} distinct concepts ({shown_list(distinct, show=shown)}). {fix}",
             input_name=input_name)
     return distinct
+
+
+def gate_targets(typed: Iterable[str], recorded: Iterable[str], typed_input: str, file_input: str,
+                 file_source: str) -> tuple[str, ...]:
+    """A gate's distinct concepts: the ``typed`` ones (a node's concept widget ``typed_input``), else
+    those ``recorded`` in the file picked in ``file_input`` (``file_source`` words where), at most
+    :data:`MAX_GATE_CONCEPTS`, refused naming the input they came from."""
+    typed = tuple(typed)
+    if typed:
+        return gate_concepts(typed, typed_input, typed_input,
+                             f"Keep at most {MAX_GATE_CONCEPTS:,} concepts the gate should respond to.")
+    return gate_concepts(recorded, file_input, file_source,
+                         f"Type the concepts to gate against in {typed_input}: it replaces the file's list.")
 
 
 def _as_targets(target_hidden: torch.Tensor) -> torch.Tensor:

@@ -144,9 +144,9 @@ def soft_prompt_attack(erased: Any, original: Any, clip: Any, concept: str, *, p
     Noise targets come from the original model (no gradients); the erased model is then re-loaded
     outside inference mode on a clone whose every UNet weight carries a zero-strength patch, so
     its weights are rebuilt as ordinary tensors and gradients reach the prefix embeddings.
+    ``latent`` has passed :func:`check_latent` (Attack Prompt checks it before any work).
     """
 
-    check_latent(erased, latent)
     device = compute_device()
     text = DifferentiableClip(clip, device)
     tokens = _one_window(clip, concept, "concept")

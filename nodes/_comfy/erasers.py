@@ -19,8 +19,7 @@ from ...erasure_core import (
 )
 from ...erasure_core.edit.adapters import Adapter
 from ...erasure_core.edit.extract import KeyPart, WeightDiff, fused_pairs, weight_differences
-from ...erasure_core.edit.patch import KEY_CHARS
-from ...erasure_core.errors import ErasureError, shown
+from ...erasure_core.errors import KEY_CHARS, ErasureError, shown
 from ...erasure_core.formats.eraser_files import EraserFile
 from ...erasure_core.formats.eraser_formats import Naming, is_dit_diffusers_key, strip_text_encoder_prefix
 from .runtime import UNET_PREFIX, model_family_of

@@ -24,8 +24,7 @@ from ...erasure_core import (
     RowTransform,
     detect,
 )
-from ...erasure_core.edit.patch import KEY_CHARS
-from ...erasure_core.errors import shown, shown_list
+from ...erasure_core.errors import KEY_CHARS, shown, shown_list
 from .runtime import UNET_PREFIX, compute_device
 
 logger = logging.getLogger(__name__)
@@ -171,16 +170,22 @@ def _check_patch_shapes(state: dict[str, torch.Tensor], patch: PatchSet, input_n
     PatchError (blaming ``input_name``) when an entry cannot make its weight: ComfyUI would only log
     "SHAPE MISMATCH ... WEIGHT NOT MERGED" and sample the model unedited."""
     shapes = {key: tuple(state[key].shape) for key in patch.entries if key in state}
-    wrong = []
-    for key, shape in shapes.items():
+
+    def fits(key: str) -> bool:
         rows, cols = patch.entries[key].shape
-        if len(shape) < 2 or shape[0] != rows or math.prod(shape[1:]) != cols:
-            wrong.append(f"{shown(key, KEY_CHARS)} is {rows}x{cols} in the patch but {'x'.join(map(str, shape))} in the model")
+        shape = shapes[key]
+        return len(shape) >= 2 and shape[0] == rows and math.prod(shape[1:]) == cols
+
+    def described(key: str) -> str:
+        rows, cols = patch.entries[key].shape
+        return f"{shown(key, KEY_CHARS)} is {rows}x{cols} in the patch but {'x'.join(map(str, shapes[key]))} in the model"
+
+    wrong = [key for key in shapes if not fits(key)]
     if wrong:
         raise PatchError(
             f"every patch entry must have the shape of the model weight it edits, but {len(wrong)} of "
-            f"{len(patch)} do not: {shown_list(wrong, most=3)}. Apply the patch to the model it was made for.",
-            input_name=input_name)
+            f"{len(patch)} do not: {shown_list(wrong, 3, show=described)}. Apply the patch to the model it was made "
+            "for.", input_name=input_name)
     return shapes
 
 
